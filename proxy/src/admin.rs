@@ -1,0 +1,196 @@
+//! The admin listener: `/ready`, `/metrics`, `/config`, `/clusters`, `/listeners`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
+
+use crate::worker::Shared;
+
+/// Where the proxy is in its life, as `/ready` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Starting = 0,
+    Ready = 1,
+    Draining = 2,
+}
+
+/// A bound listener, as `/listeners` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    /// The address actually bound (the real port when the config said 0).
+    pub address: SocketAddr,
+}
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    phase: AtomicU8,
+    pub listeners: Mutex<Vec<ListenerInfo>>,
+}
+
+impl AdminState {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminState {
+            shared,
+            phase: AtomicU8::new(Phase::Starting as u8),
+            listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Release);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            1 => Phase::Ready,
+            2 => Phase::Draining,
+            _ => Phase::Starting,
+        }
+    }
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(value: &serde_json::Value) -> AdminResponse {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn clusters(state: &AdminState) -> serde_json::Value {
+    let snap = state.shared.snapshot();
+    let clusters: Vec<_> = snap
+        .clusters
+        .iter()
+        .map(|c| {
+            let endpoints: Vec<_> = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let s = &e.stats;
+                    json!({
+                        "address": e.address.to_string(),
+                        "hostname": e.hostname,
+                        "weight": e.weight,
+                        "health": "healthy",
+                        "stats": {
+                            "requests_total": s.requests_total.load(Relaxed),
+                            "requests_active": s.requests_active.load(Relaxed),
+                            "requests_failed": s.requests_failed.load(Relaxed),
+                            "connections_total": s.connections_total.load(Relaxed),
+                            "connections_active": s.connections_active.load(Relaxed),
+                            "connect_failures": s.connect_failures.load(Relaxed),
+                        }
+                    })
+                })
+                .collect();
+            json!({
+                "name": &*c.name,
+                "protocol": c.protocol,
+                "lb": "round_robin",
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "version": snap.version, "clusters": clusters })
+}
+
+async fn handle(
+    state: Arc<AdminState>,
+    req: Request<Incoming>,
+) -> Result<AdminResponse, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
+    }
+    let resp = match req.uri().path() {
+        "/ready" => match state.phase() {
+            Phase::Ready => text(StatusCode::OK, "ready\n"),
+            Phase::Starting => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            Phase::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        },
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, state.shared.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/config" => {
+            let snap = state.shared.snapshot();
+            json_response(&json!({
+                "version": snap.version,
+                "digest": snap.digest,
+                "config": &*snap.config,
+            }))
+        }
+        "/clusters" => json_response(&clusters(&state)),
+        "/listeners" => {
+            let listeners = state
+                .listeners
+                .lock()
+                .map(|l| l.clone())
+                .unwrap_or_default();
+            json_response(&json!({ "listeners": listeners }))
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /ready, /metrics, /config, /clusters, /listeners\n",
+        ),
+    };
+    Ok(resp)
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,143 @@
+//! Every error the proxy answers for itself, and the one place that turns them into responses.
+//!
+//! A proxy-generated response carries `x-weft-error: <cause>` so a client (or an operator reading
+//! an access log) can tell a proxy failure from an upstream's answer. The body says what failed
+//! in plain words, without internal addresses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::http::body::ResponseBody;
+
+/// The name of the header naming the cause of a proxy-generated response.
+pub const ERROR_HEADER: &str = "x-weft-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matched the request")]
+    NoRoute,
+    #[error("the request path is not acceptable: {0}")]
+    InvalidPath(&'static str),
+    #[error("header names with underscores are not accepted: {0:?}")]
+    UnderscoreHeader(String),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("cluster {0:?} has no endpoint to send to")]
+    NoHealthyUpstream(Arc<str>),
+    #[error("connecting to {addr} failed: {source}")]
+    ConnectFailed {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("the upstream connection failed before a response: {0}")]
+    UpstreamReset(#[source] hyper::Error),
+    #[error("the upstream sent no response headers within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("the upgrade cannot be proxied: {0}")]
+    UpgradeNotSupported(&'static str),
+}
+
+impl ProxyError {
+    /// The status sent downstream.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::InvalidPath(_)
+            | ProxyError::UnderscoreHeader(_)
+            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoHealthyUpstream(_)
+            | ProxyError::ConnectFailed { .. }
+            | ProxyError::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Handshake { .. } | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpgradeNotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    /// The `x-weft-error` value (also the `cause` label of `weft_http_proxy_errors_total`).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::InvalidPath(_) => "invalid_path",
+            ProxyError::UnderscoreHeader(_) => "invalid_header",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoHealthyUpstream(_) => "no_healthy_upstream",
+            ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
+            ProxyError::ConnectTimeout(_) => "upstream_connect_timeout",
+            ProxyError::Handshake { .. } => "upstream_protocol_error",
+            ProxyError::UpstreamReset(_) => "upstream_reset",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::UpgradeNotSupported(_) => "upgrade_not_supported",
+        }
+    }
+
+    /// What the client reads: the failure in plain words, no internal addresses.
+    fn public_message(&self) -> String {
+        match self {
+            ProxyError::NoRoute => "no route matched the request".into(),
+            ProxyError::NoHealthyUpstream(_) => "no healthy upstream".into(),
+            ProxyError::ConnectFailed { source, .. } => {
+                format!("upstream connect error: {}", io_reason(source))
+            }
+            ProxyError::ConnectTimeout(_) => "upstream connect timeout".into(),
+            ProxyError::Handshake { .. } => "upstream protocol error".into(),
+            ProxyError::UpstreamReset(_) => "upstream reset before response".into(),
+            ProxyError::UpstreamTimeout(_) => "upstream request timeout".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused",
+        ConnectionReset => "connection reset",
+        HostUnreachable | NetworkUnreachable => "unreachable",
+        AddrNotAvailable => "address not available",
+        _ => "connection failure",
+    }
+}
+
+/// Builds the response for an error.
+pub fn respond(err: &ProxyError) -> Response<ResponseBody> {
+    let mut body = err.public_message();
+    body.push('\n');
+    let mut resp = Response::new(ResponseBody::full(body.into()));
+    *resp.status_mut() = err.status();
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(err.cause()));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_connect_is_503_with_cause() {
+        let e = ProxyError::ConnectFailed {
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let r = respond(&e);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[ERROR_HEADER], "upstream_connect_failed");
+    }
+}

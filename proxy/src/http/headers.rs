@@ -1,0 +1,186 @@
+//! Header hygiene at the proxy's edges: hop-by-hop fields removed in both directions,
+//! `x-forwarded-for` / `x-forwarded-proto` set, `x-request-id` generated when absent.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether the message asks for a protocol upgrade (`Connection: upgrade` + `Upgrade: …`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Removes the connection-specific fields of one hop (RFC 9110 §7.6.1): `Connection` and every
+/// field it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE`
+/// unless it is exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, an
+/// upgrade handshake keeps `Upgrade` and gets `Connection: upgrade` back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Names listed in Connection are hop-by-hop too; the common `keep-alive` / `close`
+        // lists name nothing else, so only allocate when there is more.
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("upgrade")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            // The proxy sets these itself; a client naming them must not strip them.
+            .filter(|h| *h != header::HOST && *h != header::CONTENT_LENGTH)
+            .collect();
+        for h in listed {
+            headers.remove(h);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Appends the client's address to `x-forwarded-for` and sets `x-forwarded-proto`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
+    let mut xff = String::with_capacity(48);
+    let mut previous = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if previous.peek().is_some() {
+        for v in previous {
+            if let Ok(s) = v.to_str() {
+                xff.push_str(s);
+                xff.push_str(", ");
+            }
+        }
+    }
+    let _ = write!(xff, "{client}");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+}
+
+/// Sets `x-request-id` to a fresh UUID v4 unless the request carries one.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.get(&X_REQUEST_ID).is_some_and(|v| !v.is_empty()) {
+        return;
+    }
+    headers.insert(&X_REQUEST_ID, new_request_id());
+}
+
+/// A random UUID v4 (`xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`).
+pub fn new_request_id() -> HeaderValue {
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut j = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[j] = b'-';
+            j += 1;
+        }
+        out[j] = HEX[(byte >> 4) as usize];
+        out[j + 1] = HEX[(byte & 0xf) as usize];
+        j += 2;
+    }
+    // Only hex digits and dashes: always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret, host"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("host", "a"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-keep", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-keep"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_upgrade_when_asked() {
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_appends() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
+        set_forwarded(&mut h, "127.0.0.1".parse().expect("ip"), "http");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let v = new_request_id();
+        let s = v.to_str().expect("ascii");
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_ne!(new_request_id(), v);
+    }
+}

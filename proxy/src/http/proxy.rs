@@ -1,0 +1,441 @@
+//! The life of one request, top to bottom: check and canonicalize it, route it, then answer it
+//! locally (redirect, direct response, error) or forward it upstream and stream the response
+//! back. Every proxy-generated error goes through [`crate::errors::respond`].
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::errors::{self, ProxyError};
+use crate::http::body::{Exchange, ResponseBody, UpstreamBody};
+use crate::http::headers;
+use crate::http::path::{self, Canonical};
+use crate::http::server::ConnActivity;
+use crate::metrics::RouteStats;
+use crate::router::{Action, RedirectFrom, RequestView, Route};
+use crate::snapshot::ListenerRuntime;
+use crate::upstream::pool::{self, Wire};
+use crate::upstream::{EndpointGuard, PooledH1};
+use crate::worker::Worker;
+
+/// What every request on one downstream connection shares.
+pub struct ConnCtx {
+    pub worker: Rc<Worker>,
+    /// The listener as it was when the connection was accepted; requests use the current
+    /// snapshot's listener of the same name, and this one only if it was removed since.
+    pub listener: Arc<ListenerRuntime>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub activity: Arc<ConnActivity>,
+    pub scheme: &'static str,
+}
+
+/// The answer to one request, with what its end must record.
+struct Answer {
+    resp: Response<ResponseBody>,
+    stats: Arc<RouteStats>,
+    endpoint: Option<EndpointGuard>,
+    pooled: Option<PooledH1>,
+}
+
+/// hyper's service function: never fails, every failure is a response.
+pub async fn handle(
+    conn: Rc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    conn.activity.begin_request();
+    let snap = conn.worker.snapshot();
+    let listener: &ListenerRuntime = snap
+        .listeners
+        .get(&*conn.listener.name)
+        .map(|l| &**l)
+        .unwrap_or(&conn.listener);
+
+    let answer = match route_and_forward(&conn, listener, req).await {
+        Ok(a) => a,
+        Err((e, stats)) => {
+            listener.stats.error(e.cause());
+            tracing::debug!(listener = %listener.name, peer = %conn.peer, error = %e, "proxy error");
+            Answer {
+                resp: errors::respond(&e),
+                stats: stats.unwrap_or_else(|| listener.no_route.clone()),
+                endpoint: None,
+                pooled: None,
+            }
+        }
+    };
+    let Answer {
+        mut resp,
+        stats,
+        endpoint,
+        pooled,
+    } = answer;
+    let status = resp.status().as_u16();
+    resp.body_mut().attach(Exchange {
+        start,
+        status,
+        stats,
+        downstream_tx: listener.stats.tx_bytes.clone(),
+        activity: conn.activity.clone(),
+        endpoint,
+        pooled,
+    });
+    Ok(resp)
+}
+
+type Failure = (ProxyError, Option<Arc<RouteStats>>);
+
+/// The request's host for routing: authority of the URI (HTTP/2, absolute-form), else `Host`.
+fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(a) = parts.uri.authority() {
+        return Ok(Cow::Borrowed(a.as_str()));
+    }
+    match host {
+        Some(h) => {
+            let s = h
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?;
+            // Must be a valid authority: no path, userinfo or whitespace smuggled in.
+            s.parse::<http::uri::Authority>()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?;
+            if s.contains('@') {
+                return Err(ProxyError::BadRequest("invalid Host header"));
+            }
+            Ok(Cow::Borrowed(s))
+        }
+        None if parts.version == Version::HTTP_10 => Ok(Cow::Borrowed("")),
+        None => Err(ProxyError::BadRequest("missing Host header")),
+    }
+}
+
+/// Splits `host[:port]` (with `[v6]` literals), lower-casing the host.
+fn split_host_port(authority: &str) -> (String, Option<u16>) {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, p)) => (&authority[..h.len() + 2], p.strip_prefix(':')),
+            None => (authority, None),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    (host.to_ascii_lowercase(), port.and_then(|p| p.parse().ok()))
+}
+
+async fn route_and_forward(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    req: Request<Incoming>,
+) -> Result<Answer, Failure> {
+    let (mut parts, body) = req.into_parts();
+    let fail = |e: ProxyError| (e, None);
+
+    if parts.method == Method::CONNECT {
+        return Err(fail(ProxyError::BadRequest("CONNECT is not supported")));
+    }
+    match listener.http.headers_with_underscores {
+        crate::config::UnderscoreAction::Allow => {}
+        crate::config::UnderscoreAction::Reject => {
+            if let Some(h) = parts.headers.keys().find(|k| k.as_str().contains('_')) {
+                return Err(fail(ProxyError::UnderscoreHeader(h.as_str().to_owned())));
+            }
+        }
+        crate::config::UnderscoreAction::Drop => {
+            let names: Vec<_> = parts
+                .headers
+                .keys()
+                .filter(|k| k.as_str().contains('_'))
+                .cloned()
+                .collect();
+            for n in names {
+                parts.headers.remove(n);
+            }
+        }
+    }
+
+    let authority = authority(&parts).map_err(fail)?.into_owned();
+    let (host, port) = split_host_port(&authority);
+    // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.
+    let uri = parts.uri.clone();
+    let canonical = path::canonicalize(uri.path(), &listener.http.path)
+        .map_err(|e| fail(ProxyError::InvalidPath(e.reason())))?;
+    let query = uri.query();
+    let path: Cow<'_, str> = match canonical {
+        Canonical::Path(p) => p,
+        Canonical::Redirect(to) => {
+            let location = match query {
+                Some(q) => format!("{to}?{q}"),
+                None => to,
+            };
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            return Ok(Answer {
+                resp,
+                stats: listener.no_route.clone(),
+                endpoint: None,
+                pooled: None,
+            });
+        }
+    };
+
+    let view = RequestView {
+        host: &host,
+        path: &path,
+        query,
+        method: &parts.method,
+        headers: &parts.headers,
+    };
+    let Some((index, route)) = listener.table.find(&view) else {
+        return Err(fail(ProxyError::NoRoute));
+    };
+    let route_stats = &listener.route_stats[index];
+
+    match &route.action {
+        Action::Direct { status, body } => {
+            let mut resp = Response::new(ResponseBody::full(body.clone()));
+            *resp.status_mut() = *status;
+            if !body.is_empty() {
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+            }
+            route.response_headers.apply(resp.headers_mut());
+            Ok(local(resp, &route_stats.local))
+        }
+        Action::Redirect(r) => {
+            let location = r.location(&RedirectFrom {
+                scheme: conn.scheme,
+                host: &host,
+                port,
+                path: &path,
+                query,
+            });
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = r.status;
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                Err(_) => {
+                    return Err((
+                        ProxyError::BadRequest("the redirect location is not a valid header"),
+                        Some(route_stats.local.clone()),
+                    ));
+                }
+            }
+            route.response_headers.apply(resp.headers_mut());
+            Ok(local(resp, &route_stats.local))
+        }
+        Action::Forward(split) => {
+            let t = split.pick();
+            let cluster = &split.targets[t].cluster;
+            let stats = route_stats.targets[t].clone();
+            let upstream_path = match &route.path_rewrite {
+                Some(rw) => Cow::Owned(rw.apply(&path)),
+                None => path,
+            };
+            let forward = Forward {
+                conn,
+                listener,
+                route,
+                cluster,
+                authority: &authority,
+                path: &upstream_path,
+                query,
+            };
+            forward
+                .run(parts, body)
+                .await
+                .map_err(|e| (e, Some(stats.clone())))
+                .map(|(resp, endpoint, pooled)| Answer {
+                    resp,
+                    stats,
+                    endpoint: Some(endpoint),
+                    pooled,
+                })
+        }
+    }
+}
+
+fn local(resp: Response<ResponseBody>, stats: &Arc<RouteStats>) -> Answer {
+    Answer {
+        resp,
+        stats: stats.clone(),
+        endpoint: None,
+        pooled: None,
+    }
+}
+
+/// Forwarding one request to a cluster.
+struct Forward<'a> {
+    conn: &'a ConnCtx,
+    listener: &'a ListenerRuntime,
+    route: &'a Route,
+    cluster: &'a Arc<crate::upstream::Cluster>,
+    authority: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+type Forwarded = (Response<ResponseBody>, EndpointGuard, Option<PooledH1>);
+
+impl Forward<'_> {
+    async fn run(self, mut parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
+        let cluster = self.cluster;
+        let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
+        let wire = match cluster.protocol {
+            crate::config::UpstreamProtocol::Http1 => Wire::Http1,
+            crate::config::UpstreamProtocol::Http2 => Wire::Http2,
+            crate::config::UpstreamProtocol::Downstream => {
+                if parts.version == Version::HTTP_2 {
+                    Wire::Http2
+                } else {
+                    Wire::Http1
+                }
+            }
+        };
+        if upgrade && wire == Wire::Http2 {
+            return Err(ProxyError::UpgradeNotSupported(
+                "the cluster speaks HTTP/2 only",
+            ));
+        }
+        let downstream_upgrade = if upgrade {
+            parts.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+
+        let endpoint = cluster
+            .pick()
+            .ok_or_else(|| ProxyError::NoHealthyUpstream(cluster.name.clone()))?
+            .clone();
+
+        // The request as the upstream sees it.
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, upgrade);
+        // hyper answers `100 Continue` itself when the body is first read.
+        h.remove(header::EXPECT);
+        headers::set_forwarded(h, self.conn.peer.ip(), self.conn.scheme);
+        headers::ensure_request_id(h);
+        self.route.request_headers.apply(h);
+        let authority = match &self.route.host_rewrite {
+            Some(v) => v.clone(),
+            None => HeaderValue::from_str(self.authority)
+                .map_err(|_| ProxyError::BadRequest("invalid authority"))?,
+        };
+        let mut target =
+            String::with_capacity(self.path.len() + self.query.map_or(0, |q| q.len() + 1) + 32);
+        if wire == Wire::Http2 {
+            target.push_str("http://");
+            target.push_str(authority.to_str().unwrap_or_default());
+        }
+        target.push_str(self.path);
+        if let Some(q) = self.query {
+            target.push('?');
+            target.push_str(q);
+        }
+        parts.uri =
+            Uri::try_from(target).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        match wire {
+            Wire::Http1 => {
+                parts.version = Version::HTTP_11;
+                parts.headers.insert(header::HOST, authority);
+            }
+            Wire::Http2 => {
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(header::HOST);
+            }
+        }
+        let body = UpstreamBody::Stream {
+            inner: body,
+            downstream_rx: self.listener.stats.rx_bytes.clone(),
+            upstream_tx: cluster.stats.tx_bytes.clone(),
+        };
+        let req = Request::from_parts(parts, body);
+
+        let guard = EndpointGuard::new(endpoint.clone());
+        let pools = &self.conn.worker.pools;
+        let sent = pool::send(pools, cluster, &endpoint, wire, req);
+        let (mut resp, pooled) = match self.route.timeout {
+            Some(t) => tokio::time::timeout(t, sent)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(t))??,
+            None => sent.await?,
+        };
+
+        // A successful upgrade: splice the two connections together.
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::task::spawn_local(tunnel(down, up));
+            }
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut rparts.headers, switching && upgrade);
+        self.route.response_headers.apply(&mut rparts.headers);
+        let body = if switching {
+            ResponseBody::full(Bytes::new())
+        } else {
+            ResponseBody::upstream(rbody, cluster.stats.rx_bytes.clone())
+        };
+        // An upgraded connection belongs to the tunnel now; it never returns to the pool.
+        let pooled = if switching { None } else { pooled };
+        Ok((Response::from_parts(rparts, body), guard, pooled))
+    }
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream connection.
+async fn tunnel(down: OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port() {
+        assert_eq!(
+            split_host_port("Example.COM:8080"),
+            ("example.com".into(), Some(8080))
+        );
+        assert_eq!(split_host_port("example.com"), ("example.com".into(), None));
+        assert_eq!(split_host_port("[::1]:80"), ("[::1]".into(), Some(80)));
+        assert_eq!(split_host_port("[::1]"), ("[::1]".into(), None));
+    }
+}

@@ -1,0 +1,97 @@
+//! `weft`: the Weft proxy.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use weft_proxy::metrics::Metrics;
+use weft_proxy::server::{self, Options};
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "Weft: a programmable proxy for service meshes and edges"
+)]
+struct Cli {
+    /// Log filter (e.g. `info`, `debug`, `weft_proxy=debug`); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// Check a configuration file: exit 0 if valid, else print every error and exit 1.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => match server::load(&config, 1, None, &Metrics::new()) {
+            Ok(s) => {
+                println!(
+                    "{}: valid ({} listeners, {} route tables, {} clusters; {})",
+                    config.display(),
+                    s.config.listeners.len(),
+                    s.config.routes.len(),
+                    s.config.clusters.len(),
+                    s.digest
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!(
+                    "{}: {} error{}",
+                    config.display(),
+                    errors.0.len(),
+                    if errors.0.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config, workers } => {
+            init_logging(&cli.log_level);
+            match server::run(Options {
+                config_path: config,
+                workers,
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

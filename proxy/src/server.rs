@@ -1,0 +1,336 @@
+//! The proxy's life: start (load, validate, bind, spawn workers), reload on SIGHUP (validate
+//! fully, bind what is new, swap atomically, close what is gone), drain on SIGTERM/SIGINT.
+//!
+//! This runs on the control thread; workers only receive commands from it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::admin::{self, AdminState, ListenerInfo, Phase};
+use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::listener;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::snapshot::Snapshot;
+use crate::worker::{self, Command, ConnLimit, Shared, WorkerHandle};
+
+/// How `weft run` was asked to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_path: PathBuf,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+#[derive(Debug)]
+struct BoundListener {
+    id: u64,
+    name: String,
+    requested: SocketAddr,
+    local: SocketAddr,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Server {
+    config_path: PathBuf,
+    shared: Arc<Shared>,
+    admin: Option<Arc<AdminState>>,
+    admin_addr: Option<SocketAddr>,
+    workers: Vec<WorkerHandle>,
+    bound: Vec<BoundListener>,
+    next_listener_id: u64,
+}
+
+/// Loads and validates a config file the way `weft validate` and `weft run` do.
+pub fn load(
+    path: &Path,
+    version: u64,
+    previous: Option<&Snapshot>,
+    metrics: &Metrics,
+) -> Result<Snapshot, ConfigErrors> {
+    let config = Config::from_file(path)?;
+    Snapshot::build(config, version, previous, metrics)
+}
+
+fn worker_count(requested: usize) -> usize {
+    if requested > 0 {
+        requested
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+impl Server {
+    /// Starts the proxy: nothing is bound unless the whole config is valid.
+    pub async fn start(opts: &Options) -> anyhow::Result<Server> {
+        let metrics = Arc::new(Metrics::new());
+        let snapshot =
+            load(&opts.config_path, 1, None, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;
+        metrics.config_version.set(1);
+        tracing::info!(version = 1, digest = %snapshot.digest, "configuration loaded");
+        let admin_addr = snapshot.admin;
+        let shared = Arc::new(Shared::new(snapshot, metrics));
+
+        let mut server = Server {
+            config_path: opts.config_path.clone(),
+            admin: None,
+            admin_addr,
+            workers: Vec::new(),
+            bound: Vec::new(),
+            next_listener_id: 0,
+            shared: shared.clone(),
+        };
+
+        if let Some(addr) = admin_addr {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin.address: cannot bind {addr}"))?;
+            let local = l.local_addr()?;
+            let state = Arc::new(AdminState::new(shared.clone()));
+            tokio::spawn(admin::serve(l, state.clone()));
+            tracing::info!(address = %local, "admin listening");
+            server.admin = Some(state);
+        }
+
+        let n = worker_count(opts.workers);
+        for id in 0..n {
+            server
+                .workers
+                .push(worker::spawn(id, shared.clone()).context("cannot start a worker thread")?);
+        }
+        tracing::info!(workers = n, "workers started");
+
+        let snap = shared.snapshot();
+        let mut pending = Vec::new();
+        for (i, l) in snap.config.listeners.iter().enumerate() {
+            let requested = snap.listeners[&l.name].address;
+            let b = server
+                .bind(&l.name, requested, l.max_connections)
+                .map_err(|e| {
+                    anyhow::anyhow!("listeners[{i}].address: cannot bind {requested}: {e}")
+                })?;
+            pending.push(b);
+        }
+        for (b, sockets, limit) in pending {
+            server.start_listening(b, sockets, limit);
+        }
+        server.publish_listeners();
+        if let Some(a) = &server.admin {
+            a.set_phase(Phase::Ready);
+        }
+        Ok(server)
+    }
+
+    /// The admin address actually bound, if any.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    fn bind(
+        &mut self,
+        name: &str,
+        requested: SocketAddr,
+        max_connections: u32,
+    ) -> std::io::Result<(BoundListener, Vec<std::net::TcpListener>, Arc<ConnLimit>)> {
+        let (local, sockets) = listener::bind(requested, self.workers.len())?;
+        self.next_listener_id += 1;
+        Ok((
+            BoundListener {
+                id: self.next_listener_id,
+                name: name.to_owned(),
+                requested,
+                local,
+            },
+            sockets,
+            Arc::new(ConnLimit::new(max_connections)),
+        ))
+    }
+
+    fn start_listening(
+        &mut self,
+        b: BoundListener,
+        sockets: Vec<std::net::TcpListener>,
+        limit: Arc<ConnLimit>,
+    ) {
+        let name: Arc<str> = Arc::from(b.name.as_str());
+        for (w, socket) in self.workers.iter().zip(sockets) {
+            let _ = w.commands.send(Command::Listen {
+                id: b.id,
+                name: name.clone(),
+                socket,
+                limit: limit.clone(),
+            });
+        }
+        tracing::info!(name = %b.name, address = %b.local, "listener bound");
+        self.bound.push(b);
+    }
+
+    fn publish_listeners(&self) {
+        if let Some(a) = &self.admin
+            && let Ok(mut l) = a.listeners.lock()
+        {
+            *l = self
+                .bound
+                .iter()
+                .map(|b| ListenerInfo {
+                    name: b.name.clone(),
+                    address: b.local,
+                })
+                .collect();
+        }
+    }
+
+    /// Re-reads the config file and applies it if it is valid in full; otherwise nothing changes.
+    pub fn reload(&mut self) -> Result<u64, ConfigErrors> {
+        let metrics = self.shared.metrics.clone();
+        let result = self.try_reload(&metrics);
+        let label = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        result
+    }
+
+    fn try_reload(&mut self, metrics: &Metrics) -> Result<u64, ConfigErrors> {
+        let previous = self.shared.snapshot();
+        let config = Config::from_file(&self.config_path)?;
+        if config == *previous.config {
+            return Ok(previous.version);
+        }
+        let version = previous.version + 1;
+        let snapshot = Snapshot::build(config, version, Some(&previous), metrics)?;
+        if snapshot.admin != previous.admin {
+            return Err(ConfigError::new(
+                "admin.address",
+                "cannot change while running (restart weft to move the admin listener)",
+            )
+            .into());
+        }
+
+        // Bind every new listener before anything changes, so a bind failure changes nothing.
+        let mut fresh = Vec::new();
+        for (i, l) in snapshot.config.listeners.iter().enumerate() {
+            let requested = snapshot.listeners[&l.name].address;
+            if self
+                .bound
+                .iter()
+                .any(|b| b.name == l.name && b.requested == requested)
+            {
+                continue;
+            }
+            match self.bind(&l.name, requested, l.max_connections) {
+                Ok(b) => fresh.push(b),
+                Err(e) => {
+                    return Err(ConfigError::new(
+                        format!("listeners[{i}].address"),
+                        format!("cannot bind {requested}: {e}"),
+                    )
+                    .into());
+                }
+            }
+        }
+        let gone: Vec<usize> = self
+            .bound
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                snapshot
+                    .listeners
+                    .get(&b.name)
+                    .is_none_or(|l| l.address != b.requested)
+            })
+            .map(|(i, _)| i)
+            .collect();
+
+        let digest = snapshot.digest.clone();
+        self.shared.publish(Arc::new(snapshot));
+        metrics.config_version.set(version as i64);
+        for i in gone.into_iter().rev() {
+            let b = self.bound.remove(i);
+            for w in &self.workers {
+                let _ = w.commands.send(Command::Unlisten { id: b.id });
+            }
+            tracing::info!(name = %b.name, address = %b.local, "listener closed");
+        }
+        for (b, sockets, limit) in fresh {
+            self.start_listening(b, sockets, limit);
+        }
+        self.publish_listeners();
+        tracing::info!(version, %digest, "configuration applied");
+        Ok(version)
+    }
+
+    /// Serves until SIGTERM or SIGINT, reloading on SIGHUP; then drains and returns.
+    pub async fn run_until_signalled(mut self) -> anyhow::Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match self.reload() {
+                    Ok(v) => tracing::info!(version = v, "reload done"),
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            tracing::error!("reload rejected: {e}");
+                        }
+                        tracing::error!(
+                            errors = errors.0.len(),
+                            "reload rejected; the previous configuration keeps serving"
+                        );
+                    }
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, stops workers.
+    pub async fn drain(self) {
+        if let Some(a) = &self.admin {
+            a.set_phase(Phase::Draining);
+        }
+        let grace = self.shared.snapshot().grace_period;
+        tracing::info!(grace_period = ?grace, "draining");
+        let deadline = Instant::now() + grace;
+        for w in &self.workers {
+            let _ = w.commands.send(Command::Drain { deadline });
+        }
+        let workers = self.workers;
+        let joined = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.thread.join();
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("a worker did not stop cleanly");
+        }
+        tracing::info!("drained; exiting");
+    }
+}
+
+/// `weft run`: runs the proxy on the calling thread until it is told to stop.
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("weft-control")
+        .build()?;
+    rt.block_on(async {
+        let server = Server::start(&opts).await?;
+        server.run_until_signalled().await
+    })
+}

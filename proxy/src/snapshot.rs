@@ -1,0 +1,308 @@
+//! A [`Snapshot`]: one validated configuration turned into the runtime objects the proxy serves
+//! from. Built in one pass that reports every error, located; swapped in atomically; requests
+//! finish on the snapshot they started with.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, ConfigError, ConfigErrors, HttpOptions};
+use crate::metrics::{ListenerStats, Metrics, RouteStats};
+use crate::router::{Action, RouteTable};
+use crate::upstream::{Cluster, ClusterMap};
+
+/// Everything the proxy serves from, for one version of the configuration.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    /// `sha256:<hex>` of the configuration's canonical JSON.
+    pub digest: String,
+    pub config: Arc<Config>,
+    pub admin: Option<SocketAddr>,
+    pub grace_period: Duration,
+    pub listeners: HashMap<String, Arc<ListenerRuntime>>,
+    /// In configuration order.
+    pub clusters: Vec<Arc<Cluster>>,
+}
+
+/// One listener's runtime: its settings, route table and pre-resolved metric handles.
+#[derive(Debug)]
+pub struct ListenerRuntime {
+    pub name: Arc<str>,
+    /// As configured (`127.0.0.1:0` stays port 0 here; the bound port is the server's).
+    pub address: SocketAddr,
+    pub http: HttpOptions,
+    pub max_connections: u32,
+    pub table: Arc<RouteTable>,
+    pub stats: ListenerStats,
+    /// Per route of `table`, in order.
+    pub route_stats: Vec<RouteStatsSet>,
+    /// For requests no route took (no match, rejected before routing).
+    pub no_route: Arc<RouteStats>,
+}
+
+/// Metric handles of one route on one listener.
+#[derive(Debug)]
+pub struct RouteStatsSet {
+    /// Per forwarding target, in order.
+    pub targets: Vec<Arc<RouteStats>>,
+    /// For redirects, direct responses and errors before a target was chosen.
+    pub local: Arc<RouteStats>,
+}
+
+fn parse_addr(at: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(ConfigError::new(
+                at,
+                format!("invalid address {text:?}: expected IP:port, e.g. 127.0.0.1:8080"),
+            ));
+            None
+        }
+    }
+}
+
+fn check_http(at: &str, h: &HttpOptions, errors: &mut Vec<ConfigError>) {
+    let mut range = |field: &str, v: u64, lo: u64, hi: u64| {
+        if !(lo..=hi).contains(&v) {
+            errors.push(ConfigError::new(
+                format!("{at}.{field}"),
+                format!("{v} is out of range ({lo}..={hi})"),
+            ));
+        }
+    };
+    range(
+        "max_request_headers_kb",
+        h.max_request_headers_kb.into(),
+        1,
+        8192,
+    );
+    range("max_headers", h.max_headers.into(), 1, 10_000);
+    range(
+        "max_concurrent_streams",
+        h.max_concurrent_streams.into(),
+        1,
+        i32::MAX as u64,
+    );
+    range(
+        "initial_stream_window",
+        h.initial_stream_window.0,
+        1024,
+        i32::MAX as u64,
+    );
+    range(
+        "initial_connection_window",
+        h.initial_connection_window.0,
+        65_535,
+        i32::MAX as u64,
+    );
+    if h.request_headers_timeout.0.is_zero() {
+        errors.push(ConfigError::new(
+            format!("{at}.request_headers_timeout"),
+            "must be greater than 0 (it is the slowloris defence)",
+        ));
+    }
+}
+
+impl Snapshot {
+    /// Validates `config` fully and builds its runtime objects; reports every error, located.
+    /// Endpoints (and their stats) that `previous` had are kept.
+    pub fn build(
+        config: Config,
+        version: u64,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let mut errors = Vec::new();
+
+        let admin = config
+            .admin
+            .as_ref()
+            .and_then(|a| parse_addr("admin.address", &a.address, &mut errors));
+
+        // Clusters first: routes refer to them.
+        let mut clusters = Vec::with_capacity(config.clusters.len());
+        let mut by_name = ClusterMap::new();
+        for (i, c) in config.clusters.iter().enumerate() {
+            let prev = previous.and_then(|p| p.clusters.iter().find(|x| *x.name == *c.name));
+            let cluster = Arc::new(Cluster::build(
+                i,
+                c,
+                prev.map(|a| &**a),
+                metrics,
+                &mut errors,
+            ));
+            if by_name.insert(c.name.clone(), cluster.clone()).is_some() {
+                errors.push(ConfigError::new(
+                    format!("clusters[{i}].name"),
+                    format!("duplicate cluster name {:?}", c.name),
+                ));
+            }
+            clusters.push(cluster);
+        }
+
+        let tables: HashMap<&str, Arc<RouteTable>> = config
+            .routes
+            .iter()
+            .map(|(name, routes)| {
+                (
+                    name.as_str(),
+                    Arc::new(RouteTable::build(name, routes, &by_name, &mut errors)),
+                )
+            })
+            .collect();
+
+        let mut listeners = HashMap::new();
+        let mut addresses = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}]");
+            if l.name.is_empty() {
+                errors.push(ConfigError::new(format!("{at}.name"), "must not be empty"));
+            } else if !names.insert(l.name.as_str()) {
+                errors.push(ConfigError::new(
+                    format!("{at}.name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
+            }
+            let address = parse_addr(&format!("{at}.address"), &l.address, &mut errors);
+            if let Some(a) = address
+                && a.port() != 0
+                && !addresses.insert(a)
+            {
+                errors.push(ConfigError::new(
+                    format!("{at}.address"),
+                    format!("address {a} is used by another listener"),
+                ));
+            }
+            if admin.is_some_and(|ad| Some(ad) == address && ad.port() != 0) {
+                errors.push(ConfigError::new(
+                    format!("{at}.address"),
+                    "address is the admin listener's",
+                ));
+            }
+            check_http(&format!("{at}.http"), &l.http, &mut errors);
+            let table = tables.get(l.routes.as_str()).cloned();
+            if table.is_none() {
+                errors.push(ConfigError::new(
+                    format!("{at}.routes"),
+                    format!("unknown route table {:?}", l.routes),
+                ));
+            }
+            if let (Some(address), Some(table)) = (address, table) {
+                let runtime = ListenerRuntime::new(l, address, table, metrics);
+                listeners.insert(l.name.clone(), Arc::new(runtime));
+            }
+        }
+
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let digest = format!(
+            "sha256:{:x}",
+            Sha256::digest(serde_json::to_vec(&config).unwrap_or_default())
+        );
+        Ok(Snapshot {
+            version,
+            digest,
+            admin,
+            grace_period: config.drain.grace_period.0,
+            config: Arc::new(config),
+            listeners,
+            clusters,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().find(|c| &*c.name == name)
+    }
+}
+
+impl ListenerRuntime {
+    fn new(
+        l: &crate::config::Listener,
+        address: SocketAddr,
+        table: Arc<RouteTable>,
+        metrics: &Metrics,
+    ) -> Self {
+        let route_stats = table
+            .routes
+            .iter()
+            .map(|r| RouteStatsSet {
+                targets: match &r.action {
+                    Action::Forward(split) => split
+                        .targets
+                        .iter()
+                        .map(|t| Arc::new(metrics.route_stats(&l.name, &r.name, &t.cluster.name)))
+                        .collect(),
+                    _ => Vec::new(),
+                },
+                local: Arc::new(metrics.route_stats(&l.name, &r.name, "")),
+            })
+            .collect();
+        ListenerRuntime {
+            name: Arc::from(l.name.as_str()),
+            address,
+            http: l.http.clone(),
+            max_connections: l.max_connections,
+            stats: metrics.listener_stats(&l.name),
+            no_route: Arc::new(metrics.route_stats(&l.name, "", "")),
+            route_stats,
+            table,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(yaml: &str) -> Result<Snapshot, ConfigErrors> {
+        let config = Config::from_yaml(yaml).expect("parses");
+        Snapshot::build(config, 1, None, &Metrics::new())
+    }
+
+    #[test]
+    fn every_error_is_reported_located() {
+        let errs = build(
+            r#"
+listeners:
+  - { name: main, address: "127.0.0.1:99999", routes: nope }
+  - { name: main, address: "127.0.0.1:8080", routes: main }
+routes:
+  main:
+    - to: [{ cluster: api-v3 }]
+clusters:
+  - { name: api, endpoints: [] }
+"#,
+        )
+        .expect_err("invalid");
+        let text = errs.to_string();
+        assert_eq!(
+            text,
+            "clusters[0].endpoints: a cluster needs at least one endpoint\n\
+             routes.main[0].to[0].cluster: unknown cluster \"api-v3\"\n\
+             listeners[0].address: invalid address \"127.0.0.1:99999\": expected IP:port, e.g. 127.0.0.1:8080\n\
+             listeners[0].routes: unknown route table \"nope\"\n\
+             listeners[1].name: duplicate listener name \"main\""
+        );
+    }
+
+    #[test]
+    fn valid_config_builds_with_a_digest() {
+        let s = build(
+            r#"
+listeners: [{ name: main, address: "127.0.0.1:0", routes: main }]
+routes: { main: [{ to: [{ cluster: api }] }] }
+clusters: [{ name: api, endpoints: ["127.0.0.1:9000"] }]
+"#,
+        )
+        .expect("valid");
+        assert!(s.digest.starts_with("sha256:"));
+        assert_eq!(s.listeners["main"].route_stats[0].targets.len(), 1);
+    }
+}

@@ -1,0 +1,334 @@
+//! Per-worker upstream connections: HTTP/1.1 keep-alive pools and shared HTTP/2 connections,
+//! and sending a request over them.
+//!
+//! Each worker owns its [`Pools`] (no locks, no cross-core traffic). An HTTP/1.1 connection goes
+//! back to its pool when the response body it carried ended cleanly; one that was cut short is
+//! dropped (hyper closes it). A pooled connection that turns out to be closed before the request
+//! was written is skipped and the request is sent on another.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::{Cluster, Endpoint};
+use crate::errors::ProxyError;
+use crate::http::body::UpstreamBody;
+use crate::worker::LocalExec;
+
+/// The HTTP version spoken to an endpoint for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    cluster: Arc<str>,
+    addr: SocketAddr,
+}
+
+struct Idle {
+    tx: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+struct H2 {
+    tx: http2::SendRequest<UpstreamBody>,
+    last_used: Instant,
+}
+
+#[derive(Default)]
+struct EndpointPool {
+    idle: Vec<Idle>,
+    h2: Vec<H2>,
+}
+
+/// The upstream connections of one worker.
+#[derive(Default)]
+pub struct Pools {
+    map: HashMap<PoolKey, EndpointPool>,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools")
+            .field("endpoints", &self.map.len())
+            .finish()
+    }
+}
+
+impl Pools {
+    fn take_idle(
+        &mut self,
+        key: &PoolKey,
+        idle_timeout: Duration,
+    ) -> Option<http1::SendRequest<UpstreamBody>> {
+        let pool = self.map.get_mut(key)?;
+        while let Some(c) = pool.idle.pop() {
+            if !c.tx.is_closed() && c.since.elapsed() < idle_timeout {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&mut self, key: PoolKey, tx: http1::SendRequest<UpstreamBody>, max_idle: usize) {
+        let pool = self.map.entry(key).or_default();
+        if pool.idle.len() < max_idle {
+            pool.idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn h2_sender(&mut self, key: &PoolKey) -> Option<http2::SendRequest<UpstreamBody>> {
+        let pool = self.map.get_mut(key)?;
+        pool.h2.retain(|c| !c.tx.is_closed());
+        let c = pool.h2.last_mut()?;
+        c.last_used = Instant::now();
+        Some(c.tx.clone())
+    }
+
+    fn add_h2(&mut self, key: PoolKey, tx: http2::SendRequest<UpstreamBody>) {
+        self.map.entry(key).or_default().h2.push(H2 {
+            tx,
+            last_used: Instant::now(),
+        });
+    }
+
+    /// Forgets the HTTP/2 connections of `key` (one just failed to take a request).
+    fn drop_h2(&mut self, key: &PoolKey) {
+        if let Some(pool) = self.map.get_mut(key) {
+            pool.h2.clear();
+        }
+    }
+
+    /// Closes connections idle for longer than `idle_timeout` (each cluster's own, looked up by
+    /// name; pools of clusters no longer configured close everything idle).
+    pub fn sweep(&mut self, idle_timeout_of: impl Fn(&str) -> Option<Duration>) {
+        self.map.retain(|key, pool| {
+            let timeout = idle_timeout_of(&key.cluster).unwrap_or(Duration::ZERO);
+            pool.idle
+                .retain(|c| !c.tx.is_closed() && c.since.elapsed() < timeout);
+            pool.h2
+                .retain(|c| !c.tx.is_closed() && c.last_used.elapsed() < timeout);
+            !pool.idle.is_empty() || !pool.h2.is_empty()
+        });
+    }
+
+    /// Idle HTTP/1.1 and open HTTP/2 connections held.
+    pub fn len(&self) -> usize {
+        self.map.values().map(|p| p.idle.len() + p.h2.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An HTTP/1.1 connection lent to one exchange; given back with [`PooledH1::release`].
+pub struct PooledH1 {
+    tx: http1::SendRequest<UpstreamBody>,
+    key: PoolKey,
+    pools: Rc<RefCell<Pools>>,
+    max_idle: usize,
+}
+
+impl PooledH1 {
+    /// Returns the connection to its pool (the exchange on it finished cleanly).
+    pub fn release(self) {
+        if self.tx.is_closed() {
+            return;
+        }
+        if let Ok(mut pools) = self.pools.try_borrow_mut() {
+            pools.put_idle(self.key, self.tx, self.max_idle);
+        }
+    }
+}
+
+/// Counts an open upstream connection until its driver task ends.
+struct ConnGuard {
+    cluster_active: prometheus_client::metrics::gauge::Gauge,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.cluster_active.dec();
+        self.endpoint.stats.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn connect_tcp(
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+) -> Result<(TcpStream, ConnGuard), ProxyError> {
+    let addr = endpoint.address;
+    let result = tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(addr)).await;
+    let failed = || {
+        cluster.stats.cx_failed.inc();
+        endpoint.stats.connect_failures.fetch_add(1, Relaxed);
+    };
+    let stream = match result {
+        Err(_) => {
+            failed();
+            return Err(ProxyError::ConnectTimeout(addr));
+        }
+        Ok(Err(source)) => {
+            failed();
+            return Err(ProxyError::ConnectFailed { addr, source });
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    cluster.stats.cx_opened.inc();
+    cluster.stats.cx_active.inc();
+    endpoint.stats.connections_total.fetch_add(1, Relaxed);
+    endpoint.stats.connections_active.fetch_add(1, Relaxed);
+    Ok((
+        stream,
+        ConnGuard {
+            cluster_active: cluster.stats.cx_active.clone(),
+            endpoint: endpoint.clone(),
+        },
+    ))
+}
+
+async fn connect_h1(
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
+    let (stream, guard) = connect_tcp(cluster, endpoint).await?;
+    let (tx, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ProxyError::Handshake {
+            addr: endpoint.address,
+            source,
+        })?;
+    tokio::task::spawn_local(async move {
+        let _guard = guard;
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+        }
+    });
+    Ok(tx)
+}
+
+async fn connect_h2(
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+) -> Result<http2::SendRequest<UpstreamBody>, ProxyError> {
+    let (stream, guard) = connect_tcp(cluster, endpoint).await?;
+    let (tx, conn) = http2::Builder::new(LocalExec)
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ProxyError::Handshake {
+            addr: endpoint.address,
+            source,
+        })?;
+    tokio::task::spawn_local(async move {
+        let _guard = guard;
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(tx)
+}
+
+/// Sends `req` to `endpoint` over `wire`: the response head, and for HTTP/1.1 the connection to
+/// give back once the response body is done.
+pub async fn send(
+    pools: &Rc<RefCell<Pools>>,
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+    wire: Wire,
+    mut req: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Option<PooledH1>), ProxyError> {
+    let key = PoolKey {
+        cluster: cluster.name.clone(),
+        addr: endpoint.address,
+    };
+    cluster.stats.requests.inc();
+    match wire {
+        Wire::Http1 => loop {
+            let idle = pools.borrow_mut().take_idle(&key, cluster.idle_timeout);
+            let (mut tx, reused) = match idle {
+                Some(tx) => (tx, true),
+                None => (connect_h1(cluster, endpoint).await?, false),
+            };
+            if reused && !tx.is_ready() && tx.ready().await.is_err() {
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok((
+                        resp,
+                        Some(PooledH1 {
+                            tx,
+                            key,
+                            pools: pools.clone(),
+                            max_idle: cluster.max_idle_per_endpoint,
+                        }),
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Closed before anything was written: try the next connection.
+                    Some(r) if reused => req = r,
+                    _ => return Err(ProxyError::UpstreamReset(e.into_error())),
+                },
+            }
+        },
+        Wire::Http2 => {
+            // A shared connection that refuses the request unsent (going away) gets one more
+            // try on a fresh connection.
+            let mut reuse = true;
+            loop {
+                let existing = if reuse {
+                    pools.borrow_mut().h2_sender(&key)
+                } else {
+                    None
+                };
+                let fresh = existing.is_none();
+                let mut tx = match existing {
+                    Some(tx) => tx,
+                    None => {
+                        let tx = connect_h2(cluster, endpoint).await?;
+                        pools.borrow_mut().add_h2(key.clone(), tx.clone());
+                        tx
+                    }
+                };
+                match tx.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, None)),
+                    Err(mut e) => {
+                        pools.borrow_mut().drop_h2(&key);
+                        match e.take_message() {
+                            Some(r) if !fresh => {
+                                req = r;
+                                reuse = false;
+                            }
+                            _ => return Err(ProxyError::UpstreamReset(e.into_error())),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

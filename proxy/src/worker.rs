@@ -1,0 +1,361 @@
+//! Workers: one OS thread each, with a single-threaded tokio runtime, its own accept sockets
+//! (`SO_REUSEPORT`, so the kernel spreads connections), its own upstream pools and a cached
+//! handle on the current snapshot. A connection lives and dies on the worker that accepted it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::http::server;
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use crate::upstream::Pools;
+
+/// Runs hyper's background futures on the current worker (they need not be `Send`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// A worker's handle on a snapshot. Requests clone the `Rc` (a plain increment on the worker's
+/// own memory), not the `Arc` every worker shares.
+#[derive(Debug)]
+pub struct LocalSnapshot(Arc<Snapshot>);
+
+impl std::ops::Deref for LocalSnapshot {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+/// What every worker shares.
+#[derive(Debug)]
+pub struct Shared {
+    current: ArcSwap<Snapshot>,
+    generation: AtomicU64,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Self {
+        Shared {
+            current: ArcSwap::from_pointee(snapshot),
+            generation: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Makes `snapshot` the one new requests use.
+    pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.current.store(snapshot);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Caps the connections open at once on one bound listener, across workers.
+#[derive(Debug)]
+pub struct ConnLimit {
+    open: AtomicU32,
+    max: u32,
+}
+
+impl ConnLimit {
+    pub fn new(max: u32) -> Self {
+        ConnLimit {
+            open: AtomicU32::new(0),
+            max: if max == 0 { u32::MAX } else { max },
+        }
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
+        let prev = self.open.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnPermit(self.clone()))
+    }
+}
+
+struct ConnPermit(Arc<ConnLimit>);
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the control thread tells a worker.
+#[derive(Debug)]
+pub enum Command {
+    /// Start accepting on this socket for listener `name`; `id` names this binding.
+    Listen {
+        id: u64,
+        name: Arc<str>,
+        socket: std::net::TcpListener,
+        limit: Arc<ConnLimit>,
+    },
+    /// Stop accepting on binding `id` and drain its connections.
+    Unlisten { id: u64 },
+    /// Stop accepting everywhere, drain every connection, and end the worker once they are
+    /// closed or at `deadline`.
+    Drain { deadline: Instant },
+}
+
+/// One worker's state.
+pub struct Worker {
+    pub id: usize,
+    shared: Arc<Shared>,
+    cached: RefCell<(u64, Rc<LocalSnapshot>)>,
+    pub pools: Rc<RefCell<Pools>>,
+    connections: Cell<usize>,
+    all_closed: Notify,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish()
+    }
+}
+
+impl Worker {
+    /// The current snapshot, refreshed when a new one was published (one atomic load otherwise).
+    pub fn snapshot(&self) -> Rc<LocalSnapshot> {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        let mut cached = self.cached.borrow_mut();
+        if cached.0 != generation {
+            *cached = (generation, Rc::new(LocalSnapshot(self.shared.snapshot())));
+        }
+        cached.1.clone()
+    }
+
+    fn connection_opened(&self) {
+        self.connections.set(self.connections.get() + 1);
+    }
+
+    fn connection_closed(&self) {
+        let n = self.connections.get().saturating_sub(1);
+        self.connections.set(n);
+        if n == 0 {
+            self.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Handle the control thread keeps on a worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts worker `id` on its own thread.
+pub fn spawn(id: usize, shared: Arc<Shared>) -> std::io::Result<WorkerHandle> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("weft-worker-{id}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(worker = id, error = %e, "cannot start the worker's runtime");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(id, shared, rx));
+        })?;
+    Ok(WorkerHandle {
+        commands: tx,
+        thread,
+    })
+}
+
+async fn run(id: usize, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let first = Rc::new(LocalSnapshot(shared.snapshot()));
+    let worker = Rc::new(Worker {
+        id,
+        cached: RefCell::new((shared.generation.load(Ordering::Acquire), first)),
+        shared,
+        pools: Rc::new(RefCell::new(Pools::default())),
+        connections: Cell::new(0),
+        all_closed: Notify::new(),
+    });
+    tokio::task::spawn_local(sweep_pools(worker.clone()));
+
+    let mut listeners: HashMap<u64, watch::Sender<bool>> = HashMap::new();
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            Command::Listen {
+                id: binding,
+                name,
+                socket,
+                limit,
+            } => {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(worker = id, listener = %name, error = %e, "cannot register the listening socket");
+                        continue;
+                    }
+                };
+                let (stop_tx, stop_rx) = watch::channel(false);
+                if let Some(old) = listeners.insert(binding, stop_tx) {
+                    let _ = old.send(true);
+                }
+                tokio::task::spawn_local(accept_loop(
+                    worker.clone(),
+                    name,
+                    listener,
+                    limit,
+                    stop_rx,
+                ));
+            }
+            Command::Unlisten { id: binding } => {
+                if let Some(stop) = listeners.remove(&binding) {
+                    let _ = stop.send(true);
+                }
+            }
+            Command::Drain { deadline } => {
+                for stop in listeners.values() {
+                    let _ = stop.send(true);
+                }
+                let closed = async {
+                    while worker.connections.get() > 0 {
+                        let notified = worker.all_closed.notified();
+                        if worker.connections.get() == 0 {
+                            break;
+                        }
+                        notified.await;
+                    }
+                };
+                if tokio::time::timeout_at(deadline.into(), closed)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        worker = id,
+                        open = worker.connections.get(),
+                        "grace period over: closing the connections still open"
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    worker: Rc<Worker>,
+    name: Arc<str>,
+    listener: TcpListener,
+    limit: Arc<ConnLimit>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let snap = worker.snapshot();
+        let Some(runtime) = snap.listeners.get(&*name).cloned() else {
+            // Removed by a reload the worker has not acted on yet.
+            continue;
+        };
+        let Some(permit) = limit.try_acquire() else {
+            runtime.stats.cx_rejected.inc();
+            continue;
+        };
+        let worker = worker.clone();
+        let stop = stop.clone();
+        tokio::task::spawn_local(async move {
+            let open = OpenConnection::new(worker, runtime, permit);
+            server::serve(
+                open.worker.clone(),
+                open.runtime.clone(),
+                stream,
+                peer,
+                stop,
+            )
+            .await;
+        });
+    }
+}
+
+/// Counts a downstream connection as open until its task ends (even by a panic).
+struct OpenConnection {
+    worker: Rc<Worker>,
+    runtime: Arc<crate::snapshot::ListenerRuntime>,
+    _permit: ConnPermit,
+}
+
+impl OpenConnection {
+    fn new(
+        worker: Rc<Worker>,
+        runtime: Arc<crate::snapshot::ListenerRuntime>,
+        permit: ConnPermit,
+    ) -> Self {
+        worker.connection_opened();
+        runtime.stats.cx_total.inc();
+        runtime.stats.cx_active.inc();
+        OpenConnection {
+            worker,
+            runtime,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.runtime.stats.cx_active.dec();
+        self.worker.connection_closed();
+    }
+}
+
+/// Closes idle upstream connections past their cluster's idle timeout.
+async fn sweep_pools(worker: Rc<Worker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = worker.snapshot();
+        worker
+            .pools
+            .borrow_mut()
+            .sweep(|cluster| snap.cluster(cluster).map(|c| c.idle_timeout));
+    }
+}

@@ -1,0 +1,270 @@
+//! A real HTTP backend for tests and demos: HTTP/1.1 and prior-knowledge h2c on one port,
+//! bound to `127.0.0.1:0`, with behaviours chosen by path:
+//!
+//! | path | answer |
+//! |---|---|
+//! | anything else | 200, JSON describing the request (backend name, method, uri, version, headers) |
+//! | `/status/<code>` | that status |
+//! | `/delay/<ms>` | 200 after that many milliseconds |
+//! | `/bytes/<n>` | `n` bytes, streamed in 64 KiB chunks, with a content-length |
+//! | `/chunked/<n>` | `n` bytes, streamed without a content-length |
+//! | `/echo` | the request body streamed back |
+//! | `/count` | the number of request body bytes received |
+//! | `/trailers` | body `ok` then the trailer `x-trailer: done` |
+//! | `Upgrade: echo` | 101, then every byte sent comes back |
+//!
+//! Every response carries `x-backend: <name>`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type the backend answers with.
+pub enum TestBody {
+    Full(Option<Bytes>),
+    Stream { left: u64, chunk: Bytes },
+    Echo(Incoming),
+    Trailers(u8),
+}
+
+impl Body for TestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            TestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            TestBody::Stream { left, chunk } => {
+                if *left == 0 {
+                    return Poll::Ready(None);
+                }
+                let n = (*left).min(chunk.len() as u64) as usize;
+                *left -= n as u64;
+                Poll::Ready(Some(Ok(Frame::data(chunk.slice(..n)))))
+            }
+            TestBody::Echo(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            TestBody::Trailers(step) => {
+                *step += 1;
+                match *step {
+                    1 => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"ok"))))),
+                    2 => {
+                        let mut t = HeaderMap::new();
+                        t.insert("x-trailer", HeaderValue::from_static("done"));
+                        Poll::Ready(Some(Ok(Frame::trailers(t))))
+                    }
+                    _ => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            TestBody::Full(b) => b.is_none(),
+            TestBody::Stream { left, .. } => *left == 0,
+            TestBody::Echo(inner) => inner.is_end_stream(),
+            TestBody::Trailers(step) => *step >= 2,
+        }
+    }
+}
+
+/// A running backend; stops when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    requests: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Starts a backend on `127.0.0.1:0`.
+    pub async fn start(name: &str) -> Backend {
+        Self::start_on("127.0.0.1:0".parse().expect("address"), name).await
+    }
+
+    /// Starts a backend on a given address (to bring a "killed" endpoint back).
+    pub async fn start_on(addr: SocketAddr, name: &str) -> Backend {
+        let listener = TcpListener::bind(addr).await.expect("backend binds");
+        let addr = listener.local_addr().expect("local address");
+        let requests = Arc::new(AtomicU64::new(0));
+        let name_owned: Arc<str> = Arc::from(name);
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let name = name_owned.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        respond(name.clone(), req)
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_owned(),
+            requests,
+            task,
+        }
+    }
+
+    /// Requests this backend has received.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// `127.0.0.1:port`, as a config endpoint.
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+fn describe(name: &str, req: &Request<Incoming>) -> serde_json::Value {
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        match headers.get_mut(k.as_str()) {
+            Some(serde_json::Value::String(prev)) => {
+                prev.push_str(", ");
+                prev.push_str(&v);
+            }
+            _ => {
+                headers.insert(k.as_str().to_owned(), serde_json::Value::String(v));
+            }
+        }
+    }
+    serde_json::json!({
+        "backend": name,
+        "method": req.method().as_str(),
+        "uri": req.uri().to_string(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "version": format!("{:?}", req.version()),
+        "headers": headers,
+    })
+}
+
+async fn respond(
+    name: Arc<str>,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let mut parts: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+    parts.resize(2, "");
+    let (status, body) = if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(TestBody::Full(None));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", HeaderValue::from_static("echo"));
+        r.headers_mut()
+            .insert("connection", HeaderValue::from_static("upgrade"));
+        r.headers_mut()
+            .insert("x-backend", HeaderValue::from_str(&name).expect("name"));
+        return Ok(r);
+    } else {
+        match (parts[0], parts[1]) {
+            ("status", code) => (
+                StatusCode::from_u16(code.parse().unwrap_or(500))
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                TestBody::Full(Some(Bytes::from(format!("status {code} from {name}\n")))),
+            ),
+            ("delay", ms) => {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+                (
+                    StatusCode::OK,
+                    TestBody::Full(Some(Bytes::from(format!("delayed by {name}\n")))),
+                )
+            }
+            ("bytes", n) | ("chunked", n) => (
+                StatusCode::OK,
+                TestBody::Stream {
+                    left: n.parse().unwrap_or(0),
+                    chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+                },
+            ),
+            ("echo", _) => (StatusCode::OK, TestBody::Echo(req.into_body())),
+            ("count", _) => {
+                let mut body = req.into_body();
+                let mut n = 0u64;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                        Err(_) => break,
+                    }
+                }
+                (
+                    StatusCode::OK,
+                    TestBody::Full(Some(Bytes::from(n.to_string()))),
+                )
+            }
+            ("trailers", _) => (StatusCode::OK, TestBody::Trailers(0)),
+            _ => {
+                let json = describe(&name, &req);
+                (
+                    StatusCode::OK,
+                    TestBody::Full(Some(Bytes::from(json.to_string()))),
+                )
+            }
+        }
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert("x-backend", HeaderValue::from_str(&name).expect("name"));
+    if parts[0] == "bytes" {
+        h.insert(
+            "content-length",
+            HeaderValue::from(parts[1].parse::<u64>().unwrap_or(0)),
+        );
+    }
+    if parts[0] == "trailers" {
+        h.insert("trailer", HeaderValue::from_static("x-trailer"));
+    }
+    Ok(r)
+}
