@@ -534,11 +534,9 @@ impl Config {
                 .location()
                 .map(|l| format!("line {}, column {}", l.line(), l.column()))
                 .unwrap_or_default();
-            // serde_yaml_ng appends " at line X column Y"; we say it first, once.
-            let mut message = e.to_string();
-            if let Some(at) = message.rfind(" at line ") {
-                message.truncate(at);
-            }
+            // serde_yaml_ng repeats " at line X column Y" inside the message; we say it first,
+            // once.
+            let message = strip_locations(&e.to_string());
             ConfigError::new(location, message).into()
         })
     }
@@ -569,9 +567,29 @@ impl Config {
     }
 }
 
+/// Removes every ` at line N column M` from a parser message.
+fn strip_locations(message: &str) -> String {
+    static AT: std::sync::LazyLock<Option<regex::Regex>> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r" at line \d+ column \d+").ok());
+    match &*AT {
+        Some(re) => re.replace_all(message, "").into_owned(),
+        None => message.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parser_locations_are_said_once() {
+        assert_eq!(
+            strip_locations("found unexpected end of stream at line 5 column 1, while scanning a quoted scalar at line 3 column 14"),
+            "found unexpected end of stream, while scanning a quoted scalar"
+        );
+        assert_eq!(strip_locations("plain"), "plain");
+        assert_eq!(strip_locations("x at line one"), "x at line one");
+    }
 
     #[test]
     fn design_example_shape_parses() {
