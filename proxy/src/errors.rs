@@ -43,6 +43,8 @@ pub enum ProxyError {
     },
     #[error("the upstream connection failed before a response: {0}")]
     UpstreamReset(#[source] hyper::Error),
+    #[error("the request body could not be read from the client: {0}")]
+    DownstreamBody(#[source] hyper::Error),
     #[error("the upstream sent no response headers within {0:?}")]
     UpstreamTimeout(Duration),
     #[error("the upgrade cannot be proxied: {0}")]
@@ -56,7 +58,8 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::InvalidPath(_)
             | ProxyError::UnderscoreHeader(_)
-            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::BadRequest(_)
+            | ProxyError::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,9 +81,19 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) => "upstream_connect_timeout",
             ProxyError::Handshake { .. } => "upstream_protocol_error",
             ProxyError::UpstreamReset(_) => "upstream_reset",
+            ProxyError::DownstreamBody(_) => "bad_request_body",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpgradeNotSupported(_) => "upgrade_not_supported",
         }
+    }
+
+    /// Whether the downstream HTTP/1 connection must close after this answer: the request was
+    /// malformed, so nothing after it on the connection can be trusted.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_)
+        )
     }
 
     /// What the client reads: the failure in plain words, no internal addresses.
@@ -94,6 +107,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) => "upstream connect timeout".into(),
             ProxyError::Handshake { .. } => "upstream protocol error".into(),
             ProxyError::UpstreamReset(_) => "upstream reset before response".into(),
+            ProxyError::DownstreamBody(_) => "malformed or interrupted request body".into(),
             ProxyError::UpstreamTimeout(_) => "upstream request timeout".into(),
             other => other.to_string(),
         }
@@ -108,6 +122,18 @@ fn io_reason(e: &std::io::Error) -> &'static str {
         HostUnreachable | NetworkUnreachable => "unreachable",
         AddrNotAvailable => "address not available",
         _ => "connection failure",
+    }
+}
+
+impl ProxyError {
+    /// Classifies a failed upstream exchange: the request body failing to come from the client
+    /// is the client's fault, anything else the upstream's.
+    pub fn upstream(e: hyper::Error) -> ProxyError {
+        if e.is_user() {
+            ProxyError::DownstreamBody(e)
+        } else {
+            ProxyError::UpstreamReset(e)
+        }
     }
 }
 

@@ -54,13 +54,18 @@ async fn http1_and_h2c_end_to_end() {
     assert!(j["headers"].get("x-hop").is_none(), "{j}");
     assert!(j["headers"].get("keep-alive").is_none(), "{j}");
 
-    let r = client::get(&client::h2c(), &weft.url("main", "/h2")).await.expect("h2c");
+    let r = client::get(&client::h2c(), &weft.url("main", "/h2"))
+        .await
+        .expect("h2c");
     assert_eq!(r.status, 200);
     let j = r.json();
     assert_eq!(j["path"], "/h2");
     // `downstream` protocol: h2c in, h2c out.
     assert_eq!(j["version"], "HTTP/2.0");
-    assert_eq!(j["headers"]["x-request-id"].as_str().map(str::len), Some(36));
+    assert_eq!(
+        j["headers"]["x-request-id"].as_str().map(str::len),
+        Some(36)
+    );
 
     let (ok, out, err) = curl(&["-i", &weft.url("main", "/curl")]);
     assert!(ok, "{err}");
@@ -74,12 +79,20 @@ async fn http1_and_h2c_end_to_end() {
 async fn protocols_are_translated_both_ways() {
     let backend = Backend::start("b").await;
     let to_h2 = Weft::start(WEFT, &one_cluster(&backend.endpoint(), "http2", ""));
-    let r = client::get(&client::http1(), &to_h2.url("main", "/x")).await.expect("h1 → h2");
+    let r = client::get(&client::http1(), &to_h2.url("main", "/x"))
+        .await
+        .expect("h1 → h2");
     assert_eq!(r.json()["version"], "HTTP/2.0");
-    assert_eq!(r.json()["headers"]["host"], serde_json::Value::Null, "h2 upstream uses :authority");
+    assert_eq!(
+        r.json()["headers"]["host"],
+        serde_json::Value::Null,
+        "h2 upstream uses :authority"
+    );
 
     let to_h1 = Weft::start(WEFT, &one_cluster(&backend.endpoint(), "http1", ""));
-    let r = client::get(&client::h2c(), &to_h1.url("main", "/y")).await.expect("h2 → h1");
+    let r = client::get(&client::h2c(), &to_h1.url("main", "/y"))
+        .await
+        .expect("h2 → h1");
     let j = r.json();
     assert_eq!(j["version"], "HTTP/1.1");
     assert_eq!(j["headers"]["host"], to_h1.addr("main").to_string());
@@ -89,16 +102,22 @@ async fn protocols_are_translated_both_ways() {
 async fn trailers_pass_through() {
     let backend = Backend::start("t").await;
     let weft = Weft::start(WEFT, &one_cluster(&backend.endpoint(), "downstream", ""));
-    let r = client::get(&client::h2c(), &weft.url("main", "/trailers")).await.expect("h2c");
+    let r = client::get(&client::h2c(), &weft.url("main", "/trailers"))
+        .await
+        .expect("h2c");
     assert_eq!(r.text(), "ok");
     let trailers = r.trailers.expect("trailers arrive");
     assert_eq!(trailers["x-trailer"], "done");
 
     // HTTP/1.1 with chunked encoding carries them too, when the client says it accepts them.
     let weft1 = Weft::start(WEFT, &one_cluster(&backend.endpoint(), "http1", ""));
-    let r = get_with(&client::http1(), &weft1.url("main", "/trailers"), &[("te", "trailers")])
-        .await
-        .expect("h1");
+    let r = get_with(
+        &client::http1(),
+        &weft1.url("main", "/trailers"),
+        &[("te", "trailers")],
+    )
+    .await
+    .expect("h1");
     assert_eq!(r.text(), "ok");
     assert_eq!(r.trailers.expect("trailers arrive")["x-trailer"], "done");
 }
@@ -112,7 +131,11 @@ fn raw_until(stream: &mut TcpStream, until: &str) -> String {
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&got).contains(until) {
         let n = stream.read(&mut buf).expect("read");
-        assert!(n > 0, "closed before {until:?}; got {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "closed before {until:?}; got {:?}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
@@ -150,7 +173,10 @@ async fn upgrades_are_spliced_through() {
             .expect("write");
         let head = raw_until(&mut s, "\r\n\r\n");
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.to_ascii_lowercase().contains("upgrade: echo"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("upgrade: echo"),
+            "{head}"
+        );
         for msg in ["ping", "second message"] {
             s.write_all(msg.as_bytes()).expect("write");
             let echoed = raw_until(&mut s, msg);
@@ -168,21 +194,30 @@ async fn slow_upstream_times_out_with_504() {
         WEFT,
         &one_cluster(&backend.endpoint(), "http1", "timeout: 200ms"),
     );
-    let r = client::get(&client::http1(), &weft.url("main", "/delay/3000")).await.expect("request");
+    let r = client::get(&client::http1(), &weft.url("main", "/delay/3000"))
+        .await
+        .expect("request");
     assert_eq!(r.status, 504);
     assert_eq!(r.header("x-weft-error"), Some("upstream_timeout"));
     // The same route still serves fast requests.
-    let r = client::get(&client::http1(), &weft.url("main", "/delay/1")).await.expect("request");
+    let r = client::get(&client::http1(), &weft.url("main", "/delay/1"))
+        .await
+        .expect("request");
     assert_eq!(r.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_endpoint_is_503_with_its_cause() {
     // A port nothing listens on: bind, note it, close.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
     let weft = Weft::start(WEFT, &one_cluster(&closed.to_string(), "http1", ""));
     for c in [client::http1(), client::h2c()] {
-        let r = client::get(&c, &weft.url("main", "/")).await.expect("request");
+        let r = client::get(&c, &weft.url("main", "/"))
+            .await
+            .expect("request");
         assert_eq!(r.status, 503);
         assert_eq!(r.header("x-weft-error"), Some("upstream_connect_failed"));
         assert_eq!(r.text(), "upstream connect error: connection refused\n");
@@ -211,7 +246,14 @@ async fn hundred_megabytes_stream_through_in_bounded_memory() {
     for flag in ["--http1.1", "--http2-prior-knowledge"] {
         let url = weft.url("main", &format!("/bytes/{SIZE}"));
         let (ok, out, err) = tokio::task::spawn_blocking(move || {
-            curl(&[flag, "-o", "/dev/null", "-w", "%{http_code} %{size_download}", &url])
+            curl(&[
+                flag,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download}",
+                &url,
+            ])
         })
         .await
         .expect("curl");

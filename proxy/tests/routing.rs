@@ -95,25 +95,50 @@ async fn matches_host_path_regex_headers_query_and_method() {
         let c = c.clone();
         async move {
             let r = get_with(&c, &url, headers).await.expect("request");
-            (r.status.as_u16(), r.header("x-backend").unwrap_or("-").to_owned())
+            (
+                r.status.as_u16(),
+                r.header("x-backend").unwrap_or("-").to_owned(),
+            )
         }
     };
 
-    assert_eq!(backend_for("/exact", &[("host", "api.example.com")]).await, (200, "a".into()));
-    assert_eq!(backend_for("/exact", &[("host", "API.Example.com:8080")]).await, (200, "a".into()));
-    assert_eq!(backend_for("/any", &[("host", "reviews.svc.local")]).await, (200, "b".into()));
+    assert_eq!(
+        backend_for("/exact", &[("host", "api.example.com")]).await,
+        (200, "a".into())
+    );
+    assert_eq!(
+        backend_for("/exact", &[("host", "API.Example.com:8080")]).await,
+        (200, "a".into())
+    );
+    assert_eq!(
+        backend_for("/any", &[("host", "reviews.svc.local")]).await,
+        (200, "b".into())
+    );
     assert_eq!(backend_for("/users/42", &[]).await, (200, "c".into()));
-    assert_eq!(backend_for("/api/x", &[("x-canary", "1")]).await, (200, "b".into()));
+    assert_eq!(
+        backend_for("/api/x", &[("x-canary", "1")]).await,
+        (200, "b".into())
+    );
     assert_eq!(
         backend_for("/api/x", &[("x-version", "v3"), ("x-team", "t")]).await,
         (200, "c".into())
     );
     // Regex is anchored; presence is required.
-    assert_eq!(backend_for("/api/x", &[("x-version", "v33"), ("x-team", "t")]).await.0, 200);
-    assert_eq!(backend_for("/search?q=weft-proxy&debug=1", &[]).await, (200, "c".into()));
+    assert_eq!(
+        backend_for("/api/x", &[("x-version", "v33"), ("x-team", "t")])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        backend_for("/search?q=weft-proxy&debug=1", &[]).await,
+        (200, "c".into())
+    );
 
     // No route: 404 with the cause.
-    let r = get_with(&c, &s.weft.url("main", "/search?debug=0"), &[]).await.expect("request");
+    let r = get_with(&c, &s.weft.url("main", "/search?debug=0"), &[])
+        .await
+        .expect("request");
     assert_eq!(r.status, 404);
     assert_eq!(r.header("x-weft-error"), Some("no_route"));
 
@@ -153,19 +178,35 @@ async fn rewrites_and_header_edits() {
 async fn redirects_and_direct_responses() {
     let s = setup().await;
     let c = client::http1();
-    let r = get_with(&c, &s.weft.url("main", "/old/page?x=1"), &[("host", "site.example:8080")])
-        .await
-        .expect("request");
+    let r = get_with(
+        &c,
+        &s.weft.url("main", "/old/page?x=1"),
+        &[("host", "site.example:8080")],
+    )
+    .await
+    .expect("request");
     assert_eq!(r.status, 308);
-    assert_eq!(r.header("location"), Some("http://site.example:8080/new/page?x=1"));
+    assert_eq!(
+        r.header("location"),
+        Some("http://site.example:8080/new/page?x=1")
+    );
 
-    let r = get_with(&c, &s.weft.url("main", "/login"), &[("host", "site.example:8080")])
+    let r = get_with(
+        &c,
+        &s.weft.url("main", "/login"),
+        &[("host", "site.example:8080")],
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.header("location"),
+        Some("https://secure.example.com/login")
+    );
+
+    let r = get_with(&c, &s.weft.url("main", "/healthz"), &[])
         .await
         .expect("request");
-    assert_eq!(r.status, 301);
-    assert_eq!(r.header("location"), Some("https://secure.example.com/login"));
-
-    let r = get_with(&c, &s.weft.url("main", "/healthz"), &[]).await.expect("request");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "ok\n");
     assert_eq!(r.header("cache-control"), Some("no-store"));
@@ -187,5 +228,8 @@ async fn weighted_split_is_within_statistical_bounds() {
         }
     }
     // Binomial(2000, 0.8): mean 1600, sd ≈ 17.9; ±5 sd.
-    assert!((1510..=1690).contains(&to_a), "{to_a} of {n} went to the weight-80 cluster");
+    assert!(
+        (1510..=1690).contains(&to_a),
+        "{to_a} of {n} went to the weight-80 cluster"
+    );
 }

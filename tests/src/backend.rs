@@ -79,6 +79,15 @@ impl Body for TestBody {
         }
     }
 
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            TestBody::Full(b) => {
+                http_body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            _ => http_body::SizeHint::default(),
+        }
+    }
+
     fn is_end_stream(&self) -> bool {
         match self {
             TestBody::Full(b) => b.is_none(),

@@ -584,7 +584,9 @@ mod tests {
     #[test]
     fn parser_locations_are_said_once() {
         assert_eq!(
-            strip_locations("found unexpected end of stream at line 5 column 1, while scanning a quoted scalar at line 3 column 14"),
+            strip_locations(
+                "found unexpected end of stream at line 5 column 1, while scanning a quoted scalar at line 3 column 14"
+            ),
             "found unexpected end of stream, while scanning a quoted scalar"
         );
         assert_eq!(strip_locations("plain"), "plain");

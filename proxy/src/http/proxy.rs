@@ -55,6 +55,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
+    let http1 = req.version() < Version::HTTP_2;
     conn.activity.begin_request();
     let snap = conn.worker.snapshot();
     let listener: &ListenerRuntime = snap
@@ -68,8 +69,13 @@ pub async fn handle(
         Err((e, stats)) => {
             listener.stats.error(e.cause());
             tracing::debug!(listener = %listener.name, peer = %conn.peer, error = %e, "proxy error");
+            let mut resp = errors::respond(&e);
+            if http1 && e.closes_connection() {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Answer {
-                resp: errors::respond(&e),
+                resp,
                 stats: stats.unwrap_or_else(|| listener.no_route.clone()),
                 endpoint: None,
                 pooled: None,

@@ -292,7 +292,7 @@ pub async fn send(
                 Err(mut e) => match e.take_message() {
                     // Closed before anything was written: try the next connection.
                     Some(r) if reused => req = r,
-                    _ => return Err(ProxyError::UpstreamReset(e.into_error())),
+                    _ => return Err(ProxyError::upstream(e.into_error())),
                 },
             }
         },
@@ -324,7 +324,7 @@ pub async fn send(
                                 req = r;
                                 reuse = false;
                             }
-                            _ => return Err(ProxyError::UpstreamReset(e.into_error())),
+                            _ => return Err(ProxyError::upstream(e.into_error())),
                         }
                     }
                 }
