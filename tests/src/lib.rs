@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod grpc;
 pub mod process;
 
 pub use backend::Backend;
