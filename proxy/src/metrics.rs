@@ -5,7 +5,7 @@
 //! ([`RouteStats`], [`ListenerStats`], [`ClusterStats`]), so counting a request is a few atomic
 //! adds. Names are documented in the README's metrics reference.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -215,32 +215,16 @@ impl Metrics {
     }
 
     pub fn route_stats(&self, listener: &str, route: &str, cluster: &str) -> RouteStats {
-        let class = |status_class| {
-            self.http_requests
-                .get_or_create(&RequestLabels {
-                    listener: listener.to_owned(),
-                    route: route.to_owned(),
-                    cluster: cluster.to_owned(),
-                    status_class,
-                })
-                .clone()
-        };
         RouteStats {
-            requests: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            duration: self
-                .http_request_duration
-                .get_or_create(&RouteLabels {
-                    listener: listener.to_owned(),
-                    route: route.to_owned(),
-                    cluster: cluster.to_owned(),
-                })
-                .clone(),
+            labels: RouteLabels {
+                listener: listener.to_owned(),
+                route: route.to_owned(),
+                cluster: cluster.to_owned(),
+            },
+            family: self.http_requests.clone(),
+            durations: self.http_request_duration.clone(),
+            requests: Default::default(),
+            duration: OnceLock::new(),
         }
     }
 
@@ -275,17 +259,37 @@ impl Metrics {
 }
 
 /// Handles for one (listener, route, cluster): request counts by status class and duration.
-#[derive(Clone, Debug)]
+/// A series is created the first time it is used (so `/metrics` lists no never-seen
+/// combination), then kept: counting is one atomic load and one add.
+#[derive(Debug)]
 pub struct RouteStats {
-    requests: [Counter; 5],
-    duration: Histogram,
+    labels: RouteLabels,
+    family: Family<RequestLabels, Counter>,
+    durations: HistogramFamily<RouteLabels>,
+    requests: [OnceLock<Counter>; 5],
+    duration: OnceLock<Histogram>,
 }
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl RouteStats {
     pub fn record(&self, status: u16, seconds: f64) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.requests[class].inc();
-        self.duration.observe(seconds);
+        self.requests[class]
+            .get_or_init(|| {
+                self.family
+                    .get_or_create(&RequestLabels {
+                        listener: self.labels.listener.clone(),
+                        route: self.labels.route.clone(),
+                        cluster: self.labels.cluster.clone(),
+                        status_class: STATUS_CLASSES[class],
+                    })
+                    .clone()
+            })
+            .inc();
+        self.duration
+            .get_or_init(|| self.durations.get_or_create(&self.labels).clone())
+            .observe(seconds);
     }
 }
 

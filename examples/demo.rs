@@ -1,0 +1,71 @@
+//! Weft's demo: starts two demo backends (`api-v1` on 127.0.0.1:9001, `api-v2` on :9002) and
+//! weft with `examples/weft.yaml` in front of them, then prints what to try. Ctrl-C stops it
+//! (weft drains first).
+//!
+//! ```sh
+//! cargo run --release -p weft-examples --bin demo
+//! ```
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use weft_proxy::{Options, Server};
+use weft_testkit::Backend;
+
+const TRY: &str = r#"
+  weft is running: listener http://127.0.0.1:8080, admin http://127.0.0.1:9901
+
+  Try:
+    curl -i http://127.0.0.1:8080/api/hello              # 90 % api-v1, 10 % api-v2 (see "backend")
+    curl -i -H 'x-canary: 1' http://127.0.0.1:8080/api/hi # always api-v2
+    curl -i --http2-prior-knowledge http://127.0.0.1:8080/api/h2
+    curl -i http://127.0.0.1:8080/healthz                # answered by weft itself
+    curl -i http://127.0.0.1:8080/docs/intro             # a redirect
+    curl -i http://127.0.0.1:8080/nowhere                # 404, x-weft-error: no_route
+    curl -s http://127.0.0.1:9901/metrics | grep weft_http_requests
+    curl -s http://127.0.0.1:9901/clusters
+
+  Edit examples/weft.yaml and `kill -HUP <pid>` to reload; Ctrl-C to stop.
+"#;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+
+    let backends = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (_v1, _v2) = backends.block_on(async {
+        let bind = |port: u16, name: &'static str| async move {
+            let addr = format!("127.0.0.1:{port}").parse().context("address")?;
+            // Fail with a clear message if the port is taken, rather than a panic.
+            std::net::TcpListener::bind(addr).with_context(|| {
+                format!("port {port} is in use: the demo backend {name} needs it")
+            })?;
+            anyhow::Ok(Backend::start_on(addr, name).await)
+        };
+        anyhow::Ok((bind(9001, "api-v1").await?, bind(9002, "api-v2").await?))
+    })?;
+
+    let config_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weft.yaml");
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    control.block_on(async {
+        let server = Server::start(&Options {
+            config_path,
+            workers: 0,
+        })
+        .await?;
+        println!("{TRY}");
+        server.run_until_signalled().await
+    })
+}
