@@ -25,6 +25,8 @@ pub enum ProxyError {
     UnderscoreHeader(String),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("the request has {0} header fields, more than max_headers")]
+    TooManyHeaders(usize),
     #[error("cluster {0:?} has no endpoint to send to")]
     NoHealthyUpstream(Arc<str>),
     #[error("connecting to {addr} failed: {source}")]
@@ -56,6 +58,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::TooManyHeaders(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::InvalidPath(_)
             | ProxyError::UnderscoreHeader(_)
             | ProxyError::BadRequest(_)
@@ -76,6 +79,7 @@ impl ProxyError {
             ProxyError::InvalidPath(_) => "invalid_path",
             ProxyError::UnderscoreHeader(_) => "invalid_header",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::TooManyHeaders(_) => "header_fields_too_large",
             ProxyError::NoHealthyUpstream(_) => "no_healthy_upstream",
             ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
             ProxyError::ConnectTimeout(_) => "upstream_connect_timeout",
@@ -101,6 +105,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no route matched the request".into(),
             ProxyError::NoHealthyUpstream(_) => "no healthy upstream".into(),
+            ProxyError::TooManyHeaders(_) => "too many header fields".into(),
             ProxyError::ConnectFailed { source, .. } => {
                 format!("upstream connect error: {}", io_reason(source))
             }

@@ -33,6 +33,7 @@ struct BoundListener {
     name: String,
     requested: SocketAddr,
     local: SocketAddr,
+    limit: Arc<ConnLimit>,
 }
 
 /// A running proxy.
@@ -140,15 +141,17 @@ impl Server {
     ) -> std::io::Result<(BoundListener, Vec<std::net::TcpListener>, Arc<ConnLimit>)> {
         let (local, sockets) = listener::bind(requested, self.workers.len())?;
         self.next_listener_id += 1;
+        let limit = Arc::new(ConnLimit::new(max_connections));
         Ok((
             BoundListener {
                 id: self.next_listener_id,
                 name: name.to_owned(),
                 requested,
                 local,
+                limit: limit.clone(),
             },
             sockets,
-            Arc::new(ConnLimit::new(max_connections)),
+            limit,
         ))
     }
 
@@ -254,6 +257,11 @@ impl Server {
             .collect();
 
         let digest = snapshot.digest.clone();
+        for b in &self.bound {
+            if let Some(l) = snapshot.listeners.get(&b.name) {
+                b.limit.set_max(l.max_connections);
+            }
+        }
         self.shared.publish(Arc::new(snapshot));
         metrics.config_version.set(version as i64);
         for i in gone.into_iter().rev() {

@@ -76,20 +76,29 @@ impl Shared {
 #[derive(Debug)]
 pub struct ConnLimit {
     open: AtomicU32,
-    max: u32,
+    max: AtomicU32,
 }
 
 impl ConnLimit {
+    /// `max` 0 means no limit.
     pub fn new(max: u32) -> Self {
-        ConnLimit {
+        let limit = ConnLimit {
             open: AtomicU32::new(0),
-            max: if max == 0 { u32::MAX } else { max },
-        }
+            max: AtomicU32::new(0),
+        };
+        limit.set_max(max);
+        limit
+    }
+
+    /// A reload changed `max_connections`: applies to connections accepted from now on.
+    pub fn set_max(&self, max: u32) {
+        self.max
+            .store(if max == 0 { u32::MAX } else { max }, Ordering::Release);
     }
 
     fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
         let prev = self.open.fetch_add(1, Ordering::AcqRel);
-        if prev >= self.max {
+        if prev >= self.max.load(Ordering::Acquire) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
@@ -348,7 +357,7 @@ impl Drop for OpenConnection {
 
 /// Closes idle upstream connections past their cluster's idle timeout.
 async fn sweep_pools(worker: Rc<Worker>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(crate::upstream::pool::SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -127,16 +127,19 @@ async fn oversized_and_too_many_headers_get_431() {
     })
     .await;
 
-    // HTTP/2: the header list size is advertised and enforced.
+    // HTTP/2: the header list size is advertised and enforced, and so is the count.
     let big = "a".repeat(5000);
-    let r = get_with(&client::h2c(), &weft.url("main", "/"), &[("x-big", &big)]).await;
-    match r {
-        Ok(reply) => assert_eq!(reply.status, 431),
-        Err(e) => assert!(
-            e.contains("HeaderListSize") || e.contains("431") || e.contains("header"),
-            "{e}"
-        ),
-    }
+    let r = get_with(&client::h2c(), &weft.url("main", "/"), &[("x-big", &big)])
+        .await
+        .expect("h2 request");
+    assert_eq!(r.status, 431);
+    let names: Vec<String> = (0..30).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = get_with(&client::h2c(), &weft.url("main", "/"), &many)
+        .await
+        .expect("h2 request");
+    assert_eq!(r.status, 431);
+    assert_eq!(r.header("x-weft-error"), Some("header_fields_too_large"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,4 +263,58 @@ async fn paths_are_canonicalized_before_routing() {
     assert_eq!(r.json()["path"], "/a/c/~user");
     // `..;` tricks some backends play with are refused.
     assert_eq!(get("/x/..;a=b/admin").await.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_closed() {
+    let backend = Backend::start("b").await;
+    let weft = Weft::start(
+        WEFT,
+        &format!(
+            r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", routes: main, max_connections: 2 }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+            backend.endpoint()
+        ),
+    );
+    let addr = weft.addr("main");
+    let admin = weft.admin;
+    blocking(move || {
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(req).expect("write");
+            assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
+            held.push(s);
+        }
+        // The third is accepted by the kernel, then closed by the proxy without an answer.
+        let out = exchange(addr, req);
+        assert!(out.is_empty(), "{out}");
+        let (_, metrics) = weft_testkit::http_get(admin, "/metrics").expect("metrics");
+        assert!(
+            metrics.contains("weft_downstream_connections_rejected_total{listener=\"main\"} 1"),
+            "{metrics}"
+        );
+        // Closing one makes room again.
+        drop(held.pop());
+        weft_testkit::eventually(Duration::from_secs(10), "a slot frees up", || {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(req).is_ok() && {
+                let mut buf = [0u8; 12];
+                matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+            }
+        });
+    })
+    .await;
 }

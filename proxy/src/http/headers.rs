@@ -27,14 +27,29 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `name` is a connection-specific field we always drop (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TE
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 /// Removes the connection-specific fields of one hop (RFC 9110 §7.6.1): `Connection` and every
 /// field it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE`
 /// unless it is exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, an
 /// upgrade handshake keeps `Upgrade` and gets `Connection: upgrade` back.
+///
+/// One pass over the names first: most messages carry none of these, and then nothing else is
+/// done.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
-        // Names listed in Connection are hop-by-hop too; the common `keep-alive` / `close`
-        // lists name nothing else, so only allocate when there is more.
+        // Names listed in Connection are hop-by-hop too.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -71,21 +86,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The client's address as a header value, formatted once per connection.
+pub fn client_address(client: IpAddr) -> HeaderValue {
+    let mut s = String::with_capacity(40);
+    let _ = write!(s, "{client}");
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// Appends the client's address to `x-forwarded-for` and sets `x-forwarded-proto`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
-    let mut xff = String::with_capacity(48);
-    let mut previous = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    if previous.peek().is_some() {
-        for v in previous {
-            if let Ok(s) = v.to_str() {
-                xff.push_str(s);
-                xff.push_str(", ");
+pub fn set_forwarded(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'static str) {
+    match headers.entry(&X_FORWARDED_FOR) {
+        http::header::Entry::Vacant(v) => {
+            v.insert(client.clone());
+        }
+        http::header::Entry::Occupied(mut o) => {
+            let mut xff = Vec::with_capacity(64);
+            for v in o.iter() {
+                xff.extend_from_slice(v.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+            xff.extend_from_slice(client.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&xff) {
+                o.insert(v);
             }
         }
-    }
-    let _ = write!(xff, "{client}");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
@@ -167,9 +191,32 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_sets_when_absent() {
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, &client_address("::1".parse().expect("ip")), "https");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        set_forwarded(
+            &mut h,
+            &client_address("127.0.0.1".parse().expect("ip")),
+            "http",
+        );
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+    }
+
+    #[test]
     fn forwarded_appends() {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
-        set_forwarded(&mut h, "127.0.0.1".parse().expect("ip"), "http");
+        set_forwarded(
+            &mut h,
+            &client_address("127.0.0.1".parse().expect("ip")),
+            "http",
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
     }

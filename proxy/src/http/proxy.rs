@@ -36,6 +36,8 @@ pub struct ConnCtx {
     /// snapshot's listener of the same name, and this one only if it was removed since.
     pub listener: Arc<ListenerRuntime>,
     pub peer: SocketAddr,
+    /// `peer`'s IP as a header value, for `x-forwarded-for`.
+    pub peer_header: HeaderValue,
     pub local: SocketAddr,
     pub activity: Arc<ConnActivity>,
     pub scheme: &'static str,
@@ -155,6 +157,10 @@ async fn route_and_forward(
     let (mut parts, body) = req.into_parts();
     let fail = |e: ProxyError| (e, None);
 
+    // hyper enforces this for HTTP/1.1 as it parses; HTTP/2 is checked here.
+    if parts.headers.len() > listener.http.max_headers as usize {
+        return Err(fail(ProxyError::TooManyHeaders(parts.headers.len())));
+    }
     if parts.method == Method::CONNECT {
         return Err(fail(ProxyError::BadRequest("CONNECT is not supported")));
     }
@@ -263,6 +269,8 @@ async fn route_and_forward(
                 Some(rw) => Cow::Owned(rw.apply(&path)),
                 None => path,
             };
+            // Borrowed means the request's own path, untouched by canonicalization or rewrite.
+            let path_unchanged = matches!(upstream_path, Cow::Borrowed(_));
             let forward = Forward {
                 conn,
                 listener,
@@ -270,6 +278,7 @@ async fn route_and_forward(
                 cluster,
                 authority: &authority,
                 path: &upstream_path,
+                path_unchanged,
                 query,
             };
             forward
@@ -303,6 +312,8 @@ struct Forward<'a> {
     cluster: &'a Arc<crate::upstream::Cluster>,
     authority: &'a str,
     path: &'a str,
+    /// `path` is the request's own: an origin-form request URI can be forwarded as it is.
+    path_unchanged: bool,
     query: Option<&'a str>,
 }
 
@@ -344,37 +355,49 @@ impl Forward<'_> {
         headers::strip_hop_by_hop(h, upgrade);
         // hyper answers `100 Continue` itself when the body is first read.
         h.remove(header::EXPECT);
-        headers::set_forwarded(h, self.conn.peer.ip(), self.conn.scheme);
+        headers::set_forwarded(h, &self.conn.peer_header, self.conn.scheme);
         headers::ensure_request_id(h);
         self.route.request_headers.apply(h);
-        let authority = match &self.route.host_rewrite {
-            Some(v) => v.clone(),
-            None => HeaderValue::from_str(self.authority)
-                .map_err(|_| ProxyError::BadRequest("invalid authority"))?,
+        // The common HTTP/1.1 case (origin-form URI, own Host header, nothing rewritten) is
+        // forwarded without rebuilding the URI or the Host header.
+        let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+        let keep_as_is = wire == Wire::Http1
+            && origin_form
+            && self.path_unchanged
+            && self.route.host_rewrite.is_none()
+            && parts.headers.contains_key(header::HOST);
+        if !keep_as_is {
+            let authority = match &self.route.host_rewrite {
+                Some(v) => v.clone(),
+                None => HeaderValue::from_str(self.authority)
+                    .map_err(|_| ProxyError::BadRequest("invalid authority"))?,
+            };
+            let mut target =
+                String::with_capacity(self.path.len() + self.query.map_or(0, |q| q.len() + 1) + 32);
+            if wire == Wire::Http2 {
+                target.push_str("http://");
+                target.push_str(authority.to_str().unwrap_or_default());
+            }
+            target.push_str(self.path);
+            if let Some(q) = self.query {
+                target.push('?');
+                target.push_str(q);
+            }
+            parts.uri = Uri::try_from(target)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            match wire {
+                Wire::Http1 => {
+                    parts.headers.insert(header::HOST, authority);
+                }
+                Wire::Http2 => {
+                    parts.headers.remove(header::HOST);
+                }
+            }
+        }
+        parts.version = match wire {
+            Wire::Http1 => Version::HTTP_11,
+            Wire::Http2 => Version::HTTP_2,
         };
-        let mut target =
-            String::with_capacity(self.path.len() + self.query.map_or(0, |q| q.len() + 1) + 32);
-        if wire == Wire::Http2 {
-            target.push_str("http://");
-            target.push_str(authority.to_str().unwrap_or_default());
-        }
-        target.push_str(self.path);
-        if let Some(q) = self.query {
-            target.push('?');
-            target.push_str(q);
-        }
-        parts.uri =
-            Uri::try_from(target).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-        match wire {
-            Wire::Http1 => {
-                parts.version = Version::HTTP_11;
-                parts.headers.insert(header::HOST, authority);
-            }
-            Wire::Http2 => {
-                parts.version = Version::HTTP_2;
-                parts.headers.remove(header::HOST);
-            }
-        }
         let body = UpstreamBody::Stream {
             inner: body,
             downstream_rx: self.listener.stats.rx_bytes.clone(),

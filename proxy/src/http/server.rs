@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::http::proxy::{self, ConnCtx};
 use crate::snapshot::ListenerRuntime;
@@ -32,76 +32,55 @@ use crate::worker::{LocalExec, Worker};
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a connection is doing, shared by its IO, its requests and its watchdog. Only the
-/// connection's own worker touches it; atomics (relaxed loads and stores) are there because
-/// hyper requires an upgradable IO to be `Send`.
+/// connection's own worker touches it; atomics (relaxed loads and stores, no read-modify-write)
+/// are there because hyper requires an upgradable IO to be `Send`. Nothing here reads a clock:
+/// the watchdog does, and only when a deadline is near.
 #[derive(Debug)]
 pub struct ConnActivity {
     http1: bool,
-    base: Instant,
+    /// Requests (HTTP/1.1) or streams (HTTP/2) in flight.
     active: AtomicU32,
-    /// Nanoseconds since `base`.
-    idle_since: AtomicU64,
-    /// Nanoseconds since `base`, plus one; 0 when no head is being read.
-    head_started: AtomicU64,
+    /// Requests begun so far.
+    started: AtomicU64,
+    /// HTTP/1.1: bytes of a request head arrived while nothing was in flight.
+    head_pending: AtomicBool,
 }
 
 impl ConnActivity {
     pub fn new(http1: bool) -> Self {
         ConnActivity {
             http1,
-            base: Instant::now(),
             active: AtomicU32::new(0),
-            idle_since: AtomicU64::new(0),
-            head_started: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            head_pending: AtomicBool::new(false),
         }
-    }
-
-    fn now(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-
-    fn at(&self, nanos: u64) -> Instant {
-        self.base + Duration::from_nanos(nanos)
     }
 
     /// A request (HTTP/1.1) or stream (HTTP/2) was dispatched.
     pub fn begin_request(&self) {
         self.active.store(self.active.load(Relaxed) + 1, Relaxed);
-        self.head_started.store(0, Relaxed);
+        self.started.store(self.started.load(Relaxed) + 1, Relaxed);
+        self.head_pending.store(false, Relaxed);
     }
 
     /// Its response ended (sent or abandoned).
     pub fn end_request(&self) {
-        let n = self.active.load(Relaxed).saturating_sub(1);
-        self.active.store(n, Relaxed);
-        if n == 0 {
-            self.idle_since.store(self.now(), Relaxed);
-        }
+        self.active
+            .store(self.active.load(Relaxed).saturating_sub(1), Relaxed);
     }
 
     fn on_read(&self) {
-        if self.http1 && self.active.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
-            self.head_started.store(self.now() + 1, Relaxed);
+        if self.http1 && self.active.load(Relaxed) == 0 && !self.head_pending.load(Relaxed) {
+            self.head_pending.store(true, Relaxed);
         }
     }
 
-    fn deadline(
-        &self,
-        idle: Option<Duration>,
-        head: Option<Duration>,
-    ) -> Option<(Instant, Expired)> {
-        if self.active.load(Relaxed) > 0 {
-            return None;
-        }
-        let idle = idle.map(|d| (self.at(self.idle_since.load(Relaxed)) + d, Expired::Idle));
-        let head = match (self.head_started.load(Relaxed), head) {
-            (0, _) | (_, None) => None,
-            (start, Some(d)) => Some((self.at(start - 1) + d, Expired::Head)),
-        };
-        match (idle, head) {
-            (Some(i), Some(h)) => Some(if h.0 < i.0 { h } else { i }),
-            (i, h) => i.or(h),
-        }
+    fn idle(&self) -> bool {
+        self.active.load(Relaxed) == 0
+    }
+
+    fn head_pending(&self) -> bool {
+        self.head_pending.load(Relaxed) && self.idle()
     }
 }
 
@@ -111,39 +90,92 @@ enum Expired {
     Head,
 }
 
-/// Fires when the connection's current deadline passes. It is polled after the connection on
-/// every wake-up, so it always sees the latest activity; the timer is only re-armed when the
-/// deadline moves earlier (a later one is checked when the early timer fires).
+/// Idle is judged by this many consecutive checks, `idle_timeout / IDLE_CHECKS` apart, that
+/// each found nothing in flight and nothing begun since the last: a connection closes after
+/// between 1 and 1.25 × `idle_timeout` of idleness.
+const IDLE_CHECKS: u32 = 4;
+
+/// Fires when the connection has been idle too long, or a request head is late. It is polled
+/// after the connection on every wake-up of the connection's task, so it sees the latest
+/// activity without being told.
 struct Watchdog {
     activity: Arc<ConnActivity>,
-    idle: Option<Duration>,
     head: Option<Duration>,
+    check_every: Option<Duration>,
     sleep: Pin<Box<Sleep>>,
     armed: Option<Instant>,
+    next_check: Option<Instant>,
+    idle_checks: u32,
+    last_started: u64,
+    head_since: Option<Instant>,
+}
+
+impl Watchdog {
+    fn new(activity: Arc<ConnActivity>, idle: Option<Duration>, head: Option<Duration>) -> Self {
+        let check_every = idle.map(|d| (d / IDLE_CHECKS).max(Duration::from_millis(1)));
+        let now = Instant::now();
+        Watchdog {
+            activity,
+            head,
+            check_every,
+            sleep: Box::pin(tokio::time::sleep_until(now + Duration::from_secs(3600))),
+            armed: None,
+            next_check: check_every.map(|d| now + d),
+            idle_checks: 0,
+            last_started: 0,
+            head_since: None,
+        }
+    }
 }
 
 impl Future for Watchdog {
     type Output = Expired;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Expired> {
+        let this = &mut *self;
         loop {
-            let Some((deadline, why)) = self.activity.deadline(self.idle, self.head) else {
-                // Nothing to time: any progress wakes the connection task, which polls us again.
-                return Poll::Pending;
-            };
-            if self.armed.is_none_or(|armed| deadline < armed) {
-                self.sleep.as_mut().reset(deadline.into());
-                self.armed = Some(deadline);
-            }
-            match self.sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    if Instant::now() >= deadline {
-                        return Poll::Ready(why);
-                    }
-                    // Fired for an earlier deadline that has since moved: re-arm.
-                    self.armed = None;
+            // A head still incomplete after the connection's poll: time it from now on.
+            if this.head.is_some() && this.activity.head_pending() {
+                if this.head_since.is_none() {
+                    this.head_since = Some(Instant::now());
                 }
+            } else {
+                this.head_since = None;
+            }
+            let head_deadline = this.head_since.zip(this.head).map(|(s, d)| s + d);
+            let deadline = match (head_deadline, this.next_check) {
+                (Some(h), Some(c)) => h.min(c),
+                (h, c) => match h.or(c) {
+                    Some(d) => d,
+                    // Nothing to time: any progress wakes the task, which polls us again.
+                    None => return Poll::Pending,
+                },
+            };
+            if this.armed != Some(deadline) {
+                this.sleep.as_mut().reset(deadline);
+                this.armed = Some(deadline);
+            }
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if head_deadline.is_some_and(|h| now >= h) {
+                return Poll::Ready(Expired::Head);
+            }
+            if let (Some(check), Some(every)) = (this.next_check, this.check_every)
+                && now >= check
+            {
+                let started = this.activity.started.load(Relaxed);
+                if this.activity.idle() && started == this.last_started {
+                    this.idle_checks += 1;
+                    if this.idle_checks >= IDLE_CHECKS {
+                        return Poll::Ready(Expired::Idle);
+                    }
+                } else {
+                    this.idle_checks = 0;
+                    this.last_started = started;
+                }
+                this.next_check = Some(now + every);
             }
         }
     }
@@ -257,18 +289,13 @@ pub async fn serve(
         worker,
         listener: listener.clone(),
         peer,
+        peer_header: crate::http::headers::client_address(peer.ip()),
         local,
         activity: activity.clone(),
         scheme: "http",
     });
     let service = service_fn(move |req| proxy::handle(ctx.clone(), req));
-    let watchdog = Watchdog {
-        activity,
-        idle: opts.idle_timeout.non_zero(),
-        head: head_timeout,
-        sleep: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-        armed: None,
-    };
+    let watchdog = Watchdog::new(activity, opts.idle_timeout.non_zero(), head_timeout);
 
     match proto {
         Proto::Http1 => {
@@ -347,24 +374,63 @@ async fn drive<C, G>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn deadlines_follow_activity() {
-        let a = ConnActivity::new(true);
-        let idle = Some(Duration::from_secs(60));
-        let head = Some(Duration::from_secs(5));
-        assert_eq!(a.deadline(idle, head).map(|d| d.1), Some(Expired::Idle));
-        a.on_read();
-        assert_eq!(a.deadline(idle, head).map(|d| d.1), Some(Expired::Head));
-        a.begin_request();
+    fn dog(a: &Arc<ConnActivity>) -> Pin<Box<Watchdog>> {
+        Box::pin(Watchdog::new(
+            a.clone(),
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_secs(5)),
+        ))
+    }
+
+    async fn expiry_within(w: &mut Pin<Box<Watchdog>>, d: Duration) -> Option<Expired> {
+        tokio::time::timeout(d, w.as_mut()).await.ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire_after_the_idle_timeout() {
+        let a = Arc::new(ConnActivity::new(true));
+        let mut w = dog(&a);
+        assert_eq!(expiry_within(&mut w, Duration::from_secs(59)).await, None);
         assert_eq!(
-            a.deadline(idle, head),
-            None,
-            "no deadline while a request is in flight"
+            expiry_within(&mut w, Duration::from_secs(20)).await,
+            Some(Expired::Idle)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_connections_do_not_expire() {
+        let a = Arc::new(ConnActivity::new(true));
+        let mut w = dog(&a);
+        a.begin_request();
+        assert_eq!(expiry_within(&mut w, Duration::from_secs(600)).await, None);
         a.end_request();
-        assert_eq!(a.deadline(idle, head).map(|d| d.1), Some(Expired::Idle));
-        let h2 = ConnActivity::new(false);
+        // Idle only from now on: not before another full idle timeout.
+        assert_eq!(expiry_within(&mut w, Duration::from_secs(45)).await, None);
+        assert_eq!(
+            expiry_within(&mut w, Duration::from_secs(40)).await,
+            Some(Expired::Idle)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_head_expires_but_a_dispatched_one_does_not() {
+        let a = Arc::new(ConnActivity::new(true));
+        let mut w = dog(&a);
+        a.on_read();
+        assert_eq!(
+            expiry_within(&mut w, Duration::from_secs(6)).await,
+            Some(Expired::Head)
+        );
+
+        let b = Arc::new(ConnActivity::new(true));
+        let mut w = dog(&b);
+        b.on_read();
+        assert_eq!(expiry_within(&mut w, Duration::from_secs(2)).await, None);
+        b.begin_request();
+        assert_eq!(expiry_within(&mut w, Duration::from_secs(30)).await, None);
+        // HTTP/2 has no head deadline.
+        let h2 = Arc::new(ConnActivity::new(false));
         h2.on_read();
-        assert_eq!(h2.deadline(None, head), None, "HTTP/2 has no head deadline");
+        assert!(!h2.head_pending());
     }
 }

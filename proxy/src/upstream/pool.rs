@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -38,14 +38,20 @@ struct PoolKey {
     addr: SocketAddr,
 }
 
+/// How often [`Pools::sweep`] runs; idle ages are counted in these ticks (no clock is read on
+/// the request path).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 struct Idle {
     tx: http1::SendRequest<UpstreamBody>,
-    since: Instant,
+    /// Sweep tick when it went idle.
+    since: u64,
 }
 
 struct H2 {
     tx: http2::SendRequest<UpstreamBody>,
-    last_used: Instant,
+    /// Sweep tick of its last use.
+    last_used: u64,
 }
 
 #[derive(Default)]
@@ -58,6 +64,7 @@ struct EndpointPool {
 #[derive(Default)]
 pub struct Pools {
     map: HashMap<PoolKey, EndpointPool>,
+    tick: u64,
 }
 
 impl std::fmt::Debug for Pools {
@@ -69,14 +76,12 @@ impl std::fmt::Debug for Pools {
 }
 
 impl Pools {
-    fn take_idle(
-        &mut self,
-        key: &PoolKey,
-        idle_timeout: Duration,
-    ) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The most recently used idle connection (the least likely to have been closed by the
+    /// upstream's own idle timer).
+    fn take_idle(&mut self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
         let pool = self.map.get_mut(key)?;
         while let Some(c) = pool.idle.pop() {
-            if !c.tx.is_closed() && c.since.elapsed() < idle_timeout {
+            if !c.tx.is_closed() {
                 return Some(c.tx);
             }
         }
@@ -88,7 +93,7 @@ impl Pools {
         if pool.idle.len() < max_idle {
             pool.idle.push(Idle {
                 tx,
-                since: Instant::now(),
+                since: self.tick,
             });
         }
     }
@@ -97,14 +102,14 @@ impl Pools {
         let pool = self.map.get_mut(key)?;
         pool.h2.retain(|c| !c.tx.is_closed());
         let c = pool.h2.last_mut()?;
-        c.last_used = Instant::now();
+        c.last_used = self.tick;
         Some(c.tx.clone())
     }
 
     fn add_h2(&mut self, key: PoolKey, tx: http2::SendRequest<UpstreamBody>) {
         self.map.entry(key).or_default().h2.push(H2 {
             tx,
-            last_used: Instant::now(),
+            last_used: self.tick,
         });
     }
 
@@ -115,15 +120,19 @@ impl Pools {
         }
     }
 
-    /// Closes connections idle for longer than `idle_timeout` (each cluster's own, looked up by
-    /// name; pools of clusters no longer configured close everything idle).
+    /// Runs every [`SWEEP_EVERY`]: closes connections idle for longer than their cluster's
+    /// `idle_timeout` (looked up by name; pools of clusters no longer configured close
+    /// everything idle).
     pub fn sweep(&mut self, idle_timeout_of: impl Fn(&str) -> Option<Duration>) {
+        self.tick += 1;
+        let now = self.tick;
         self.map.retain(|key, pool| {
             let timeout = idle_timeout_of(&key.cluster).unwrap_or(Duration::ZERO);
+            let max_age = timeout.as_millis().div_ceil(SWEEP_EVERY.as_millis()) as u64;
             pool.idle
-                .retain(|c| !c.tx.is_closed() && c.since.elapsed() < timeout);
+                .retain(|c| !c.tx.is_closed() && now - c.since < max_age);
             pool.h2
-                .retain(|c| !c.tx.is_closed() && c.last_used.elapsed() < timeout);
+                .retain(|c| !c.tx.is_closed() && now - c.last_used < max_age);
             !pool.idle.is_empty() || !pool.h2.is_empty()
         });
     }
@@ -269,7 +278,7 @@ pub async fn send(
     cluster.stats.requests.inc();
     match wire {
         Wire::Http1 => loop {
-            let idle = pools.borrow_mut().take_idle(&key, cluster.idle_timeout);
+            let idle = pools.borrow_mut().take_idle(&key);
             let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
                 None => (connect_h1(cluster, endpoint).await?, false),
