@@ -66,7 +66,9 @@ fn invalid_configs_print_their_golden_errors() {
 fn valid_configs_and_examples_pass() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for dir in [root.join("tests/golden/valid"), root.join("../examples")] {
-        for file in yaml_files(&dir) {
+        let files = yaml_files(&dir);
+        assert!(!files.is_empty(), "no configs in {}", dir.display());
+        for file in files {
             let (ok, stdout, stderr) = validate(&dir, &file);
             assert!(ok, "{}: {stderr}", file.display());
             assert!(stdout.contains("valid"), "{stdout}");
