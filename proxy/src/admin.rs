@@ -16,6 +16,7 @@ use serde_json::json;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 
+use crate::upstream::Breaker;
 use crate::worker::Shared;
 
 /// Where the proxy is in its life, as `/ready` reports it.
@@ -90,20 +91,43 @@ fn json_response(value: &serde_json::Value) -> AdminResponse {
 
 fn clusters(state: &AdminState) -> serde_json::Value {
     let snap = state.shared.snapshot();
+    let now = crate::upstream::now_nanos();
     let clusters: Vec<_> = snap
         .clusters
         .iter()
         .map(|c| {
-            let endpoints: Vec<_> = c
+            let set = c.endpoints();
+            let endpoints: Vec<_> = set
                 .endpoints
                 .iter()
                 .map(|e| {
                     let s = &e.stats;
+                    let o = &e.outlier;
+                    let ejected = o.ejected.load(Relaxed);
+                    let health = if !e.healthy.load(Relaxed) {
+                        "unhealthy"
+                    } else if ejected {
+                        "ejected"
+                    } else {
+                        "healthy"
+                    };
                     json!({
                         "address": e.address.to_string(),
                         "hostname": e.hostname,
                         "weight": e.weight,
-                        "health": "healthy",
+                        "health": health,
+                        "active_health_ok": e.healthy.load(Relaxed),
+                        "ejected": ejected,
+                        "ejected_for_ms": if ejected {
+                            o.ejected_until.load(Relaxed).saturating_sub(now) / 1_000_000
+                        } else {
+                            0
+                        },
+                        "ejections": o.ejections.load(Relaxed),
+                        "consecutive_5xx": o.consecutive_5xx.load(Relaxed),
+                        "consecutive_gateway_errors": o.consecutive_gateway.load(Relaxed),
+                        "consecutive_connect_failures": o.consecutive_connect.load(Relaxed),
+                        "ewma_latency_ms": (e.ewma_millis() * 1000.0).round() / 1000.0,
                         "stats": {
                             "requests_total": s.requests_total.load(Relaxed),
                             "requests_active": s.requests_active.load(Relaxed),
@@ -115,10 +139,18 @@ fn clusters(state: &AdminState) -> serde_json::Value {
                     })
                 })
                 .collect();
+            let b = &c.breakers;
             json!({
                 "name": &*c.name,
                 "protocol": c.protocol,
-                "lb": "round_robin",
+                "lb": c.lb,
+                "endpoints_available": set.available(),
+                "circuit_breakers_in_use": {
+                    "connections": b.in_use(Breaker::Connections),
+                    "pending": b.in_use(Breaker::Pending),
+                    "requests": b.in_use(Breaker::Requests),
+                    "retries": b.in_use(Breaker::Retries),
+                },
                 "endpoints": endpoints,
             })
         })

@@ -51,6 +51,11 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("the upgrade cannot be proxied: {0}")]
     UpgradeNotSupported(&'static str),
+    #[error("cluster {cluster:?} is at its {breaker} limit")]
+    Overflow {
+        cluster: Arc<str>,
+        breaker: &'static str,
+    },
 }
 
 impl ProxyError {
@@ -65,7 +70,8 @@ impl ProxyError {
             | ProxyError::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::ConnectFailed { .. }
-            | ProxyError::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake { .. } | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpgradeNotSupported(_) => StatusCode::NOT_IMPLEMENTED,
@@ -88,6 +94,27 @@ impl ProxyError {
             ProxyError::DownstreamBody(_) => "bad_request_body",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpgradeNotSupported(_) => "upgrade_not_supported",
+            ProxyError::Overflow { .. } => "overflow",
+        }
+    }
+
+    /// The gRPC status a gRPC client gets instead (the gRPC spec's HTTP mapping, with the
+    /// deadline case made precise).
+    pub fn grpc_status(&self) -> u8 {
+        match self {
+            ProxyError::NoRoute | ProxyError::UpgradeNotSupported(_) => 12, // UNIMPLEMENTED
+            ProxyError::TooManyHeaders(_) => 8,                             // RESOURCE_EXHAUSTED
+            ProxyError::UpstreamTimeout(_) => 4,                            // DEADLINE_EXCEEDED
+            ProxyError::NoHealthyUpstream(_)
+            | ProxyError::ConnectFailed { .. }
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::Handshake { .. }
+            | ProxyError::UpstreamReset(_)
+            | ProxyError::Overflow { .. } => 14, // UNAVAILABLE
+            ProxyError::InvalidPath(_)
+            | ProxyError::UnderscoreHeader(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::DownstreamBody(_) => 13, // INTERNAL
         }
     }
 
@@ -113,6 +140,7 @@ impl ProxyError {
             ProxyError::Handshake { .. } => "upstream protocol error".into(),
             ProxyError::UpstreamReset(_) => "upstream reset before response".into(),
             ProxyError::DownstreamBody(_) => "malformed or interrupted request body".into(),
+            ProxyError::Overflow { .. } => "upstream overflow".into(),
             ProxyError::UpstreamTimeout(_) => "upstream request timeout".into(),
             other => other.to_string(),
         }
@@ -142,8 +170,26 @@ impl ProxyError {
     }
 }
 
-/// Builds the response for an error.
-pub fn respond(err: &ProxyError) -> Response<ResponseBody> {
+/// Builds the response for an error: for a gRPC client a gRPC "trailers-only" answer (HTTP 200,
+/// `grpc-status`, `grpc-message`), otherwise a plain one.
+pub fn respond(err: &ProxyError, grpc: bool) -> Response<ResponseBody> {
+    if grpc {
+        let mut resp = Response::new(ResponseBody::empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(err.grpc_status())),
+        );
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&err.public_message())) {
+            h.insert("grpc-message", v);
+        }
+        h.insert(ERROR_HEADER, HeaderValue::from_static(err.cause()));
+        return resp;
+    }
     let mut body = err.public_message();
     body.push('\n');
     let mut resp = Response::new(ResponseBody::full(body.into()));
@@ -157,9 +203,38 @@ pub fn respond(err: &ProxyError) -> Response<ResponseBody> {
     resp
 }
 
+/// gRPC's `grpc-message` encoding: printable ASCII except `%` as is, the rest as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is gRPC (its errors are answered the gRPC way).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_clients_get_grpc_errors() {
+        let r = respond(&ProxyError::UpstreamTimeout(Duration::from_secs(1)), true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(r.headers()["grpc-message"], "upstream request timeout");
+        assert_eq!(r.headers()[ERROR_HEADER], "upstream_timeout");
+    }
 
     #[test]
     fn refused_connect_is_503_with_cause() {
@@ -167,7 +242,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().expect("addr"),
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         };
-        let r = respond(&e);
+        let r = respond(&e, false);
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[ERROR_HEADER], "upstream_connect_failed");
     }

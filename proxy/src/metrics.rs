@@ -41,6 +41,18 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterKindLabels {
+    pub cluster: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    pub cluster: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub listener: String,
     pub cause: &'static str,
@@ -77,6 +89,13 @@ pub struct Metrics {
     upstream_tx_bytes: Family<ClusterLabels, Counter>,
     upstream_rx_bytes: Family<ClusterLabels, Counter>,
     upstream_requests: Family<ClusterLabels, Counter>,
+    upstream_retries: Family<ClusterLabels, Counter>,
+    upstream_retry_overflow: Family<ClusterLabels, Counter>,
+    upstream_ejections: Family<ClusterLabels, Counter>,
+    upstream_endpoints: Family<EndpointStateLabels, Gauge>,
+    upstream_overflow: Family<ClusterKindLabels, Counter>,
+    upstream_health_checks: Family<ClusterKindLabels, Counter>,
+    upstream_timeouts: Family<ClusterKindLabels, Counter>,
     pub config_version: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
 }
@@ -112,6 +131,13 @@ impl Metrics {
             upstream_tx_bytes: Family::default(),
             upstream_rx_bytes: Family::default(),
             upstream_requests: Family::default(),
+            upstream_retries: Family::default(),
+            upstream_retry_overflow: Family::default(),
+            upstream_ejections: Family::default(),
+            upstream_endpoints: Family::default(),
+            upstream_overflow: Family::default(),
+            upstream_health_checks: Family::default(),
+            upstream_timeouts: Family::default(),
             config_version: Gauge::default(),
             config_reloads: Family::default(),
         };
@@ -182,8 +208,43 @@ impl Metrics {
         );
         reg.register(
             "upstream_requests",
-            "Requests sent to an upstream endpoint",
+            "Tries sent to an upstream endpoint (first tries and retries)",
             m.upstream_requests.clone(),
+        );
+        reg.register(
+            "upstream_retries",
+            "Retries sent",
+            m.upstream_retries.clone(),
+        );
+        reg.register(
+            "upstream_retry_overflow",
+            "Retries not sent because the retry budget or the retries circuit breaker said no",
+            m.upstream_retry_overflow.clone(),
+        );
+        reg.register(
+            "upstream_ejections",
+            "Endpoints ejected by passive outlier detection",
+            m.upstream_ejections.clone(),
+        );
+        reg.register(
+            "upstream_endpoints",
+            "Endpoints by state: available (healthy and not ejected), ejected, unhealthy",
+            m.upstream_endpoints.clone(),
+        );
+        reg.register(
+            "upstream_overflow",
+            "Requests refused by a circuit breaker (kind: connections, pending, requests)",
+            m.upstream_overflow.clone(),
+        );
+        reg.register(
+            "upstream_health_checks",
+            "Active health checks by result (kind: success, failure)",
+            m.upstream_health_checks.clone(),
+        );
+        reg.register(
+            "upstream_timeouts",
+            "Timeouts by kind: connect, per_try, request (the route's), stream_idle",
+            m.upstream_timeouts.clone(),
         );
         reg.register(
             "config_version",
@@ -247,13 +308,46 @@ impl Metrics {
         let c = ClusterLabels {
             cluster: cluster.to_owned(),
         };
+        // One statement per lookup: `get_or_create` returns a read guard, and two guards alive
+        // in one statement deadlock when the second has to insert.
+        let endpoints = |state| {
+            self.upstream_endpoints
+                .get_or_create(&EndpointStateLabels {
+                    cluster: cluster.to_owned(),
+                    state,
+                })
+                .clone()
+        };
+        let endpoints_available = endpoints("available");
+        let endpoints_ejected = endpoints("ejected");
+        let endpoints_unhealthy = endpoints("unhealthy");
+        let counter = |family: &Family<ClusterLabels, Counter>| family.get_or_create(&c).clone();
+        let cx_opened = counter(&self.upstream_cx_opened);
+        let cx_failed = counter(&self.upstream_cx_failed);
+        let tx_bytes = counter(&self.upstream_tx_bytes);
+        let rx_bytes = counter(&self.upstream_rx_bytes);
+        let requests = counter(&self.upstream_requests);
+        let retries = counter(&self.upstream_retries);
+        let retry_overflow = counter(&self.upstream_retry_overflow);
+        let ejections = counter(&self.upstream_ejections);
+        let cx_active = self.upstream_cx_active.get_or_create(&c).clone();
         ClusterStats {
-            cx_opened: self.upstream_cx_opened.get_or_create(&c).clone(),
-            cx_active: self.upstream_cx_active.get_or_create(&c).clone(),
-            cx_failed: self.upstream_cx_failed.get_or_create(&c).clone(),
-            tx_bytes: self.upstream_tx_bytes.get_or_create(&c).clone(),
-            rx_bytes: self.upstream_rx_bytes.get_or_create(&c).clone(),
-            requests: self.upstream_requests.get_or_create(&c).clone(),
+            cx_opened,
+            cx_active,
+            cx_failed,
+            tx_bytes,
+            rx_bytes,
+            requests,
+            retries,
+            retry_overflow,
+            ejections,
+            endpoints_available,
+            endpoints_ejected,
+            endpoints_unhealthy,
+            name: cluster.to_owned(),
+            overflow: self.upstream_overflow.clone(),
+            health_checks: self.upstream_health_checks.clone(),
+            timeouts: self.upstream_timeouts.clone(),
         }
     }
 }
@@ -326,6 +420,40 @@ pub struct ClusterStats {
     pub tx_bytes: Counter,
     pub rx_bytes: Counter,
     pub requests: Counter,
+    pub retries: Counter,
+    pub retry_overflow: Counter,
+    pub ejections: Counter,
+    pub endpoints_available: Gauge,
+    pub endpoints_ejected: Gauge,
+    pub endpoints_unhealthy: Gauge,
+    name: String,
+    overflow: Family<ClusterKindLabels, Counter>,
+    health_checks: Family<ClusterKindLabels, Counter>,
+    timeouts: Family<ClusterKindLabels, Counter>,
+}
+
+impl ClusterStats {
+    fn kind(&self, family: &Family<ClusterKindLabels, Counter>, kind: &'static str) {
+        family
+            .get_or_create(&ClusterKindLabels {
+                cluster: self.name.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// A circuit breaker refused a request (rare: looked up when it happens).
+    pub fn overflow(&self, breaker: &'static str) {
+        self.kind(&self.overflow, breaker);
+    }
+
+    pub fn health_check(&self, result: &'static str) {
+        self.kind(&self.health_checks, result);
+    }
+
+    pub fn timeout(&self, kind: &'static str) {
+        self.kind(&self.timeouts, kind);
+    }
 }
 
 /// Shared handle to the proxy's metrics.

@@ -46,6 +46,9 @@ pub struct Server {
     workers: Vec<WorkerHandle>,
     bound: Vec<BoundListener>,
     next_listener_id: u64,
+    /// Per-cluster periodic work (health checks, re-admission, DNS refresh) of the snapshot
+    /// being served.
+    maintenance: Vec<tokio::task::AbortHandle>,
 }
 
 /// Loads and validates a config file the way `weft validate` and `weft run` do.
@@ -85,8 +88,10 @@ impl Server {
             workers: Vec::new(),
             bound: Vec::new(),
             next_listener_id: 0,
+            maintenance: Vec::new(),
             shared: shared.clone(),
         };
+        server.restart_maintenance();
 
         if let Some(addr) = admin_addr {
             let l = TcpListener::bind(addr)
@@ -126,6 +131,17 @@ impl Server {
             a.set_phase(Phase::Ready);
         }
         Ok(server)
+    }
+
+    /// Starts the periodic work of the current snapshot's clusters, stopping the previous one's.
+    fn restart_maintenance(&mut self) {
+        for task in self.maintenance.drain(..) {
+            task.abort();
+        }
+        for cluster in &self.shared.snapshot().clusters {
+            let task = tokio::spawn(crate::upstream::health::maintain(cluster.clone()));
+            self.maintenance.push(task.abort_handle());
+        }
     }
 
     /// The admin address actually bound, if any.
@@ -275,6 +291,7 @@ impl Server {
             self.start_listening(b, sockets, limit);
         }
         self.publish_listeners();
+        self.restart_maintenance();
         tracing::info!(version, %digest, "configuration applied");
         Ok(version)
     }

@@ -1,7 +1,9 @@
 //! Bodies on their way through the proxy: streamed frame by frame, counted as they pass, and the
 //! end of an exchange recorded (metrics, connection reuse) when the response body is done.
 
+use std::cell::RefCell;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -17,7 +19,8 @@ use crate::upstream::{EndpointGuard, PooledH1};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The request body sent upstream: the downstream body, streamed and counted.
+/// The request body sent upstream: the downstream body, streamed and counted, or (when the
+/// route retries) a [`ReplayBody`].
 pub enum UpstreamBody {
     Empty,
     Stream {
@@ -27,6 +30,7 @@ pub enum UpstreamBody {
         /// `weft_upstream_sent_bytes_total` of the cluster.
         upstream_tx: Counter,
     },
+    Replay(ReplayBody),
 }
 
 impl Body for UpstreamBody {
@@ -39,6 +43,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Replay(r) => r.poll(cx),
             UpstreamBody::Stream {
                 inner,
                 downstream_rx,
@@ -62,6 +67,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+            UpstreamBody::Replay(r) => r.is_end_stream(),
         }
     }
 
@@ -69,6 +75,155 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+            UpstreamBody::Replay(r) => r.size_hint(),
+        }
+    }
+}
+
+/// A request body that can be sent again: the first try streams it from the client and keeps a
+/// copy of up to `limit` bytes; a retry replays the copy, then goes on reading from the client.
+/// Once more than `limit` bytes went out, it can no longer be replayed. Only the latest try may
+/// read: a try superseded by a retry gets an error, so its connection is abandoned rather than
+/// eating the client's bytes.
+#[derive(Debug)]
+pub struct Replay {
+    rest: Option<Incoming>,
+    kept: Vec<Bytes>,
+    kept_len: usize,
+    limit: usize,
+    overflowed: bool,
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+    epoch: u32,
+    downstream_rx: Counter,
+}
+
+/// One try's view of a [`Replay`].
+#[derive(Debug)]
+pub struct ReplayBody {
+    state: Rc<RefCell<Replay>>,
+    epoch: u32,
+    next: usize,
+    trailers_sent: bool,
+    upstream_tx: Counter,
+}
+
+impl Replay {
+    pub fn new(body: Incoming, limit: usize, downstream_rx: Counter) -> Rc<RefCell<Replay>> {
+        Rc::new(RefCell::new(Replay {
+            rest: Some(body),
+            kept: Vec::new(),
+            kept_len: 0,
+            limit,
+            overflowed: false,
+            trailers: None,
+            ended: false,
+            epoch: 0,
+            downstream_rx,
+        }))
+    }
+
+    /// Whether the body can still be sent again in full.
+    pub fn replayable(&self) -> bool {
+        !self.overflowed
+    }
+
+    /// The body for the next try (earlier tries stop reading).
+    pub fn attempt(state: &Rc<RefCell<Replay>>, upstream_tx: Counter) -> ReplayBody {
+        let mut s = state.borrow_mut();
+        s.epoch += 1;
+        ReplayBody {
+            state: state.clone(),
+            epoch: s.epoch,
+            next: 0,
+            trailers_sent: false,
+            upstream_tx,
+        }
+    }
+}
+
+impl ReplayBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut s = self.state.borrow_mut();
+        if s.epoch != self.epoch {
+            return Poll::Ready(Some(Err("request body superseded by a retry".into())));
+        }
+        if self.next < s.kept.len() {
+            let chunk = s.kept[self.next].clone();
+            self.next += 1;
+            self.upstream_tx.inc_by(chunk.len() as u64);
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if s.ended {
+            return match (&s.trailers, self.trailers_sent) {
+                (Some(t), false) => {
+                    self.trailers_sent = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(t.clone()))))
+                }
+                _ => Poll::Ready(None),
+            };
+        }
+        let Some(rest) = s.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                s.ended = true;
+                s.rest = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len();
+                    s.downstream_rx.inc_by(n as u64);
+                    self.upstream_tx.inc_by(n as u64);
+                    if !s.overflowed {
+                        if s.kept_len + n <= s.limit {
+                            s.kept.push(d.clone());
+                            s.kept_len += n;
+                            self.next = s.kept.len();
+                        } else {
+                            s.overflowed = true;
+                            s.kept = Vec::new();
+                            self.next = 0;
+                        }
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let s = self.state.borrow();
+        s.epoch == self.epoch
+            && self.next >= s.kept.len()
+            && s.ended
+            && (s.trailers.is_none() || self.trailers_sent)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let s = self.state.borrow();
+        let replaying: u64 = s.kept[self.next.min(s.kept.len())..]
+            .iter()
+            .map(|b| b.len() as u64)
+            .sum();
+        match &s.rest {
+            None => SizeHint::with_exact(replaying),
+            Some(rest) => {
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(replaying + r.lower());
+                if let Some(u) = r.upper() {
+                    h.set_upper(replaying + u);
+                }
+                h
+            }
         }
     }
 }

@@ -9,23 +9,18 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 
 use crate::errors::{self, ProxyError};
-use crate::http::body::{Exchange, ResponseBody, UpstreamBody};
-use crate::http::headers;
+use crate::http::body::{Exchange, ResponseBody};
 use crate::http::path::{self, Canonical};
 use crate::http::server::ConnActivity;
 use crate::metrics::RouteStats;
-use crate::router::{Action, RedirectFrom, RequestView, Route};
+use crate::router::{Action, RedirectFrom, RequestView};
 use crate::snapshot::ListenerRuntime;
-use crate::upstream::pool::{self, Wire};
 use crate::upstream::{EndpointGuard, PooledH1};
 use crate::worker::Worker;
 
@@ -66,12 +61,13 @@ pub async fn handle(
         .map(|l| &**l)
         .unwrap_or(&conn.listener);
 
-    let answer = match route_and_forward(&conn, listener, req).await {
+    let grpc = errors::is_grpc(req.headers());
+    let answer = match route_and_forward(&conn, listener, req, start).await {
         Ok(a) => a,
         Err((e, stats)) => {
             listener.stats.error(e.cause());
             tracing::debug!(listener = %listener.name, peer = %conn.peer, error = %e, "proxy error");
-            let mut resp = errors::respond(&e);
+            let mut resp = errors::respond(&e, grpc);
             if http1 && e.closes_connection() {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -104,6 +100,8 @@ pub async fn handle(
 }
 
 type Failure = (ProxyError, Option<Arc<RouteStats>>);
+
+use crate::http::forward::Forward;
 
 /// The request's host for routing: authority of the URI (HTTP/2, absolute-form), else `Host`.
 fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
@@ -153,6 +151,7 @@ async fn route_and_forward(
     conn: &ConnCtx,
     listener: &ListenerRuntime,
     req: Request<Incoming>,
+    start: Instant,
 ) -> Result<Answer, Failure> {
     let (mut parts, body) = req.into_parts();
     let fail = |e: ProxyError| (e, None);
@@ -280,6 +279,7 @@ async fn route_and_forward(
                 path: &upstream_path,
                 path_unchanged,
                 query,
+                start,
             };
             forward
                 .run(parts, body)
@@ -301,155 +301,6 @@ fn local(resp: Response<ResponseBody>, stats: &Arc<RouteStats>) -> Answer {
         stats: stats.clone(),
         endpoint: None,
         pooled: None,
-    }
-}
-
-/// Forwarding one request to a cluster.
-struct Forward<'a> {
-    conn: &'a ConnCtx,
-    listener: &'a ListenerRuntime,
-    route: &'a Route,
-    cluster: &'a Arc<crate::upstream::Cluster>,
-    authority: &'a str,
-    path: &'a str,
-    /// `path` is the request's own: an origin-form request URI can be forwarded as it is.
-    path_unchanged: bool,
-    query: Option<&'a str>,
-}
-
-type Forwarded = (Response<ResponseBody>, EndpointGuard, Option<PooledH1>);
-
-impl Forward<'_> {
-    async fn run(self, mut parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
-        let cluster = self.cluster;
-        let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
-        let wire = match cluster.protocol {
-            crate::config::UpstreamProtocol::Http1 => Wire::Http1,
-            crate::config::UpstreamProtocol::Http2 => Wire::Http2,
-            crate::config::UpstreamProtocol::Downstream => {
-                if parts.version == Version::HTTP_2 {
-                    Wire::Http2
-                } else {
-                    Wire::Http1
-                }
-            }
-        };
-        if upgrade && wire == Wire::Http2 {
-            return Err(ProxyError::UpgradeNotSupported(
-                "the cluster speaks HTTP/2 only",
-            ));
-        }
-        let downstream_upgrade = if upgrade {
-            parts.extensions.remove::<OnUpgrade>()
-        } else {
-            None
-        };
-
-        let endpoint = cluster
-            .pick()
-            .ok_or_else(|| ProxyError::NoHealthyUpstream(cluster.name.clone()))?
-            .clone();
-
-        // The request as the upstream sees it.
-        let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, upgrade);
-        // hyper answers `100 Continue` itself when the body is first read.
-        h.remove(header::EXPECT);
-        headers::set_forwarded(h, &self.conn.peer_header, self.conn.scheme);
-        headers::ensure_request_id(h);
-        self.route.request_headers.apply(h);
-        // The common HTTP/1.1 case (origin-form URI, own Host header, nothing rewritten) is
-        // forwarded without rebuilding the URI or the Host header.
-        let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
-        let keep_as_is = wire == Wire::Http1
-            && origin_form
-            && self.path_unchanged
-            && self.route.host_rewrite.is_none()
-            && parts.headers.contains_key(header::HOST);
-        if !keep_as_is {
-            let authority = match &self.route.host_rewrite {
-                Some(v) => v.clone(),
-                None => HeaderValue::from_str(self.authority)
-                    .map_err(|_| ProxyError::BadRequest("invalid authority"))?,
-            };
-            let mut target =
-                String::with_capacity(self.path.len() + self.query.map_or(0, |q| q.len() + 1) + 32);
-            if wire == Wire::Http2 {
-                target.push_str("http://");
-                target.push_str(authority.to_str().unwrap_or_default());
-            }
-            target.push_str(self.path);
-            if let Some(q) = self.query {
-                target.push('?');
-                target.push_str(q);
-            }
-            parts.uri = Uri::try_from(target)
-                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-            match wire {
-                Wire::Http1 => {
-                    parts.headers.insert(header::HOST, authority);
-                }
-                Wire::Http2 => {
-                    parts.headers.remove(header::HOST);
-                }
-            }
-        }
-        parts.version = match wire {
-            Wire::Http1 => Version::HTTP_11,
-            Wire::Http2 => Version::HTTP_2,
-        };
-        let body = UpstreamBody::Stream {
-            inner: body,
-            downstream_rx: self.listener.stats.rx_bytes.clone(),
-            upstream_tx: cluster.stats.tx_bytes.clone(),
-        };
-        let req = Request::from_parts(parts, body);
-
-        let guard = EndpointGuard::new(endpoint.clone());
-        let pools = &self.conn.worker.pools;
-        let sent = pool::send(pools, cluster, &endpoint, wire, req);
-        let (mut resp, pooled) = match self.route.timeout {
-            Some(t) => tokio::time::timeout(t, sent)
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(t))??,
-            None => sent.await?,
-        };
-
-        // A successful upgrade: splice the two connections together.
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
-            if let Some(down) = downstream_upgrade {
-                let up = hyper::upgrade::on(&mut resp);
-                tokio::task::spawn_local(tunnel(down, up));
-            }
-        }
-        let (mut rparts, rbody) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut rparts.headers, switching && upgrade);
-        self.route.response_headers.apply(&mut rparts.headers);
-        let body = if switching {
-            ResponseBody::full(Bytes::new())
-        } else {
-            ResponseBody::upstream(rbody, cluster.stats.rx_bytes.clone())
-        };
-        // An upgraded connection belongs to the tunnel now; it never returns to the pool.
-        let pooled = if switching { None } else { pooled };
-        Ok((Response::from_parts(rparts, body), guard, pooled))
-    }
-}
-
-/// Copies bytes both ways between an upgraded downstream and upstream connection.
-async fn tunnel(down: OnUpgrade, up: hyper::upgrade::OnUpgrade) {
-    let (down, up) = match tokio::try_join!(down, up) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
-    let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 

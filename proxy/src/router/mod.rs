@@ -2,8 +2,10 @@
 //! route does (forward with a weighted split, redirect, direct response, rewrites, header edits).
 
 mod matcher;
+mod retry;
 
 pub use matcher::{Matcher, PathMatch, RequestView, compile_regex, query_param};
+pub use retry::{Failure, RetryPolicy};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ pub struct Route {
     pub host_rewrite: Option<HeaderValue>,
     pub request_headers: HeaderEditor,
     pub response_headers: HeaderEditor,
+    pub retries: RetryPolicy,
 }
 
 #[derive(Debug)]
@@ -473,6 +476,7 @@ fn build_route(
             &r.response_headers,
             errors,
         ),
+        retries: RetryPolicy::compile(&format!("{at}.retries"), &r.retries, errors),
         matcher,
         action,
     }

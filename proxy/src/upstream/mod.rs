@@ -1,111 +1,267 @@
-//! Upstreams: clusters of endpoints, the choice of an endpoint, and the connections to them.
+//! Upstreams: clusters of endpoints, the choice of an endpoint for each try, what is learned
+//! from each outcome, and the connections to endpoints.
 //!
-//! A [`Cluster`] is shared by every worker; its endpoints carry live stats (shown by
-//! `/clusters`) that survive config reloads when the endpoint does. Connections are per worker
+//! A [`Cluster`] is shared by every worker. Its endpoints form an [`EndpointSet`] swapped as a
+//! whole when they change (DNS refresh now, the control plane later: [`Cluster::set_endpoints`]),
+//! so requests in flight keep the endpoint they hold. Endpoints keep their stats, health and
+//! latency estimate across such changes and across config reloads. Connections are per worker
 //! ([`pool::Pools`]) so a request never waits on another core.
 
+mod breaker;
+pub mod discovery;
+mod endpoint;
+pub mod health;
 mod lb;
 pub mod pool;
+mod ring;
 
+pub use breaker::{Breaker, Breakers, Permit, RetryBudget};
+pub use endpoint::{Endpoint, EndpointGuard, EndpointSpec, EndpointStats, PeakEwma, now_nanos};
+pub use lb::{EndpointSet, PickArgs};
 pub use pool::{PooledH1, Pools};
+pub use ring::hash64;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::time::Duration;
 
-use serde::Serialize;
+use arc_swap::ArcSwap;
 
-use crate::config::{self, ConfigError, UpstreamProtocol};
+use crate::config::{self, ConfigError, HashKey, LbPolicy, UpstreamProtocol};
 use crate::metrics::{ClusterStats, Metrics};
 
 /// One upstream cluster.
 #[derive(Debug)]
 pub struct Cluster {
     pub name: Arc<str>,
+    pub lb: LbPolicy,
+    pub hash_key: Option<HashKey>,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub max_idle_per_endpoint: usize,
     pub idle_timeout: Duration,
-    pub endpoints: Vec<Arc<Endpoint>>,
-    lb: lb::RoundRobin,
+    /// The endpoints as configured (names unresolved), for DNS refresh.
+    pub configured: Vec<config::Endpoint>,
+    pub dns_refresh: Duration,
+    pub health_check: Option<config::HealthCheck>,
+    pub outlier: config::OutlierDetection,
+    pub breakers: Arc<Breakers>,
+    pub budget: RetryBudget,
     pub stats: ClusterStats,
+    set: ArcSwap<EndpointSet>,
 }
 
-/// One endpoint of a cluster.
-#[derive(Debug)]
-pub struct Endpoint {
-    pub address: SocketAddr,
-    /// As written in the config (`api.internal:80`), when it was a name.
-    pub hostname: Option<String>,
-    pub weight: u32,
-    pub stats: EndpointStats,
-}
-
-/// Live counters of one endpoint, shown by `/clusters`.
-#[derive(Debug, Default, Serialize)]
-pub struct EndpointStats {
-    pub requests_total: AtomicU64,
-    pub requests_active: AtomicU64,
-    /// Responses with a 5xx status and requests that failed without a response.
-    pub requests_failed: AtomicU64,
-    pub connections_total: AtomicU64,
-    pub connections_active: AtomicU64,
-    pub connect_failures: AtomicU64,
-}
-
-/// Counts one request against an endpoint until it ends (dropped without `finish`, it counts
-/// as failed).
-#[derive(Debug)]
-pub struct EndpointGuard {
-    endpoint: Arc<Endpoint>,
-    done: bool,
-}
-
-impl EndpointGuard {
-    pub fn new(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.stats.requests_total.fetch_add(1, Relaxed);
-        endpoint.stats.requests_active.fetch_add(1, Relaxed);
-        EndpointGuard {
-            endpoint,
-            done: false,
-        }
-    }
-
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
-    }
-
-    /// The exchange ended with `status`; `complete` is false when the response was cut short.
-    pub fn finish(mut self, status: u16, complete: bool) {
-        self.done = true;
-        let s = &self.endpoint.stats;
-        s.requests_active.fetch_sub(1, Relaxed);
-        if status >= 500 || !complete {
-            s.requests_failed.fetch_add(1, Relaxed);
-        }
-    }
-}
-
-impl Drop for EndpointGuard {
-    fn drop(&mut self) {
-        if !self.done {
-            let s = &self.endpoint.stats;
-            s.requests_active.fetch_sub(1, Relaxed);
-            s.requests_failed.fetch_add(1, Relaxed);
-        }
-    }
+/// How one try to an endpoint ended, as far as balancing and ejection are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Response headers arrived.
+    Response {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// The connection could not be made.
+    ConnectFailure,
+    /// The connection failed before response headers.
+    Reset,
+    /// No response headers within the try's timeout.
+    Timeout,
 }
 
 impl Cluster {
-    /// Picks the endpoint for the next request, or `None` when the cluster has none.
-    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
-        self.lb.pick().map(|i| &self.endpoints[i])
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.set.load_full()
+    }
+
+    /// Picks the endpoint for a try.
+    pub fn pick(&self, args: &PickArgs<'_>) -> Option<Arc<Endpoint>> {
+        self.set
+            .load()
+            .pick(self.lb, args, self.outlier.panic_threshold, now_nanos())
+    }
+
+    /// Replaces the endpoints (DNS refresh; the control plane's endpoint updates). Endpoints at
+    /// the same address and weight are kept with their state; requests in flight finish on
+    /// whatever they hold.
+    pub fn set_endpoints(&self, specs: &[EndpointSpec]) {
+        let previous = self.set.load();
+        let next = EndpointSet::from_specs(specs, Some(&previous), self.lb);
+        self.set.store(Arc::new(next));
+        self.update_endpoint_gauges();
+    }
+
+    fn update_endpoint_gauges(&self) {
+        let set = self.set.load();
+        let available = set.recount();
+        let ejected = set
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.ejected.load(Relaxed))
+            .count();
+        let unhealthy = set
+            .endpoints
+            .iter()
+            .filter(|e| !e.healthy.load(Relaxed))
+            .count();
+        self.stats.endpoints_available.set(available as i64);
+        self.stats.endpoints_ejected.set(ejected as i64);
+        self.stats.endpoints_unhealthy.set(unhealthy as i64);
+    }
+
+    /// Learns from one try: the latency estimate (5xx, 429 and failures count as slow) and
+    /// passive outlier detection (consecutive failures eject).
+    pub fn report(&self, endpoint: &Endpoint, outcome: Outcome, elapsed: Duration) {
+        let now = now_nanos();
+        let rtt = elapsed.as_nanos() as f64;
+        let penalty = PeakEwma::FAILURE_PENALTY.as_nanos() as f64;
+        let o = &endpoint.outlier;
+        let reset = |c: &std::sync::atomic::AtomicU32| {
+            if c.load(Relaxed) != 0 {
+                c.store(0, Relaxed);
+            }
+        };
+        match outcome {
+            Outcome::Response {
+                status,
+                retry_after,
+            } if status < 500 => {
+                if status == 429 {
+                    let wait = retry_after.map_or(penalty, |d| d.as_nanos() as f64);
+                    endpoint.ewma.observe(rtt.max(wait), now);
+                } else {
+                    endpoint.ewma.observe(rtt, now);
+                }
+                reset(&o.consecutive_5xx);
+                reset(&o.consecutive_gateway);
+                reset(&o.consecutive_connect);
+                return;
+            }
+            Outcome::Response { status, .. } => {
+                endpoint.ewma.observe(rtt.max(penalty), now);
+                o.consecutive_5xx.fetch_add(1, Relaxed);
+                if (502..=504).contains(&status) {
+                    o.consecutive_gateway.fetch_add(1, Relaxed);
+                } else {
+                    reset(&o.consecutive_gateway);
+                }
+                reset(&o.consecutive_connect);
+            }
+            Outcome::ConnectFailure => {
+                endpoint.ewma.observe(rtt.max(penalty), now);
+                o.consecutive_connect.fetch_add(1, Relaxed);
+                o.consecutive_gateway.fetch_add(1, Relaxed);
+                o.consecutive_5xx.fetch_add(1, Relaxed);
+            }
+            Outcome::Reset | Outcome::Timeout => {
+                endpoint.ewma.observe(rtt.max(penalty), now);
+                o.consecutive_gateway.fetch_add(1, Relaxed);
+                o.consecutive_5xx.fetch_add(1, Relaxed);
+            }
+        }
+        let d = &self.outlier;
+        let over = |threshold: u32, c: &std::sync::atomic::AtomicU32| {
+            threshold > 0 && c.load(Relaxed) >= threshold
+        };
+        if over(d.consecutive_5xx, &o.consecutive_5xx)
+            || over(d.consecutive_gateway_errors, &o.consecutive_gateway)
+            || over(d.consecutive_connect_failures, &o.consecutive_connect)
+        {
+            self.eject(endpoint, now);
+        }
+    }
+
+    fn eject(&self, endpoint: &Endpoint, now: u64) {
+        let set = self.set.load();
+        let total = set.endpoints.len();
+        let ejected = set
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.ejected.load(Relaxed))
+            .count();
+        let allowed = (total * self.outlier.max_ejection_percent as usize / 100).max(1);
+        if ejected >= allowed {
+            return;
+        }
+        let o = &endpoint.outlier;
+        if o.ejected
+            .compare_exchange(false, true, AcqRel, Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let times = o.ejections.fetch_add(1, Relaxed) + 1;
+        let base = self.outlier.base_ejection_time.0;
+        let length = (base * times).min(self.outlier.max_ejection_time.0.max(base));
+        o.ejected_until
+            .store(now + length.as_nanos() as u64, Relaxed);
+        o.consecutive_5xx.store(0, Relaxed);
+        o.consecutive_gateway.store(0, Relaxed);
+        o.consecutive_connect.store(0, Relaxed);
+        self.stats.ejections.inc();
+        self.update_endpoint_gauges();
+        tracing::warn!(
+            cluster = %self.name,
+            endpoint = %endpoint.address,
+            ejection = times,
+            duration = ?length,
+            "endpoint ejected after consecutive failures"
+        );
+    }
+
+    /// Brings ejected endpoints back when their time is over, and lets the ejection count of
+    /// endpoints that behave decay (one step per `base_ejection_time` without ejection). Runs
+    /// every second from [`health::maintain`].
+    pub fn readmit(&self) {
+        let now = now_nanos();
+        let base = self.outlier.base_ejection_time.0.as_nanos() as u64;
+        let mut changed = false;
+        for e in &self.set.load().endpoints {
+            let o = &e.outlier;
+            let until = o.ejected_until.load(Relaxed);
+            if o.ejected.load(Relaxed) {
+                if now >= until {
+                    o.ejected.store(false, Relaxed);
+                    changed = true;
+                    tracing::info!(cluster = %self.name, endpoint = %e.address, "ejected endpoint re-admitted");
+                }
+            } else if o.ejections.load(Relaxed) > 0 && now >= until + base {
+                o.ejections.fetch_sub(1, Relaxed);
+                o.ejected_until.store(now, Relaxed);
+            }
+        }
+        if changed {
+            self.update_endpoint_gauges();
+        }
+    }
+
+    /// Takes a unit of a circuit breaker; a full one is counted and becomes the 503 `overflow`.
+    pub fn enter(&self, which: Breaker) -> Result<Permit, crate::errors::ProxyError> {
+        self.breakers.enter(which).map_err(|b| {
+            self.stats.overflow(b.label());
+            crate::errors::ProxyError::Overflow {
+                cluster: self.name.clone(),
+                breaker: b.label(),
+            }
+        })
+    }
+
+    /// Marks `endpoint`'s active health (from [`health`]).
+    pub(crate) fn set_health(&self, endpoint: &Endpoint, healthy: bool) {
+        if endpoint.healthy.swap(healthy, Relaxed) != healthy {
+            self.update_endpoint_gauges();
+            tracing::info!(
+                cluster = %self.name,
+                endpoint = %endpoint.address,
+                healthy,
+                "endpoint health changed"
+            );
+        }
     }
 
     /// Builds `clusters[index]`, resolving host names, and keeping the endpoints (and their
-    /// stats) that `previous` had at the same address.
+    /// state) that `previous` had at the same address.
     pub fn build(
         index: usize,
         c: &config::Cluster,
@@ -129,7 +285,74 @@ impl Cluster {
                 "must be greater than 0",
             ));
         }
-        let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+        if c.dns_refresh.0 < Duration::from_secs(1) {
+            errors.push(ConfigError::new(
+                format!("{at}.dns_refresh"),
+                "must be at least 1s",
+            ));
+        }
+        match (c.lb, &c.hash_key) {
+            (LbPolicy::RingHash, None) => errors.push(ConfigError::new(
+                format!("{at}.hash_key"),
+                "ring_hash needs a hash_key (header, cookie or source_ip)",
+            )),
+            (LbPolicy::RingHash, Some(HashKey::SourceIp(false))) => errors.push(ConfigError::new(
+                format!("{at}.hash_key.source_ip"),
+                "must be true when given",
+            )),
+            (LbPolicy::RingHash, Some(HashKey::Header(h)))
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() =>
+            {
+                errors.push(ConfigError::new(
+                    format!("{at}.hash_key.header"),
+                    format!("invalid header name {h:?}"),
+                ))
+            }
+            (LbPolicy::RingHash, _) => {}
+            (_, Some(_)) => errors.push(ConfigError::new(
+                format!("{at}.hash_key"),
+                "only ring_hash uses a hash_key",
+            )),
+            (_, None) => {}
+        }
+        if let Some(hc) = &c.health_check {
+            health::validate(&format!("{at}.health_check"), hc, errors);
+        }
+        let od = &c.outlier_detection;
+        if od.max_ejection_percent > 100 {
+            errors.push(ConfigError::new(
+                format!("{at}.outlier_detection.max_ejection_percent"),
+                "must be at most 100",
+            ));
+        }
+        if od.panic_threshold > 100 {
+            errors.push(ConfigError::new(
+                format!("{at}.outlier_detection.panic_threshold"),
+                "must be at most 100",
+            ));
+        }
+        if od.base_ejection_time.0.is_zero() {
+            errors.push(ConfigError::new(
+                format!("{at}.outlier_detection.base_ejection_time"),
+                "must be greater than 0",
+            ));
+        }
+        if !(0.0..=10.0).contains(&c.retry_budget.ratio) || c.retry_budget.ratio.is_nan() {
+            errors.push(ConfigError::new(
+                format!("{at}.retry_budget.ratio"),
+                "must be between 0 and 10",
+            ));
+        }
+        if c.retry_budget.window.0 < Duration::from_secs(1)
+            || c.retry_budget.window.0 > Duration::from_secs(300)
+        {
+            errors.push(ConfigError::new(
+                format!("{at}.retry_budget.window"),
+                "must be between 1s and 300s",
+            ));
+        }
+
+        let mut specs: Vec<EndpointSpec> = Vec::new();
         for (j, e) in c.endpoints.iter().enumerate() {
             let eat = format!("{at}.endpoints[{j}]");
             if e.weight() == 0 {
@@ -142,64 +365,62 @@ impl Cluster {
             match resolve(e.address()) {
                 Ok((addrs, hostname)) => {
                     for address in addrs {
-                        if endpoints.iter().any(|x| x.address == address) {
+                        if specs.iter().any(|s| s.address == address) {
                             errors.push(ConfigError::new(
                                 eat.clone(),
                                 format!("duplicate endpoint {address}"),
                             ));
                             continue;
                         }
-                        let reused = previous.and_then(|p| {
-                            p.endpoints
-                                .iter()
-                                .find(|x| x.address == address && x.weight == e.weight())
-                        });
-                        endpoints.push(match reused {
-                            Some(x) => x.clone(),
-                            None => Arc::new(Endpoint {
-                                address,
-                                hostname: hostname.clone(),
-                                weight: e.weight(),
-                                stats: EndpointStats::default(),
-                            }),
+                        specs.push(EndpointSpec {
+                            address,
+                            hostname: hostname.clone(),
+                            weight: e.weight(),
                         });
                     }
                 }
                 Err(message) => errors.push(ConfigError::new(eat, message)),
             }
         }
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
-        Cluster {
+        let previous_set = previous.map(|p| p.endpoints());
+        let set = EndpointSet::from_specs(&specs, previous_set.as_deref(), c.lb);
+        let cluster = Cluster {
             name: Arc::from(c.name.as_str()),
+            lb: c.lb,
+            hash_key: c.hash_key.clone(),
             protocol: c.protocol,
             connect_timeout: c.connect_timeout.0,
             max_idle_per_endpoint: c.pool.max_idle_per_endpoint as usize,
             idle_timeout: c.pool.idle_timeout.0,
-            lb: lb::RoundRobin::new(&weights),
-            endpoints,
+            configured: c.endpoints.clone(),
+            dns_refresh: c.dns_refresh.0,
+            health_check: c.health_check.clone(),
+            outlier: c.outlier_detection.clone(),
+            breakers: Arc::new(Breakers::new(&c.circuit_breakers)),
+            budget: RetryBudget::new(&c.retry_budget),
             stats: metrics.cluster_stats(&c.name),
-        }
+            set: ArcSwap::from_pointee(set),
+        };
+        cluster.update_endpoint_gauges();
+        cluster
     }
 
     /// A cluster with one endpoint and default settings, for unit tests elsewhere.
     #[cfg(test)]
     pub fn for_tests(name: &str) -> Cluster {
-        let c = config::Cluster {
-            name: name.into(),
-            endpoints: vec![config::Endpoint::Address("127.0.0.1:1".into())],
-            lb: Default::default(),
-            protocol: Default::default(),
-            connect_timeout: config::Dur(Duration::from_secs(1)),
-            pool: Default::default(),
-        };
+        let c: config::Cluster = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "endpoints": ["127.0.0.1:1"],
+        }))
+        .expect("cluster config");
         let mut errors = Vec::new();
         Cluster::build(0, &c, None, &Metrics::new(), &mut errors)
     }
 }
 
-/// Resolves `host:port`. A literal address is taken as is; a name is looked up once, and its
-/// IPv4 addresses are used when it has any (IPv6 otherwise), as Envoy's `V4_PREFERRED` does.
-fn resolve(text: &str) -> Result<(Vec<SocketAddr>, Option<String>), String> {
+/// Resolves `host:port`. A literal address is taken as is; a name is looked up, and its IPv4
+/// addresses are used when it has any (IPv6 otherwise), as Envoy's `V4_PREFERRED` does.
+pub fn resolve(text: &str) -> Result<(Vec<SocketAddr>, Option<String>), String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         if addr.port() == 0 {
             return Err(format!("invalid endpoint {text:?}: port 0"));
@@ -222,6 +443,7 @@ fn resolve(text: &str) -> Result<(Vec<SocketAddr>, Option<String>), String> {
         .collect();
     let v4: Vec<SocketAddr> = found.iter().copied().filter(SocketAddr::is_ipv4).collect();
     let mut chosen = if v4.is_empty() { found } else { v4 };
+    chosen.sort();
     chosen.dedup();
     if chosen.is_empty() {
         return Err(format!("cannot resolve {text:?}: no addresses"));
@@ -248,5 +470,109 @@ mod tests {
         assert!(resolve("nope").is_err());
         assert!(resolve("127.0.0.1:0").is_err());
         assert!(resolve("host:99999").is_err());
+    }
+
+    fn cluster(n: usize) -> Cluster {
+        let eps: Vec<String> = (0..n).map(|i| format!("127.0.0.{}:80", i + 1)).collect();
+        let c: config::Cluster = serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "endpoints": eps,
+            "outlier_detection": { "max_ejection_percent": 50, "base_ejection_time": "1s" },
+        }))
+        .expect("config");
+        Cluster::build(0, &c, None, &Metrics::new(), &mut Vec::new())
+    }
+
+    #[test]
+    fn consecutive_failures_eject_within_the_max_percentage() {
+        let c = cluster(4);
+        let set = c.endpoints();
+        let fail = |e: &Endpoint| {
+            for _ in 0..5 {
+                c.report(
+                    e,
+                    Outcome::Response {
+                        status: 503,
+                        retry_after: None,
+                    },
+                    Duration::from_millis(1),
+                );
+            }
+        };
+        fail(&set.endpoints[0]);
+        assert!(set.endpoints[0].outlier.ejected.load(Relaxed));
+        fail(&set.endpoints[1]);
+        assert!(set.endpoints[1].outlier.ejected.load(Relaxed));
+        // 50 % of 4: a third is not ejected.
+        fail(&set.endpoints[2]);
+        assert!(!set.endpoints[2].outlier.ejected.load(Relaxed));
+        assert_eq!(set.available(), 2);
+        // A success in between resets the count.
+        let e = &set.endpoints[3];
+        for _ in 0..4 {
+            c.report(
+                e,
+                Outcome::Response {
+                    status: 500,
+                    retry_after: None,
+                },
+                Duration::ZERO,
+            );
+        }
+        c.report(
+            e,
+            Outcome::Response {
+                status: 200,
+                retry_after: None,
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(e.outlier.consecutive_5xx.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn ejections_grow_and_end() {
+        let c = cluster(2);
+        let set = c.endpoints();
+        let e = &set.endpoints[0];
+        for _ in 0..3 {
+            c.report(e, Outcome::ConnectFailure, Duration::ZERO);
+        }
+        assert!(e.outlier.ejected.load(Relaxed));
+        let first = e.outlier.ejected_until.load(Relaxed);
+        // Pretend the time is over.
+        e.outlier.ejected_until.store(0, Relaxed);
+        c.readmit();
+        assert!(!e.outlier.ejected.load(Relaxed));
+        assert_eq!(set.available(), 2);
+        for _ in 0..3 {
+            c.report(e, Outcome::ConnectFailure, Duration::ZERO);
+        }
+        let second = e.outlier.ejected_until.load(Relaxed);
+        // Ejected twice: about two base times this time (measured from a later now).
+        assert!(second > first + 500_000_000, "{first} {second}");
+    }
+
+    #[test]
+    fn new_endpoints_keep_the_state_of_the_old_ones() {
+        let c = cluster(2);
+        let kept = c.endpoints().endpoints[0].clone();
+        kept.stats.requests_total.store(7, Relaxed);
+        let specs = vec![
+            EndpointSpec {
+                address: kept.address,
+                hostname: None,
+                weight: 1,
+            },
+            EndpointSpec {
+                address: "127.0.0.9:80".parse().expect("addr"),
+                hostname: None,
+                weight: 1,
+            },
+        ];
+        c.set_endpoints(&specs);
+        let now = c.endpoints();
+        assert!(Arc::ptr_eq(&now.endpoints[0], &kept));
+        assert_eq!(now.endpoints.len(), 2);
     }
 }

@@ -171,6 +171,7 @@ impl PooledH1 {
 struct ConnGuard {
     cluster_active: prometheus_client::metrics::gauge::Gauge,
     endpoint: Arc<Endpoint>,
+    _permit: super::Permit,
 }
 
 impl Drop for ConnGuard {
@@ -184,6 +185,8 @@ async fn connect_tcp(
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
 ) -> Result<(TcpStream, ConnGuard), ProxyError> {
+    let permit = cluster.enter(super::Breaker::Connections)?;
+    let _pending = cluster.enter(super::Breaker::Pending)?;
     let addr = endpoint.address;
     let result = tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(addr)).await;
     let failed = || {
@@ -211,6 +214,7 @@ async fn connect_tcp(
         ConnGuard {
             cluster_active: cluster.stats.cx_active.clone(),
             endpoint: endpoint.clone(),
+            _permit: permit,
         },
     ))
 }

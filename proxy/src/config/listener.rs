@@ -1,0 +1,131 @@
+//! Listeners: where weft accepts traffic, and their HTTP limits.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ByteSize, Dur};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Unique name, used in metrics labels and logs.
+    pub name: String,
+    /// `IP:port` to bind; port 0 picks a free port (logged at start and shown by `/listeners`).
+    pub address: String,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// The route table (a key of `routes`) requests on this listener are matched against.
+    pub routes: String,
+    /// HTTP limits and behaviour of this listener.
+    #[serde(default)]
+    pub http: HttpOptions,
+    /// Most downstream connections open at once on this listener (per proxy); beyond it,
+    /// new connections are accepted and closed at once. 0 means no limit.
+    #[serde(default = "super::defaults::max_connections")]
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and HTTP/2 (prior-knowledge h2c) on the same port.
+    #[default]
+    Http,
+}
+
+/// Per-listener HTTP settings. Defaults follow Envoy's edge recommendations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Most bytes of a request head (request line and headers); beyond it: 431.
+    #[serde(default = "super::defaults::max_request_headers_kb")]
+    pub max_request_headers_kb: u32,
+    /// Most header fields in a request; beyond it: 431 (HTTP/1) or a stream reset (HTTP/2).
+    #[serde(default = "super::defaults::max_headers")]
+    pub max_headers: u32,
+    /// Total time a client gets to send a request head (slowloris defence).
+    #[serde(default = "super::defaults::request_headers_timeout")]
+    pub request_headers_timeout: Dur,
+    /// A downstream connection with no request in flight for this long is closed.
+    #[serde(default = "super::defaults::idle_timeout")]
+    pub idle_timeout: Dur,
+    /// HTTP/2: most concurrent streams per connection.
+    #[serde(default = "super::defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// HTTP/2: initial flow-control window of each stream.
+    #[serde(default = "super::defaults::initial_stream_window")]
+    pub initial_stream_window: ByteSize,
+    /// HTTP/2: initial flow-control window of each connection.
+    #[serde(default = "super::defaults::initial_connection_window")]
+    pub initial_connection_window: ByteSize,
+    /// How the request path is canonicalized before routing and forwarding.
+    #[serde(default)]
+    pub path: PathOptions,
+    /// What to do with header names containing `_` (proxies disagree on them).
+    #[serde(default)]
+    pub headers_with_underscores: UnderscoreAction,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            max_request_headers_kb: super::defaults::max_request_headers_kb(),
+            max_headers: super::defaults::max_headers(),
+            request_headers_timeout: super::defaults::request_headers_timeout(),
+            idle_timeout: super::defaults::idle_timeout(),
+            max_concurrent_streams: super::defaults::max_concurrent_streams(),
+            initial_stream_window: super::defaults::initial_stream_window(),
+            initial_connection_window: super::defaults::initial_connection_window(),
+            path: PathOptions::default(),
+            headers_with_underscores: UnderscoreAction::default(),
+        }
+    }
+}
+
+/// Path canonicalization: one view of the path used for routing, by filters, and upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathOptions {
+    /// RFC 3986 normalization: resolve `.` and `..` segments, decode percent-encoded
+    /// unreserved characters, upper-case the remaining percent-encodings.
+    #[serde(default = "super::defaults::yes")]
+    pub normalize: bool,
+    /// Collapse runs of `/` into one.
+    #[serde(default = "super::defaults::yes")]
+    pub merge_slashes: bool,
+    /// What to do with `%2F` and `%5C` (encoded `/` and `\`) in a path.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Default for PathOptions {
+    fn default() -> Self {
+        PathOptions {
+            normalize: true,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashes::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// Forward them as they are (they do not separate segments for routing).
+    Keep,
+    /// Answer 400: a backend that decodes them could see another path than the router did.
+    #[default]
+    Reject,
+    /// Decode them to `/` and `\`, then redirect the client to the canonical path.
+    UnescapeAndRedirect,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreAction {
+    #[default]
+    Allow,
+    /// Answer 400.
+    Reject,
+    /// Remove such headers before routing and forwarding.
+    Drop,
+}

@@ -1,0 +1,509 @@
+//! Forwarding one request to a cluster, try after try: prepare the upstream request once; then
+//! for each try pick an endpoint (not one already tried), pass the circuit breakers, send with
+//! the try's deadline, tell the cluster how it went (latency estimate, outlier detection), and
+//! either answer or — when the policy, the body, the deadline, the budget and the breakers all
+//! allow — wait a back-off and try again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::config::{HashKey, UpstreamProtocol};
+use crate::errors::ProxyError;
+use crate::http::body::{Replay, ResponseBody, UpstreamBody};
+use crate::http::headers;
+use crate::http::proxy::ConnCtx;
+use crate::router::{Failure, Route};
+use crate::snapshot::ListenerRuntime;
+use crate::upstream::pool::{self, Wire};
+use crate::upstream::{
+    Breaker, Cluster, EndpointGuard, Outcome, Permit, PickArgs, PooledH1, hash64, now_nanos,
+};
+
+/// What a forwarded request needs to know.
+pub struct Forward<'a> {
+    pub conn: &'a ConnCtx,
+    pub listener: &'a ListenerRuntime,
+    pub route: &'a Route,
+    pub cluster: &'a Arc<Cluster>,
+    pub authority: &'a str,
+    pub path: &'a str,
+    /// `path` is the request's own: an origin-form request URI can be forwarded as it is.
+    pub path_unchanged: bool,
+    pub query: Option<&'a str>,
+    pub start: Instant,
+}
+
+/// The response, with the endpoint that produced it and its connection (HTTP/1.1) to return.
+pub type Forwarded = (Response<ResponseBody>, EndpointGuard, Option<PooledH1>);
+
+/// Where each try's request body comes from.
+enum Source {
+    /// No body.
+    Empty,
+    /// Streamed once (no retries configured).
+    Once(Option<Incoming>),
+    /// Kept for replay.
+    Replay(std::rc::Rc<std::cell::RefCell<Replay>>),
+}
+
+/// The request head, kept to build each try.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Parses `grpc-timeout` (`1..8 digits` + `H M S m u n`).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.min(300)))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Classifies a failed try for the retry policy and for the cluster's outcome tracking.
+fn classify(e: &ProxyError) -> (Failure, Option<Outcome>) {
+    match e {
+        ProxyError::ConnectFailed { .. }
+        | ProxyError::ConnectTimeout(_)
+        | ProxyError::Handshake { .. } => (Failure::ConnectFailure, Some(Outcome::ConnectFailure)),
+        ProxyError::UpstreamReset(err) => {
+            let refused = std::error::Error::source(err)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .and_then(h2::Error::reason)
+                == Some(h2::Reason::REFUSED_STREAM);
+            if refused {
+                (Failure::RefusedStream, None)
+            } else {
+                (Failure::Reset, Some(Outcome::Reset))
+            }
+        }
+        _ => (Failure::Final, None),
+    }
+}
+
+/// The key `ring_hash` hashes, when the request has it.
+fn hash_of(key: &HashKey, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
+    match key {
+        HashKey::Header(name) => {
+            let v = headers.get(name.as_str())?;
+            Some(hash64(v.as_bytes()))
+        }
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| hash64(v.as_bytes())),
+        HashKey::SourceIp(_) => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash64(&ip.octets()),
+        }),
+    }
+}
+
+impl Forward<'_> {
+    /// Prepares the upstream request head: hop-by-hop fields out, forwarding fields in, the
+    /// route's edits, the target and `Host` for the wire chosen.
+    fn prepare(&self, parts: &mut Parts, wire: Wire, upgrade: bool) -> Result<(), ProxyError> {
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, upgrade);
+        // hyper answers `100 Continue` itself when the body is first read.
+        h.remove(header::EXPECT);
+        headers::set_forwarded(h, &self.conn.peer_header, self.conn.scheme);
+        headers::ensure_request_id(h);
+        self.route.request_headers.apply(h);
+        // The common HTTP/1.1 case (origin-form URI, own Host header, nothing rewritten) is
+        // forwarded without rebuilding the URI or the Host header.
+        let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+        let keep_as_is = wire == Wire::Http1
+            && origin_form
+            && self.path_unchanged
+            && self.route.host_rewrite.is_none()
+            && parts.headers.contains_key(header::HOST);
+        if !keep_as_is {
+            let authority = match &self.route.host_rewrite {
+                Some(v) => v.clone(),
+                None => HeaderValue::from_str(self.authority)
+                    .map_err(|_| ProxyError::BadRequest("invalid authority"))?,
+            };
+            let mut target =
+                String::with_capacity(self.path.len() + self.query.map_or(0, |q| q.len() + 1) + 32);
+            if wire == Wire::Http2 {
+                target.push_str("http://");
+                target.push_str(authority.to_str().unwrap_or_default());
+            }
+            target.push_str(self.path);
+            if let Some(q) = self.query {
+                target.push('?');
+                target.push_str(q);
+            }
+            parts.uri = Uri::try_from(target)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            match wire {
+                Wire::Http1 => {
+                    parts.headers.insert(header::HOST, authority);
+                }
+                Wire::Http2 => {
+                    parts.headers.remove(header::HOST);
+                }
+            }
+        }
+        parts.version = match wire {
+            Wire::Http1 => Version::HTTP_11,
+            Wire::Http2 => Version::HTTP_2,
+        };
+        Ok(())
+    }
+
+    pub async fn run(self, mut parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
+        let cluster = self.cluster;
+        let policy = &self.route.retries;
+        let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
+        let wire = match cluster.protocol {
+            UpstreamProtocol::Http1 => Wire::Http1,
+            UpstreamProtocol::Http2 => Wire::Http2,
+            UpstreamProtocol::Downstream if parts.version == Version::HTTP_2 => Wire::Http2,
+            UpstreamProtocol::Downstream => Wire::Http1,
+        };
+        if upgrade && wire == Wire::Http2 {
+            return Err(ProxyError::UpgradeNotSupported(
+                "the cluster speaks HTTP/2 only",
+            ));
+        }
+        let downstream_upgrade = if upgrade {
+            parts.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+        let hash = cluster
+            .hash_key
+            .as_ref()
+            .and_then(|k| hash_of(k, &parts.headers, self.conn.peer));
+        // The overall deadline: the route's timeout, tightened by a gRPC client's own.
+        let grpc_deadline = crate::errors::is_grpc(&parts.headers)
+            .then(|| grpc_timeout(&parts.headers))
+            .flatten();
+        let deadline = match (self.route.timeout, grpc_deadline) {
+            (Some(a), Some(b)) => Some(self.start + a.min(b)),
+            (a, b) => a.or(b).map(|d| self.start + d),
+        };
+        let timeout_of_deadline = match (self.route.timeout, grpc_deadline) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or_default(),
+        };
+        self.prepare(&mut parts, wire, upgrade)?;
+
+        let upstream_tx = cluster.stats.tx_bytes.clone();
+        let downstream_rx = self.listener.stats.rx_bytes.clone();
+        let mut source = if body.is_end_stream() {
+            Source::Empty
+        } else if policy.attempts > 0 && !upgrade {
+            // A body announced as longer than the buffer is streamed, and replayable only until
+            // its first byte is sent.
+            let announced: Option<usize> = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let limit = match announced {
+                Some(n) if n > policy.replay_buffer => 0,
+                _ => policy.replay_buffer,
+            };
+            Source::Replay(Replay::new(body, limit, downstream_rx.clone()))
+        } else {
+            Source::Once(Some(body))
+        };
+        let head = Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: std::mem::take(&mut parts.headers),
+        };
+        let mut first = Some(parts);
+
+        let second = || now_nanos() / 1_000_000_000;
+        cluster.budget.deposit(second());
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retry_permit: Option<Permit> = None;
+        let mut attempt: u32 = 0;
+        loop {
+            let requests = cluster.enter(Breaker::Requests)?;
+            let endpoint = cluster
+                .pick(&PickArgs {
+                    hash,
+                    exclude: &tried,
+                })
+                .ok_or_else(|| ProxyError::NoHealthyUpstream(cluster.name.clone()))?;
+            let body = match &mut source {
+                Source::Empty => UpstreamBody::Empty,
+                Source::Once(b) => match b.take() {
+                    Some(inner) => UpstreamBody::Stream {
+                        inner,
+                        downstream_rx: downstream_rx.clone(),
+                        upstream_tx: upstream_tx.clone(),
+                    },
+                    None => UpstreamBody::Empty,
+                },
+                Source::Replay(state) => {
+                    UpstreamBody::Replay(Replay::attempt(state, upstream_tx.clone()))
+                }
+            };
+            let req = match first.take() {
+                // The first try takes the original request (with its extensions).
+                Some(mut parts) => {
+                    parts.headers = head.headers.clone();
+                    Request::from_parts(parts, body)
+                }
+                None => head.request(body),
+            };
+
+            let guard = EndpointGuard::new(endpoint.clone()).holding(requests);
+            let now = Instant::now();
+            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            let try_timeout = match (policy.per_try_timeout, remaining) {
+                (Some(p), Some(r)) => Some(p.min(r)),
+                (p, r) => p.or(r),
+            };
+            let sent = pool::send(&self.conn.worker.pools, cluster, &endpoint, wire, req);
+            let result = match try_timeout {
+                Some(t) => match tokio::time::timeout(t, sent).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProxyError::UpstreamTimeout(t)),
+                },
+                None => sent.await,
+            };
+            let elapsed = now.elapsed();
+            drop(retry_permit.take());
+            let deadline_passed = deadline.is_some_and(|d| Instant::now() >= d);
+
+            // Decide: answer, or try again.
+            let (failure, retry_wanted) = match &result {
+                Ok((resp, _)) => {
+                    let status = resp.status().as_u16();
+                    cluster.report(
+                        &endpoint,
+                        Outcome::Response {
+                            status,
+                            retry_after: retry_after(resp.headers()),
+                        },
+                        elapsed,
+                    );
+                    (
+                        None,
+                        policy.retries_response(status, grpc_status(resp.headers())),
+                    )
+                }
+                Err(ProxyError::UpstreamTimeout(_)) => {
+                    cluster.report(&endpoint, Outcome::Timeout, elapsed);
+                    let per_try = !deadline_passed;
+                    cluster
+                        .stats
+                        .timeout(if per_try { "per_try" } else { "request" });
+                    let f = if per_try {
+                        Failure::PerTryTimeout
+                    } else {
+                        Failure::Final
+                    };
+                    (Some(f), policy.retries_failure(f))
+                }
+                Err(e) => {
+                    let (f, outcome) = classify(e);
+                    if let Some(o) = outcome {
+                        cluster.report(&endpoint, o, elapsed);
+                    }
+                    if matches!(e, ProxyError::ConnectTimeout(_)) {
+                        cluster.stats.timeout("connect");
+                    }
+                    (Some(f), policy.retries_failure(f))
+                }
+            };
+            let replayable = match &source {
+                Source::Replay(s) => s.borrow().replayable(),
+                Source::Once(b) => b.is_some(),
+                Source::Empty => true,
+            };
+            let can_retry = retry_wanted
+                && attempt < policy.attempts
+                && replayable
+                && !deadline_passed
+                && !upgrade;
+            if can_retry {
+                let backoff = policy.backoff(attempt + 1);
+                let fits = deadline.is_none_or(|d| Instant::now() + backoff < d);
+                let budget = fits && cluster.budget.withdraw(second());
+                let permit = if budget {
+                    cluster.breakers.enter(Breaker::Retries).ok()
+                } else {
+                    None
+                };
+                if permit.is_some() {
+                    tracing::debug!(
+                        cluster = %cluster.name,
+                        endpoint = %endpoint.address,
+                        attempt = attempt + 1,
+                        ?failure,
+                        "retrying"
+                    );
+                    retry_permit = permit;
+                    attempt += 1;
+                    tried.push(endpoint.address);
+                    cluster.stats.retries.inc();
+                    drop(result);
+                    drop(guard);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                if fits {
+                    cluster.stats.retry_overflow.inc();
+                }
+            }
+
+            return match result {
+                Ok((resp, pooled)) => {
+                    Ok(self.respond(resp, pooled, guard, upgrade, downstream_upgrade))
+                }
+                Err(ProxyError::UpstreamTimeout(_)) if deadline_passed => {
+                    Err(ProxyError::UpstreamTimeout(timeout_of_deadline))
+                }
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    /// The downstream response for an upstream one: hop-by-hop out, route edits in, and an
+    /// accepted upgrade spliced through.
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        pooled: Option<PooledH1>,
+        guard: EndpointGuard,
+        upgrade: bool,
+        downstream_upgrade: Option<OnUpgrade>,
+    ) -> Forwarded {
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::task::spawn_local(tunnel(down, up));
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut rparts.headers, switching && upgrade);
+        self.route.response_headers.apply(&mut rparts.headers);
+        let body = if switching {
+            ResponseBody::full(Bytes::new())
+        } else {
+            ResponseBody::upstream(rbody, self.cluster.stats.rx_bytes.clone())
+        };
+        // An upgraded connection belongs to the tunnel now; it never returns to the pool.
+        let pooled = if switching { None } else { pooled };
+        (Response::from_parts(rparts, body), guard, pooled)
+    }
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream connection.
+async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().expect("value"));
+            grpc_timeout(&m)
+        };
+        assert_eq!(h("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(h("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(h("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(h("5x"), None);
+        assert_eq!(h("123456789m"), None, "at most 8 digits");
+        assert_eq!(h("m"), None);
+    }
+
+    #[test]
+    fn cookies_and_headers_hash_stably() {
+        let mut m = HeaderMap::new();
+        m.insert(
+            header::COOKIE,
+            "a=1; session=abc; b=2".parse().expect("cookie"),
+        );
+        m.insert("x-user", "abc".parse().expect("value"));
+        let peer: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
+        let by_cookie = hash_of(&HashKey::Cookie("session".into()), &m, peer);
+        let by_header = hash_of(&HashKey::Header("x-user".into()), &m, peer);
+        assert_eq!(by_cookie, by_header);
+        assert_eq!(hash_of(&HashKey::Cookie("none".into()), &m, peer), None);
+        assert_eq!(
+            hash_of(&HashKey::SourceIp(true), &m, peer),
+            hash_of(
+                &HashKey::SourceIp(true),
+                &m,
+                "10.0.0.1:6000".parse().expect("addr")
+            )
+        );
+    }
+}
