@@ -11,15 +11,18 @@
 //! | `/echo` | the request body streamed back |
 //! | `/count` | the number of request body bytes received |
 //! | `/trailers` | body `ok` then the trailer `x-trailer: done` |
+//! | `/consume/<code>` | reads the whole request body, then answers that status with its size |
+//! | `/stall` | one chunk, then nothing (the response never ends) |
+//! | `/healthz` | 200, or 503 after [`Backend::set_healthy`]`(false)` |
 //! | `Upgrade: echo` | 101, then every byte sent comes back |
 //!
-//! Every response carries `x-backend: <name>`.
+//! Every response carries `x-backend: <name>`, after [`Backend::set_delay`] if one is set.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,9 +43,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the backend answers with.
 pub enum TestBody {
     Full(Option<Bytes>),
-    Stream { left: u64, chunk: Bytes },
+    Stream {
+        left: u64,
+        chunk: Bytes,
+    },
     Echo(Incoming),
     Trailers(u8),
+    /// One chunk, then pending forever.
+    Stall(bool),
 }
 
 impl Body for TestBody {
@@ -64,6 +72,14 @@ impl Body for TestBody {
                 Poll::Ready(Some(Ok(Frame::data(chunk.slice(..n)))))
             }
             TestBody::Echo(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            TestBody::Stall(sent) => {
+                if *sent {
+                    Poll::Pending
+                } else {
+                    *sent = true;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"first chunk\n")))))
+                }
+            }
             TestBody::Trailers(step) => {
                 *step += 1;
                 match *step {
@@ -94,20 +110,31 @@ impl Body for TestBody {
             TestBody::Stream { left, .. } => *left == 0,
             TestBody::Echo(inner) => inner.is_end_stream(),
             TestBody::Trailers(step) => *step >= 2,
+            TestBody::Stall(_) => false,
         }
     }
 }
 
-/// A running backend; stops when dropped.
+/// What the backend's requests share, changeable while it runs.
+struct State {
+    name: Arc<str>,
+    requests: AtomicU64,
+    delay_ms: AtomicU64,
+    healthy: AtomicBool,
+}
+
+/// A running backend; stopped (listener and every open connection) when dropped.
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
-    requests: Arc<AtomicU64>,
+    state: Arc<State>,
+    stop: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        let _ = self.stop.send(true);
         self.task.abort();
     }
 }
@@ -122,39 +149,58 @@ impl Backend {
     pub async fn start_on(addr: SocketAddr, name: &str) -> Backend {
         let listener = TcpListener::bind(addr).await.expect("backend binds");
         let addr = listener.local_addr().expect("local address");
-        let requests = Arc::new(AtomicU64::new(0));
-        let name_owned: Arc<str> = Arc::from(name);
-        let counter = requests.clone();
+        let state = Arc::new(State {
+            name: Arc::from(name),
+            requests: AtomicU64::new(0),
+            delay_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+        });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let name = name_owned.clone();
-                let counter = counter.clone();
+                let state = shared.clone();
+                let mut stopped = stopped.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        respond(name.clone(), req)
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let service = service_fn(move |req| respond(state.clone(), req));
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
         Backend {
             addr,
             name: name.to_owned(),
-            requests,
+            state,
+            stop,
             task,
         }
     }
 
     /// Requests this backend has received.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Adds `delay` to every answer from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// What `/healthz` answers: 200 when healthy, 503 otherwise.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::Relaxed);
     }
 
     /// `127.0.0.1:port`, as a config endpoint.
@@ -188,9 +234,15 @@ fn describe(name: &str, req: &Request<Incoming>) -> serde_json::Value {
 }
 
 async fn respond(
-    name: Arc<str>,
+    state: Arc<State>,
     mut req: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let delay = state.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let name = state.name.clone();
     let path = req.uri().path().to_owned();
     let mut parts: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
     parts.resize(2, "");
@@ -253,6 +305,35 @@ async fn respond(
                 )
             }
             ("trailers", _) => (StatusCode::OK, TestBody::Trailers(0)),
+            ("stall", _) => (StatusCode::OK, TestBody::Stall(false)),
+            ("healthz", _) => {
+                if state.healthy.load(Ordering::Relaxed) {
+                    (
+                        StatusCode::OK,
+                        TestBody::Full(Some(Bytes::from_static(b"ok\n"))),
+                    )
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        TestBody::Full(Some(Bytes::from_static(b"unhealthy\n"))),
+                    )
+                }
+            }
+            ("consume", code) => {
+                let mut body = req.into_body();
+                let mut n = 0u64;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                        Err(_) => break,
+                    }
+                }
+                (
+                    StatusCode::from_u16(code.parse().unwrap_or(500))
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    TestBody::Full(Some(Bytes::from(n.to_string()))),
+                )
+            }
             _ => {
                 let json = describe(&name, &req);
                 (

@@ -16,6 +16,10 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     #[serde(default)]
     pub lb: LbPolicy,
+    /// `peak_ewma`: the time constant of the latency estimate's decay (Linkerd's 10s): how
+    /// fast an endpoint's bad record is forgotten.
+    #[serde(default = "defaults::ewma_decay")]
+    pub ewma_decay: Dur,
     /// What `ring_hash` hashes (required for it, refused for the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_key: Option<HashKey>,
@@ -93,16 +97,20 @@ pub enum LbPolicy {
     Random,
 }
 
-/// What `ring_hash` hashes. A request without the key goes to a random endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum HashKey {
+/// What `ring_hash` hashes (exactly one of the fields). A request without the key goes to a
+/// random endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashKey {
     /// The value of this request header.
-    Header(String),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
     /// The value of this cookie.
-    Cookie(String),
-    /// The client's IP address.
-    SourceIp(bool),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The client's IP address (`source_ip: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,6 +341,9 @@ mod defaults {
     pub fn connect_timeout() -> Dur {
         Dur(Duration::from_secs(5))
     }
+    pub fn ewma_decay() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
     pub fn dns_refresh() -> Dur {
         Dur(Duration::from_secs(30))
     }
@@ -384,8 +395,10 @@ mod defaults {
     pub fn breaker() -> u32 {
         1024
     }
+    /// Higher than Envoy's 3: the retry budget is what keeps retries in proportion; this only
+    /// caps a burst.
     pub fn max_retries() -> u32 {
-        3
+        100
     }
     pub fn budget_ratio() -> f64 {
         0.2

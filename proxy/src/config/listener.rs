@@ -48,6 +48,10 @@ pub struct HttpOptions {
     /// A downstream connection with no request in flight for this long is closed.
     #[serde(default = "super::defaults::idle_timeout")]
     pub idle_timeout: Dur,
+    /// A request whose bodies (either way) move no byte for this long is reset; it bounds
+    /// long-lived streams the route's `timeout` (0s) does not. `0s`: no limit.
+    #[serde(default = "super::defaults::stream_idle_timeout")]
+    pub stream_idle_timeout: Dur,
     /// HTTP/2: most concurrent streams per connection.
     #[serde(default = "super::defaults::max_concurrent_streams")]
     pub max_concurrent_streams: u32,
@@ -72,6 +76,7 @@ impl Default for HttpOptions {
             max_headers: super::defaults::max_headers(),
             request_headers_timeout: super::defaults::request_headers_timeout(),
             idle_timeout: super::defaults::idle_timeout(),
+            stream_idle_timeout: super::defaults::stream_idle_timeout(),
             max_concurrent_streams: super::defaults::max_concurrent_streams(),
             initial_stream_window: super::defaults::initial_stream_window(),
             initial_connection_window: super::defaults::initial_connection_window(),

@@ -86,6 +86,9 @@ mod defaults {
     pub fn request_headers_timeout() -> Dur {
         Dur(Duration::from_secs(10))
     }
+    pub fn stream_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
     pub fn idle_timeout() -> Dur {
         Dur(Duration::from_secs(3600))
     }

@@ -1,12 +1,13 @@
 //! Bodies on their way through the proxy: streamed frame by frame, counted as they pass, and the
 //! end of an exchange recorded (metrics, connection reuse) when the response body is done.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -15,9 +16,76 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::http::server::ConnActivity;
 use crate::metrics::RouteStats;
-use crate::upstream::{EndpointGuard, PooledH1};
+use crate::upstream::{Cluster, EndpointGuard, PooledH1};
+use tokio::time::Sleep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One body's stream idle timer: armed while the body waits, re-armed by any movement. The
+/// request and response bodies of an exchange share their activity count (the stream is idle
+/// only while neither moves); a response with no request body keeps its own.
+#[derive(Debug)]
+pub struct IdleTimer {
+    timeout: Duration,
+    cluster: Arc<Cluster>,
+    shared: Option<Rc<Cell<u64>>>,
+    own: u64,
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed_at: Option<u64>,
+    counted: bool,
+}
+
+impl IdleTimer {
+    pub fn new(timeout: Duration, cluster: &Arc<Cluster>, shared: Option<&Rc<Cell<u64>>>) -> Self {
+        IdleTimer {
+            timeout,
+            cluster: cluster.clone(),
+            shared: shared.cloned(),
+            own: 0,
+            sleep: None,
+            armed_at: None,
+            counted: false,
+        }
+    }
+
+    fn activity(&self) -> u64 {
+        self.shared.as_ref().map_or(self.own, |s| s.get())
+    }
+
+    fn moved(&mut self) {
+        match &self.shared {
+            Some(s) => s.set(s.get().wrapping_add(1)),
+            None => self.own = self.own.wrapping_add(1),
+        }
+    }
+
+    /// Called when the body has nothing to give: true once the stream has been idle for the
+    /// timeout.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let activity = self.activity();
+        if self.armed_at != Some(activity) {
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            match &mut self.sleep {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed_at = Some(activity);
+        }
+        let fired = self
+            .sleep
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready());
+        if fired && !self.counted {
+            self.counted = true;
+            self.cluster.stats.timeout("stream_idle");
+        }
+        fired
+    }
+}
+
+fn idle_error() -> BoxError {
+    "stream idle timeout".into()
+}
 
 /// The request body sent upstream: the downstream body, streamed and counted, or (when the
 /// route retries) a [`ReplayBody`].
@@ -29,6 +97,7 @@ pub enum UpstreamBody {
         downstream_rx: Counter,
         /// `weft_upstream_sent_bytes_total` of the cluster.
         upstream_tx: Counter,
+        idle: Option<IdleTimer>,
     },
     Replay(ReplayBody),
 }
@@ -48,17 +117,27 @@ impl Body for UpstreamBody {
                 inner,
                 downstream_rx,
                 upstream_tx,
+                idle,
             } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(d) = frame.data_ref() {
                         downstream_rx.inc_by(d.len() as u64);
                         upstream_tx.inc_by(d.len() as u64);
                     }
+                    if let Some(t) = idle {
+                        t.moved();
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    if idle.as_mut().is_some_and(|t| t.expired(cx)) {
+                        Poll::Ready(Some(Err(idle_error())))
+                    } else {
+                        Poll::Pending
+                    }
+                }
             },
         }
     }
@@ -106,6 +185,7 @@ pub struct ReplayBody {
     next: usize,
     trailers_sent: bool,
     upstream_tx: Counter,
+    idle: Option<IdleTimer>,
 }
 
 impl Replay {
@@ -129,7 +209,11 @@ impl Replay {
     }
 
     /// The body for the next try (earlier tries stop reading).
-    pub fn attempt(state: &Rc<RefCell<Replay>>, upstream_tx: Counter) -> ReplayBody {
+    pub fn attempt(
+        state: &Rc<RefCell<Replay>>,
+        upstream_tx: Counter,
+        idle: Option<IdleTimer>,
+    ) -> ReplayBody {
         let mut s = state.borrow_mut();
         s.epoch += 1;
         ReplayBody {
@@ -138,6 +222,7 @@ impl Replay {
             next: 0,
             trailers_sent: false,
             upstream_tx,
+            idle,
         }
     }
 }
@@ -167,7 +252,13 @@ impl ReplayBody {
             return Poll::Ready(None);
         };
         match Pin::new(rest).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if self.idle.as_mut().is_some_and(|t| t.expired(cx)) {
+                    Poll::Ready(Some(Err(idle_error())))
+                } else {
+                    Poll::Pending
+                }
+            }
             Poll::Ready(None) => {
                 s.ended = true;
                 s.rest = None;
@@ -175,6 +266,9 @@ impl ReplayBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = &mut self.idle {
+                    t.moved();
+                }
                 if let Some(d) = frame.data_ref() {
                     let n = d.len();
                     s.downstream_rx.inc_by(n as u64);
@@ -234,6 +328,7 @@ enum Kind {
         inner: Incoming,
         /// `weft_upstream_received_bytes_total` of the cluster.
         upstream_rx: Counter,
+        idle: Option<IdleTimer>,
     },
 }
 
@@ -256,9 +351,13 @@ impl ResponseBody {
         Self::full(Bytes::new())
     }
 
-    pub fn upstream(inner: Incoming, upstream_rx: Counter) -> Self {
+    pub fn upstream(inner: Incoming, upstream_rx: Counter, idle: Option<IdleTimer>) -> Self {
         ResponseBody {
-            kind: Kind::Upstream { inner, upstream_rx },
+            kind: Kind::Upstream {
+                inner,
+                upstream_rx,
+                idle,
+            },
             exchange: None,
         }
     }
@@ -287,16 +386,29 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { inner, upstream_rx } => match Pin::new(inner).poll_frame(cx) {
+            Kind::Upstream {
+                inner,
+                upstream_rx,
+                idle,
+            } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(d) = frame.data_ref() {
                         upstream_rx.inc_by(d.len() as u64);
+                    }
+                    if let Some(t) = idle {
+                        t.moved();
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    if idle.as_mut().is_some_and(|t| t.expired(cx)) {
+                        Poll::Ready(Some(Err(idle_error())))
+                    } else {
+                        Poll::Pending
+                    }
+                }
             },
         };
         if let (Poll::Ready(Some(Ok(frame))), Some(x)) = (&polled, &this.exchange)

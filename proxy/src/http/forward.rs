@@ -17,16 +17,17 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::config::{HashKey, UpstreamProtocol};
+use crate::config::UpstreamProtocol;
 use crate::errors::ProxyError;
-use crate::http::body::{Replay, ResponseBody, UpstreamBody};
+use crate::http::body::{IdleTimer, Replay, ResponseBody, UpstreamBody};
 use crate::http::headers;
 use crate::http::proxy::ConnCtx;
 use crate::router::{Failure, Route};
 use crate::snapshot::ListenerRuntime;
 use crate::upstream::pool::{self, Wire};
 use crate::upstream::{
-    Breaker, Cluster, EndpointGuard, Outcome, Permit, PickArgs, PooledH1, hash64, now_nanos,
+    Breaker, Cluster, EndpointGuard, HashSource, Outcome, Permit, PickArgs, PooledH1, hash64,
+    nanos_at,
 };
 
 /// What a forwarded request needs to know.
@@ -131,13 +132,13 @@ fn classify(e: &ProxyError) -> (Failure, Option<Outcome>) {
 }
 
 /// The key `ring_hash` hashes, when the request has it.
-fn hash_of(key: &HashKey, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
+fn hash_of(key: &HashSource, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
     match key {
-        HashKey::Header(name) => {
-            let v = headers.get(name.as_str())?;
+        HashSource::Header(name) => {
+            let v = headers.get(name)?;
             Some(hash64(v.as_bytes()))
         }
-        HashKey::Cookie(name) => headers
+        HashSource::Cookie(name) => headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -145,7 +146,7 @@ fn hash_of(key: &HashKey, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> 
             .filter_map(|c| c.trim().split_once('='))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| hash64(v.as_bytes())),
-        HashKey::SourceIp(_) => Some(match peer.ip() {
+        HashSource::SourceIp => Some(match peer.ip() {
             std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
             std::net::IpAddr::V6(ip) => hash64(&ip.octets()),
         }),
@@ -234,19 +235,23 @@ impl Forward<'_> {
         let grpc_deadline = crate::errors::is_grpc(&parts.headers)
             .then(|| grpc_timeout(&parts.headers))
             .flatten();
-        let deadline = match (self.route.timeout, grpc_deadline) {
-            (Some(a), Some(b)) => Some(self.start + a.min(b)),
-            (a, b) => a.or(b).map(|d| self.start + d),
+        let overall = match (self.route.timeout, grpc_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let timeout_of_deadline = match (self.route.timeout, grpc_deadline) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or_default(),
-        };
+        let deadline = overall.map(|d| self.start + d);
         self.prepare(&mut parts, wire, upgrade)?;
 
         let upstream_tx = cluster.stats.tx_bytes.clone();
         let downstream_rx = self.listener.stats.rx_bytes.clone();
-        let mut source = if body.is_end_stream() {
+        let has_body = !body.is_end_stream();
+        let idle_timeout = self.listener.http.stream_idle_timeout.non_zero();
+        // Both bodies of the exchange count as activity; only needed when there are two.
+        let shared_activity = (has_body && idle_timeout.is_some())
+            .then(|| std::rc::Rc::new(std::cell::Cell::new(0u64)));
+        let idle_timer =
+            || idle_timeout.map(|t| IdleTimer::new(t, cluster, shared_activity.as_ref()));
+        let mut source = if !has_body {
             Source::Empty
         } else if policy.attempts > 0 && !upgrade {
             // A body announced as longer than the buffer is streamed, and replayable only until
@@ -263,19 +268,24 @@ impl Forward<'_> {
         } else {
             Source::Once(Some(body))
         };
-        let head = Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: std::mem::take(&mut parts.headers),
-        };
-        let mut first = Some(parts);
+        // A copy of the head, for retries after a request was (maybe) sent. A request that was
+        // not sent at all comes back from the pool, so retrying connect failures needs none.
+        let head =
+            (policy.attempts > 0 && policy.retries_after_sending(wire == Wire::Http2)).then(|| {
+                Head {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    version: parts.version,
+                    headers: parts.headers.clone(),
+                }
+            });
 
-        let second = || now_nanos() / 1_000_000_000;
-        cluster.budget.deposit(second());
+        cluster.budget.deposit(nanos_at(self.start) / 1_000_000_000);
+        let mut request = Some(Request::from_parts(parts, UpstreamBody::Empty));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retry_permit: Option<Permit> = None;
         let mut attempt: u32 = 0;
+        let mut try_start = self.start;
         loop {
             let requests = cluster.enter(Breaker::Requests)?;
             let endpoint = cluster
@@ -291,80 +301,79 @@ impl Forward<'_> {
                         inner,
                         downstream_rx: downstream_rx.clone(),
                         upstream_tx: upstream_tx.clone(),
+                        idle: idle_timer(),
                     },
                     None => UpstreamBody::Empty,
                 },
                 Source::Replay(state) => {
-                    UpstreamBody::Replay(Replay::attempt(state, upstream_tx.clone()))
+                    UpstreamBody::Replay(Replay::attempt(state, upstream_tx.clone(), idle_timer()))
                 }
             };
-            let req = match first.take() {
-                // The first try takes the original request (with its extensions).
-                Some(mut parts) => {
-                    parts.headers = head.headers.clone();
-                    Request::from_parts(parts, body)
-                }
-                None => head.request(body),
+            let req = match (request.take(), &head) {
+                (Some(r), _) => r.map(|_| body),
+                (None, Some(h)) => h.request(body),
+                // Unreachable: a retry is only decided when one of the two is there.
+                (None, None) => return Err(ProxyError::BadRequest("request lost before a retry")),
             };
 
             let guard = EndpointGuard::new(endpoint.clone()).holding(requests);
-            let now = Instant::now();
-            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            let remaining = deadline.map(|d| d.saturating_duration_since(try_start));
             let try_timeout = match (policy.per_try_timeout, remaining) {
                 (Some(p), Some(r)) => Some(p.min(r)),
                 (p, r) => p.or(r),
             };
+            // With no timeout at all, a request whose body is done waits for response headers
+            // at most the stream idle timeout.
+            let try_timeout = try_timeout.or(if has_body { None } else { idle_timeout });
             let sent = pool::send(&self.conn.worker.pools, cluster, &endpoint, wire, req);
             let result = match try_timeout {
                 Some(t) => match tokio::time::timeout(t, sent).await {
                     Ok(r) => r,
-                    Err(_) => Err(ProxyError::UpstreamTimeout(t)),
+                    Err(_) => Err(ProxyError::UpstreamTimeout(t).into()),
                 },
                 None => sent.await,
             };
-            let elapsed = now.elapsed();
+            let now = Instant::now();
+            let elapsed = now.saturating_duration_since(try_start);
             drop(retry_permit.take());
-            let deadline_passed = deadline.is_some_and(|d| Instant::now() >= d);
+            let deadline_passed = deadline.is_some_and(|d| now >= d);
 
-            // Decide: answer, or try again.
-            let (failure, retry_wanted) = match &result {
+            // Learn from the try, and decide: answer, or try again.
+            let retry_wanted = match &result {
                 Ok((resp, _)) => {
                     let status = resp.status().as_u16();
-                    cluster.report(
-                        &endpoint,
-                        Outcome::Response {
-                            status,
-                            retry_after: retry_after(resp.headers()),
-                        },
-                        elapsed,
-                    );
-                    (
-                        None,
-                        policy.retries_response(status, grpc_status(resp.headers())),
-                    )
-                }
-                Err(ProxyError::UpstreamTimeout(_)) => {
-                    cluster.report(&endpoint, Outcome::Timeout, elapsed);
-                    let per_try = !deadline_passed;
-                    cluster
-                        .stats
-                        .timeout(if per_try { "per_try" } else { "request" });
-                    let f = if per_try {
-                        Failure::PerTryTimeout
-                    } else {
-                        Failure::Final
+                    let outcome = Outcome::Response {
+                        status,
+                        retry_after: retry_after(resp.headers()),
                     };
-                    (Some(f), policy.retries_failure(f))
+                    cluster.report_at(&endpoint, outcome, elapsed, nanos_at(now));
+                    policy.retries_response(status, grpc_status(resp.headers()))
                 }
-                Err(e) => {
-                    let (f, outcome) = classify(e);
+                Err(failure) => {
+                    let (f, outcome) = match &failure.error {
+                        ProxyError::UpstreamTimeout(_) => {
+                            let per_try = !deadline_passed;
+                            cluster
+                                .stats
+                                .timeout(if per_try { "per_try" } else { "request" });
+                            let f = if per_try {
+                                Failure::PerTryTimeout
+                            } else {
+                                Failure::Final
+                            };
+                            (f, Some(Outcome::Timeout))
+                        }
+                        e => {
+                            if matches!(e, ProxyError::ConnectTimeout(_)) {
+                                cluster.stats.timeout("connect");
+                            }
+                            classify(e)
+                        }
+                    };
                     if let Some(o) = outcome {
-                        cluster.report(&endpoint, o, elapsed);
+                        cluster.report_at(&endpoint, o, elapsed, nanos_at(now));
                     }
-                    if matches!(e, ProxyError::ConnectTimeout(_)) {
-                        cluster.stats.timeout("connect");
-                    }
-                    (Some(f), policy.retries_failure(f))
+                    policy.retries_failure(f)
                 }
             };
             let replayable = match &source {
@@ -372,15 +381,20 @@ impl Forward<'_> {
                 Source::Once(b) => b.is_some(),
                 Source::Empty => true,
             };
+            let unsent = match &result {
+                Err(f) => f.request.is_some(),
+                Ok(_) => false,
+            };
             let can_retry = retry_wanted
                 && attempt < policy.attempts
                 && replayable
+                && (unsent || head.is_some())
                 && !deadline_passed
                 && !upgrade;
             if can_retry {
                 let backoff = policy.backoff(attempt + 1);
-                let fits = deadline.is_none_or(|d| Instant::now() + backoff < d);
-                let budget = fits && cluster.budget.withdraw(second());
+                let fits = deadline.is_none_or(|d| now + backoff < d);
+                let budget = fits && cluster.budget.withdraw(nanos_at(now) / 1_000_000_000);
                 let permit = if budget {
                     cluster.breakers.enter(Breaker::Retries).ok()
                 } else {
@@ -391,16 +405,18 @@ impl Forward<'_> {
                         cluster = %cluster.name,
                         endpoint = %endpoint.address,
                         attempt = attempt + 1,
-                        ?failure,
                         "retrying"
                     );
                     retry_permit = permit;
                     attempt += 1;
                     tried.push(endpoint.address);
                     cluster.stats.retries.inc();
-                    drop(result);
+                    if let Err(f) = result {
+                        request = f.request;
+                    }
                     drop(guard);
                     tokio::time::sleep(backoff).await;
+                    try_start = Instant::now();
                     continue;
                 }
                 if fits {
@@ -409,13 +425,20 @@ impl Forward<'_> {
             }
 
             return match result {
-                Ok((resp, pooled)) => {
-                    Ok(self.respond(resp, pooled, guard, upgrade, downstream_upgrade))
-                }
-                Err(ProxyError::UpstreamTimeout(_)) if deadline_passed => {
-                    Err(ProxyError::UpstreamTimeout(timeout_of_deadline))
-                }
-                Err(e) => Err(e),
+                Ok((resp, pooled)) => Ok(self.respond(
+                    resp,
+                    pooled,
+                    guard,
+                    upgrade,
+                    downstream_upgrade,
+                    idle_timer(),
+                )),
+                Err(f) => match f.error {
+                    ProxyError::UpstreamTimeout(_) if deadline_passed => {
+                        Err(ProxyError::UpstreamTimeout(overall.unwrap_or_default()))
+                    }
+                    e => Err(e),
+                },
             };
         }
     }
@@ -429,6 +452,7 @@ impl Forward<'_> {
         guard: EndpointGuard,
         upgrade: bool,
         downstream_upgrade: Option<OnUpgrade>,
+        idle: Option<IdleTimer>,
     ) -> Forwarded {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(down) = downstream_upgrade {
@@ -441,7 +465,7 @@ impl Forward<'_> {
         let body = if switching {
             ResponseBody::full(Bytes::new())
         } else {
-            ResponseBody::upstream(rbody, self.cluster.stats.rx_bytes.clone())
+            ResponseBody::upstream(rbody, self.cluster.stats.rx_bytes.clone(), idle)
         };
         // An upgraded connection belongs to the tunnel now; it never returns to the pool.
         let pooled = if switching { None } else { pooled };
@@ -493,14 +517,18 @@ mod tests {
         );
         m.insert("x-user", "abc".parse().expect("value"));
         let peer: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
-        let by_cookie = hash_of(&HashKey::Cookie("session".into()), &m, peer);
-        let by_header = hash_of(&HashKey::Header("x-user".into()), &m, peer);
+        let by_cookie = hash_of(&HashSource::Cookie("session".into()), &m, peer);
+        let by_header = hash_of(
+            &HashSource::Header(http::HeaderName::from_static("x-user")),
+            &m,
+            peer,
+        );
         assert_eq!(by_cookie, by_header);
-        assert_eq!(hash_of(&HashKey::Cookie("none".into()), &m, peer), None);
+        assert_eq!(hash_of(&HashSource::Cookie("none".into()), &m, peer), None);
         assert_eq!(
-            hash_of(&HashKey::SourceIp(true), &m, peer),
+            hash_of(&HashSource::SourceIp, &m, peer),
             hash_of(
-                &HashKey::SourceIp(true),
+                &HashSource::SourceIp,
                 &m,
                 "10.0.0.1:6000".parse().expect("addr")
             )

@@ -104,6 +104,16 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether the policy may retry a try that reached the upstream (and so needs a copy of the
+    /// request): anything beyond connection failures, or refused streams over HTTP/2.
+    pub fn retries_after_sending(&self, http2: bool) -> bool {
+        self.on.iter().any(|c| match c {
+            RetryOn::ConnectFailure => false,
+            RetryOn::RefusedStream => http2,
+            _ => true,
+        })
+    }
+
     /// Whether a failure without a response is retried.
     pub fn retries_failure(&self, f: Failure) -> bool {
         let broad = self.has(RetryOn::FiveXx) || self.has(RetryOn::GatewayError);

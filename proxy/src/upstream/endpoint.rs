@@ -9,10 +9,19 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
 /// Nanoseconds since the process's first look at the clock: a shared time base for atomics.
 pub fn now_nanos() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    base().elapsed().as_nanos() as u64
+}
+
+/// `at` on the same time base as [`now_nanos`], without reading the clock.
+pub fn nanos_at(at: Instant) -> u64 {
+    at.saturating_duration_since(base()).as_nanos() as u64
 }
 
 /// What configured an endpoint: the control plane (later) and DNS feed these.
@@ -154,17 +163,19 @@ impl Drop for EndpointGuard {
 
 /// A peak-sensitive exponentially weighted moving average of latency (Linkerd's, from Finagle):
 /// a sample above the estimate replaces it at once; lower samples pull it down in proportion to
-/// the time since the last one (`DECAY` time constant); and the estimate decays towards zero
-/// while no sample comes, so an endpoint left alone is tried again.
+/// the time since the last one (the cluster's `ewma_decay` time constant); and the estimate
+/// decays towards zero while no sample comes, so an endpoint left alone is tried again.
 #[derive(Debug)]
 pub struct PeakEwma {
     /// f64 nanoseconds.
     estimate: AtomicU64,
     stamp: AtomicU64,
+    /// The time constant, in nanoseconds (set from the cluster's config).
+    decay_ns: AtomicU64,
 }
 
 impl PeakEwma {
-    /// Time constant of the decay.
+    /// Default time constant of the decay (Linkerd's).
     pub const DECAY: Duration = Duration::from_secs(10);
     /// The estimate of an endpoint nothing is known about yet.
     pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -175,18 +186,23 @@ impl PeakEwma {
         PeakEwma {
             estimate: AtomicU64::new((Self::DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp: AtomicU64::new(now_nanos()),
+            decay_ns: AtomicU64::new(Self::DECAY.as_nanos() as u64),
         }
     }
 
-    fn decay_factor(elapsed_ns: u64) -> f64 {
-        (-(elapsed_ns as f64) / Self::DECAY.as_nanos() as f64).exp()
+    pub fn set_decay(&self, decay: Duration) {
+        self.decay_ns.store(decay.as_nanos().max(1) as u64, Relaxed);
+    }
+
+    fn decay_factor(&self, elapsed_ns: u64) -> f64 {
+        (-(elapsed_ns as f64) / self.decay_ns.load(Relaxed) as f64).exp()
     }
 
     /// The estimate at `now`, decayed since the last sample.
     pub fn estimate(&self, now: u64) -> f64 {
         let est = f64::from_bits(self.estimate.load(Relaxed));
         let elapsed = now.saturating_sub(self.stamp.load(Relaxed));
-        est * Self::decay_factor(elapsed)
+        est * self.decay_factor(elapsed)
     }
 
     /// Records a latency sample (nanoseconds). Concurrent samples may overwrite each other: it
@@ -197,7 +213,7 @@ impl PeakEwma {
         let next = if sample_ns > est {
             sample_ns
         } else {
-            let w = Self::decay_factor(elapsed);
+            let w = self.decay_factor(elapsed);
             est * w + sample_ns * (1.0 - w)
         };
         self.estimate.store(next.to_bits(), Relaxed);

@@ -62,6 +62,7 @@ impl EndpointSet {
         specs: &[EndpointSpec],
         previous: Option<&EndpointSet>,
         policy: LbPolicy,
+        ewma_decay: std::time::Duration,
     ) -> Self {
         let endpoints = specs
             .iter()
@@ -75,7 +76,10 @@ impl EndpointSet {
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Endpoint::new(spec)))
             })
-            .collect();
+            .collect::<Vec<Arc<Endpoint>>>();
+        for e in &endpoints {
+            e.ewma.set_decay(ewma_decay);
+        }
         EndpointSet::new(endpoints, policy)
     }
 
@@ -237,7 +241,7 @@ mod tests {
                 weight: 1,
             })
             .collect();
-        EndpointSet::from_specs(&specs, None, policy)
+        EndpointSet::from_specs(&specs, None, policy, crate::upstream::PeakEwma::DECAY)
     }
 
     fn counts(s: &EndpointSet, policy: LbPolicy, n: usize) -> Vec<usize> {
@@ -348,7 +352,12 @@ mod tests {
                 weight: 1,
             },
         ];
-        let s = EndpointSet::from_specs(&specs, None, LbPolicy::Random);
+        let s = EndpointSet::from_specs(
+            &specs,
+            None,
+            LbPolicy::Random,
+            crate::upstream::PeakEwma::DECAY,
+        );
         let c = counts(&s, LbPolicy::Random, 4000);
         assert!((2800..3200).contains(&c[0]), "{c:?}");
     }

@@ -16,7 +16,9 @@ pub mod pool;
 mod ring;
 
 pub use breaker::{Breaker, Breakers, Permit, RetryBudget};
-pub use endpoint::{Endpoint, EndpointGuard, EndpointSpec, EndpointStats, PeakEwma, now_nanos};
+pub use endpoint::{
+    Endpoint, EndpointGuard, EndpointSpec, EndpointStats, PeakEwma, nanos_at, now_nanos,
+};
 pub use lb::{EndpointSet, PickArgs};
 pub use pool::{PooledH1, Pools};
 pub use ring::hash64;
@@ -37,7 +39,7 @@ use crate::metrics::{ClusterStats, Metrics};
 pub struct Cluster {
     pub name: Arc<str>,
     pub lb: LbPolicy,
-    pub hash_key: Option<HashKey>,
+    pub hash_key: Option<HashSource>,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub max_idle_per_endpoint: usize,
@@ -45,6 +47,7 @@ pub struct Cluster {
     /// The endpoints as configured (names unresolved), for DNS refresh.
     pub configured: Vec<config::Endpoint>,
     pub dns_refresh: Duration,
+    pub ewma_decay: Duration,
     pub health_check: Option<config::HealthCheck>,
     pub outlier: config::OutlierDetection,
     pub breakers: Arc<Breakers>,
@@ -87,7 +90,7 @@ impl Cluster {
     /// whatever they hold.
     pub fn set_endpoints(&self, specs: &[EndpointSpec]) {
         let previous = self.set.load();
-        let next = EndpointSet::from_specs(specs, Some(&previous), self.lb);
+        let next = EndpointSet::from_specs(specs, Some(&previous), self.lb, self.ewma_decay);
         self.set.store(Arc::new(next));
         self.update_endpoint_gauges();
     }
@@ -113,7 +116,11 @@ impl Cluster {
     /// Learns from one try: the latency estimate (5xx, 429 and failures count as slow) and
     /// passive outlier detection (consecutive failures eject).
     pub fn report(&self, endpoint: &Endpoint, outcome: Outcome, elapsed: Duration) {
-        let now = now_nanos();
+        self.report_at(endpoint, outcome, elapsed, now_nanos());
+    }
+
+    /// [`Cluster::report`] with the time (see [`nanos_at`]) already known.
+    pub fn report_at(&self, endpoint: &Endpoint, outcome: Outcome, elapsed: Duration, now: u64) {
         let rtt = elapsed.as_nanos() as f64;
         let penalty = PeakEwma::FAILURE_PENALTY.as_nanos() as f64;
         let o = &endpoint.outlier;
@@ -291,30 +298,26 @@ impl Cluster {
                 "must be at least 1s",
             ));
         }
-        match (c.lb, &c.hash_key) {
-            (LbPolicy::RingHash, None) => errors.push(ConfigError::new(
-                format!("{at}.hash_key"),
-                "ring_hash needs a hash_key (header, cookie or source_ip)",
-            )),
-            (LbPolicy::RingHash, Some(HashKey::SourceIp(false))) => errors.push(ConfigError::new(
-                format!("{at}.hash_key.source_ip"),
-                "must be true when given",
-            )),
-            (LbPolicy::RingHash, Some(HashKey::Header(h)))
-                if http::HeaderName::from_bytes(h.as_bytes()).is_err() =>
-            {
+        let hash_key = match (c.lb, &c.hash_key) {
+            (LbPolicy::RingHash, None) => {
                 errors.push(ConfigError::new(
-                    format!("{at}.hash_key.header"),
-                    format!("invalid header name {h:?}"),
-                ))
+                    format!("{at}.hash_key"),
+                    "ring_hash needs a hash_key (header, cookie or source_ip)",
+                ));
+                None
             }
-            (LbPolicy::RingHash, _) => {}
-            (_, Some(_)) => errors.push(ConfigError::new(
-                format!("{at}.hash_key"),
-                "only ring_hash uses a hash_key",
-            )),
-            (_, None) => {}
-        }
+            (LbPolicy::RingHash, Some(k)) => {
+                HashSource::compile(&format!("{at}.hash_key"), k, errors)
+            }
+            (_, Some(_)) => {
+                errors.push(ConfigError::new(
+                    format!("{at}.hash_key"),
+                    "only ring_hash uses a hash_key",
+                ));
+                None
+            }
+            (_, None) => None,
+        };
         if let Some(hc) = &c.health_check {
             health::validate(&format!("{at}.health_check"), hc, errors);
         }
@@ -383,17 +386,24 @@ impl Cluster {
             }
         }
         let previous_set = previous.map(|p| p.endpoints());
-        let set = EndpointSet::from_specs(&specs, previous_set.as_deref(), c.lb);
+        if c.ewma_decay.0 < Duration::from_millis(10) {
+            errors.push(ConfigError::new(
+                format!("{at}.ewma_decay"),
+                "must be at least 10ms",
+            ));
+        }
+        let set = EndpointSet::from_specs(&specs, previous_set.as_deref(), c.lb, c.ewma_decay.0);
         let cluster = Cluster {
             name: Arc::from(c.name.as_str()),
             lb: c.lb,
-            hash_key: c.hash_key.clone(),
+            hash_key,
             protocol: c.protocol,
             connect_timeout: c.connect_timeout.0,
             max_idle_per_endpoint: c.pool.max_idle_per_endpoint as usize,
             idle_timeout: c.pool.idle_timeout.0,
             configured: c.endpoints.clone(),
             dns_refresh: c.dns_refresh.0,
+            ewma_decay: c.ewma_decay.0,
             health_check: c.health_check.clone(),
             outlier: c.outlier_detection.clone(),
             breakers: Arc::new(Breakers::new(&c.circuit_breakers)),
@@ -415,6 +425,64 @@ impl Cluster {
         .expect("cluster config");
         let mut errors = Vec::new();
         Cluster::build(0, &c, None, &Metrics::new(), &mut errors)
+    }
+}
+
+/// What `ring_hash` hashes, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashSource {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+}
+
+impl HashSource {
+    fn compile(at: &str, k: &HashKey, errors: &mut Vec<ConfigError>) -> Option<HashSource> {
+        let given = [
+            k.header.is_some(),
+            k.cookie.is_some(),
+            k.source_ip.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if given != 1 {
+            errors.push(ConfigError::new(
+                at,
+                "give exactly one of `header`, `cookie`, `source_ip`",
+            ));
+            return None;
+        }
+        if let Some(h) = &k.header {
+            return match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Some(HashSource::Header(name)),
+                Err(_) => {
+                    errors.push(ConfigError::new(
+                        format!("{at}.header"),
+                        format!("invalid header name {h:?}"),
+                    ));
+                    None
+                }
+            };
+        }
+        if let Some(c) = &k.cookie {
+            if c.is_empty() || c.contains([';', '=', ' ']) {
+                errors.push(ConfigError::new(
+                    format!("{at}.cookie"),
+                    format!("invalid cookie name {c:?}"),
+                ));
+                return None;
+            }
+            return Some(HashSource::Cookie(c.clone()));
+        }
+        if k.source_ip == Some(false) {
+            errors.push(ConfigError::new(
+                format!("{at}.source_ip"),
+                "must be true when given",
+            ));
+            return None;
+        }
+        Some(HashSource::SourceIp)
     }
 }
 

@@ -268,13 +268,33 @@ async fn connect_h2(
 
 /// Sends `req` to `endpoint` over `wire`: the response head, and for HTTP/1.1 the connection to
 /// give back once the response body is done.
+/// A failed send; `request` is the request back when none of it was sent (a connection that
+/// could not be made, a breaker), so a retry needs no copy of it.
+pub struct SendFailure {
+    pub error: ProxyError,
+    pub request: Option<Request<UpstreamBody>>,
+}
+
+impl From<ProxyError> for SendFailure {
+    fn from(error: ProxyError) -> Self {
+        SendFailure {
+            error,
+            request: None,
+        }
+    }
+}
+
 pub async fn send(
     pools: &Rc<RefCell<Pools>>,
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
     wire: Wire,
     mut req: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Option<PooledH1>), ProxyError> {
+) -> Result<(Response<Incoming>, Option<PooledH1>), SendFailure> {
+    let unsent = |error, request| SendFailure {
+        error,
+        request: Some(request),
+    };
     let key = PoolKey {
         cluster: cluster.name.clone(),
         addr: endpoint.address,
@@ -285,7 +305,10 @@ pub async fn send(
             let idle = pools.borrow_mut().take_idle(&key);
             let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
-                None => (connect_h1(cluster, endpoint).await?, false),
+                None => match connect_h1(cluster, endpoint).await {
+                    Ok(tx) => (tx, false),
+                    Err(e) => return Err(unsent(e, req)),
+                },
             };
             if reused && !tx.is_ready() && tx.ready().await.is_err() {
                 continue;
@@ -305,7 +328,8 @@ pub async fn send(
                 Err(mut e) => match e.take_message() {
                     // Closed before anything was written: try the next connection.
                     Some(r) if reused => req = r,
-                    _ => return Err(ProxyError::upstream(e.into_error())),
+                    Some(r) => return Err(unsent(ProxyError::upstream(e.into_error()), r)),
+                    None => return Err(ProxyError::upstream(e.into_error()).into()),
                 },
             }
         },
@@ -322,11 +346,13 @@ pub async fn send(
                 let fresh = existing.is_none();
                 let mut tx = match existing {
                     Some(tx) => tx,
-                    None => {
-                        let tx = connect_h2(cluster, endpoint).await?;
-                        pools.borrow_mut().add_h2(key.clone(), tx.clone());
-                        tx
-                    }
+                    None => match connect_h2(cluster, endpoint).await {
+                        Ok(tx) => {
+                            pools.borrow_mut().add_h2(key.clone(), tx.clone());
+                            tx
+                        }
+                        Err(e) => return Err(unsent(e, req)),
+                    },
                 };
                 match tx.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, None)),
@@ -337,7 +363,8 @@ pub async fn send(
                                 req = r;
                                 reuse = false;
                             }
-                            _ => return Err(ProxyError::upstream(e.into_error())),
+                            Some(r) => return Err(unsent(ProxyError::upstream(e.into_error()), r)),
+                            None => return Err(ProxyError::upstream(e.into_error()).into()),
                         }
                     }
                 }
