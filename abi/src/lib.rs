@@ -115,7 +115,11 @@ pub enum Action {
 impl Action {
     /// A headers callback's result: 0 continues; anything else stops.
     pub fn from_headers(v: u32) -> Action {
-        if v == 0 { Action::Continue } else { Action::Pause }
+        if v == 0 {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
     }
 
     /// A body callback's result: 0 continues; anything else keeps buffering.

@@ -43,6 +43,9 @@ pub fn serialize_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<
     out
 }
 
+/// Pairs borrowed from their encoding.
+pub type BorrowedPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
     let b = bytes.get(at..at + 4)?;
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -50,7 +53,7 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
 
 /// Decodes pairs, borrowing from `bytes`. Fewer than 4 bytes, or N = 0, is an empty map (the
 /// SDKs send 4 zero bytes, hosts send nothing, the spec also allows a single 0).
-pub fn deserialize_pairs(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, PairsError> {
+pub fn deserialize_pairs(bytes: &[u8]) -> Result<BorrowedPairs<'_>, PairsError> {
     if bytes.len() > MAX_PAIRS_BYTES {
         return Err(PairsError::TooLarge);
     }
@@ -101,7 +104,10 @@ mod tests {
         assert_eq!(bytes, want);
         assert_eq!(pairs_len(&[(":method", "GET"), (":path", "/")]), want.len());
         let back = deserialize_pairs(&bytes).expect("valid");
-        assert_eq!(back, [(&b":method"[..], &b"GET"[..]), (&b":path"[..], &b"/"[..])]);
+        assert_eq!(
+            back,
+            [(&b":method"[..], &b"GET"[..]), (&b":path"[..], &b"/"[..])]
+        );
     }
 
     #[test]
@@ -115,7 +121,11 @@ mod tests {
 
     #[test]
     fn duplicates_and_empty_values_survive() {
-        let pairs = [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("x-empty", "")];
+        let pairs = [
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("x-empty", ""),
+        ];
         let bytes = serialize_pairs(&pairs);
         let back = deserialize_pairs(&bytes).expect("valid");
         assert_eq!(back.len(), 3);
@@ -144,6 +154,9 @@ mod tests {
             Err(PairsError::TooLarge)
         );
         // N × 8 overflowing the buffer.
-        assert_eq!(deserialize_pairs(&[100, 0, 0, 0]), Err(PairsError::Malformed));
+        assert_eq!(
+            deserialize_pairs(&[100, 0, 0, 0]),
+            Err(PairsError::Malformed)
+        );
     }
 }

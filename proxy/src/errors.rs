@@ -56,7 +56,23 @@ pub enum ProxyError {
         cluster: Arc<str>,
         breaker: &'static str,
     },
+    #[error("filter {0:?} failed")]
+    FilterFailed(Arc<str>),
+    #[error("filter {0:?} paused the request and did not continue it in time")]
+    FilterTimeout(Arc<str>),
+    #[error("filter {0:?} buffered more request body than its limit")]
+    RequestBodyTooLarge(Arc<str>),
+    #[error("filter {0:?} buffered more response body than its limit")]
+    ResponseBodyTooLarge(Arc<str>),
+    #[error("the filters left an invalid request: {0}")]
+    FilterOutput(&'static str),
 }
+
+/// A stream a filter closed: the downstream sees a reset (HTTP/2) or a closed connection
+/// (HTTP/1.1), never a response.
+#[derive(Debug, thiserror::Error)]
+#[error("a filter closed the stream")]
+pub struct StreamReset;
 
 impl ProxyError {
     /// The status sent downstream.
@@ -75,6 +91,11 @@ impl ProxyError {
             ProxyError::Handshake { .. } | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpgradeNotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::FilterFailed(_)
+            | ProxyError::ResponseBodyTooLarge(_)
+            | ProxyError::FilterOutput(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::FilterTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestBodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -95,6 +116,11 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpgradeNotSupported(_) => "upgrade_not_supported",
             ProxyError::Overflow { .. } => "overflow",
+            ProxyError::FilterFailed(_) => "filter_failed",
+            ProxyError::FilterTimeout(_) => "filter_timeout",
+            ProxyError::RequestBodyTooLarge(_) => "request_body_too_large",
+            ProxyError::ResponseBodyTooLarge(_) => "response_body_too_large",
+            ProxyError::FilterOutput(_) => "filter_invalid_request",
         }
     }
 
@@ -104,7 +130,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute | ProxyError::UpgradeNotSupported(_) => 12, // UNIMPLEMENTED
             ProxyError::TooManyHeaders(_) => 8,                             // RESOURCE_EXHAUSTED
-            ProxyError::UpstreamTimeout(_) => 4,                            // DEADLINE_EXCEEDED
+            ProxyError::UpstreamTimeout(_) | ProxyError::FilterTimeout(_) => 4, // DEADLINE_EXCEEDED
+            ProxyError::RequestBodyTooLarge(_) | ProxyError::ResponseBodyTooLarge(_) => 8, // RESOURCE_EXHAUSTED
+            ProxyError::FilterFailed(_) | ProxyError::FilterOutput(_) => 13, // INTERNAL
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout(_)
@@ -142,6 +170,10 @@ impl ProxyError {
             ProxyError::DownstreamBody(_) => "malformed or interrupted request body".into(),
             ProxyError::Overflow { .. } => "upstream overflow".into(),
             ProxyError::UpstreamTimeout(_) => "upstream request timeout".into(),
+            ProxyError::FilterFailed(_) => "filter failed".into(),
+            ProxyError::FilterTimeout(_) => "filter timeout".into(),
+            ProxyError::RequestBodyTooLarge(_) => "request body too large".into(),
+            ProxyError::ResponseBodyTooLarge(_) => "response body too large".into(),
             other => other.to_string(),
         }
     }
@@ -204,7 +236,7 @@ pub fn respond(err: &ProxyError, grpc: bool) -> Response<ResponseBody> {
 }
 
 /// gRPC's `grpc-message` encoding: printable ASCII except `%` as is, the rest as `%XX`.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {

@@ -19,6 +19,7 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod upstream;
+pub mod wasm;
 pub mod worker;
 
 pub use server::{Options, Server, run};

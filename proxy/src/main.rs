@@ -52,10 +52,18 @@ fn init_logging(level: &str) {
         .init();
 }
 
+fn validate(
+    config: &std::path::Path,
+) -> Result<weft_proxy::snapshot::Snapshot, weft_proxy::config::ConfigErrors> {
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let wasm = weft_proxy::wasm::SharedHost::new(metrics.clone());
+    server::load(config, 1, None, &metrics, &wasm)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => match server::load(&config, 1, None, &Metrics::new()) {
+        Command::Validate { config } => match validate(&config) {
             Ok(s) => {
                 println!(
                     "{}: valid ({} listeners, {} route tables, {} clusters; {})",

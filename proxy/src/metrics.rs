@@ -367,6 +367,16 @@ pub struct RouteStats {
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl RouteStats {
+    /// The route's name (empty for requests no route took).
+    pub fn route(&self) -> &str {
+        &self.labels.route
+    }
+
+    /// The cluster's name (empty for local answers).
+    pub fn cluster(&self) -> &str {
+        &self.labels.cluster
+    }
+
     pub fn record(&self, status: u16, seconds: f64) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[class]

@@ -16,7 +16,8 @@ use crate::admin::{self, AdminState, ListenerInfo, Phase};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::listener;
 use crate::metrics::{Metrics, ResultLabels};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{BuildEnv, Snapshot};
+use crate::wasm::SharedHost;
 use crate::worker::{self, Command, ConnLimit, Shared, WorkerHandle};
 
 /// How `weft run` was asked to run.
@@ -57,9 +58,18 @@ pub fn load(
     version: u64,
     previous: Option<&Snapshot>,
     metrics: &Metrics,
+    wasm: &Arc<SharedHost>,
 ) -> Result<Snapshot, ConfigErrors> {
     let config = Config::from_file(path)?;
-    Snapshot::build(config, version, previous, metrics)
+    Snapshot::build(config, version, previous, env(path, metrics, wasm))
+}
+
+fn env<'a>(path: &'a Path, metrics: &'a Metrics, wasm: &'a Arc<SharedHost>) -> BuildEnv<'a> {
+    BuildEnv {
+        metrics,
+        wasm,
+        base_dir: path.parent().unwrap_or(Path::new(".")),
+    }
 }
 
 fn worker_count(requested: usize) -> usize {
@@ -74,12 +84,13 @@ impl Server {
     /// Starts the proxy: nothing is bound unless the whole config is valid.
     pub async fn start(opts: &Options) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
-        let snapshot =
-            load(&opts.config_path, 1, None, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let wasm = SharedHost::new(metrics.clone());
+        let snapshot = load(&opts.config_path, 1, None, &metrics, &wasm)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         metrics.config_version.set(1);
         tracing::info!(version = 1, digest = %snapshot.digest, "configuration loaded");
         let admin_addr = snapshot.admin;
-        let shared = Arc::new(Shared::new(snapshot, metrics));
+        let shared = Arc::new(Shared::new(snapshot, metrics, wasm));
 
         let mut server = Server {
             config_path: opts.config_path.clone(),
@@ -224,11 +235,28 @@ impl Server {
     fn try_reload(&mut self, metrics: &Metrics) -> Result<u64, ConfigErrors> {
         let previous = self.shared.snapshot();
         let config = Config::from_file(&self.config_path)?;
-        if config == *previous.config {
+        // Filter modules are files of their own: an unchanged configuration may still name
+        // changed code, so only one without filters is known unchanged without building it.
+        if config == *previous.config && config.filters.is_empty() {
             return Ok(previous.version);
         }
         let version = previous.version + 1;
-        let snapshot = Snapshot::build(config, version, Some(&previous), metrics)?;
+        let unchanged = config == *previous.config;
+        let snapshot = Snapshot::build(
+            config,
+            version,
+            Some(&previous),
+            env(&self.config_path, metrics, &self.shared.wasm),
+        )?;
+        if unchanged
+            && snapshot.filters.len() == previous.filters.len()
+            && snapshot
+                .filters
+                .iter()
+                .all(|(k, f)| previous.filters.get(k).is_some_and(|p| Arc::ptr_eq(p, f)))
+        {
+            return Ok(previous.version);
+        }
         if snapshot.admin != previous.admin {
             return Err(ConfigError::new(
                 "admin.address",

@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigError, ConfigErrors, HttpOptions};
 use crate::metrics::{ListenerStats, Metrics, RouteStats};
 use crate::router::{Action, RouteTable};
 use crate::upstream::{Cluster, ClusterMap};
+use crate::wasm::{FilterSpec, SharedHost};
 
 /// Everything the proxy serves from, for one version of the configuration.
 #[derive(Debug)]
@@ -26,6 +27,18 @@ pub struct Snapshot {
     pub listeners: HashMap<String, Arc<ListenerRuntime>>,
     /// In configuration order.
     pub clusters: Vec<Arc<Cluster>>,
+    /// Wasm filters, by name.
+    pub filters: HashMap<String, Arc<FilterSpec>>,
+}
+
+/// What building a snapshot needs besides the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildEnv<'a> {
+    pub metrics: &'a Metrics,
+    /// Shared Wasm state (canary VMs of filters run against it).
+    pub wasm: &'a Arc<SharedHost>,
+    /// Relative paths in the configuration (filter modules) are relative to this.
+    pub base_dir: &'a std::path::Path,
 }
 
 /// One listener's runtime: its settings, route table and pre-resolved metric handles.
@@ -42,6 +55,8 @@ pub struct ListenerRuntime {
     pub route_stats: Vec<RouteStatsSet>,
     /// For requests no route took (no match, rejected before routing).
     pub no_route: Arc<RouteStats>,
+    /// The filters requests go through, in order.
+    pub filters: Vec<Arc<FilterSpec>>,
 }
 
 /// Metric handles of one route on one listener.
@@ -115,8 +130,9 @@ impl Snapshot {
         config: Config,
         version: u64,
         previous: Option<&Snapshot>,
-        metrics: &Metrics,
+        env: BuildEnv<'_>,
     ) -> Result<Snapshot, ConfigErrors> {
+        let metrics = env.metrics;
         let mut errors = Vec::new();
 
         let admin = config
@@ -156,6 +172,15 @@ impl Snapshot {
             })
             .collect();
 
+        let empty = HashMap::new();
+        let filters = crate::wasm::build_filters(
+            &config.filters,
+            env.base_dir,
+            env.wasm,
+            previous.map_or(&empty, |p| &p.filters),
+            &mut errors,
+        );
+
         let mut listeners = HashMap::new();
         let mut addresses = HashSet::new();
         let mut names = HashSet::new();
@@ -193,8 +218,19 @@ impl Snapshot {
                     format!("unknown route table {:?}", l.routes),
                 ));
             }
+            let mut chain = Vec::with_capacity(l.filters.len());
+            for (j, name) in l.filters.iter().enumerate() {
+                match filters.get(name) {
+                    Some(f) => chain.push(f.clone()),
+                    None if config.filters.iter().any(|f| f.name == *name) => {}
+                    None => errors.push(ConfigError::new(
+                        format!("{at}.filters[{j}]"),
+                        format!("unknown filter {name:?}"),
+                    )),
+                }
+            }
             if let (Some(address), Some(table)) = (address, table) {
-                let runtime = ListenerRuntime::new(l, address, table, metrics);
+                let runtime = ListenerRuntime::new(l, address, table, chain, metrics);
                 listeners.insert(l.name.clone(), Arc::new(runtime));
             }
         }
@@ -214,6 +250,7 @@ impl Snapshot {
             config: Arc::new(config),
             listeners,
             clusters,
+            filters,
         })
     }
 
@@ -227,6 +264,7 @@ impl ListenerRuntime {
         l: &crate::config::Listener,
         address: SocketAddr,
         table: Arc<RouteTable>,
+        filters: Vec<Arc<FilterSpec>>,
         metrics: &Metrics,
     ) -> Self {
         let route_stats = table
@@ -253,6 +291,7 @@ impl ListenerRuntime {
             no_route: Arc::new(metrics.route_stats(&l.name, "", "")),
             route_stats,
             table,
+            filters,
         }
     }
 }
@@ -263,7 +302,14 @@ mod tests {
 
     fn build(yaml: &str) -> Result<Snapshot, ConfigErrors> {
         let config = Config::from_yaml(yaml).expect("parses");
-        Snapshot::build(config, 1, None, &Metrics::new())
+        let metrics = Metrics::new();
+        let wasm = SharedHost::new(Arc::new(Metrics::new()));
+        let env = BuildEnv {
+            metrics: &metrics,
+            wasm: &wasm,
+            base_dir: std::path::Path::new("."),
+        };
+        Snapshot::build(config, 1, None, env)
     }
 
     #[test]

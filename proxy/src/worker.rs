@@ -18,6 +18,8 @@ use crate::http::server;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use crate::upstream::Pools;
+use crate::wasm::SharedHost;
+use crate::wasm::worker::WasmWorker;
 
 /// Runs hyper's background futures on the current worker (they need not be `Send`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,14 +52,17 @@ pub struct Shared {
     current: ArcSwap<Snapshot>,
     generation: AtomicU64,
     pub metrics: Arc<Metrics>,
+    /// What Wasm filters share across workers.
+    pub wasm: Arc<SharedHost>,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Self {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, wasm: Arc<SharedHost>) -> Self {
         Shared {
             current: ArcSwap::from_pointee(snapshot),
             generation: AtomicU64::new(0),
             metrics,
+            wasm,
         }
     }
 
@@ -137,6 +142,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     cached: RefCell<(u64, Rc<LocalSnapshot>)>,
     pub pools: Rc<RefCell<Pools>>,
+    /// The worker's filter VMs.
+    pub wasm: Rc<WasmWorker>,
     connections: Cell<usize>,
     all_closed: Notify,
 }
@@ -154,6 +161,7 @@ impl Worker {
         let mut cached = self.cached.borrow_mut();
         if cached.0 != generation {
             *cached = (generation, Rc::new(LocalSnapshot(self.shared.snapshot())));
+            self.wasm.refresh(&cached.1);
         }
         cached.1.clone()
     }
@@ -205,11 +213,14 @@ pub fn spawn(id: usize, shared: Arc<Shared>) -> std::io::Result<WorkerHandle> {
 
 async fn run(id: usize, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let first = Rc::new(LocalSnapshot(shared.snapshot()));
+    let pools = Rc::new(RefCell::new(Pools::default()));
+    let wasm = WasmWorker::new(id, shared.wasm.clone(), shared.clone(), pools.clone());
     let worker = Rc::new(Worker {
         id,
         cached: RefCell::new((shared.generation.load(Ordering::Acquire), first)),
         shared,
-        pools: Rc::new(RefCell::new(Pools::default())),
+        pools,
+        wasm,
         connections: Cell::new(0),
         all_closed: Notify::new(),
     });

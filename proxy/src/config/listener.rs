@@ -15,6 +15,10 @@ pub struct Listener {
     pub protocol: ListenerProtocol,
     /// The route table (a key of `routes`) requests on this listener are matched against.
     pub routes: String,
+    /// Wasm filters (names from `filters`) every request runs through, in order; responses run
+    /// through them in reverse order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
     /// HTTP limits and behaviour of this listener.
     #[serde(default)]
     pub http: HttpOptions,

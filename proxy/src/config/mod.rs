@@ -5,11 +5,13 @@
 //! its path — and turns it into the runtime objects the proxy serves from.
 
 mod cluster;
+mod filter;
 mod listener;
 mod route;
 mod types;
 
 pub use cluster::*;
+pub use filter::*;
 pub use listener::*;
 pub use route::*;
 pub use types::{ByteSize, Dur, OneOrMany};
@@ -36,6 +38,9 @@ pub struct Config {
     /// Upstream clusters routes send to.
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// Wasm filters listeners may run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
     /// How the proxy stops.
     #[serde(default)]
     pub drain: Drain,

@@ -17,9 +17,54 @@ use prometheus_client::metrics::counter::Counter;
 use crate::http::server::ConnActivity;
 use crate::metrics::RouteStats;
 use crate::upstream::{Cluster, EndpointGuard, PooledH1};
+use crate::wasm::chain::{Chain, FilterBody};
 use tokio::time::Sleep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body as the client sends it: as received, or through the listener's filters.
+pub enum DownstreamBody {
+    Plain(Incoming),
+    Filtered(Box<FilterBody<Incoming>>),
+}
+
+impl std::fmt::Debug for DownstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownstreamBody::Plain(_) => f.write_str("DownstreamBody::Plain"),
+            DownstreamBody::Filtered(_) => f.write_str("DownstreamBody::Filtered"),
+        }
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            DownstreamBody::Plain(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            DownstreamBody::Filtered(b) => Pin::new(&mut **b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownstreamBody::Plain(b) => b.is_end_stream(),
+            DownstreamBody::Filtered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownstreamBody::Plain(b) => b.size_hint(),
+            DownstreamBody::Filtered(b) => b.size_hint(),
+        }
+    }
+}
 
 /// One body's stream idle timer: armed while the body waits, re-armed by any movement. The
 /// request and response bodies of an exchange share their activity count (the stream is idle
@@ -92,7 +137,7 @@ fn idle_error() -> BoxError {
 pub enum UpstreamBody {
     Empty,
     Stream {
-        inner: Incoming,
+        inner: DownstreamBody,
         /// `weft_downstream_received_bytes_total` of the listener.
         downstream_rx: Counter,
         /// `weft_upstream_sent_bytes_total` of the cluster.
@@ -100,6 +145,43 @@ pub enum UpstreamBody {
         idle: Option<IdleTimer>,
     },
     Replay(ReplayBody),
+    /// A filter's callout.
+    Callout(CalloutBody),
+}
+
+/// The body of a callout a filter made.
+#[derive(Debug)]
+pub enum CalloutBody {
+    Full {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
+    /// A gRPC stream: framed messages as the filter sends them; closed channel = end.
+    Channel(tokio::sync::mpsc::UnboundedReceiver<Bytes>),
+}
+
+impl CalloutBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            CalloutBody::Full { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            CalloutBody::Channel(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(
+            self,
+            CalloutBody::Full {
+                data: None,
+                trailers: None
+            }
+        )
+    }
 }
 
 impl Body for UpstreamBody {
@@ -113,6 +195,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Replay(r) => r.poll(cx),
+            UpstreamBody::Callout(c) => c.poll(cx),
             UpstreamBody::Stream {
                 inner,
                 downstream_rx,
@@ -129,7 +212,7 @@ impl Body for UpstreamBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
                     if idle.as_mut().is_some_and(|t| t.expired(cx)) {
@@ -147,6 +230,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Empty => true,
             UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
             UpstreamBody::Replay(r) => r.is_end_stream(),
+            UpstreamBody::Callout(c) => c.is_end_stream(),
         }
     }
 
@@ -155,6 +239,10 @@ impl Body for UpstreamBody {
             UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Stream { inner, .. } => inner.size_hint(),
             UpstreamBody::Replay(r) => r.size_hint(),
+            UpstreamBody::Callout(CalloutBody::Full { data, .. }) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            UpstreamBody::Callout(CalloutBody::Channel(_)) => SizeHint::default(),
         }
     }
 }
@@ -166,7 +254,7 @@ impl Body for UpstreamBody {
 /// eating the client's bytes.
 #[derive(Debug)]
 pub struct Replay {
-    rest: Option<Incoming>,
+    rest: Option<DownstreamBody>,
     kept: Vec<Bytes>,
     kept_len: usize,
     limit: usize,
@@ -189,7 +277,7 @@ pub struct ReplayBody {
 }
 
 impl Replay {
-    pub fn new(body: Incoming, limit: usize, downstream_rx: Counter) -> Rc<RefCell<Replay>> {
+    pub fn new(body: DownstreamBody, limit: usize, downstream_rx: Counter) -> Rc<RefCell<Replay>> {
         Rc::new(RefCell::new(Replay {
             rest: Some(body),
             kept: Vec::new(),
@@ -264,7 +352,7 @@ impl ReplayBody {
                 s.rest = None;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = &mut self.idle {
                     t.moved();
@@ -324,6 +412,8 @@ impl ReplayBody {
 
 enum Kind {
     Full(Option<Bytes>),
+    /// Through the listener's filters.
+    Filtered(Box<FilterBody<ResponseBody>>),
     Upstream {
         inner: Incoming,
         /// `weft_upstream_received_bytes_total` of the cluster.
@@ -362,6 +452,14 @@ impl ResponseBody {
         }
     }
 
+    /// This body through the listener's filters.
+    pub fn filtered(body: FilterBody<ResponseBody>) -> Self {
+        ResponseBody {
+            kind: Kind::Filtered(Box::new(body)),
+            exchange: None,
+        }
+    }
+
     /// Ties the end of this body to the end of the exchange.
     pub fn attach(&mut self, exchange: Exchange) {
         self.exchange = Some(exchange);
@@ -371,6 +469,7 @@ impl ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream { inner, .. } => inner.is_end_stream(),
+            Kind::Filtered(b) => b.is_end_stream(),
         }
     }
 }
@@ -386,6 +485,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Filtered(b) => Pin::new(&mut **b).poll_frame(cx),
             Kind::Upstream {
                 inner,
                 upstream_rx,
@@ -428,6 +528,7 @@ impl Body for ResponseBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream { inner, .. } => inner.size_hint(),
+            Kind::Filtered(b) => b.size_hint(),
         }
     }
 }
@@ -452,12 +553,17 @@ pub struct Exchange {
     pub activity: Arc<ConnActivity>,
     pub endpoint: Option<EndpointGuard>,
     pub pooled: Option<PooledH1>,
+    /// The request's run through the listener's filters: ends (`on_log`, …) after this.
+    pub filters: Option<Rc<Chain>>,
 }
 
 impl Exchange {
     fn close(mut self, finished: bool) {
-        self.stats
-            .record(self.status, self.start.elapsed().as_secs_f64());
+        let elapsed = self.start.elapsed();
+        self.stats.record(self.status, elapsed.as_secs_f64());
+        if let Some(chain) = self.filters.take() {
+            chain.record_end(self.status, elapsed);
+        }
         if let Some(ep) = self.endpoint.take() {
             ep.finish(self.status, finished);
         }

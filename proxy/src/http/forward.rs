@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::UpstreamProtocol;
 use crate::errors::ProxyError;
-use crate::http::body::{IdleTimer, Replay, ResponseBody, UpstreamBody};
+use crate::http::body::{DownstreamBody, IdleTimer, Replay, ResponseBody, UpstreamBody};
 use crate::http::headers;
 use crate::http::proxy::ConnCtx;
 use crate::router::{Failure, Route};
@@ -52,7 +52,7 @@ enum Source {
     /// No body.
     Empty,
     /// Streamed once (no retries configured).
-    Once(Option<Incoming>),
+    Once(Option<DownstreamBody>),
     /// Kept for replay.
     Replay(std::rc::Rc<std::cell::RefCell<Replay>>),
 }
@@ -207,7 +207,11 @@ impl Forward<'_> {
         Ok(())
     }
 
-    pub async fn run(self, mut parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
+    pub async fn run(
+        self,
+        mut parts: Parts,
+        body: DownstreamBody,
+    ) -> Result<Forwarded, ProxyError> {
         let cluster = self.cluster;
         let policy = &self.route.retries;
         let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);

@@ -2,6 +2,7 @@
 //! the proxy ([`proxy`]), and what they use on the way (headers, paths, bodies).
 
 pub mod body;
+pub mod filtered;
 pub mod forward;
 pub mod headers;
 pub mod path;

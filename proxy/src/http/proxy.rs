@@ -3,7 +3,6 @@
 //! back. Every proxy-generated error goes through [`crate::errors::respond`].
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,14 +13,15 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::errors::{self, ProxyError};
-use crate::http::body::{Exchange, ResponseBody};
+use crate::errors::{self, ProxyError, StreamReset};
+use crate::http::body::{DownstreamBody, Exchange, ResponseBody};
 use crate::http::path::{self, Canonical};
 use crate::http::server::ConnActivity;
 use crate::metrics::RouteStats;
 use crate::router::{Action, RedirectFrom, RequestView};
 use crate::snapshot::ListenerRuntime;
 use crate::upstream::{EndpointGuard, PooledH1};
+use crate::wasm::chain::Chain;
 use crate::worker::Worker;
 
 /// What every request on one downstream connection shares.
@@ -36,23 +36,24 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     pub activity: Arc<ConnActivity>,
     pub scheme: &'static str,
+    /// Unique in the process (the `connection.id` property).
+    pub id: u64,
 }
 
 /// The answer to one request, with what its end must record.
-struct Answer {
-    resp: Response<ResponseBody>,
-    stats: Arc<RouteStats>,
-    endpoint: Option<EndpointGuard>,
-    pooled: Option<PooledH1>,
+pub(crate) struct Answer {
+    pub resp: Response<ResponseBody>,
+    pub stats: Arc<RouteStats>,
+    pub endpoint: Option<EndpointGuard>,
+    pub pooled: Option<PooledH1>,
 }
 
-/// hyper's service function: never fails, every failure is a response.
+/// hyper's service function: every failure is a response, except a stream a filter closed.
 pub async fn handle(
     conn: Rc<ConnCtx>,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> Result<Response<ResponseBody>, StreamReset> {
     let start = Instant::now();
-    let http1 = req.version() < Version::HTTP_2;
     conn.activity.begin_request();
     let snap = conn.worker.snapshot();
     let listener: &ListenerRuntime = snap
@@ -60,26 +61,58 @@ pub async fn handle(
         .get(&*conn.listener.name)
         .map(|l| &**l)
         .unwrap_or(&conn.listener);
-
-    let grpc = errors::is_grpc(req.headers());
-    let answer = match route_and_forward(&conn, listener, req, start).await {
-        Ok(a) => a,
-        Err((e, stats)) => {
-            listener.stats.error(e.cause());
-            tracing::debug!(listener = %listener.name, peer = %conn.peer, error = %e, "proxy error");
-            let mut resp = errors::respond(&e, grpc);
-            if http1 && e.closes_connection() {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Answer {
-                resp,
-                stats: stats.unwrap_or_else(|| listener.no_route.clone()),
-                endpoint: None,
-                pooled: None,
-            }
+    if !listener.filters.is_empty() {
+        let answered = crate::http::filtered::handle(&conn, listener, req, start).await;
+        if answered.is_err() {
+            conn.activity.end_request();
         }
+        return answered;
+    }
+
+    let http1 = req.version() < Version::HTTP_2;
+    let grpc = errors::is_grpc(req.headers());
+    let (mut parts, body) = req.into_parts();
+    let answer = match check(listener, &mut parts) {
+        Ok(()) => {
+            route_and_forward(&conn, listener, parts, DownstreamBody::Plain(body), start).await
+        }
+        Err(e) => Err((e, None)),
     };
+    let answer = answer.unwrap_or_else(|f| error_answer(&conn, listener, f, http1, grpc));
+    Ok(complete(&conn, listener, answer, start, None))
+}
+
+/// The answer for a proxy error.
+pub(crate) fn error_answer(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    (e, stats): Failure,
+    http1: bool,
+    grpc: bool,
+) -> Answer {
+    listener.stats.error(e.cause());
+    tracing::debug!(listener = %listener.name, peer = %conn.peer, error = %e, "proxy error");
+    let mut resp = errors::respond(&e, grpc);
+    if http1 && e.closes_connection() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Answer {
+        resp,
+        stats: stats.unwrap_or_else(|| listener.no_route.clone()),
+        endpoint: None,
+        pooled: None,
+    }
+}
+
+/// The response for an answer, its end tied to the exchange's bookkeeping.
+pub(crate) fn complete(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    answer: Answer,
+    start: Instant,
+    filters: Option<Rc<Chain>>,
+) -> Response<ResponseBody> {
     let Answer {
         mut resp,
         stats,
@@ -95,16 +128,48 @@ pub async fn handle(
         activity: conn.activity.clone(),
         endpoint,
         pooled,
+        filters,
     });
-    Ok(resp)
+    resp
 }
 
-type Failure = (ProxyError, Option<Arc<RouteStats>>);
+pub(crate) type Failure = (ProxyError, Option<Arc<RouteStats>>);
 
 use crate::http::forward::Forward;
 
+/// What is refused before anything else looks at a request (filters included).
+pub(crate) fn check(listener: &ListenerRuntime, parts: &mut Parts) -> Result<(), ProxyError> {
+    // hyper enforces this for HTTP/1.1 as it parses; HTTP/2 is checked here.
+    if parts.headers.len() > listener.http.max_headers as usize {
+        return Err(ProxyError::TooManyHeaders(parts.headers.len()));
+    }
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported"));
+    }
+    match listener.http.headers_with_underscores {
+        crate::config::UnderscoreAction::Allow => {}
+        crate::config::UnderscoreAction::Reject => {
+            if let Some(h) = parts.headers.keys().find(|k| k.as_str().contains('_')) {
+                return Err(ProxyError::UnderscoreHeader(h.as_str().to_owned()));
+            }
+        }
+        crate::config::UnderscoreAction::Drop => {
+            let names: Vec<_> = parts
+                .headers
+                .keys()
+                .filter(|k| k.as_str().contains('_'))
+                .cloned()
+                .collect();
+            for n in names {
+                parts.headers.remove(n);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The request's host for routing: authority of the URI (HTTP/2, absolute-form), else `Host`.
-fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
+pub(crate) fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -147,42 +212,15 @@ fn split_host_port(authority: &str) -> (String, Option<u16>) {
     (host.to_ascii_lowercase(), port.and_then(|p| p.parse().ok()))
 }
 
-async fn route_and_forward(
+/// Routes a checked request and answers it: locally, or from the cluster it is forwarded to.
+pub(crate) async fn route_and_forward(
     conn: &ConnCtx,
     listener: &ListenerRuntime,
-    req: Request<Incoming>,
+    parts: Parts,
+    body: DownstreamBody,
     start: Instant,
 ) -> Result<Answer, Failure> {
-    let (mut parts, body) = req.into_parts();
     let fail = |e: ProxyError| (e, None);
-
-    // hyper enforces this for HTTP/1.1 as it parses; HTTP/2 is checked here.
-    if parts.headers.len() > listener.http.max_headers as usize {
-        return Err(fail(ProxyError::TooManyHeaders(parts.headers.len())));
-    }
-    if parts.method == Method::CONNECT {
-        return Err(fail(ProxyError::BadRequest("CONNECT is not supported")));
-    }
-    match listener.http.headers_with_underscores {
-        crate::config::UnderscoreAction::Allow => {}
-        crate::config::UnderscoreAction::Reject => {
-            if let Some(h) = parts.headers.keys().find(|k| k.as_str().contains('_')) {
-                return Err(fail(ProxyError::UnderscoreHeader(h.as_str().to_owned())));
-            }
-        }
-        crate::config::UnderscoreAction::Drop => {
-            let names: Vec<_> = parts
-                .headers
-                .keys()
-                .filter(|k| k.as_str().contains('_'))
-                .cloned()
-                .collect();
-            for n in names {
-                parts.headers.remove(n);
-            }
-        }
-    }
-
     let authority = authority(&parts).map_err(fail)?.into_owned();
     let (host, port) = split_host_port(&authority);
     // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.

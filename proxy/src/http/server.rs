@@ -31,6 +31,9 @@ use crate::worker::{LocalExec, Worker};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Downstream connection ids (the `connection.id` property of filters).
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
 /// What a connection is doing, shared by its IO, its requests and its watchdog. Only the
 /// connection's own worker touches it; atomics (relaxed loads and stores, no read-modify-write)
 /// are there because hyper requires an upgradable IO to be `Send`. Nothing here reads a clock:
@@ -293,6 +296,7 @@ pub async fn serve(
         local,
         activity: activity.clone(),
         scheme: "http",
+        id: NEXT_CONNECTION.fetch_add(1, Relaxed),
     });
     let service = service_fn(move |req| proxy::handle(ctx.clone(), req));
     let watchdog = Watchdog::new(activity, opts.idle_timeout.non_zero(), head_timeout);

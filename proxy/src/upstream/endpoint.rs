@@ -120,6 +120,11 @@ pub struct EndpointGuard {
 }
 
 impl EndpointGuard {
+    /// The endpoint's address.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.endpoint.address
+    }
+
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
         endpoint.stats.requests_total.fetch_add(1, Relaxed);
         endpoint.stats.requests_active.fetch_add(1, Relaxed);

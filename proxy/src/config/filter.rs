@@ -1,0 +1,84 @@
+//! Wasm filters: which module, with what configuration, and what happens when it fails.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ByteSize, Dur};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// Unique name; the filter's `plugin_name` property, and the `filter` label of its metrics.
+    pub name: String,
+    /// A `.wasm` file (relative to the config file's directory), or `sha256:<hex>` of a module
+    /// the control plane delivered.
+    pub module: String,
+    /// The plugin's root id (`plugin_root_id`): which root context of the module serves it.
+    #[serde(default)]
+    pub root_id: String,
+    /// Filters with the same `vm_id`, module and `vm_config` share one VM per worker (and its
+    /// state); shared data and queues are scoped by `vm_id`. Default: the filter's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    /// Plugin configuration, read in `on_configure`: a string is handed over as is; a map or
+    /// a list as its JSON text (as Envoy does).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
+    /// VM configuration, read in `on_vm_start` (same encoding as `config`).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub vm_config: serde_json::Value,
+    /// What a request gets when the filter's VM fails (traps, runs out of time or memory):
+    /// `closed` answers 500; `open` lets the request pass without the filter.
+    #[serde(default)]
+    pub fail: FailMode,
+    #[serde(default)]
+    pub limits: FilterLimits,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    #[default]
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterLimits {
+    /// Most linear memory the VM may grow to.
+    #[serde(default = "defaults::memory")]
+    pub memory: ByteSize,
+    /// Most time one call into the VM may take (a callback, `on_configure`, …); past it the
+    /// call is stopped and the VM counts as failed.
+    #[serde(default = "defaults::cpu_per_call")]
+    pub cpu_per_call: Dur,
+    /// Most body bytes the filter may hold back (pausing a body buffers it); beyond: 413 for a
+    /// request, 500 for a response.
+    #[serde(default = "defaults::body_buffer")]
+    pub body_buffer: ByteSize,
+}
+
+impl Default for FilterLimits {
+    fn default() -> Self {
+        FilterLimits {
+            memory: defaults::memory(),
+            cpu_per_call: defaults::cpu_per_call(),
+            body_buffer: defaults::body_buffer(),
+        }
+    }
+}
+
+mod defaults {
+    use super::{ByteSize, Dur};
+    use std::time::Duration;
+
+    pub fn memory() -> ByteSize {
+        ByteSize(64 * 1024 * 1024)
+    }
+    pub fn cpu_per_call() -> Dur {
+        Dur(Duration::from_millis(100))
+    }
+    pub fn body_buffer() -> ByteSize {
+        ByteSize(1024 * 1024)
+    }
+}

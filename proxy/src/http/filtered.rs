@@ -1,0 +1,381 @@
+//! A request on a listener with filters: checked as any request, then through the filters
+//! (request headers, the start of the body), routed and forwarded with what the filters left,
+//! and its answer — the upstream's, a filter's local response, or a proxy error — back through
+//! the filters (response headers, the start of the body) before it goes downstream.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+
+use crate::errors::{self, ProxyError, StreamReset};
+use crate::http::body::{DownstreamBody, ResponseBody};
+use crate::http::headers;
+use crate::http::proxy::{self, Answer, ConnCtx};
+use crate::metrics::RouteStats;
+use crate::snapshot::ListenerRuntime;
+use crate::wasm::chain::{Chain, FilterBody, Stop};
+use crate::wasm::state::{Direction, Headers, LocalResponse, StreamInfo};
+
+fn pseudo(name: &'static [u8], value: impl Into<Bytes>) -> (Bytes, Bytes) {
+    (Bytes::from_static(name), value.into())
+}
+
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The request head as filters see it: `:authority`, `:path`, `:method`, `:scheme` (Envoy's
+/// order), then the fields, without `Host` and without connection-specific ones.
+fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Headers {
+    let mut map = std::mem::take(&mut parts.headers);
+    map.remove(header::HOST);
+    let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&map);
+    headers::strip_hop_by_hop(&mut map, upgrade);
+    headers::ensure_request_id(&mut map);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    Headers {
+        pseudo: vec![
+            pseudo(b":authority", Bytes::copy_from_slice(authority.as_bytes())),
+            pseudo(b":path", Bytes::copy_from_slice(path.as_bytes())),
+            pseudo(
+                b":method",
+                Bytes::copy_from_slice(parts.method.as_str().as_bytes()),
+            ),
+            pseudo(b":scheme", scheme),
+        ],
+        map,
+    }
+}
+
+/// Puts what the filters left back into the request.
+fn apply_request_head(parts: &mut Parts, head: Headers) -> Result<(), ProxyError> {
+    let method = head.get(b":method").unwrap_or(b"GET");
+    parts.method =
+        Method::from_bytes(method).map_err(|_| ProxyError::FilterOutput("invalid :method"))?;
+    let path = head.get(b":path").unwrap_or(b"/");
+    if path.first() != Some(&b'/') && path != b"*" {
+        return Err(ProxyError::FilterOutput("invalid :path"));
+    }
+    parts.uri = Uri::try_from(path).map_err(|_| ProxyError::FilterOutput("invalid :path"))?;
+    let authority = head.get(b":authority").unwrap_or_default();
+    let host = (!authority.is_empty())
+        .then(|| HeaderValue::from_bytes(authority))
+        .transpose()
+        .map_err(|_| ProxyError::FilterOutput("invalid :authority"))?;
+    parts.headers = head.map;
+    if let Some(h) = host {
+        parts.headers.insert(header::HOST, h);
+    }
+    Ok(())
+}
+
+fn content_length(map: &HeaderMap) -> Option<u64> {
+    map.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// gRPC's status for an HTTP one (the gRPC spec's mapping).
+fn grpc_for_http(status: u16) -> u32 {
+    use weft_abi::grpc_status as g;
+    match status {
+        400 => g::INTERNAL,
+        401 => g::UNAUTHENTICATED,
+        403 => g::PERMISSION_DENIED,
+        404 => g::UNIMPLEMENTED,
+        429 | 502..=504 => g::UNAVAILABLE,
+        _ => g::UNKNOWN,
+    }
+}
+
+/// The response a filter asked for. A gRPC client gets a gRPC answer ("trailers-only", the
+/// body as `grpc-message`), as from Envoy.
+fn local_response(lr: LocalResponse, grpc: bool) -> Response<ResponseBody> {
+    let mut headers = HeaderMap::with_capacity(lr.headers.len() + 2);
+    for (k, v) in &lr.headers {
+        match (HeaderName::from_bytes(k), HeaderValue::from_bytes(v)) {
+            (Ok(k), Ok(v)) => {
+                headers.append(k, v);
+            }
+            _ => tracing::debug!("a local response header that is not valid HTTP was dropped"),
+        }
+    }
+    if grpc {
+        let code = lr.grpc_status.unwrap_or_else(|| grpc_for_http(lr.status));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        if !lr.body.is_empty()
+            && let Ok(v) =
+                HeaderValue::from_str(&errors::percent_encode(&String::from_utf8_lossy(&lr.body)))
+        {
+            headers.insert("grpc-message", v);
+        }
+        let mut resp = Response::new(ResponseBody::empty());
+        *resp.headers_mut() = headers;
+        return resp;
+    }
+    if !lr.body.is_empty() && !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    let mut resp = Response::new(ResponseBody::full(lr.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// What a stream the filters stopped answers, and how many filters (from the first) its
+/// response goes back through.
+fn stopped(
+    chain: &Chain,
+    listener: &ListenerRuntime,
+    stop: Stop,
+    stats: Option<Arc<RouteStats>>,
+    grpc: bool,
+) -> Result<(Answer, usize), StreamReset> {
+    let answer = |resp| Answer {
+        resp,
+        stats: stats.clone().unwrap_or_else(|| listener.no_route.clone()),
+        endpoint: None,
+        pooled: None,
+    };
+    let error = |e: ProxyError| {
+        listener.stats.error(e.cause());
+        errors::respond(&e, grpc)
+    };
+    Ok(match stop {
+        Stop::Reset => return Err(StreamReset),
+        Stop::Local { filter, dir } => {
+            let Some((_, lr)) = chain.take_local() else {
+                return Err(StreamReset);
+            };
+            chain.set_info(|i| {
+                i.response_details = Some(String::from_utf8_lossy(&lr.details).into_owned())
+            });
+            let upto = if dir == Direction::Request {
+                filter + 1
+            } else {
+                filter
+            };
+            (answer(local_response(lr, grpc)), upto)
+        }
+        Stop::Failed { filter, .. } => (
+            answer(error(ProxyError::FilterFailed(chain.filter_name(filter)))),
+            filter,
+        ),
+        Stop::Timeout { filter, .. } => (
+            answer(error(ProxyError::FilterTimeout(chain.filter_name(filter)))),
+            filter,
+        ),
+        Stop::TooLarge { filter, dir } => match dir {
+            Direction::Request => (
+                answer(error(ProxyError::RequestBodyTooLarge(
+                    chain.filter_name(filter),
+                ))),
+                filter + 1,
+            ),
+            Direction::Response => (
+                answer(error(ProxyError::ResponseBodyTooLarge(
+                    chain.filter_name(filter),
+                ))),
+                filter,
+            ),
+        },
+    })
+}
+
+pub async fn handle(
+    conn: &Rc<ConnCtx>,
+    listener: &ListenerRuntime,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Result<Response<ResponseBody>, StreamReset> {
+    let http1 = req.version() < Version::HTTP_2;
+    let grpc = errors::is_grpc(req.headers());
+    let (mut parts, body) = req.into_parts();
+    // What the proxy refuses before anything looks at a request never reaches the filters (as
+    // Envoy's codec and connection manager refuse it before its filters).
+    let authority = proxy::check(listener, &mut parts)
+        .and_then(|()| proxy::authority(&parts).map(|a| a.into_owned()));
+    let authority = match authority {
+        Ok(a) => a,
+        Err(e) => {
+            let answer = proxy::error_answer(conn, listener, (e, None), http1, grpc);
+            return Ok(proxy::complete(conn, listener, answer, start, None));
+        }
+    };
+    let info = StreamInfo {
+        peer: Some(conn.peer),
+        local: Some(conn.local),
+        connection_id: conn.id,
+        protocol: protocol(parts.version),
+        scheme: conn.scheme,
+        start: Some(SystemTime::now()),
+        started: Some(start),
+        listener: listener.name.clone(),
+        ..StreamInfo::default()
+    };
+    let head = request_head(&mut parts, &authority, conn.scheme);
+    let chain = Chain::new(conn.worker.wasm.clone(), &listener.filters, info, head);
+    let wait = listener.http.stream_idle_timeout.non_zero();
+    let n = chain.len();
+
+    // The request: headers, then the start of the body, through the filters.
+    let eos = body.is_end_stream();
+    let mut request_body = None;
+    let mut stop = chain.request_headers(eos, wait).await.err();
+    if stop.is_none() {
+        if !eos && chain.wants_body(Direction::Request) {
+            let committed =
+                content_length(&chain.stream.borrow().request_headers.map).is_some_and(|n| n > 0);
+            let mut filtered = FilterBody::new(chain.clone(), Direction::Request, body);
+            stop = filtered.prime(committed, wait).await.err();
+            request_body = Some(DownstreamBody::Filtered(Box::new(filtered)));
+        } else {
+            request_body = Some(DownstreamBody::Plain(body));
+        }
+    }
+
+    let (answer, upto) = match (stop, request_body) {
+        (stop @ Some(_), _) | (stop @ None, None) => {
+            stopped(&chain, listener, stop.unwrap_or(Stop::Reset), None, grpc)?
+        }
+        (None, Some(body)) => {
+            let mut head = chain.request_head();
+            chain.fix_length(Direction::Request, &mut head.map);
+            let forwarded = match apply_request_head(&mut parts, head) {
+                Ok(()) => proxy::route_and_forward(conn, listener, parts, body, start).await,
+                Err(e) => Err((e, None)),
+            };
+            // A filter may have stopped the request body meanwhile: that decides the answer.
+            match chain.stopped(Direction::Request) {
+                Some(stop) => {
+                    let stats = forwarded.as_ref().ok().map(|a| a.stats.clone());
+                    stopped(&chain, listener, stop, stats, grpc)?
+                }
+                None => (
+                    forwarded
+                        .unwrap_or_else(|f| proxy::error_answer(conn, listener, f, http1, grpc)),
+                    n,
+                ),
+            }
+        }
+    };
+    respond(conn, listener, &chain, answer, upto, start, grpc).await
+}
+
+/// Sends an answer back through filters `upto - 1 ..= 0`; a filter that stops it replaces it
+/// (a local response, or an error) and the replacement goes through the filters before it.
+async fn respond(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    chain: &Rc<Chain>,
+    mut answer: Answer,
+    mut upto: usize,
+    start: Instant,
+    grpc: bool,
+) -> Result<Response<ResponseBody>, StreamReset> {
+    let wait = listener.http.stream_idle_timeout.non_zero();
+    let route = answer.stats.route();
+    let cluster = answer.stats.cluster();
+    let upstream = answer.endpoint.as_ref().map(|e| e.address());
+    chain.set_info(|i| {
+        i.route = (!route.is_empty()).then(|| Arc::from(route));
+        i.cluster = (!cluster.is_empty()).then(|| Arc::from(cluster));
+        i.upstream = upstream;
+        i.tries = u32::from(upstream.is_some());
+        if upstream.is_some() {
+            i.backend_latency = Some(start.elapsed());
+        }
+    });
+    loop {
+        let (mut parts, body) = answer.resp.into_parts();
+        let head = Headers {
+            pseudo: vec![pseudo(
+                b":status",
+                Bytes::from(parts.status.as_u16().to_string()),
+            )],
+            map: std::mem::take(&mut parts.headers),
+        };
+        let eos = body.is_end_stream();
+        let mut outcome = chain
+            .response_headers(upto, head, eos, wait)
+            .await
+            .map(|()| None);
+        let mut body = Some(body);
+        if outcome.is_ok() && !eos && chain.wants_body(Direction::Response) {
+            let committed = chain
+                .stream
+                .borrow()
+                .response_headers
+                .as_ref()
+                .and_then(|h| content_length(&h.map))
+                .is_some_and(|n| n > 0);
+            let mut filtered = FilterBody::new(
+                chain.clone(),
+                Direction::Response,
+                body.take().unwrap_or_else(ResponseBody::empty),
+            );
+            outcome = filtered
+                .prime(committed, wait)
+                .await
+                .map(|()| Some(filtered));
+        }
+        match outcome {
+            Ok(filtered) => {
+                let mut head = chain.response_head();
+                chain.fix_length(Direction::Response, &mut head.map);
+                if let Some(status) = head.get(b":status") {
+                    match std::str::from_utf8(status)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .and_then(|s| StatusCode::from_u16(s).ok())
+                    {
+                        Some(s) => parts.status = s,
+                        None => {
+                            tracing::warn!("a filter set an invalid :status; the original is kept")
+                        }
+                    }
+                }
+                parts.headers = head.map;
+                let body = match filtered {
+                    Some(f) => ResponseBody::filtered(f),
+                    None => body.unwrap_or_else(ResponseBody::empty),
+                };
+                answer.resp = Response::from_parts(parts, body);
+                return Ok(proxy::complete(
+                    conn,
+                    listener,
+                    answer,
+                    start,
+                    Some(chain.clone()),
+                ));
+            }
+            Err(stop) => {
+                let (next, next_upto) =
+                    stopped(chain, listener, stop, Some(answer.stats.clone()), grpc)?;
+                answer = next;
+                upto = next_upto;
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Header, trailer and metadata maps: `proxy_{get,set}_header_map_pairs`,
+//! `proxy_get_header_map_{size,value}`, `proxy_{add,replace,remove}_header_map_value`.
+//!
+//! Availability (Envoy's windows, made lenient where Envoy's strictness only makes SDKs panic):
+//! request headers stay readable and writable for the whole stream (edits after they went
+//! upstream have no effect, as on Envoy — but they go out later than on Envoy: after the first
+//! body bytes passed the filters, so a filter that looks at the body can still change them);
+//! response headers likewise once there is a response; trailers once they exist (and addable
+//! from the last body callback);
+//! callout maps only while a callout is being delivered. An unavailable map reads as empty
+//! (`get_*_pairs`) or absent (`get_*_value`: NOT_FOUND); writing to it is BAD_ARGUMENT.
+
+use wasmtime::Caller;
+use weft_abi::{MapType, Status, deserialize_pairs};
+
+use super::memory::{HostResult, give, read, status, with_bytes, write_u32};
+use crate::wasm::state::{Headers, HostState, Phase, StreamData};
+
+/// Applies `f` to map `map` for reading.
+fn read_map<R>(state: &HostState, map: MapType, f: impl FnOnce(Option<&Headers>) -> R) -> R {
+    match map {
+        MapType::GrpcReceiveInitialMetadata | MapType::HttpCallResponseHeaders => {
+            f(state.callout.as_ref().map(|c| &c.headers))
+        }
+        MapType::GrpcReceiveTrailingMetadata | MapType::HttpCallResponseTrailers => {
+            f(state.callout.as_ref().map(|c| &c.trailers))
+        }
+        _ => match state.stream() {
+            None => f(None),
+            Some(stream) => {
+                let s = stream.borrow();
+                f(match map {
+                    MapType::HttpRequestHeaders => Some(&s.request_headers),
+                    MapType::HttpRequestTrailers => s.request_trailers.as_ref(),
+                    MapType::HttpResponseHeaders => s.response_headers.as_ref(),
+                    MapType::HttpResponseTrailers => s.response_trailers.as_ref(),
+                    _ => None,
+                })
+            }
+        },
+    }
+}
+
+/// The map `map` of the stream, if it may be written now.
+fn writable(s: &mut StreamData, map: MapType, phase: Phase, eos: bool) -> Option<&mut Headers> {
+    match map {
+        MapType::HttpRequestHeaders => Some(&mut s.request_headers),
+        MapType::HttpResponseHeaders => s.response_headers.as_mut(),
+        MapType::HttpRequestTrailers => {
+            // Trailers may be created from the last request body callback.
+            if s.request_trailers.is_none() && phase == Phase::RequestBody && eos {
+                s.request_trailers = Some(Headers::default());
+            }
+            s.request_trailers.as_mut()
+        }
+        MapType::HttpResponseTrailers => {
+            if s.response_trailers.is_none() && phase == Phase::ResponseBody && eos {
+                s.response_trailers = Some(Headers::default());
+            }
+            s.response_trailers.as_mut()
+        }
+        _ => None,
+    }
+}
+
+fn map_type(t: i32) -> Result<MapType, Status> {
+    MapType::from_u32(t as u32).ok_or(Status::BadArgument)
+}
+
+/// Runs `f` on the writable map `map` of the effective stream.
+fn edit(
+    caller: &mut Caller<'_, HostState>,
+    map: i32,
+    f: impl FnOnce(&mut Headers) -> Result<(), Status>,
+) -> HostResult {
+    let map = map_type(map)?;
+    let call = caller.data().call;
+    let stream = caller.data().stream().ok_or(Status::BadArgument)?;
+    let mut s = stream.borrow_mut();
+    let h = writable(&mut s, map, call.phase, call.end_of_stream).ok_or(Status::BadArgument)?;
+    f(h)
+}
+
+pub fn get_header_map_pairs(
+    mut caller: Caller<'_, HostState>,
+    map: i32,
+    ret_ptr: i32,
+    ret_len: i32,
+) -> i32 {
+    status((|| {
+        let map = map_type(map)?;
+        let bytes = read_map(caller.data(), map, |h| h.map(Headers::serialize));
+        // An unavailable map is empty (Envoy answers OK; the Rust SDK accepts nothing else).
+        give(
+            &mut caller,
+            bytes.as_deref().unwrap_or_default(),
+            ret_ptr,
+            ret_len,
+        )
+    })())
+}
+
+pub fn set_header_map_pairs(
+    mut caller: Caller<'_, HostState>,
+    map: i32,
+    ptr: i32,
+    len: i32,
+) -> i32 {
+    status((|| {
+        let bytes = read(&mut caller, ptr, len)?;
+        let pairs = deserialize_pairs(&bytes).map_err(|_| Status::BadArgument)?;
+        edit(&mut caller, map, |h| {
+            h.set_all(&pairs).map_err(|_| Status::BadArgument)
+        })
+    })())
+}
+
+pub fn get_header_map_size(mut caller: Caller<'_, HostState>, map: i32, ret_size: i32) -> i32 {
+    status((|| {
+        let map = map_type(map)?;
+        let size = read_map(caller.data(), map, |h| h.map_or(0, Headers::byte_size));
+        write_u32(&mut caller, ret_size, size as u32)
+    })())
+}
+
+pub fn get_header_map_value(
+    mut caller: Caller<'_, HostState>,
+    map: i32,
+    key_ptr: i32,
+    key_len: i32,
+    ret_ptr: i32,
+    ret_len: i32,
+) -> i32 {
+    status((|| {
+        let map = map_type(map)?;
+        let value = with_bytes(&mut caller, key_ptr, key_len, |key, state| {
+            read_map(state, map, |h| {
+                h.and_then(|h| h.get(key)).map(<[u8]>::to_vec)
+            })
+        })?;
+        match value {
+            Some(v) => give(&mut caller, &v, ret_ptr, ret_len),
+            // v0.1.0 modules expect OK with an empty value for a missing key.
+            None if caller.data().abi == weft_abi::AbiVersion::V0_1_0 => {
+                give(&mut caller, &[], ret_ptr, ret_len)
+            }
+            None => Err(Status::NotFound),
+        }
+    })())
+}
+
+pub fn add_header_map_value(
+    mut caller: Caller<'_, HostState>,
+    map: i32,
+    key_ptr: i32,
+    key_len: i32,
+    value_ptr: i32,
+    value_len: i32,
+) -> i32 {
+    status((|| {
+        let key = read(&mut caller, key_ptr, key_len)?;
+        let value = read(&mut caller, value_ptr, value_len)?;
+        edit(&mut caller, map, |h| {
+            h.add(&key, &value).map_err(|_| Status::BadArgument)
+        })
+    })())
+}
+
+pub fn replace_header_map_value(
+    mut caller: Caller<'_, HostState>,
+    map: i32,
+    key_ptr: i32,
+    key_len: i32,
+    value_ptr: i32,
+    value_len: i32,
+) -> i32 {
+    status((|| {
+        let key = read(&mut caller, key_ptr, key_len)?;
+        let value = read(&mut caller, value_ptr, value_len)?;
+        edit(&mut caller, map, |h| {
+            h.replace(&key, &value).map_err(|_| Status::BadArgument)
+        })
+    })())
+}
+
+pub fn remove_header_map_value(
+    mut caller: Caller<'_, HostState>,
+    map: i32,
+    key_ptr: i32,
+    key_len: i32,
+) -> i32 {
+    status((|| {
+        let key = read(&mut caller, key_ptr, key_len)?;
+        edit(&mut caller, map, |h| {
+            h.remove(&key);
+            Ok(())
+        })
+    })())
+}

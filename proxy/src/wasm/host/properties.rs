@@ -1,0 +1,241 @@
+//! Properties: `proxy_get_property`, `proxy_set_property`, with Envoy's attribute names and
+//! encodings (strings raw; int64 and uint64 as 8 bytes little-endian; bool as 1 byte;
+//! timestamps and durations as int64 nanoseconds; maps in the pairs encoding).
+//!
+//! | path | type |
+//! |---|---|
+//! | `plugin_name`, `plugin_root_id`, `plugin_vm_id` | string |
+//! | `request.path` `.url_path` `.host` `.scheme` `.method` `.referer` `.useragent` `.id` `.protocol` `.query` | string |
+//! | `request.headers` (map), `request.headers.<name>` | map / string |
+//! | `request.time` | timestamp; `request.duration` duration; `request.size` `.total_size` `.headers_bytes` int |
+//! | `response.code` `.grpc_status` `.size` `.total_size` `.headers_bytes` `.flags` | int |
+//! | `response.code_details` string; `response.headers` `.trailers` map; `response.backend_latency` duration |
+//! | `source.address` `destination.address` (`ip:port`), `.port` (int) | string / int |
+//! | `connection.id` (uint), `connection.mtls` (bool), `connection.requested_server_name` | |
+//! | `upstream.address`, `upstream.port`, `upstream.request_attempt_count` (uint) | |
+//! | `route_name`, `cluster_name`, `listener_name` (also under `xds.`) | string |
+//! | any other name | what `proxy_set_property` stored for this request |
+
+use std::net::SocketAddr;
+use std::time::{Duration, UNIX_EPOCH};
+
+use wasmtime::Caller;
+use weft_abi::{Status, serialize_pairs, split_property_path};
+
+use super::memory::{give, read, status, with_bytes};
+use crate::wasm::state::{Headers, HostState, StreamData};
+
+fn int(v: i64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+fn uint(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+fn duration(d: Duration) -> Vec<u8> {
+    int(d.as_nanos() as i64)
+}
+
+/// Map property: names lower-case, several values joined by `,`.
+fn map(h: &Headers) -> Vec<u8> {
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(h.len());
+    for (k, v) in &h.pseudo {
+        pairs.push((k.to_vec(), v.to_vec()));
+    }
+    for name in h.map.keys() {
+        let mut joined = Vec::new();
+        for (i, v) in h.map.get_all(name).iter().enumerate() {
+            if i > 0 {
+                joined.push(b',');
+            }
+            joined.extend_from_slice(v.as_bytes());
+        }
+        pairs.push((name.as_str().as_bytes().to_vec(), joined));
+    }
+    serialize_pairs(&pairs)
+}
+
+fn header(h: &Headers, name: &[u8]) -> Option<Vec<u8>> {
+    if name.first() == Some(&b':') {
+        return h.get(name).map(<[u8]>::to_vec);
+    }
+    let name = http::HeaderName::from_bytes(name).ok()?;
+    let mut values = h.map.get_all(name).iter().peekable();
+    values.peek()?;
+    let mut out = Vec::new();
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
+fn addr(a: Option<SocketAddr>, field: &[u8]) -> Option<Vec<u8>> {
+    let a = a?;
+    match field {
+        b"address" => Some(a.to_string().into_bytes()),
+        b"port" => Some(int(i64::from(a.port()))),
+        _ => None,
+    }
+}
+
+fn request(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
+    let h = &s.request_headers;
+    let full_path = h.get(b":path").unwrap_or(b"/");
+    match *path.first()? {
+        b"path" => Some(full_path.to_vec()),
+        b"url_path" => Some(
+            full_path
+                .split(|b| *b == b'?')
+                .next()
+                .unwrap_or(b"/")
+                .to_vec(),
+        ),
+        b"query" => Some(
+            full_path
+                .iter()
+                .position(|b| *b == b'?')
+                .map(|i| full_path[i + 1..].to_vec())
+                .unwrap_or_default(),
+        ),
+        b"host" => h.get(b":authority").map(<[u8]>::to_vec),
+        b"scheme" => h.get(b":scheme").map(<[u8]>::to_vec),
+        b"method" => h.get(b":method").map(<[u8]>::to_vec),
+        b"referer" => header(h, b"referer"),
+        b"useragent" => header(h, b"user-agent"),
+        b"id" => header(h, b"x-request-id"),
+        b"protocol" => Some(s.info.protocol.as_bytes().to_vec()),
+        b"headers" => match path.get(1) {
+            Some(name) => header(h, &name.to_ascii_lowercase()),
+            None => Some(map(h)),
+        },
+        b"time" => {
+            let t = s.info.start?.duration_since(UNIX_EPOCH).ok()?;
+            Some(duration(t))
+        }
+        b"duration" => s.info.duration.map(duration),
+        b"size" => Some(int(s.info.request_body_bytes as i64)),
+        b"headers_bytes" => Some(int(h.byte_size() as i64)),
+        b"total_size" => Some(int(
+            (h.byte_size() as u64 + s.info.request_body_bytes) as i64
+        )),
+        _ => None,
+    }
+}
+
+fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
+    let h = s.response_headers.as_ref();
+    match *path.first()? {
+        b"code" => s.info.response_code.map(|c| int(i64::from(c))),
+        b"code_details" => s
+            .info
+            .response_details
+            .as_ref()
+            .map(|d| d.as_bytes().to_vec()),
+        b"grpc_status" => {
+            let from =
+                |h: Option<&Headers>| h.and_then(|h| h.get(b"grpc-status")).map(<[u8]>::to_vec);
+            let v = from(s.response_trailers.as_ref()).or_else(|| from(h))?;
+            let n: i64 = std::str::from_utf8(&v).ok()?.trim().parse().ok()?;
+            Some(int(n))
+        }
+        b"headers" => match path.get(1) {
+            Some(name) => header(h?, &name.to_ascii_lowercase()),
+            None => Some(map(h?)),
+        },
+        b"trailers" => match path.get(1) {
+            Some(name) => header(s.response_trailers.as_ref()?, &name.to_ascii_lowercase()),
+            None => Some(map(s.response_trailers.as_ref()?)),
+        },
+        b"size" => Some(int(s.info.response_body_bytes as i64)),
+        b"headers_bytes" => Some(int(h.map_or(0, Headers::byte_size) as i64)),
+        b"total_size" => Some(int(
+            (h.map_or(0, Headers::byte_size) as u64 + s.info.response_body_bytes) as i64
+        )),
+        b"flags" => Some(uint(0)),
+        b"backend_latency" => s.info.backend_latency.map(duration),
+        _ => None,
+    }
+}
+
+fn stream_property(s: &StreamData, segs: &[&[u8]], raw_path: &[u8]) -> Option<Vec<u8>> {
+    let rest = &segs[1..];
+    match segs[0] {
+        b"request" => request(s, rest),
+        b"response" => response(s, rest),
+        b"source" => addr(s.info.peer, rest.first()?),
+        b"destination" => addr(s.info.local, rest.first()?),
+        b"upstream" => match *rest.first()? {
+            b"request_attempt_count" => Some(uint(u64::from(s.info.tries))),
+            field => addr(s.info.upstream, field),
+        },
+        b"connection" => match *rest.first()? {
+            b"id" => Some(uint(s.info.connection_id)),
+            b"mtls" => Some(vec![0]),
+            b"requested_server_name" => Some(Vec::new()),
+            _ => None,
+        },
+        b"route_name" => s.info.route.as_ref().map(|r| r.as_bytes().to_vec()),
+        b"cluster_name" => s.info.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
+        b"listener_name" => Some(s.info.listener.as_bytes().to_vec()),
+        b"xds" => match *rest.first()? {
+            b"route_name" => s.info.route.as_ref().map(|r| r.as_bytes().to_vec()),
+            b"cluster_name" => s.info.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
+            b"listener_name" => Some(s.info.listener.as_bytes().to_vec()),
+            _ => None,
+        },
+        _ => s.filter_state.get(raw_path).map(|v| v.to_vec()),
+    }
+}
+
+fn property(state: &HostState, raw_path: &[u8]) -> Option<Vec<u8>> {
+    let segs = split_property_path(raw_path);
+    let first = *segs.first()?;
+    if let Some(plugin) = state.plugin() {
+        match first {
+            b"plugin_name" => return Some(plugin.name.as_bytes().to_vec()),
+            b"plugin_root_id" => return Some(plugin.root_id.as_bytes().to_vec()),
+            b"plugin_vm_id" => return Some(plugin.vm_id.as_bytes().to_vec()),
+            _ => {}
+        }
+    }
+    let stream = state.stream()?;
+    let s = stream.borrow();
+    stream_property(&s, &segs, raw_path)
+}
+
+pub fn get_property(
+    mut caller: Caller<'_, HostState>,
+    path_ptr: i32,
+    path_len: i32,
+    ret_ptr: i32,
+    ret_len: i32,
+) -> i32 {
+    status((|| {
+        let value = with_bytes(&mut caller, path_ptr, path_len, |path, state| {
+            property(state, path)
+        })?;
+        let value = value.ok_or(Status::NotFound)?;
+        give(&mut caller, &value, ret_ptr, ret_len)
+    })())
+}
+
+/// Stores a value for this request (readable back, and by the other filters of the stream).
+pub fn set_property(
+    mut caller: Caller<'_, HostState>,
+    path_ptr: i32,
+    path_len: i32,
+    value_ptr: i32,
+    value_len: i32,
+) -> i32 {
+    status((|| {
+        let path = read(&mut caller, path_ptr, path_len)?;
+        let value = read(&mut caller, value_ptr, value_len)?;
+        let stream = caller.data().stream().ok_or(Status::NotFound)?;
+        stream.borrow_mut().filter_state.insert(path, value.into());
+        Ok(())
+    })())
+}

@@ -1,0 +1,502 @@
+//! What VMs share across workers, in host memory: key-value data with compare-and-swap and
+//! queues (both scoped by `vm_id`), guest-defined metrics, and the host's own Wasm metrics.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::mpsc::UnboundedSender;
+use weft_abi::{MetricType, Status};
+
+use crate::metrics::Metrics;
+
+/// Most distinct metrics one filter may define (label sets count separately); beyond it,
+/// definitions succeed but record nothing, and are counted as dropped.
+pub const MAX_METRICS_PER_FILTER: usize = 1000;
+
+/// A notification for the worker that consumes a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueReady {
+    pub vm: u64,
+    pub root: u32,
+    pub queue: u32,
+}
+
+struct Queue {
+    items: VecDeque<Bytes>,
+    /// The last root context to register the queue: its worker is told of new items.
+    consumer: Option<(UnboundedSender<QueueReady>, u64, u32)>,
+}
+
+#[derive(Default)]
+struct Queues {
+    by_name: HashMap<(Arc<str>, Vec<u8>), u32>,
+    queues: HashMap<u32, Queue>,
+    next: u32,
+}
+
+type LabelSet = Vec<(String, String)>;
+
+/// One `vm_id`'s shared data: key → (value, CAS).
+type SharedData = HashMap<Vec<u8>, (Bytes, u32)>;
+type HistogramFamily = Family<LabelSet, Histogram, fn() -> Histogram>;
+
+fn guest_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 24))
+}
+
+#[derive(Clone)]
+enum GuestMetric {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+    /// Past the cardinality cap.
+    Dropped,
+}
+
+#[derive(Default)]
+struct GuestMetrics {
+    ids: HashMap<(Arc<str>, MetricType, String), u32>,
+    metrics: Vec<(MetricType, GuestMetric)>,
+    per_filter: HashMap<Arc<str>, usize>,
+    counters: HashMap<String, Family<LabelSet, Counter>>,
+    gauges: HashMap<String, Family<LabelSet, Gauge>>,
+    histograms: HashMap<String, HistogramFamily>,
+}
+
+/// Host-global Wasm state.
+pub struct SharedHost {
+    data: Mutex<HashMap<Arc<str>, SharedData>>,
+    cas: AtomicU32,
+    queues: Mutex<Queues>,
+    guest: Mutex<GuestMetrics>,
+    metrics: Arc<Metrics>,
+    pub stats: WasmStats,
+}
+
+impl std::fmt::Debug for SharedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedHost")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct FilterLabels {
+    pub filter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TrapLabels {
+    pub filter: String,
+    pub kind: &'static str,
+}
+
+/// The host's own metrics of Wasm filters.
+#[derive(Clone)]
+pub struct WasmStats {
+    pub traps: Family<TrapLabels, Counter>,
+    pub vm_starts: Family<FilterLabels, Counter>,
+    pub call_time: Family<FilterLabels, Histogram, fn() -> Histogram>,
+    pub metrics_dropped: Family<FilterLabels, Counter>,
+}
+
+impl std::fmt::Debug for WasmStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WasmStats")
+    }
+}
+
+fn call_time_histogram() -> Histogram {
+    // 1 µs … ~0.5 s.
+    Histogram::new(exponential_buckets(1e-6, 2.0, 20))
+}
+
+/// Turns a guest metric name into a Prometheus one: `name{k="v",...}` gives labels; invalid
+/// characters become `_`; the `weft_wasm_` prefix keeps guests apart from the host's metrics.
+fn parse_name(raw: &str) -> (String, LabelSet) {
+    let (base, labels) = match raw.split_once('{') {
+        Some((b, rest)) if rest.ends_with('}') => (b, Some(&rest[..rest.len() - 1])),
+        _ => (raw, None),
+    };
+    let mut name = String::from("weft_wasm_");
+    for c in base.chars() {
+        name.push(if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            c
+        } else {
+            '_'
+        });
+    }
+    let mut set = Vec::new();
+    if let Some(labels) = labels {
+        for part in labels.split(',') {
+            if let Some((k, v)) = part.split_once('=') {
+                let k: String = k
+                    .trim()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '_' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                let v = v.trim().trim_matches('"').to_owned();
+                if !k.is_empty() && k != "filter" {
+                    set.push((k, v));
+                }
+            }
+        }
+    }
+    (name, set)
+}
+
+impl SharedHost {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<SharedHost> {
+        let stats = WasmStats {
+            traps: Family::default(),
+            vm_starts: Family::default(),
+            call_time: Family::new_with_constructor(call_time_histogram),
+            metrics_dropped: Family::default(),
+        };
+        metrics.with_registry(|r| {
+            r.register(
+                "wasm_traps",
+                "Calls into a filter's VM that failed (kind: trap, deadline, memory), each taking the VM down",
+                stats.traps.clone(),
+            );
+            r.register(
+                "wasm_vm_starts",
+                "Filter VMs started (one per worker, again after a failure)",
+                stats.vm_starts.clone(),
+            );
+            r.register(
+                "wasm_call_duration_seconds",
+                "Time spent inside a filter's VM per request",
+                stats.call_time.clone(),
+            );
+            r.register(
+                "wasm_metrics_dropped",
+                "Metric definitions past a filter's cardinality cap (they record nothing)",
+                stats.metrics_dropped.clone(),
+            );
+        });
+        Arc::new(SharedHost {
+            data: Mutex::new(HashMap::new()),
+            cas: AtomicU32::new(0),
+            queues: Mutex::new(Queues::default()),
+            guest: Mutex::new(GuestMetrics::default()),
+            metrics,
+            stats,
+        })
+    }
+
+    fn next_cas(&self) -> u32 {
+        loop {
+            let c = self.cas.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            if c != 0 {
+                return c;
+            }
+        }
+    }
+
+    /// `proxy_get_shared_data`: value and CAS.
+    pub fn get(&self, vm_id: &Arc<str>, key: &[u8]) -> Option<(Bytes, u32)> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.get(vm_id)?.get(key).cloned()
+    }
+
+    /// `proxy_set_shared_data`: `cas` 0 writes unconditionally, otherwise it must be the
+    /// current CAS of an existing key. `None` removes the key.
+    pub fn set(
+        &self,
+        vm_id: &Arc<str>,
+        key: &[u8],
+        value: Option<Bytes>,
+        cas: u32,
+    ) -> Result<(), Status> {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let map = data.entry(vm_id.clone()).or_default();
+        if cas != 0
+            && let Some((_, current)) = map.get(key)
+            && *current != cas
+        {
+            return Err(Status::CasMismatch);
+        }
+        match value {
+            Some(v) => {
+                let c = self.next_cas();
+                map.insert(key.to_vec(), (v, c));
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// `proxy_register_shared_queue`: create or open, and become its consumer.
+    pub fn register_queue(
+        &self,
+        vm_id: &Arc<str>,
+        name: &[u8],
+        notify: UnboundedSender<QueueReady>,
+        vm: u64,
+        root: u32,
+    ) -> u32 {
+        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (vm_id.clone(), name.to_vec());
+        let id = match q.by_name.get(&key) {
+            Some(id) => *id,
+            None => {
+                q.next += 1;
+                let id = q.next;
+                q.by_name.insert(key, id);
+                q.queues.insert(
+                    id,
+                    Queue {
+                        items: VecDeque::new(),
+                        consumer: None,
+                    },
+                );
+                id
+            }
+        };
+        if let Some(queue) = q.queues.get_mut(&id) {
+            queue.consumer = Some((notify, vm, root));
+        }
+        id
+    }
+
+    /// `proxy_resolve_shared_queue`.
+    pub fn resolve_queue(&self, vm_id: &Arc<str>, name: &[u8]) -> Option<u32> {
+        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        q.by_name.get(&(vm_id.clone(), name.to_vec())).copied()
+    }
+
+    /// `proxy_enqueue_shared_queue`: the consumer's worker is told.
+    pub fn enqueue(&self, id: u32, value: Bytes) -> Result<(), Status> {
+        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = q.queues.get_mut(&id).ok_or(Status::NotFound)?;
+        queue.items.push_back(value);
+        if let Some((tx, vm, root)) = &queue.consumer {
+            let _ = tx.send(QueueReady {
+                vm: *vm,
+                root: *root,
+                queue: id,
+            });
+        }
+        Ok(())
+    }
+
+    /// `proxy_dequeue_shared_queue`.
+    pub fn dequeue(&self, id: u32) -> Result<Bytes, Status> {
+        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = q.queues.get_mut(&id).ok_or(Status::NotFound)?;
+        queue.items.pop_front().ok_or(Status::Empty)
+    }
+
+    /// `proxy_define_metric`: the id of `name` (with its `{labels}`) for `filter`; defining it
+    /// again gives the same id.
+    pub fn define_metric(&self, filter: &Arc<str>, t: MetricType, raw: &str) -> u32 {
+        let mut g = self.guest.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (filter.clone(), t, raw.to_owned());
+        if let Some(id) = g.ids.get(&key) {
+            return *id;
+        }
+        let count = g.per_filter.entry(filter.clone()).or_insert(0);
+        let metric = if *count >= MAX_METRICS_PER_FILTER {
+            self.stats
+                .metrics_dropped
+                .get_or_create(&FilterLabels {
+                    filter: filter.to_string(),
+                })
+                .inc();
+            GuestMetric::Dropped
+        } else {
+            *count += 1;
+            let (name, mut labels) = parse_name(raw);
+            labels.insert(0, ("filter".to_owned(), filter.to_string()));
+            let metrics = &self.metrics;
+            match t {
+                MetricType::Counter => {
+                    let family = g.counters.entry(name.clone()).or_insert_with(|| {
+                        let f = Family::<LabelSet, Counter>::default();
+                        metrics.with_registry(|r| {
+                            r.register(name.clone(), "Defined by a Wasm filter", f.clone())
+                        });
+                        f
+                    });
+                    let c = family.get_or_create(&labels).clone();
+                    GuestMetric::Counter(c)
+                }
+                MetricType::Gauge => {
+                    let gname = if g.counters.contains_key(&name) {
+                        format!("{name}_gauge")
+                    } else {
+                        name
+                    };
+                    let family = g.gauges.entry(gname.clone()).or_insert_with(|| {
+                        let f = Family::<LabelSet, Gauge>::default();
+                        metrics.with_registry(|r| {
+                            r.register(gname.clone(), "Defined by a Wasm filter", f.clone())
+                        });
+                        f
+                    });
+                    let m = family.get_or_create(&labels).clone();
+                    GuestMetric::Gauge(m)
+                }
+                MetricType::Histogram => {
+                    let hname = if g.counters.contains_key(&name) || g.gauges.contains_key(&name) {
+                        format!("{name}_histogram")
+                    } else {
+                        name
+                    };
+                    let family = g.histograms.entry(hname.clone()).or_insert_with(|| {
+                        let f: HistogramFamily = Family::new_with_constructor(guest_histogram);
+                        metrics.with_registry(|r| {
+                            r.register(hname.clone(), "Defined by a Wasm filter", f.clone())
+                        });
+                        f
+                    });
+                    let m = family.get_or_create(&labels).clone();
+                    GuestMetric::Histogram(m)
+                }
+            }
+        };
+        let id = ((g.metrics.len() as u32 + 1) << 2) | t as u32;
+        g.metrics.push((t, metric));
+        g.ids.insert(key, id);
+        id
+    }
+
+    fn metric(&self, id: u32) -> Option<(MetricType, GuestMetric)> {
+        let g = self.guest.lock().unwrap_or_else(|e| e.into_inner());
+        g.metrics.get(((id >> 2) as usize).checked_sub(1)?).cloned()
+    }
+
+    /// `proxy_record_metric`: counter adds, gauge sets, histogram records.
+    pub fn record(&self, id: u32, value: u64) -> Result<(), Status> {
+        match self.metric(id).ok_or(Status::NotFound)?.1 {
+            GuestMetric::Counter(c) => {
+                c.inc_by(value);
+            }
+            GuestMetric::Gauge(g) => {
+                g.set(value as i64);
+            }
+            GuestMetric::Histogram(h) => h.observe(value as f64),
+            GuestMetric::Dropped => {}
+        }
+        Ok(())
+    }
+
+    /// `proxy_increment_metric`: counters only go up; gauges either way.
+    pub fn increment(&self, id: u32, delta: i64) -> Result<(), Status> {
+        match self.metric(id).ok_or(Status::NotFound)?.1 {
+            GuestMetric::Counter(c) if delta >= 0 => {
+                c.inc_by(delta as u64);
+            }
+            GuestMetric::Gauge(g) => {
+                g.inc_by(delta);
+            }
+            GuestMetric::Dropped => {}
+            _ => return Err(Status::BadArgument),
+        }
+        Ok(())
+    }
+
+    /// `proxy_get_metric`: counters and gauges (not histograms).
+    pub fn value(&self, id: u32) -> Result<u64, Status> {
+        match self.metric(id).ok_or(Status::NotFound)?.1 {
+            GuestMetric::Counter(c) => Ok(c.get()),
+            GuestMetric::Gauge(g) => Ok(g.get() as u64),
+            GuestMetric::Dropped => Ok(0),
+            GuestMetric::Histogram(_) => Err(Status::BadArgument),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cas_semantics() {
+        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let vm: Arc<str> = Arc::from("vm");
+        assert!(h.get(&vm, b"k").is_none());
+        h.set(&vm, b"k", Some(Bytes::from_static(b"1")), 12345)
+            .expect("a missing key takes any cas");
+        let (v, cas) = h.get(&vm, b"k").expect("set");
+        assert_eq!(&v[..], b"1");
+        assert_ne!(cas, 0);
+        h.set(&vm, b"k", Some(Bytes::from_static(b"2")), cas)
+            .expect("matching cas");
+        assert_eq!(
+            h.set(&vm, b"k", Some(Bytes::from_static(b"3")), cas),
+            Err(Status::CasMismatch),
+            "a stale cas loses"
+        );
+        h.set(&vm, b"k", None, 0).expect("remove");
+        assert!(h.get(&vm, b"k").is_none());
+        assert!(
+            h.get(&Arc::from("other"), b"k").is_none(),
+            "scoped by vm_id"
+        );
+    }
+
+    #[test]
+    fn queues_notify_their_consumer() {
+        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let vm: Arc<str> = Arc::from("vm");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = h.register_queue(&vm, b"q", tx, 7, 1);
+        assert_eq!(h.resolve_queue(&vm, b"q"), Some(id));
+        assert_eq!(h.resolve_queue(&vm, b"nope"), None);
+        h.enqueue(id, Bytes::from_static(b"a")).expect("enqueue");
+        assert_eq!(rx.try_recv().expect("notified").queue, id);
+        assert_eq!(&h.dequeue(id).expect("item")[..], b"a");
+        assert_eq!(h.dequeue(id), Err(Status::Empty));
+        assert_eq!(h.dequeue(999), Err(Status::NotFound));
+    }
+
+    #[test]
+    fn guest_metrics_are_exported_with_labels_and_capped() {
+        let m = Arc::new(Metrics::new());
+        let h = SharedHost::new(m.clone());
+        let f: Arc<str> = Arc::from("telemetry");
+        let c = h.define_metric(&f, MetricType::Counter, "requests{code=\"200\"}");
+        assert_eq!(
+            h.define_metric(&f, MetricType::Counter, "requests{code=\"200\"}"),
+            c
+        );
+        h.record(c, 2).expect("record");
+        h.increment(c, 3).expect("increment");
+        assert_eq!(h.value(c), Ok(5));
+        assert_eq!(h.increment(c, -1), Err(Status::BadArgument));
+        let hist = h.define_metric(&f, MetricType::Histogram, "latency_ms");
+        h.record(hist, 12).expect("observe");
+        assert_eq!(h.value(hist), Err(Status::BadArgument));
+        let text = m.encode();
+        assert!(
+            text.contains("weft_wasm_requests_total{filter=\"telemetry\",code=\"200\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_wasm_latency_ms_count{filter=\"telemetry\"} 1"),
+            "{text}"
+        );
+        for i in 0..MAX_METRICS_PER_FILTER + 5 {
+            h.define_metric(&f, MetricType::Counter, &format!("c{i}"));
+        }
+        assert!(
+            m.encode()
+                .contains("weft_wasm_metrics_dropped_total{filter=\"telemetry\"}")
+        );
+    }
+}

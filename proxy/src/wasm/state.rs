@@ -1,0 +1,435 @@
+//! What host functions read and write: each VM's store data ([`HostState`]) with its contexts,
+//! and what an HTTP stream shares with the contexts of its filters ([`StreamData`]).
+//!
+//! Everything here is ABI-shaped (header maps as byte pairs, bodies as bytes): the filter chain
+//! ([`super::chain`]) converts between it and the proxy's HTTP types.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use wasmtime::{Memory, StoreLimits, TypedFunc};
+use weft_abi::{AbiVersion, LogLevel};
+
+use super::shared::SharedHost;
+use super::vm::Vm;
+use super::worker::WasmWorker;
+
+/// A list of pairs as a guest sent them (local response headers).
+pub type Pairs = Vec<(Bytes, Bytes)>;
+
+/// A header (trailer, metadata) map as the ABI sees it: pseudo-headers (`:method`, `:path`,
+/// `:authority`, `:scheme`, `:status`) first, then the fields. The fields stay in the proxy's
+/// own `HeaderMap`, moved in and out of the stream, never copied.
+#[derive(Debug, Default, Clone)]
+pub struct Headers {
+    pub pseudo: Vec<(Bytes, Bytes)>,
+    pub map: HeaderMap,
+}
+
+/// Why a guest's header edit was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadHeader;
+
+fn is_pseudo(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b":method" | b":path" | b":authority" | b":scheme" | b":status" | b":protocol"
+    )
+}
+
+impl Headers {
+    /// The first value of `name` (names compare lower-case).
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        if name.first() == Some(&b':') {
+            return self
+                .pseudo
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| &v[..]);
+        }
+        let name = HeaderName::from_bytes(name).ok()?;
+        self.map.get(name).map(HeaderValue::as_bytes)
+    }
+
+    /// Entries, pseudo-headers first.
+    pub fn len(&self) -> usize {
+        self.pseudo.len() + self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of names and values.
+    pub fn byte_size(&self) -> usize {
+        self.pseudo
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + self
+                .map
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len())
+                .sum::<usize>()
+    }
+
+    /// The map in the ABI's pairs encoding.
+    pub fn serialize(&self) -> Vec<u8> {
+        let mut pairs: Vec<(&[u8], &[u8])> = Vec::with_capacity(self.len());
+        pairs.extend(self.pseudo.iter().map(|(k, v)| (&k[..], &v[..])));
+        pairs.extend(
+            self.map
+                .iter()
+                .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+        );
+        weft_abi::serialize_pairs(&pairs)
+    }
+
+    fn value(v: &[u8]) -> Result<HeaderValue, BadHeader> {
+        HeaderValue::from_bytes(v).map_err(|_| BadHeader)
+    }
+
+    /// Adds an occurrence (a pseudo-header is set instead: it has one value).
+    pub fn add(&mut self, name: &[u8], value: &[u8]) -> Result<(), BadHeader> {
+        if name.first() == Some(&b':') {
+            return self.replace(name, value);
+        }
+        let n = HeaderName::from_bytes(name).map_err(|_| BadHeader)?;
+        self.map.append(n, Self::value(value)?);
+        Ok(())
+    }
+
+    /// Sets the one value of `name` (replacing all occurrences).
+    pub fn replace(&mut self, name: &[u8], value: &[u8]) -> Result<(), BadHeader> {
+        if name.first() == Some(&b':') {
+            let lower = name.to_ascii_lowercase();
+            if !is_pseudo(&lower) || value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                return Err(BadHeader);
+            }
+            let v = Bytes::copy_from_slice(value);
+            match self.pseudo.iter_mut().find(|(k, _)| k[..] == lower[..]) {
+                Some(slot) => slot.1 = v,
+                None => self.pseudo.push((Bytes::from(lower), v)),
+            }
+            return Ok(());
+        }
+        let n = HeaderName::from_bytes(name).map_err(|_| BadHeader)?;
+        self.map.insert(n, Self::value(value)?);
+        Ok(())
+    }
+
+    /// Removes every occurrence of `name` (fine if there is none).
+    pub fn remove(&mut self, name: &[u8]) {
+        if name.first() == Some(&b':') {
+            self.pseudo.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        } else if let Ok(n) = HeaderName::from_bytes(name) {
+            self.map.remove(n);
+        }
+    }
+
+    /// Replaces the whole map with `pairs` (a guest's `proxy_set_header_map_pairs`).
+    pub fn set_all(&mut self, pairs: &[(&[u8], &[u8])]) -> Result<(), BadHeader> {
+        let mut next = Headers {
+            pseudo: Vec::new(),
+            map: HeaderMap::with_capacity(pairs.len()),
+        };
+        for (k, v) in pairs {
+            next.add(k, v)?;
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Headers built from guest pairs.
+    pub fn from_pairs(pairs: &[(&[u8], &[u8])]) -> Result<Headers, BadHeader> {
+        let mut h = Headers::default();
+        h.set_all(pairs)?;
+        Ok(h)
+    }
+}
+
+/// What the guest is being called for: decides which buffers and maps are readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Start,
+    ContextCreate,
+    VmStart,
+    Configure,
+    Tick,
+    QueueReady,
+    HttpCallResponse,
+    GrpcInitialMetadata,
+    GrpcReceive,
+    GrpcTrailingMetadata,
+    GrpcClose,
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    Log,
+    Done,
+    Delete,
+}
+
+/// Which way a body flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request = 0,
+    Response = 1,
+}
+
+/// A local response a filter asked for (`proxy_send_local_response`).
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub details: Bytes,
+    pub body: Bytes,
+    pub headers: Pairs,
+    /// `None`: not a gRPC response.
+    pub grpc_status: Option<u32>,
+}
+
+/// Something a filter asked of its stream, applied by the chain once the guest call returned.
+#[derive(Debug, Clone)]
+pub enum StreamAction {
+    Continue(Direction),
+    Close(Direction),
+    LocalResponse(LocalResponse),
+}
+
+/// Facts about the stream, for properties.
+#[derive(Debug, Default)]
+pub struct StreamInfo {
+    pub peer: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connection_id: u64,
+    /// `HTTP/1.1`, `HTTP/2`, …
+    pub protocol: &'static str,
+    pub scheme: &'static str,
+    pub start: Option<SystemTime>,
+    pub started: Option<std::time::Instant>,
+    pub request_body_bytes: u64,
+    pub response_body_bytes: u64,
+    pub listener: Arc<str>,
+    pub route: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
+    pub upstream: Option<SocketAddr>,
+    pub response_code: Option<u16>,
+    pub response_details: Option<String>,
+    pub backend_latency: Option<Duration>,
+    pub duration: Option<Duration>,
+    pub tries: u32,
+}
+
+/// What an HTTP stream shares with the contexts of its filters.
+#[derive(Debug, Default)]
+pub struct StreamData {
+    pub request_headers: Headers,
+    pub request_trailers: Option<Headers>,
+    pub response_headers: Option<Headers>,
+    pub response_trailers: Option<Headers>,
+    /// Per filter (by chain position): the request body bytes it holds (those of the current
+    /// body callback, or buffered while it pauses).
+    pub request_body: Vec<Vec<u8>>,
+    /// Likewise for the response body.
+    pub response_body: Vec<Vec<u8>>,
+    /// What filters asked for, with the position of the filter that asked.
+    pub actions: VecDeque<(usize, StreamAction)>,
+    /// The request side and the response side of the chain wait on these (for an action, or
+    /// for output the other side produced).
+    pub wakers: [Option<Waker>; 2],
+    /// A filter rewrote the request (0) or response (1) body.
+    pub body_modified: [bool; 2],
+    pub info: StreamInfo,
+    /// Values from `proxy_set_property`, by path.
+    pub filter_state: HashMap<Vec<u8>, Bytes>,
+    /// A local response was asked for; later ones are ignored (and logged).
+    pub local_response_sent: bool,
+}
+
+impl StreamData {
+    /// Records an action and wakes the chain (which acts once the guest call has returned:
+    /// nothing here calls back into a guest).
+    pub fn push(&mut self, index: usize, action: StreamAction) {
+        self.actions.push_back((index, action));
+        self.wake_all();
+    }
+
+    pub fn wake_all(&mut self) {
+        for w in &mut self.wakers {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+pub type SharedStream = Rc<RefCell<StreamData>>;
+
+/// A configured plugin: one root context of a VM.
+#[derive(Debug)]
+pub struct PluginInfo {
+    /// The filter's name (`plugin_name`).
+    pub name: Arc<str>,
+    pub root_id: Arc<str>,
+    pub vm_id: Arc<str>,
+    pub config: Bytes,
+    pub fail_open: bool,
+    pub body_buffer: usize,
+}
+
+#[derive(Debug)]
+pub struct RootContext {
+    pub plugin: Arc<PluginInfo>,
+}
+
+#[derive(Debug)]
+pub struct StreamContext {
+    pub root: u32,
+    pub stream: SharedStream,
+    /// The filter's position in the chain (its body buffers in [`StreamData`]).
+    pub index: usize,
+}
+
+#[derive(Debug)]
+pub enum Context {
+    Root(RootContext),
+    Stream(StreamContext),
+}
+
+/// The data of a callout being delivered (`proxy_on_http_call_response`, `proxy_on_grpc_*`).
+#[derive(Debug, Default)]
+pub struct CalloutData {
+    pub headers: Headers,
+    pub body: Bytes,
+    pub trailers: Headers,
+}
+
+/// Who is being called, and for what.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub context: u32,
+    pub effective: u32,
+    pub phase: Phase,
+    pub end_of_stream: bool,
+}
+
+impl Default for Call {
+    fn default() -> Self {
+        Call {
+            context: 0,
+            effective: 0,
+            phase: Phase::Idle,
+            end_of_stream: false,
+        }
+    }
+}
+
+/// A VM's store data.
+pub struct HostState {
+    pub limits: StoreLimits,
+    pub abi: AbiVersion,
+    pub vm_id: Arc<str>,
+    pub vm_config: Bytes,
+    /// Name used in logs for calls not tied to a plugin (start-up).
+    pub module_name: Arc<str>,
+    pub contexts: HashMap<u32, Context>,
+    pub call: Call,
+    pub callout: Option<CalloutData>,
+    /// `proxy_get_status`: the code and message of the last callout failure.
+    pub status: (u32, Bytes),
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub memory: Option<Memory>,
+    pub shared: Arc<SharedHost>,
+    /// The worker this VM lives on; `None` for a VM that only validates a configuration.
+    pub worker: Option<Weak<WasmWorker>>,
+    /// The VM itself, for async completions.
+    pub vm: Weak<Vm>,
+    /// Tick periods set during the current call: (root, period); applied after it returns.
+    pub tick_changes: Vec<(u32, Duration)>,
+    /// Contexts whose `proxy_on_done` returned false (they finish with `proxy_done`).
+    pub awaiting_done: std::collections::HashSet<u32>,
+    /// Contexts that called `proxy_done` during the current call.
+    pub done: Vec<u32>,
+    /// Guest metric ids this VM defined, to its host-global metric.
+    pub next_callout_token: u32,
+    /// Outstanding callouts: token → the root context that owns it.
+    pub callouts: HashMap<u32, u32>,
+    /// gRPC calls and streams in flight, by token.
+    pub grpc: HashMap<u32, super::callout::GrpcHandle>,
+    pub log_level: LogLevel,
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState")
+            .field("vm_id", &self.vm_id)
+            .field("contexts", &self.contexts.len())
+            .finish()
+    }
+}
+
+impl HostState {
+    /// The context host calls act on (the callback's, or the one `proxy_set_effective_context`
+    /// chose).
+    pub fn effective(&self) -> Option<&Context> {
+        self.contexts.get(&self.call.effective)
+    }
+
+    /// The stream of the effective context.
+    pub fn stream(&self) -> Option<SharedStream> {
+        self.stream_at().map(|(s, _)| s)
+    }
+
+    /// The stream of the effective context, and the filter's position in its chain.
+    pub fn stream_at(&self) -> Option<(SharedStream, usize)> {
+        match self.effective()? {
+            Context::Stream(s) => Some((s.stream.clone(), s.index)),
+            Context::Root(_) => None,
+        }
+    }
+
+    /// The root context of the effective context (itself when it is a root).
+    pub fn root_of(&self, id: u32) -> Option<u32> {
+        match self.contexts.get(&id)? {
+            Context::Root(_) => Some(id),
+            Context::Stream(s) => Some(s.root),
+        }
+    }
+
+    /// The plugin of the effective context.
+    pub fn plugin(&self) -> Option<Arc<PluginInfo>> {
+        let root = self.root_of(self.call.effective)?;
+        match self.contexts.get(&root)? {
+            Context::Root(r) => Some(r.plugin.clone()),
+            Context::Stream(_) => None,
+        }
+    }
+
+    /// The name logs carry: the plugin's, else the module's.
+    pub fn log_name(&self) -> Arc<str> {
+        self.plugin()
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| self.module_name.clone())
+    }
+
+    /// A fresh callout token: HTTP, gRPC calls and gRPC streams get distinct ones (the low
+    /// two bits tell them apart, as proxy-wasm-cpp-host does), never 0.
+    pub fn token(&mut self, kind: u32) -> u32 {
+        self.next_callout_token = self.next_callout_token.wrapping_add(4);
+        if self.next_callout_token < 4 {
+            self.next_callout_token = 4;
+        }
+        self.next_callout_token | (kind & 3)
+    }
+}

@@ -1,0 +1,858 @@
+//! One VM: a module instance with its own memory and contexts, living on one worker (or, to
+//! validate a configuration, on the control thread). Every call into it goes through
+//! [`Vm::call`]: bounded in time (epoch deadline) and memory (store limits); a trap, a deadline
+//! or an exhausted memory fails the VM, which is never called again (the worker starts a new
+//! one for later streams).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use wasmtime::{Instance, Store, StoreLimitsBuilder, Trap, TypedFunc};
+use weft_abi::names::callback as cb;
+use weft_abi::{AbiVersion, Action};
+
+use super::module::LoadedModule;
+use super::runtime::{Runtime, ticks};
+use super::shared::{SharedHost, TrapLabels};
+use super::state::{
+    Call, CalloutData, Context, Headers, HostState, Phase, PluginInfo, RootContext, SharedStream,
+    StreamContext,
+};
+use super::worker::WasmWorker;
+
+/// Why a call into a VM did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The VM failed earlier; it is not called any more.
+    Failed,
+    /// This call trapped (`kind`: trap, deadline, memory); the VM is now failed.
+    Trapped { kind: &'static str, message: String },
+}
+
+impl std::error::Error for Failure {}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Failed => f.write_str("the filter's VM has failed"),
+            Failure::Trapped { kind, message } => write!(f, "{kind}: {message}"),
+        }
+    }
+}
+
+/// Why a VM or a root context could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot instantiate the module: {0}")]
+    Instantiate(String),
+    #[error("the module failed while starting: {0}")]
+    Init(String),
+    #[error("proxy_on_vm_start returned false")]
+    VmStartRejected,
+    #[error("the plugin configuration was rejected (proxy_on_configure returned false)")]
+    ConfigureRejected,
+    #[error("the module failed while being configured: {0}")]
+    Trapped(Failure),
+}
+
+/// How a VM is made.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub module: Arc<LoadedModule>,
+    pub vm_id: Arc<str>,
+    pub vm_config: Bytes,
+    pub memory: usize,
+    pub cpu_per_call: Duration,
+}
+
+enum HeadersFn {
+    V2(TypedFunc<(i32, i32, i32), i32>),
+    V1(TypedFunc<(i32, i32), i32>),
+}
+
+type F1 = TypedFunc<i32, ()>;
+type F2 = TypedFunc<(i32, i32), ()>;
+type F3 = TypedFunc<(i32, i32, i32), ()>;
+type R2 = TypedFunc<(i32, i32), i32>;
+type R3 = TypedFunc<(i32, i32, i32), i32>;
+type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
+/// The callbacks a module exports (each optional: a missing one gets the host's default).
+#[derive(Default)]
+struct Exports {
+    on_context_create: Option<F2>,
+    on_vm_start: Option<R2>,
+    on_configure: Option<R2>,
+    on_tick: Option<F1>,
+    on_queue_ready: Option<F2>,
+    on_request_headers: Option<HeadersFn>,
+    on_request_body: Option<R3>,
+    on_request_trailers: Option<R2>,
+    on_response_headers: Option<HeadersFn>,
+    on_response_body: Option<R3>,
+    on_response_trailers: Option<R2>,
+    on_http_call_response: Option<F5>,
+    on_grpc_initial_metadata: Option<F3>,
+    on_grpc_receive: Option<F3>,
+    on_grpc_trailing_metadata: Option<F3>,
+    on_grpc_close: Option<F3>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<F1>,
+    on_delete: Option<F1>,
+}
+
+fn typed<P, R>(
+    store: &mut Store<HostState>,
+    instance: &Instance,
+    name: &str,
+) -> Option<TypedFunc<P, R>>
+where
+    P: wasmtime::WasmParams,
+    R: wasmtime::WasmResults,
+{
+    instance.get_func(&mut *store, name)?;
+    match instance.get_typed_func::<P, R>(&mut *store, name) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            // proxy-wasm-cpp-host treats a mistyped callback as absent; so do we, loudly.
+            tracing::warn!(export = name, error = %e, "ignoring a callback with the wrong signature");
+            None
+        }
+    }
+}
+
+impl Exports {
+    fn find(store: &mut Store<HostState>, i: &Instance, abi: AbiVersion) -> Exports {
+        let headers = |store: &mut Store<HostState>, name| {
+            if abi.headers_have_end_of_stream() {
+                typed(store, i, name).map(HeadersFn::V2)
+            } else {
+                typed(store, i, name).map(HeadersFn::V1)
+            }
+        };
+        Exports {
+            on_context_create: typed(store, i, cb::ON_CONTEXT_CREATE),
+            on_vm_start: typed(store, i, cb::ON_VM_START),
+            on_configure: typed(store, i, cb::ON_CONFIGURE),
+            on_tick: typed(store, i, cb::ON_TICK),
+            on_queue_ready: typed(store, i, cb::ON_QUEUE_READY),
+            on_request_headers: headers(store, cb::ON_REQUEST_HEADERS),
+            on_request_body: typed(store, i, cb::ON_REQUEST_BODY),
+            on_request_trailers: typed(store, i, cb::ON_REQUEST_TRAILERS),
+            on_response_headers: headers(store, cb::ON_RESPONSE_HEADERS),
+            on_response_body: typed(store, i, cb::ON_RESPONSE_BODY),
+            on_response_trailers: typed(store, i, cb::ON_RESPONSE_TRAILERS),
+            on_http_call_response: typed(store, i, cb::ON_HTTP_CALL_RESPONSE),
+            on_grpc_initial_metadata: typed(store, i, cb::ON_GRPC_RECEIVE_INITIAL_METADATA),
+            on_grpc_receive: typed(store, i, cb::ON_GRPC_RECEIVE),
+            on_grpc_trailing_metadata: typed(store, i, cb::ON_GRPC_RECEIVE_TRAILING_METADATA),
+            on_grpc_close: typed(store, i, cb::ON_GRPC_CLOSE),
+            on_done: typed(store, i, cb::ON_DONE),
+            on_log: typed(store, i, cb::ON_LOG),
+            on_delete: typed(store, i, cb::ON_DELETE),
+        }
+    }
+}
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Vm {
+    uid: u64,
+    pub spec: VmSpec,
+    store: RefCell<Store<HostState>>,
+    x: Exports,
+    failed: Cell<bool>,
+    started: std::time::Instant,
+    next_id: Cell<u32>,
+    deadline: u64,
+    shared: Arc<SharedHost>,
+    on_worker: bool,
+    ticks: RefCell<HashMap<u32, tokio::task::AbortHandle>>,
+    /// Root contexts by plugin identity, and the streams each serves now.
+    roots: RefCell<HashMap<Arc<PluginKey>, u32>>,
+    streams_of: RefCell<HashMap<u32, (usize, bool)>>,
+}
+
+/// What makes a plugin: its name, root id and configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PluginKey {
+    pub name: Arc<str>,
+    pub root_id: Arc<str>,
+    pub config: Bytes,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("uid", &self.uid)
+            .field("module", &self.spec.module.name)
+            .field("failed", &self.failed.get())
+            .finish()
+    }
+}
+
+fn trap_kind(e: &wasmtime::Error) -> &'static str {
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return "deadline";
+    }
+    let text = format!("{e:#}");
+    if text.contains("memory")
+        && (text.contains("grow") || text.contains("allocat") || text.contains("limit"))
+    {
+        "memory"
+    } else {
+        "trap"
+    }
+}
+
+impl Vm {
+    /// Instantiates the module and runs its start-up (`_initialize`, then `main` or
+    /// `__main_void`; else `_start`).
+    pub fn start(
+        spec: VmSpec,
+        worker: Option<Weak<WasmWorker>>,
+        shared: Arc<SharedHost>,
+    ) -> Result<Rc<Vm>, StartError> {
+        let engine = Runtime::global().engine();
+        let module = &spec.module;
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(spec.memory)
+            .instances(1)
+            .memories(1)
+            .tables(4)
+            .table_elements(1_000_000)
+            .build();
+        let on_worker = worker.is_some();
+        let state = HostState {
+            limits,
+            abi: module.abi,
+            vm_id: spec.vm_id.clone(),
+            vm_config: spec.vm_config.clone(),
+            module_name: module.name.clone(),
+            contexts: HashMap::new(),
+            call: Call::default(),
+            callout: None,
+            status: (0, Bytes::new()),
+            alloc: None,
+            memory: None,
+            shared: shared.clone(),
+            worker,
+            vm: Weak::new(),
+            tick_changes: Vec::new(),
+            awaiting_done: Default::default(),
+            done: Vec::new(),
+            next_callout_token: 0,
+            callouts: HashMap::new(),
+            grpc: HashMap::new(),
+            log_level: super::host::log::current_level(),
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        let deadline = ticks(spec.cpu_per_call);
+        // Start-up may do more than a callback (static initializers): give it ten times as long.
+        store.set_epoch_deadline(deadline.saturating_mul(10));
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| StartError::Instantiate(format!("{e:#}")))?;
+        let alloc = typed::<i32, i32>(&mut store, &instance, cb::ON_MEMORY_ALLOCATE)
+            .or_else(|| typed::<i32, i32>(&mut store, &instance, cb::MALLOC));
+        let memory = instance.get_memory(&mut store, cb::MEMORY);
+        store.data_mut().alloc = alloc;
+        store.data_mut().memory = memory;
+        let x = Exports::find(&mut store, &instance, module.abi);
+
+        store.data_mut().call.phase = Phase::Start;
+        let init = (|| -> wasmtime::Result<()> {
+            if let Some(f) = typed::<(), ()>(&mut store, &instance, cb::INITIALIZE) {
+                f.call(&mut store, ())?;
+                if let Some(main) = typed::<(i32, i32), i32>(&mut store, &instance, cb::MAIN) {
+                    main.call(&mut store, (0, 0))?;
+                } else if let Some(main) = typed::<(), i32>(&mut store, &instance, cb::MAIN_VOID) {
+                    main.call(&mut store, ())?;
+                }
+            } else if let Some(start) = typed::<(), ()>(&mut store, &instance, cb::START) {
+                start.call(&mut store, ())?;
+            }
+            Ok(())
+        })();
+        store.data_mut().call = Call::default();
+        init.map_err(|e| StartError::Init(format!("{e:?}")))?;
+
+        shared
+            .stats
+            .vm_starts
+            .get_or_create(&super::shared::FilterLabels {
+                filter: spec.vm_id.to_string(),
+            })
+            .inc();
+        let vm = Rc::new(Vm {
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            spec,
+            store: RefCell::new(store),
+            x,
+            failed: Cell::new(false),
+            started: std::time::Instant::now(),
+            next_id: Cell::new(1),
+            deadline,
+            shared,
+            on_worker,
+            ticks: RefCell::new(HashMap::new()),
+            roots: RefCell::new(HashMap::new()),
+            streams_of: RefCell::new(HashMap::new()),
+        });
+        vm.store.borrow_mut().data_mut().vm = Rc::downgrade(&vm);
+        Ok(vm)
+    }
+
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    /// How long ago the VM started.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn next_context(&self) -> u32 {
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1).max(1));
+        id
+    }
+
+    /// Runs one call into the guest for `context`.
+    fn call<R>(
+        &self,
+        context: u32,
+        phase: Phase,
+        eos: bool,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
+        if self.failed.get() {
+            return Err(Failure::Failed);
+        }
+        let Ok(mut store) = self.store.try_borrow_mut() else {
+            // Never expected: nothing calls a guest from inside a host function.
+            return Err(Failure::Trapped {
+                kind: "trap",
+                message: "re-entered".into(),
+            });
+        };
+        store.data_mut().call = Call {
+            context,
+            effective: context,
+            phase,
+            end_of_stream: eos,
+        };
+        store.set_epoch_deadline(self.deadline);
+        let result = f(&mut store);
+        let state = store.data_mut();
+        state.call = Call::default();
+        state.callout = None;
+        let ticks = std::mem::take(&mut state.tick_changes);
+        let done = std::mem::take(&mut state.done);
+        let filter = match state.contexts.get(&context) {
+            Some(Context::Root(r)) => Some(r.plugin.name.clone()),
+            Some(Context::Stream(s)) => match state.contexts.get(&s.root) {
+                Some(Context::Root(r)) => Some(r.plugin.name.clone()),
+                _ => None,
+            },
+            None => None,
+        }
+        .unwrap_or_else(|| state.module_name.clone());
+        drop(store);
+        match result {
+            Ok(v) => {
+                self.apply_ticks(ticks);
+                for id in done {
+                    self.delete(id);
+                }
+                Ok(v)
+            }
+            Err(e) => Err(self.fail(&filter, phase, e)),
+        }
+    }
+
+    fn fail(&self, filter: &Arc<str>, phase: Phase, e: wasmtime::Error) -> Failure {
+        let kind = trap_kind(&e);
+        self.failed.set(true);
+        for (_, t) in self.ticks.borrow_mut().drain() {
+            t.abort();
+        }
+        self.shared
+            .stats
+            .traps
+            .get_or_create(&TrapLabels {
+                filter: filter.to_string(),
+                kind,
+            })
+            .inc();
+        let message = format!("{e:?}");
+        tracing::error!(filter = %filter, ?phase, kind, "filter VM failed: {message}");
+        // Streams paused on this VM learn of it now, not when they time out.
+        let streams: Vec<SharedStream> = match self.store.try_borrow() {
+            Ok(store) => store
+                .data()
+                .contexts
+                .values()
+                .filter_map(|c| match c {
+                    Context::Stream(s) => Some(s.stream.clone()),
+                    Context::Root(_) => None,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for s in streams {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                s.wake_all();
+            }
+        }
+        Failure::Trapped {
+            kind,
+            message: format!("{e}"),
+        }
+    }
+
+    fn apply_ticks(&self, changes: Vec<(u32, Duration)>) {
+        if changes.is_empty() || !self.on_worker {
+            return;
+        }
+        let weak = self.store.borrow().data().vm.clone();
+        let mut ticks = self.ticks.borrow_mut();
+        for (root, period) in changes {
+            if let Some(old) = ticks.remove(&root) {
+                old.abort();
+            }
+            if period.is_zero() {
+                continue;
+            }
+            let weak = weak.clone();
+            let task = tokio::task::spawn_local(async move {
+                let mut interval =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    match weak.upgrade() {
+                        Some(vm) if !vm.failed() => vm.tick(root),
+                        _ => return,
+                    }
+                }
+            });
+            ticks.insert(root, task.abort_handle());
+        }
+    }
+
+    /// Creates (or finds) the root context of `plugin`: `proxy_on_context_create(root, 0)`,
+    /// `proxy_on_vm_start`, `proxy_on_configure`.
+    pub fn root(&self, plugin: &Arc<PluginInfo>) -> Result<u32, StartError> {
+        let key = Arc::new(PluginKey {
+            name: plugin.name.clone(),
+            root_id: plugin.root_id.clone(),
+            config: plugin.config.clone(),
+        });
+        if let Some(id) = self.roots.borrow().get(&key) {
+            return Ok(*id);
+        }
+        let id = self.next_context();
+        self.store.borrow_mut().data_mut().contexts.insert(
+            id,
+            Context::Root(RootContext {
+                plugin: plugin.clone(),
+            }),
+        );
+        let trapped = StartError::Trapped;
+        if let Some(f) = &self.x.on_context_create {
+            self.call(id, Phase::ContextCreate, false, |s| {
+                f.call(s, (id as i32, 0))
+            })
+            .map_err(trapped)?;
+        }
+        let vm_config_len = self.spec.vm_config.len() as i32;
+        if let Some(f) = &self.x.on_vm_start
+            && self
+                .call(id, Phase::VmStart, false, |s| {
+                    f.call(s, (id as i32, vm_config_len))
+                })
+                .map_err(trapped)?
+                == 0
+        {
+            return Err(StartError::VmStartRejected);
+        }
+        let config_len = plugin.config.len() as i32;
+        if let Some(f) = &self.x.on_configure
+            && self
+                .call(id, Phase::Configure, false, |s| {
+                    f.call(s, (id as i32, config_len))
+                })
+                .map_err(trapped)?
+                == 0
+        {
+            return Err(StartError::ConfigureRejected);
+        }
+        self.roots.borrow_mut().insert(key, id);
+        self.streams_of.borrow_mut().insert(id, (0, false));
+        Ok(id)
+    }
+
+    /// Roots of plugins not in `keep` are retired: finished at once, or when their last stream
+    /// ends.
+    pub fn retire_roots_except(&self, keep: &[Arc<PluginInfo>]) {
+        let gone: Vec<u32> = self
+            .roots
+            .borrow()
+            .iter()
+            .filter(|(k, _)| {
+                !keep
+                    .iter()
+                    .any(|p| p.name == k.name && p.root_id == k.root_id && p.config == k.config)
+            })
+            .map(|(_, id)| *id)
+            .collect();
+        for id in gone {
+            self.roots.borrow_mut().retain(|_, v| *v != id);
+            let idle = {
+                let mut s = self.streams_of.borrow_mut();
+                let e = s.entry(id).or_insert((0, false));
+                e.1 = true;
+                e.0 == 0
+            };
+            if idle {
+                self.finish_context(id);
+            }
+        }
+    }
+
+    /// Creates a stream context under `root`: `proxy_on_context_create(ctx, root)`.
+    pub fn create_stream(
+        &self,
+        root: u32,
+        stream: SharedStream,
+        index: usize,
+    ) -> Result<u32, Failure> {
+        let id = self.next_context();
+        self.store.borrow_mut().data_mut().contexts.insert(
+            id,
+            Context::Stream(StreamContext {
+                root,
+                stream,
+                index,
+            }),
+        );
+        if let Some(e) = self.streams_of.borrow_mut().get_mut(&root) {
+            e.0 += 1;
+        }
+        match &self.x.on_context_create {
+            Some(f) => self
+                .call(id, Phase::ContextCreate, false, |s| {
+                    f.call(s, (id as i32, root as i32))
+                })
+                .map(|()| id),
+            None => Ok(id),
+        }
+    }
+
+    fn headers(
+        &self,
+        f: &Option<HeadersFn>,
+        ctx: u32,
+        phase: Phase,
+        n: usize,
+        eos: bool,
+    ) -> Result<Action, Failure> {
+        let raw = match f {
+            None => return Ok(Action::Continue),
+            Some(HeadersFn::V2(f)) => self.call(ctx, phase, eos, |s| {
+                f.call(s, (ctx as i32, n as i32, i32::from(eos)))
+            })?,
+            Some(HeadersFn::V1(f)) => {
+                self.call(ctx, phase, eos, |s| f.call(s, (ctx as i32, n as i32)))?
+            }
+        };
+        Ok(Action::from_headers(raw as u32))
+    }
+
+    fn sized(
+        &self,
+        f: &Option<R3>,
+        ctx: u32,
+        phase: Phase,
+        size: usize,
+        eos: bool,
+    ) -> Result<Action, Failure> {
+        match f {
+            None => Ok(Action::Continue),
+            Some(f) => {
+                let raw = self.call(ctx, phase, eos, |s| {
+                    f.call(s, (ctx as i32, size as i32, i32::from(eos)))
+                })?;
+                Ok(Action::from_body(raw as u32))
+            }
+        }
+    }
+
+    fn counted(&self, f: &Option<R2>, ctx: u32, phase: Phase, n: usize) -> Result<Action, Failure> {
+        match f {
+            None => Ok(Action::Continue),
+            Some(f) => {
+                let raw = self.call(ctx, phase, true, |s| f.call(s, (ctx as i32, n as i32)))?;
+                Ok(Action::from_trailers(raw as u32))
+            }
+        }
+    }
+
+    pub fn on_request_headers(&self, ctx: u32, n: usize, eos: bool) -> Result<Action, Failure> {
+        self.headers(
+            &self.x.on_request_headers,
+            ctx,
+            Phase::RequestHeaders,
+            n,
+            eos,
+        )
+    }
+
+    pub fn on_request_body(&self, ctx: u32, size: usize, eos: bool) -> Result<Action, Failure> {
+        self.sized(&self.x.on_request_body, ctx, Phase::RequestBody, size, eos)
+    }
+
+    pub fn on_request_trailers(&self, ctx: u32, n: usize) -> Result<Action, Failure> {
+        self.counted(&self.x.on_request_trailers, ctx, Phase::RequestTrailers, n)
+    }
+
+    pub fn on_response_headers(&self, ctx: u32, n: usize, eos: bool) -> Result<Action, Failure> {
+        self.headers(
+            &self.x.on_response_headers,
+            ctx,
+            Phase::ResponseHeaders,
+            n,
+            eos,
+        )
+    }
+
+    pub fn on_response_body(&self, ctx: u32, size: usize, eos: bool) -> Result<Action, Failure> {
+        self.sized(
+            &self.x.on_response_body,
+            ctx,
+            Phase::ResponseBody,
+            size,
+            eos,
+        )
+    }
+
+    pub fn on_response_trailers(&self, ctx: u32, n: usize) -> Result<Action, Failure> {
+        self.counted(
+            &self.x.on_response_trailers,
+            ctx,
+            Phase::ResponseTrailers,
+            n,
+        )
+    }
+
+    pub fn on_log(&self, ctx: u32) -> Result<(), Failure> {
+        match &self.x.on_log {
+            Some(f) => self.call(ctx, Phase::Log, false, |s| f.call(s, ctx as i32)),
+            None => Ok(()),
+        }
+    }
+
+    /// `proxy_on_done`, then `proxy_on_delete` — or, when on_done says "not yet", once the
+    /// guest calls `proxy_done`.
+    pub fn finish_context(&self, ctx: u32) {
+        let ready = match &self.x.on_done {
+            Some(f) => self
+                .call(ctx, Phase::Done, false, |s| f.call(s, ctx as i32))
+                .map(|r| r != 0),
+            None => Ok(true),
+        };
+        match ready {
+            Ok(false) => {
+                self.store.borrow_mut().data_mut().awaiting_done.insert(ctx);
+            }
+            _ => self.delete(ctx),
+        }
+    }
+
+    fn delete(&self, ctx: u32) {
+        if let Some(f) = &self.x.on_delete {
+            let _ = self.call(ctx, Phase::Delete, false, |s| f.call(s, ctx as i32));
+        }
+        let removed = self.store.borrow_mut().data_mut().contexts.remove(&ctx);
+        if let Some(Context::Stream(s)) = removed {
+            let retired_idle = {
+                let mut streams = self.streams_of.borrow_mut();
+                match streams.get_mut(&s.root) {
+                    Some(e) => {
+                        e.0 = e.0.saturating_sub(1);
+                        e.1 && e.0 == 0
+                    }
+                    None => false,
+                }
+            };
+            if retired_idle {
+                self.finish_context(s.root);
+            }
+        } else if removed.is_some() {
+            if let Some(t) = self.ticks.borrow_mut().remove(&ctx) {
+                t.abort();
+            }
+            self.streams_of.borrow_mut().remove(&ctx);
+        }
+    }
+
+    pub fn tick(&self, root: u32) {
+        if let Some(f) = &self.x.on_tick {
+            let _ = self.call(root, Phase::Tick, false, |s| f.call(s, root as i32));
+        }
+    }
+
+    pub fn queue_ready(&self, root: u32, queue: u32) {
+        if let Some(f) = &self.x.on_queue_ready {
+            let _ = self.call(root, Phase::QueueReady, false, |s| {
+                f.call(s, (root as i32, queue as i32))
+            });
+        }
+    }
+
+    fn with_callout(&self, data: Option<CalloutData>, status: Option<(u32, Bytes)>) {
+        let mut store = self.store.borrow_mut();
+        let state = store.data_mut();
+        state.callout = data;
+        if let Some(s) = status {
+            state.status = s;
+        }
+    }
+
+    /// Delivers an HTTP callout's response (`Err`: no response; the status says why).
+    pub fn deliver_http_response(
+        &self,
+        root: u32,
+        token: u32,
+        result: Result<CalloutData, (u32, Bytes)>,
+    ) {
+        if self
+            .store
+            .borrow_mut()
+            .data_mut()
+            .callouts
+            .remove(&token)
+            .is_none()
+        {
+            return;
+        }
+        let Some(f) = &self.x.on_http_call_response else {
+            return;
+        };
+        let (n_headers, body, n_trailers, data, status) = match result {
+            Ok(d) => (
+                d.headers.len(),
+                d.body.len(),
+                d.trailers.len(),
+                Some(d),
+                (0, Bytes::new()),
+            ),
+            Err(s) => (0, 0, 0, None, s),
+        };
+        // The call reads the callout data, which `call` clears afterwards.
+        let _ = self.call(root, Phase::HttpCallResponse, false, |s| {
+            let state = s.data_mut();
+            state.callout = data;
+            state.status = status;
+            f.call(
+                s,
+                (
+                    root as i32,
+                    token as i32,
+                    n_headers as i32,
+                    body as i32,
+                    n_trailers as i32,
+                ),
+            )
+        });
+    }
+
+    /// Delivers gRPC initial (`initial`) or trailing metadata.
+    pub fn deliver_grpc_metadata(&self, root: u32, token: u32, md: Headers, initial: bool) {
+        if !self.store.borrow().data().callouts.contains_key(&token) {
+            return;
+        }
+        let (f, phase) = if initial {
+            (&self.x.on_grpc_initial_metadata, Phase::GrpcInitialMetadata)
+        } else {
+            (
+                &self.x.on_grpc_trailing_metadata,
+                Phase::GrpcTrailingMetadata,
+            )
+        };
+        let Some(f) = f else {
+            return;
+        };
+        let n = md.len();
+        let data = if initial {
+            CalloutData {
+                headers: md,
+                ..Default::default()
+            }
+        } else {
+            CalloutData {
+                trailers: md,
+                ..Default::default()
+            }
+        };
+        let _ = self.call(root, phase, false, |s| {
+            s.data_mut().callout = Some(data);
+            f.call(s, (root as i32, token as i32, n as i32))
+        });
+    }
+
+    /// Delivers a gRPC message; `last` for a unary call (which then ends).
+    pub fn deliver_grpc_message(&self, root: u32, token: u32, msg: Bytes, last: bool) {
+        if !self.store.borrow().data().callouts.contains_key(&token) {
+            return;
+        }
+        if last {
+            let mut store = self.store.borrow_mut();
+            store.data_mut().callouts.remove(&token);
+            store.data_mut().grpc.remove(&token);
+        }
+        let Some(f) = &self.x.on_grpc_receive else {
+            return;
+        };
+        let len = msg.len();
+        let _ = self.call(root, Phase::GrpcReceive, false, |s| {
+            s.data_mut().callout = Some(CalloutData {
+                body: msg,
+                ..Default::default()
+            });
+            f.call(s, (root as i32, token as i32, len as i32))
+        });
+    }
+
+    /// Delivers the end of a gRPC call or stream with its status.
+    pub fn deliver_grpc_close(&self, root: u32, token: u32, code: u32, message: Bytes) {
+        {
+            let mut store = self.store.borrow_mut();
+            if store.data_mut().callouts.remove(&token).is_none() {
+                return;
+            }
+            store.data_mut().grpc.remove(&token);
+        }
+        let Some(f) = &self.x.on_grpc_close else {
+            return;
+        };
+        self.with_callout(None, None);
+        let _ = self.call(root, Phase::GrpcClose, false, |s| {
+            s.data_mut().status = (code, message);
+            f.call(s, (root as i32, token as i32, code as i32))
+        });
+    }
+}

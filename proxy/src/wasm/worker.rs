@@ -1,0 +1,256 @@
+//! A worker's Wasm side: its VMs (one per [`VmKey`], each with a root context per plugin), the
+//! callouts, timers and queue notifications they need, and their replacement — after a failure
+//! (with a back-off when a VM keeps failing fast) and after a reload (new streams get the new
+//! VMs; streams in flight finish on the old ones, which go when their last stream does).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::callout::{self, GrpcHandle, GrpcTarget, HttpCallout};
+use super::shared::{QueueReady, SharedHost};
+use super::vm::{Failure, StartError, Vm};
+use super::{FilterSpec, VmKey};
+use crate::snapshot::Snapshot;
+use crate::upstream::{Cluster, Pools};
+use crate::worker::Shared;
+
+/// A VM that failed this soon after starting counts as failing fast.
+const FAST_FAILURE: Duration = Duration::from_secs(1);
+/// Fast failures in a row before restarts are spaced out.
+const FREE_RESTARTS: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Why a filter has no VM for a stream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error("{0}")]
+    Start(#[from] StartError),
+    #[error("{0}")]
+    Failed(#[from] Failure),
+    #[error("the filter's VM keeps failing; next start in {0:?}")]
+    BackingOff(Duration),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Restarts {
+    fast_failures: u32,
+    not_before: Option<Instant>,
+}
+
+pub struct WasmWorker {
+    pub id: usize,
+    host: Arc<SharedHost>,
+    proxy: Arc<Shared>,
+    pools: Rc<RefCell<Pools>>,
+    vms: RefCell<HashMap<VmKey, Rc<Vm>>>,
+    /// Every VM still alive (cached or serving old streams), by uid, for queue notifications.
+    by_uid: RefCell<HashMap<u64, Weak<Vm>>>,
+    restarts: RefCell<HashMap<VmKey, Restarts>>,
+    queue_tx: mpsc::UnboundedSender<QueueReady>,
+    me: Weak<WasmWorker>,
+    /// The snapshot version the cache was last pruned for.
+    version: Cell<u64>,
+}
+
+impl std::fmt::Debug for WasmWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmWorker")
+            .field("id", &self.id)
+            .field("vms", &self.vms.borrow().len())
+            .finish()
+    }
+}
+
+impl WasmWorker {
+    /// Creates the worker's Wasm side; must run on the worker (it spawns its queue listener).
+    pub fn new(
+        id: usize,
+        host: Arc<SharedHost>,
+        proxy: Arc<Shared>,
+        pools: Rc<RefCell<Pools>>,
+    ) -> Rc<WasmWorker> {
+        let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<QueueReady>();
+        let version = proxy.snapshot().version;
+        let w = Rc::new_cyclic(|me| WasmWorker {
+            id,
+            host,
+            proxy,
+            pools,
+            vms: RefCell::new(HashMap::new()),
+            by_uid: RefCell::new(HashMap::new()),
+            restarts: RefCell::new(HashMap::new()),
+            queue_tx,
+            me: me.clone(),
+            version: Cell::new(version),
+        });
+        let weak = Rc::downgrade(&w);
+        tokio::task::spawn_local(async move {
+            while let Some(ready) = queue_rx.recv().await {
+                let Some(worker) = weak.upgrade() else {
+                    return;
+                };
+                let vm = worker
+                    .by_uid
+                    .borrow()
+                    .get(&ready.vm)
+                    .and_then(Weak::upgrade);
+                drop(worker);
+                if let Some(vm) = vm
+                    && !vm.failed()
+                {
+                    vm.queue_ready(ready.root, ready.queue);
+                }
+            }
+        });
+        w
+    }
+
+    /// The VM and root context `spec` runs in on this worker, started if need be.
+    pub fn instance(&self, spec: &FilterSpec) -> Result<(Rc<Vm>, u32), Unavailable> {
+        let cached = self.vms.borrow().get(&spec.key).cloned();
+        let vm = match cached {
+            Some(vm) if !vm.failed() => vm,
+            stale => {
+                if let Some(old) = stale {
+                    self.vms.borrow_mut().remove(&spec.key);
+                    self.note_failure(&spec.key, old.age());
+                }
+                self.start(spec)?
+            }
+        };
+        match vm.root(&spec.plugin) {
+            Ok(root) => Ok((vm, root)),
+            Err(e) => {
+                // A plugin that passed the canary but not here: the VM is not trusted again.
+                tracing::error!(worker = self.id, filter = %spec.name, error = %e, "the filter could not start on this worker");
+                self.vms.borrow_mut().remove(&spec.key);
+                self.note_failure(&spec.key, vm.age());
+                Err(e.into())
+            }
+        }
+    }
+
+    fn start(&self, spec: &FilterSpec) -> Result<Rc<Vm>, Unavailable> {
+        let now = Instant::now();
+        if let Some(at) = self
+            .restarts
+            .borrow()
+            .get(&spec.key)
+            .and_then(|r| r.not_before)
+            && at > now
+        {
+            return Err(Unavailable::BackingOff(at - now));
+        }
+        match Vm::start(spec.vm.clone(), Some(self.me.clone()), self.host.clone()) {
+            Ok(vm) => {
+                self.vms.borrow_mut().insert(spec.key.clone(), vm.clone());
+                let mut by_uid = self.by_uid.borrow_mut();
+                by_uid.retain(|_, w| w.strong_count() > 0);
+                by_uid.insert(vm.uid(), Rc::downgrade(&vm));
+                Ok(vm)
+            }
+            Err(e) => {
+                tracing::error!(worker = self.id, filter = %spec.name, error = %e, "cannot start the filter's VM");
+                self.note_failure(&spec.key, Duration::ZERO);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Spaces out restarts of a VM that keeps failing soon after it starts.
+    fn note_failure(&self, key: &VmKey, age: Duration) {
+        let mut restarts = self.restarts.borrow_mut();
+        let r = restarts.entry(key.clone()).or_default();
+        if age < FAST_FAILURE {
+            r.fast_failures += 1;
+        } else {
+            r.fast_failures = 1;
+        }
+        r.not_before = (r.fast_failures > FREE_RESTARTS).then(|| {
+            let exp = (r.fast_failures - FREE_RESTARTS - 1).min(16);
+            Instant::now() + FIRST_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
+        });
+    }
+
+    /// After a reload: VMs no filter uses any more leave the cache, and root contexts of plugins
+    /// no longer configured are retired (each once its last stream ends).
+    pub fn refresh(&self, snapshot: &Snapshot) {
+        if self.version.replace(snapshot.version) == snapshot.version {
+            return;
+        }
+        let mut vms = self.vms.borrow_mut();
+        let gone: Vec<VmKey> = vms
+            .keys()
+            .filter(|k| !snapshot.filters.values().any(|f| &f.key == *k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(vm) = vms.remove(&key) {
+                vm.retire_roots_except(&[]);
+            }
+        }
+        for (key, vm) in vms.iter() {
+            let keep: Vec<_> = snapshot
+                .filters
+                .values()
+                .filter(|f| &f.key == key)
+                .map(|f| f.plugin.clone())
+                .collect();
+            vm.retire_roots_except(&keep);
+        }
+        self.restarts
+            .borrow_mut()
+            .retain(|k, _| snapshot.filters.values().any(|f| &f.key == k));
+    }
+
+    /// A cluster of the current configuration, for callouts.
+    pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.proxy.snapshot().cluster(name).cloned()
+    }
+
+    /// Where shared queues tell this worker of new items.
+    pub fn queue_sender(&self) -> mpsc::UnboundedSender<QueueReady> {
+        self.queue_tx.clone()
+    }
+
+    pub fn http_call(&self, vm: Weak<Vm>, call: HttpCallout) {
+        tokio::task::spawn_local(callout::http(self.pools.clone(), vm, call));
+    }
+
+    pub fn grpc_call(
+        &self,
+        vm: Weak<Vm>,
+        root: u32,
+        token: u32,
+        target: GrpcTarget,
+        message: Bytes,
+        timeout: Option<Duration>,
+    ) -> GrpcHandle {
+        callout::grpc_call(
+            self.pools.clone(),
+            vm,
+            root,
+            token,
+            target,
+            message,
+            timeout,
+        )
+    }
+
+    pub fn grpc_stream(
+        &self,
+        vm: Weak<Vm>,
+        root: u32,
+        token: u32,
+        target: GrpcTarget,
+    ) -> GrpcHandle {
+        callout::grpc_stream(self.pools.clone(), vm, root, token, target)
+    }
+}
