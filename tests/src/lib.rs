@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod filters;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod process;

@@ -207,6 +207,11 @@ impl Weft {
             .any(|l| l.contains(needle))
     }
 
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path).expect("admin GET")
     }

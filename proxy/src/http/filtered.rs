@@ -82,13 +82,16 @@ fn apply_request_head(parts: &mut Parts, head: Headers) -> Result<(), ProxyError
     Ok(())
 }
 
-fn content_length(map: &HeaderMap) -> Option<u64> {
-    map.get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// Whether a message's body may be an open-ended conversation (gRPC, server-sent events, an
+/// upgrade), whose headers must not wait for its first bytes.
+fn streaming(map: &HeaderMap) -> bool {
+    let ct = map
+        .get(header::CONTENT_TYPE)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    ct.starts_with(b"application/grpc")
+        || ct.starts_with(b"text/event-stream")
+        || map.contains_key(header::UPGRADE)
 }
 
 /// gRPC's status for an HTTP one (the gRPC spec's mapping).
@@ -245,8 +248,7 @@ pub async fn handle(
     let mut stop = chain.request_headers(eos, wait).await.err();
     if stop.is_none() {
         if !eos && chain.wants_body(Direction::Request) {
-            let committed =
-                content_length(&chain.stream.borrow().request_headers.map).is_some_and(|n| n > 0);
+            let committed = !streaming(&chain.stream.borrow().request_headers.map);
             let mut filtered = FilterBody::new(chain.clone(), Direction::Request, body);
             stop = filtered.prime(committed, wait).await.err();
             request_body = Some(DownstreamBody::Filtered(Box::new(filtered)));
@@ -323,13 +325,12 @@ async fn respond(
             .map(|()| None);
         let mut body = Some(body);
         if outcome.is_ok() && !eos && chain.wants_body(Direction::Response) {
-            let committed = chain
+            let committed = !chain
                 .stream
                 .borrow()
                 .response_headers
                 .as_ref()
-                .and_then(|h| content_length(&h.map))
-                .is_some_and(|n| n > 0);
+                .is_some_and(|h| streaming(&h.map));
             let mut filtered = FilterBody::new(
                 chain.clone(),
                 Direction::Response,

@@ -15,9 +15,10 @@
 //! after the guest call returns (never re-entering a guest).
 //!
 //! Headers go on (upstream, or downstream) only once the first body bytes came out of the
-//! filters — for a message with a `Content-Length`, or while a filter buffers — so a filter that
-//! looks at the body can still change the headers (and a rewritten body gets a correct
-//! `Content-Length`). This lifts Envoy's limitation (proxy-wasm/spec#63).
+//! filters (or the body ended) — except for open-ended streams (gRPC, server-sent events,
+//! upgrades), whose headers go as soon as nothing more is there — so a filter that looks at the
+//! body can still change the headers (and a rewritten body gets a correct `Content-Length`).
+//! This lifts Envoy's limitation (proxy-wasm/spec#63).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -983,9 +984,9 @@ where
         }
     }
 
-    /// Runs the body through the filters until its first bytes came out (or it ended): at once
-    /// when `wait_first` (the sender committed to a body), else only while a filter buffers or
-    /// holds it. The headers go on after this.
+    /// Runs the body through the filters until its first bytes came out (or it ended) when
+    /// `wait_first`; otherwise until nothing more is there, unless a filter buffers or holds
+    /// it. The headers go on after this.
     pub async fn prime(&mut self, wait_first: bool, wait: Option<Duration>) -> Result<(), Stop> {
         let d = self.dir;
         let chain = self.chain.clone();

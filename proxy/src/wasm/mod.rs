@@ -142,13 +142,14 @@ pub fn build_filters(
     errors: &mut Vec<ConfigError>,
 ) -> HashMap<String, Arc<FilterSpec>> {
     let mut out = HashMap::new();
+    let mut names = std::collections::HashSet::new();
     for (i, f) in filters.iter().enumerate() {
         let at = format!("filters[{i}]");
         if f.name.is_empty() {
             errors.push(ConfigError::new(format!("{at}.name"), "must not be empty"));
             continue;
         }
-        if out.contains_key(&f.name) {
+        if !names.insert(f.name.as_str()) {
             errors.push(ConfigError::new(
                 format!("{at}.name"),
                 format!("duplicate filter name {:?}", f.name),
@@ -194,9 +195,7 @@ fn build_one(
     previous: &HashMap<String, Arc<FilterSpec>>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<FilterSpec>> {
-    if !check_limits(f, at, errors) {
-        return None;
-    }
+    let limits_ok = check_limits(f, at, errors);
     let module = match module_bytes(&f.module, base_dir) {
         Ok((name, ModuleSource::Bytes(b))) => module::load(&name, &b),
         Ok((_, ModuleSource::Loaded(m))) => Ok(m),
@@ -209,6 +208,9 @@ fn build_one(
             return None;
         }
     };
+    if !limits_ok {
+        return None;
+    }
     let name: Arc<str> = Arc::from(f.name.as_str());
     let vm_id: Arc<str> = Arc::from(f.vm_id.as_deref().unwrap_or(&f.name));
     let vm_config = config_bytes(&f.vm_config);

@@ -106,8 +106,17 @@ impl Runtime {
         let module = match cached.as_deref().and_then(|p| self.load_cached(p)) {
             Some(m) => m,
             None => {
-                let m = Module::new(&self.engine, bytes)
-                    .map_err(|e| format!("invalid Wasm module: {e:#}"))?;
+                let m = Module::new(&self.engine, bytes).map_err(|e| {
+                    // One line: the first cause is what a user can act on.
+                    let text = format!("{e:#}");
+                    let line = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    format!("invalid Wasm module: {line}")
+                })?;
                 if let Some(p) = &cached {
                     store_cached(p, &m);
                 }

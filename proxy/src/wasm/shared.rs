@@ -240,14 +240,13 @@ impl SharedHost {
         Ok(())
     }
 
-    /// `proxy_register_shared_queue`: create or open, and become its consumer.
+    /// `proxy_register_shared_queue`: create or open, and become its consumer (when
+    /// `consumer` says where to notify: the worker, the VM's uid and the root context).
     pub fn register_queue(
         &self,
         vm_id: &Arc<str>,
         name: &[u8],
-        notify: UnboundedSender<QueueReady>,
-        vm: u64,
-        root: u32,
+        consumer: Option<(UnboundedSender<QueueReady>, u64, u32)>,
     ) -> u32 {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let key = (vm_id.clone(), name.to_vec());
@@ -267,8 +266,10 @@ impl SharedHost {
                 id
             }
         };
-        if let Some(queue) = q.queues.get_mut(&id) {
-            queue.consumer = Some((notify, vm, root));
+        if let Some(queue) = q.queues.get_mut(&id)
+            && consumer.is_some()
+        {
+            queue.consumer = consumer;
         }
         id
     }
@@ -455,7 +456,7 @@ mod tests {
         let h = SharedHost::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let id = h.register_queue(&vm, b"q", tx, 7, 1);
+        let id = h.register_queue(&vm, b"q", Some((tx, 7, 1)));
         assert_eq!(h.resolve_queue(&vm, b"q"), Some(id));
         assert_eq!(h.resolve_queue(&vm, b"nope"), None);
         h.enqueue(id, Bytes::from_static(b"a")).expect("enqueue");

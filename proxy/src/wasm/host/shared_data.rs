@@ -63,16 +63,19 @@ pub fn register_shared_queue(
         let root = state
             .root_of(state.call.effective)
             .ok_or(Status::BadArgument)?;
-        // Items are delivered to this root context, on this VM's worker.
-        let (notify, vm) = state
+        // Items are delivered to this root context, on this VM's worker. A VM that only
+        // validates a configuration opens the queue without becoming its consumer.
+        let consumer = state
             .worker
             .as_ref()
             .and_then(|w| w.upgrade())
-            .and_then(|w| state.vm.upgrade().map(|vm| (w.queue_sender(), vm.uid())))
-            .ok_or(Status::InternalFailure)?;
-        let id = state
-            .shared
-            .register_queue(&state.vm_id, &name, notify, vm, root);
+            .and_then(|w| {
+                state
+                    .vm
+                    .upgrade()
+                    .map(|vm| (w.queue_sender(), vm.uid(), root))
+            });
+        let id = state.shared.register_queue(&state.vm_id, &name, consumer);
         write_u32(&mut caller, ret_id, id)
     })())
 }

@@ -1,0 +1,54 @@
+//! The behaviour filters of `tests/filters/` (one crate per behaviour, written with the public
+//! `proxy-wasm` SDK), built for `wasm32-wasip1` once per test process, and paths to them.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("filters")
+}
+
+fn build() -> Result<PathBuf, String> {
+    let dir = workspace();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(&dir)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip1",
+        ])
+        // The filters have a target directory of their own (another target, other flags).
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the test filters failed (is the target installed? `rustup target add wasm32-wasip1`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(dir.join("target/wasm32-wasip1/release"))
+}
+
+/// The `.wasm` of behaviour filter `name` (`headers`, `body`, `local`, `callout`, `grpc`,
+/// `shared`, `queue`, `metrics`, `tick`, `properties`, `config`, `panic`).
+pub fn path(name: &str) -> String {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(build)
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join(format!("{name}.wasm"));
+    assert!(
+        file.exists(),
+        "no test filter {name:?} at {}",
+        file.display()
+    );
+    file.to_string_lossy().into_owned()
+}
