@@ -37,7 +37,8 @@ fn build() -> Result<PathBuf, String> {
 }
 
 /// The `.wasm` of behaviour filter `name` (`headers`, `body`, `local`, `callout`, `grpc`,
-/// `shared`, `queue`, `metrics`, `tick`, `properties`, `config`, `panic`).
+/// `shared`, `queue`, `metrics`, `tick`, `properties`, `config`, `panic`, and for
+/// benchmarks `noop` and `add_header`).
 pub fn path(name: &str) -> String {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
