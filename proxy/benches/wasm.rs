@@ -78,7 +78,10 @@ fn request_headers() -> Headers {
     }
     Headers {
         pseudo: vec![
-            (Bytes::from_static(b":authority"), Bytes::from_static(b"127.0.0.1:18003")),
+            (
+                Bytes::from_static(b":authority"),
+                Bytes::from_static(b"127.0.0.1:18003"),
+            ),
             (Bytes::from_static(b":path"), Bytes::from_static(b"/")),
             (Bytes::from_static(b":method"), Bytes::from_static(b"GET")),
             (Bytes::from_static(b":scheme"), Bytes::from_static(b"http")),
@@ -99,14 +102,16 @@ fn stream_cost(name: &str, host: &Arc<SharedHost>) {
             ..StreamData::default()
         }));
         let ctx = vm.create_stream(root, stream.clone(), 0).expect("context");
-        vm.on_request_headers(ctx, 7, true).expect("request headers");
+        vm.on_request_headers(ctx, 7, true)
+            .expect("request headers");
         let mut map = HeaderMap::new();
         map.insert("content-length", "12".parse().expect("value"));
         stream.borrow_mut().response_headers = Some(Headers {
             pseudo: vec![(Bytes::from_static(b":status"), Bytes::from_static(b"200"))],
             map,
         });
-        vm.on_response_headers(ctx, 2, false).expect("response headers");
+        vm.on_response_headers(ctx, 2, false)
+            .expect("response headers");
         vm.on_log(ctx).expect("log");
         vm.finish_context(ctx);
     };

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 use weft_proxy::metrics::Metrics;
 use weft_proxy::server::{self, Options};
 
+// A request allocates a few dozen small objects and frees them on the same thread; mimalloc's
+// thread-local free lists make that markedly cheaper than glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "weft",

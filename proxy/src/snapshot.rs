@@ -218,6 +218,16 @@ impl Snapshot {
                     format!("unknown route table {:?}", l.routes),
                 ));
             }
+            if l.filters.len() > crate::wasm::chain::MAX_CHAIN {
+                errors.push(ConfigError::new(
+                    format!("{at}.filters"),
+                    format!(
+                        "{} filters; a listener runs at most {}",
+                        l.filters.len(),
+                        crate::wasm::chain::MAX_CHAIN
+                    ),
+                ));
+            }
             let mut chain = Vec::with_capacity(l.filters.len());
             for (j, name) in l.filters.iter().enumerate() {
                 match filters.get(name) {

@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -37,6 +37,19 @@ fn protocol(v: Version) -> &'static str {
     }
 }
 
+fn method_bytes(m: &Method) -> Bytes {
+    match *m {
+        Method::GET => Bytes::from_static(b"GET"),
+        Method::POST => Bytes::from_static(b"POST"),
+        Method::PUT => Bytes::from_static(b"PUT"),
+        Method::DELETE => Bytes::from_static(b"DELETE"),
+        Method::HEAD => Bytes::from_static(b"HEAD"),
+        Method::OPTIONS => Bytes::from_static(b"OPTIONS"),
+        Method::PATCH => Bytes::from_static(b"PATCH"),
+        _ => Bytes::copy_from_slice(m.as_str().as_bytes()),
+    }
+}
+
 /// The request head as filters see it: `:authority`, `:path`, `:method`, `:scheme` (Envoy's
 /// order), then the fields, without `Host` and without connection-specific ones.
 fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Headers {
@@ -50,10 +63,7 @@ fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Hea
         pseudo: vec![
             pseudo(b":authority", Bytes::copy_from_slice(authority.as_bytes())),
             pseudo(b":path", Bytes::copy_from_slice(path.as_bytes())),
-            pseudo(
-                b":method",
-                Bytes::copy_from_slice(parts.method.as_str().as_bytes()),
-            ),
+            pseudo(b":method", method_bytes(&parts.method)),
             pseudo(b":scheme", scheme),
         ],
         map,
@@ -232,7 +242,6 @@ pub async fn handle(
         connection_id: conn.id,
         protocol: protocol(parts.version),
         scheme: conn.scheme,
-        start: Some(SystemTime::now()),
         started: Some(start),
         listener: listener.name.clone(),
         ..StreamInfo::default()
@@ -297,12 +306,10 @@ async fn respond(
     grpc: bool,
 ) -> Result<Response<ResponseBody>, StreamReset> {
     let wait = listener.http.stream_idle_timeout.non_zero();
-    let route = answer.stats.route();
-    let cluster = answer.stats.cluster();
+    let route = answer.stats.clone();
     let upstream = answer.endpoint.as_ref().map(|e| e.address());
     chain.set_info(|i| {
-        i.route = (!route.is_empty()).then(|| Arc::from(route));
-        i.cluster = (!cluster.is_empty()).then(|| Arc::from(cluster));
+        i.route = Some(route);
         i.upstream = upstream;
         i.tries = u32::from(upstream.is_some());
         if upstream.is_some() {
@@ -359,7 +366,11 @@ async fn respond(
                 }
                 parts.headers = head.map;
                 let body = match filtered {
-                    Some(f) => ResponseBody::filtered(f),
+                    // All of it is already through: sent as it is, no more filter work.
+                    Some(mut f) => match f.take_complete() {
+                        Some(bytes) => ResponseBody::full(bytes),
+                        None => ResponseBody::filtered(f),
+                    },
                     None => body.unwrap_or_else(ResponseBody::empty),
                 };
                 answer.resp = Response::from_parts(parts, body);

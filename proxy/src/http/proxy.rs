@@ -62,7 +62,9 @@ pub async fn handle(
         .map(|l| &**l)
         .unwrap_or(&conn.listener);
     if !listener.filters.is_empty() {
-        let answered = crate::http::filtered::handle(&conn, listener, req, start).await;
+        // On the heap: the filtered path's state is large, and would otherwise make every
+        // request's future (moved around by hyper) larger.
+        let answered = Box::pin(crate::http::filtered::handle(&conn, listener, req, start)).await;
         if answered.is_err() {
             conn.activity.end_request();
         }

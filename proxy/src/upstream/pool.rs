@@ -303,9 +303,11 @@ pub async fn send(
     match wire {
         Wire::Http1 => loop {
             let idle = pools.borrow_mut().take_idle(&key);
+            // A new connection is the rare case: its (large) future lives on the heap, so that
+            // every request's future stays small.
             let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
-                None => match connect_h1(cluster, endpoint).await {
+                None => match Box::pin(connect_h1(cluster, endpoint)).await {
                     Ok(tx) => (tx, false),
                     Err(e) => return Err(unsent(e, req)),
                 },
@@ -346,7 +348,7 @@ pub async fn send(
                 let fresh = existing.is_none();
                 let mut tx = match existing {
                     Some(tx) => tx,
-                    None => match connect_h2(cluster, endpoint).await {
+                    None => match Box::pin(connect_h2(cluster, endpoint)).await {
                         Ok(tx) => {
                             pools.borrow_mut().add_h2(key.clone(), tx.clone());
                             tx

@@ -107,11 +107,51 @@ struct Slot {
     time: Duration,
 }
 
+/// Most filters on one listener (a chain's per-filter flags are bits of a `u64`).
+pub const MAX_CHAIN: usize = 64;
+
+/// The filters a direction visits, in order: `0..len` for requests, `len-1..=0` for
+/// responses. Positions (`p`) index this order; filter indices are the chain's.
+#[derive(Debug, Default, Clone, Copy)]
+struct Order {
+    len: usize,
+    reverse: bool,
+}
+
+impl Order {
+    fn len(self) -> usize {
+        self.len
+    }
+
+    /// The filter at position `p` (< len).
+    fn at(self, p: usize) -> usize {
+        if self.reverse { self.len - 1 - p } else { p }
+    }
+
+    fn get(self, p: usize) -> Option<usize> {
+        (p < self.len).then(|| self.at(p))
+    }
+
+    fn pos_of(self, filter: usize) -> Option<usize> {
+        (filter < self.len).then(|| {
+            if self.reverse {
+                self.len - 1 - filter
+            } else {
+                filter
+            }
+        })
+    }
+
+    fn iter(self) -> impl Iterator<Item = usize> {
+        (0..self.len).map(move |p| self.at(p))
+    }
+}
+
 /// One direction's progress through its filters.
 #[derive(Default)]
 struct Flow {
-    /// Filter positions in the order this direction visits them.
-    order: Vec<usize>,
+    /// The filters this direction visits, in order.
+    order: Order,
     started: bool,
     headers_eos: bool,
     /// The headers reached this position of `order`.
@@ -119,8 +159,8 @@ struct Flow {
     /// The filter at `headers_at` paused the headers.
     headers_paused: bool,
     headers_done: bool,
-    /// Per position of `order`: the filter paused its body and holds what it saw.
-    buffering: Vec<bool>,
+    /// Bit per position of `order`: the filter paused its body and holds what it saw.
+    buffering: u64,
     /// The filter at this position holds the end of the stream.
     held: Option<(usize, Held)>,
     /// Trailers entered this direction (from the source, or added by a filter).
@@ -135,18 +175,28 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(order: Vec<usize>) -> Flow {
-        let n = order.len();
+    fn new(order: Order) -> Flow {
         Flow {
             order,
             started: true,
-            buffering: vec![false; n],
             ..Flow::default()
         }
     }
 
     fn pos_of(&self, filter: usize) -> Option<usize> {
-        self.order.iter().position(|f| *f == filter)
+        self.order.pos_of(filter)
+    }
+
+    fn is_buffering(&self, p: usize) -> bool {
+        self.buffering & (1 << p) != 0
+    }
+
+    fn set_buffering(&mut self, p: usize, on: bool) {
+        if on {
+            self.buffering |= 1 << p;
+        } else {
+            self.buffering &= !(1 << p);
+        }
     }
 
     /// Waiting on a filter (not on the source).
@@ -155,20 +205,33 @@ impl Flow {
     }
 
     fn any_buffering(&self) -> bool {
-        self.buffering.iter().any(|b| *b)
+        self.buffering != 0
     }
 
     /// The filter the flow waits on.
     fn waiting_on(&self) -> Option<usize> {
         if self.headers_paused {
-            return self.order.get(self.headers_at).copied();
+            return self.order.get(self.headers_at);
         }
-        self.held.map(|(p, _)| self.order[p])
+        self.held.map(|(p, _)| self.order.at(p))
     }
 }
 
 fn side(d: Direction) -> usize {
     d as usize
+}
+
+/// `fut`, given at most `wait` (`None` once it is over). A timer is only set up when `fut` is
+/// not ready at once, which is the common case's saving.
+async fn bounded<F: std::future::Future>(fut: F, wait: Option<Duration>) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Some(v);
+    }
+    match wait {
+        None => Some(fut.await),
+        Some(t) => tokio::time::timeout(t, fut).await.ok(),
+    }
 }
 
 struct ChainState {
@@ -202,11 +265,8 @@ impl Chain {
         info: StreamInfo,
         headers: Headers,
     ) -> Rc<Chain> {
-        let n = filters.len();
         let stream = Rc::new(RefCell::new(StreamData {
             request_headers: headers,
-            request_body: vec![Vec::new(); n],
-            response_body: vec![Vec::new(); n],
             info,
             ..StreamData::default()
         }));
@@ -254,7 +314,7 @@ impl Chain {
             Direction::Response => st.flows[1]
                 .order
                 .iter()
-                .any(|i| st.slots[*i].spec.wants.response_body),
+                .any(|i| st.slots[i].spec.wants.response_body),
         }
     }
 
@@ -267,7 +327,10 @@ impl Chain {
         {
             let mut st = self.state.borrow_mut();
             let n = st.slots.len();
-            st.flows[0] = Flow::new((0..n).collect());
+            st.flows[0] = Flow::new(Order {
+                len: n,
+                reverse: false,
+            });
             st.flows[0].headers_eos = end_of_stream;
             st.run(Direction::Request, |st| {
                 st.headers_from(Direction::Request, 0)
@@ -299,7 +362,10 @@ impl Chain {
                     b.clear();
                 }
             }
-            st.flows[1] = Flow::new((0..upto).rev().collect());
+            st.flows[1] = Flow::new(Order {
+                len: upto,
+                reverse: true,
+            });
             st.flows[1].headers_eos = end_of_stream;
             st.run(Direction::Response, |st| {
                 st.headers_from(Direction::Response, 0)
@@ -323,12 +389,9 @@ impl Chain {
             st.stream.borrow_mut().wakers[side(d)] = Some(cx.waker().clone());
             Poll::Pending
         });
-        match wait {
-            None => done.await,
-            Some(t) => match tokio::time::timeout(t, done).await {
-                Ok(r) => r,
-                Err(_) => Err(self.timed_out(d)),
-            },
+        match bounded(done, wait).await {
+            Some(r) => r,
+            None => Err(self.timed_out(d)),
         }
     }
 
@@ -438,12 +501,10 @@ impl ChainState {
             Run::Idle => {}
         }
         let spec = self.slots[i].spec.clone();
-        let started = Instant::now();
         let made = self.worker.instance(&spec).and_then(|(vm, root)| {
             let ctx = vm.create_stream(root, self.stream.clone(), i)?;
             Ok((vm, ctx))
         });
-        self.slots[i].time += started.elapsed();
         match made {
             Ok((vm, ctx)) => {
                 self.slots[i].run = Run::Active {
@@ -475,6 +536,8 @@ impl ChainState {
 
     /// Calls filter `i`'s callback; a skipped filter continues.
     fn call(&mut self, i: usize, d: Direction, cb: Callback) -> Result<Action, Stop> {
+        // One clock read each side of the filter's work (its context's creation included).
+        let started = Instant::now();
         let Some((vm, ctx)) = self.ensure(i, d)? else {
             return Ok(Action::Continue);
         };
@@ -485,13 +548,9 @@ impl ChainState {
                 s.response_headers.as_ref().map_or(0, Headers::len),
                 s.request_trailers.as_ref().map_or(0, Headers::len),
                 s.response_trailers.as_ref().map_or(0, Headers::len),
-                match d {
-                    Direction::Request => s.request_body[i].len(),
-                    Direction::Response => s.response_body[i].len(),
-                },
+                s.body(d, i).len(),
             )
         };
-        let started = Instant::now();
         let result = match (d, cb) {
             (Direction::Request, Callback::Headers { eos }) => {
                 vm.on_request_headers(ctx, n_req, eos)
@@ -555,7 +614,7 @@ impl ChainState {
     fn headers_from(&mut self, d: Direction, mut p: usize) -> Result<(), Stop> {
         let len = self.flows[side(d)].order.len();
         while p < len {
-            let i = self.flows[side(d)].order[p];
+            let i = self.flows[side(d)].order.at(p);
             let eos = self.flows[side(d)].headers_eos;
             let action = self.call(i, d, Callback::Headers { eos })?;
             {
@@ -577,21 +636,12 @@ impl ChainState {
     }
 
     fn body_of(&mut self, d: Direction, i: usize) -> Vec<u8> {
-        let mut s = self.stream.borrow_mut();
-        let bodies = match d {
-            Direction::Request => &mut s.request_body,
-            Direction::Response => &mut s.response_body,
-        };
-        std::mem::take(&mut bodies[i])
+        std::mem::take(self.stream.borrow_mut().body_mut(d, i))
     }
 
     fn add_body(&mut self, d: Direction, i: usize, mut bytes: Vec<u8>) {
         let mut s = self.stream.borrow_mut();
-        let bodies = match d {
-            Direction::Request => &mut s.request_body,
-            Direction::Response => &mut s.response_body,
-        };
-        let b = &mut bodies[i];
+        let b = s.body_mut(d, i);
         if b.is_empty() {
             std::mem::swap(b, &mut bytes);
         } else {
@@ -600,21 +650,17 @@ impl ChainState {
     }
 
     fn body_len(&self, d: Direction, i: usize) -> usize {
-        let s = self.stream.borrow();
-        match d {
-            Direction::Request => s.request_body[i].len(),
-            Direction::Response => s.response_body[i].len(),
-        }
+        self.stream.borrow().body(d, i).len()
     }
 
     /// Moves what the filter at position `p` holds on to the next position (or the tail).
     fn pass_on(&mut self, d: Direction, p: usize) {
-        let i = self.flows[side(d)].order[p];
+        let i = self.flows[side(d)].order.at(p);
         let bytes = self.body_of(d, i);
         if bytes.is_empty() {
             return;
         }
-        match self.flows[side(d)].order.get(p + 1).copied() {
+        match self.flows[side(d)].order.get(p + 1) {
             Some(next) => self.add_body(d, next, bytes),
             None => {
                 let tail = &mut self.flows[side(d)].tail;
@@ -644,9 +690,9 @@ impl ChainState {
                 self.emit_data(d, eos);
                 return Ok(());
             }
-            let i = self.flows[side(d)].order[p];
+            let i = self.flows[side(d)].order.at(p);
             let limit = self.slots[i].spec.plugin.body_buffer;
-            if self.flows[side(d)].buffering[p] && self.body_len(d, i) > limit {
+            if self.flows[side(d)].is_buffering(p) && self.body_len(d, i) > limit {
                 return Err(self.too_large(i, d));
             }
             let had_trailers = self.flows[side(d)].trailers;
@@ -656,7 +702,7 @@ impl ChainState {
                 if eos {
                     flow.held = Some((p, Held::End));
                 } else {
-                    flow.buffering[p] = true;
+                    flow.set_buffering(p, true);
                 }
                 if self.body_len(d, i) > limit {
                     return Err(self.too_large(i, d));
@@ -664,7 +710,7 @@ impl ChainState {
                 self.after_call(d)?;
                 return Ok(());
             }
-            self.flows[side(d)].buffering[p] = false;
+            self.flows[side(d)].set_buffering(p, false);
             self.after_call(d)?;
             self.pass_on(d, p);
             if eos && !had_trailers && self.trailers_exist(d) {
@@ -692,7 +738,7 @@ impl ChainState {
                 self.emit_trailers(d);
                 return Ok(());
             }
-            let i = self.flows[side(d)].order[p];
+            let i = self.flows[side(d)].order.at(p);
             let action = self.call(i, d, Callback::Trailers)?;
             if action == Action::Pause {
                 self.flows[side(d)].held = Some((p, Held::Trailers));
@@ -707,8 +753,8 @@ impl ChainState {
 
     /// Before trailers leave the filter at `p`, what it buffered goes on.
     fn release_held_body(&mut self, d: Direction, p: usize) -> Result<(), Stop> {
-        self.flows[side(d)].buffering[p] = false;
-        let i = self.flows[side(d)].order[p];
+        self.flows[side(d)].set_buffering(p, false);
+        let i = self.flows[side(d)].order.at(p);
         if self.body_len(d, i) > 0 {
             self.pass_on(d, p);
             self.data_from(d, p + 1, false)?;
@@ -776,8 +822,8 @@ impl ChainState {
                     st.trailers_from(d, p + 1)
                 }
             });
-        } else if flow.buffering[p] {
-            self.flows[side(d)].buffering[p] = false;
+        } else if flow.is_buffering(p) {
+            self.flows[side(d)].set_buffering(p, false);
             self.run(d, |st| {
                 st.pass_on(d, p);
                 st.data_from(d, p + 1, false)
@@ -812,7 +858,7 @@ impl ChainState {
 
     /// Body input from the source.
     fn feed(&mut self, d: Direction, frame: Frame<Bytes>, end: bool) {
-        let first = self.flows[side(d)].order.first().copied();
+        let first = self.flows[side(d)].order.get(0);
         match frame.into_data() {
             Ok(data) => {
                 self.flows[side(d)].bytes_in += data.len() as u64;
@@ -860,6 +906,8 @@ impl ChainState {
             s.info.request_body_bytes = self.flows[0].bytes_in;
             s.info.response_body_bytes = self.flows[1].bytes_in;
         }
+        // Clock reads are shared: each filter's share is from the previous read to the next.
+        let mut last = Instant::now();
         for i in 0..self.slots.len() {
             // As Envoy: a filter the request never reached still logs it.
             if matches!(self.slots[i].run, Run::Idle)
@@ -871,18 +919,20 @@ impl ChainState {
                 && !vm.failed()
             {
                 let (vm, ctx) = (vm.clone(), *ctx);
-                let started = Instant::now();
                 if let Err(e) = vm.on_log(ctx) {
                     let _ = self.fail(i, Direction::Response, &e);
                 }
-                self.slots[i].time += started.elapsed();
+                let now = Instant::now();
+                self.slots[i].time += now - last;
+                last = now;
             }
         }
         for slot in &mut self.slots {
             if let Run::Active { vm, ctx } = &slot.run {
-                let started = Instant::now();
                 vm.finish_context(*ctx);
-                slot.time += started.elapsed();
+                let now = Instant::now();
+                slot.time += now - last;
+                last = now;
             }
             if !matches!(slot.run, Run::Idle) {
                 slot.spec.call_time.observe(slot.time.as_secs_f64());
@@ -1002,13 +1052,7 @@ where
                 }
             }
         });
-        let timed_out = match wait {
-            None => {
-                primed.await;
-                false
-            }
-            Some(t) => tokio::time::timeout(t, primed).await.is_err(),
-        };
+        let timed_out = bounded(primed, wait).await.is_none();
         if timed_out && self.chain.state.borrow().flows[side(d)].waiting() {
             return Err(self.chain.timed_out(d));
         }
@@ -1019,6 +1063,33 @@ where
             }
             None => Ok(()),
         }
+    }
+}
+
+impl<B> FilterBody<B> {
+    /// The whole body, when all of it already came out of the filters as data (no trailers):
+    /// it can then go on as a plain body.
+    pub fn take_complete(&mut self) -> Option<Bytes> {
+        let mut st = self.chain.state.borrow_mut();
+        let flow = &mut st.flows[side(self.dir)];
+        if !flow.ended
+            || flow.stop.is_some()
+            || self.source_error.is_some()
+            || flow.out.iter().any(|f| !f.is_data())
+        {
+            return None;
+        }
+        let mut frames = std::mem::take(&mut flow.out);
+        if frames.len() == 1 {
+            return frames.pop_front().and_then(|f| f.into_data().ok());
+        }
+        let mut all = Vec::new();
+        for f in frames {
+            if let Ok(d) = f.into_data() {
+                all.extend_from_slice(&d);
+            }
+        }
+        Some(Bytes::from(all))
     }
 }
 

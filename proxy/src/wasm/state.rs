@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -20,6 +20,38 @@ use weft_abi::{AbiVersion, LogLevel};
 use super::shared::SharedHost;
 use super::vm::Vm;
 use super::worker::WasmWorker;
+
+/// A hasher for ids the host hands out itself (context ids, callout tokens): one multiply, no
+/// need for SipHash's flood resistance.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+/// A map keyed by host-made ids.
+pub type IdMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// A list of pairs as a guest sent them (local response headers).
 pub type Pairs = Vec<(Bytes, Bytes)>;
@@ -216,13 +248,13 @@ pub struct StreamInfo {
     /// `HTTP/1.1`, `HTTP/2`, …
     pub protocol: &'static str,
     pub scheme: &'static str,
-    pub start: Option<SystemTime>,
+    /// When the request began.
     pub started: Option<std::time::Instant>,
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
     pub listener: Arc<str>,
-    pub route: Option<Arc<str>>,
-    pub cluster: Option<Arc<str>>,
+    /// The route and cluster that took the request (their names).
+    pub route: Option<Arc<crate::metrics::RouteStats>>,
     pub upstream: Option<SocketAddr>,
     pub response_code: Option<u16>,
     pub response_details: Option<String>,
@@ -239,7 +271,7 @@ pub struct StreamData {
     pub response_headers: Option<Headers>,
     pub response_trailers: Option<Headers>,
     /// Per filter (by chain position): the request body bytes it holds (those of the current
-    /// body callback, or buffered while it pauses).
+    /// body callback, or buffered while it pauses). Grown when a body first flows.
     pub request_body: Vec<Vec<u8>>,
     /// Likewise for the response body.
     pub response_body: Vec<Vec<u8>>,
@@ -258,6 +290,27 @@ pub struct StreamData {
 }
 
 impl StreamData {
+    /// The body bytes filter `i` holds in direction `d` (none yet: empty).
+    pub fn body(&self, d: Direction, i: usize) -> &[u8] {
+        let bodies = match d {
+            Direction::Request => &self.request_body,
+            Direction::Response => &self.response_body,
+        };
+        bodies.get(i).map_or(&[], Vec::as_slice)
+    }
+
+    /// The body filter `i` holds in direction `d`, to change.
+    pub fn body_mut(&mut self, d: Direction, i: usize) -> &mut Vec<u8> {
+        let bodies = match d {
+            Direction::Request => &mut self.request_body,
+            Direction::Response => &mut self.response_body,
+        };
+        if bodies.len() <= i {
+            bodies.resize_with(i + 1, Vec::new);
+        }
+        &mut bodies[i]
+    }
+
     /// Records an action and wakes the chain (which acts once the guest call has returned:
     /// nothing here calls back into a guest).
     pub fn push(&mut self, index: usize, action: StreamAction) {
@@ -343,7 +396,7 @@ pub struct HostState {
     pub vm_config: Bytes,
     /// Name used in logs for calls not tied to a plugin (start-up).
     pub module_name: Arc<str>,
-    pub contexts: HashMap<u32, Context>,
+    pub contexts: IdMap<Context>,
     pub call: Call,
     pub callout: Option<CalloutData>,
     /// `proxy_get_status`: the code and message of the last callout failure.
@@ -364,9 +417,9 @@ pub struct HostState {
     /// Guest metric ids this VM defined, to its host-global metric.
     pub next_callout_token: u32,
     /// Outstanding callouts: token → the root context that owns it.
-    pub callouts: HashMap<u32, u32>,
+    pub callouts: IdMap<u32>,
     /// gRPC calls and streams in flight, by token.
-    pub grpc: HashMap<u32, super::callout::GrpcHandle>,
+    pub grpc: IdMap<super::callout::GrpcHandle>,
     pub log_level: LogLevel,
 }
 

@@ -20,8 +20,8 @@ use super::module::LoadedModule;
 use super::runtime::{Runtime, ticks};
 use super::shared::{SharedHost, TrapLabels};
 use super::state::{
-    Call, CalloutData, Context, Headers, HostState, Phase, PluginInfo, RootContext, SharedStream,
-    StreamContext,
+    Call, CalloutData, Context, Headers, HostState, IdMap, Phase, PluginInfo, RootContext,
+    SharedStream, StreamContext,
 };
 use super::worker::WasmWorker;
 
@@ -172,10 +172,10 @@ pub struct Vm {
     deadline: u64,
     shared: Arc<SharedHost>,
     on_worker: bool,
-    ticks: RefCell<HashMap<u32, tokio::task::AbortHandle>>,
+    ticks: RefCell<IdMap<tokio::task::AbortHandle>>,
     /// Root contexts by plugin identity, and the streams each serves now.
     roots: RefCell<HashMap<Arc<PluginKey>, u32>>,
-    streams_of: RefCell<HashMap<u32, (usize, bool)>>,
+    streams_of: RefCell<IdMap<(usize, bool)>>,
 }
 
 /// What makes a plugin: its name, root id and configuration.
@@ -234,7 +234,7 @@ impl Vm {
             vm_id: spec.vm_id.clone(),
             vm_config: spec.vm_config.clone(),
             module_name: module.name.clone(),
-            contexts: HashMap::new(),
+            contexts: IdMap::default(),
             call: Call::default(),
             callout: None,
             status: (0, Bytes::new()),
@@ -247,8 +247,8 @@ impl Vm {
             awaiting_done: Default::default(),
             done: Vec::new(),
             next_callout_token: 0,
-            callouts: HashMap::new(),
-            grpc: HashMap::new(),
+            callouts: IdMap::default(),
+            grpc: IdMap::default(),
             log_level: super::host::log::current_level(),
         };
         let mut store = Store::new(engine, state);
@@ -303,9 +303,9 @@ impl Vm {
             deadline,
             shared,
             on_worker,
-            ticks: RefCell::new(HashMap::new()),
+            ticks: RefCell::new(IdMap::default()),
             roots: RefCell::new(HashMap::new()),
-            streams_of: RefCell::new(HashMap::new()),
+            streams_of: RefCell::new(IdMap::default()),
         });
         vm.store.borrow_mut().data_mut().vm = Rc::downgrade(&vm);
         Ok(vm)
@@ -361,6 +361,14 @@ impl Vm {
         state.callout = None;
         let ticks = std::mem::take(&mut state.tick_changes);
         let done = std::mem::take(&mut state.done);
+        if result.is_ok() {
+            drop(store);
+            self.apply_ticks(ticks);
+            for id in done {
+                self.delete(id);
+            }
+            return result.map_err(|_| Failure::Failed);
+        }
         let filter = match state.contexts.get(&context) {
             Some(Context::Root(r)) => Some(r.plugin.name.clone()),
             Some(Context::Stream(s)) => match state.contexts.get(&s.root) {
@@ -372,13 +380,7 @@ impl Vm {
         .unwrap_or_else(|| state.module_name.clone());
         drop(store);
         match result {
-            Ok(v) => {
-                self.apply_ticks(ticks);
-                for id in done {
-                    self.delete(id);
-                }
-                Ok(v)
-            }
+            Ok(v) => Ok(v),
             Err(e) => Err(self.fail(&filter, phase, e)),
         }
     }
@@ -424,6 +426,9 @@ impl Vm {
     }
 
     fn apply_ticks(&self, changes: Vec<(u32, Duration)>) {
+        if changes.is_empty() {
+            return;
+        }
         if changes.is_empty() || !self.on_worker {
             return;
         }

@@ -14,11 +14,13 @@ use tokio::sync::mpsc;
 
 use super::callout::{self, GrpcHandle, GrpcTarget, HttpCallout};
 use super::shared::{QueueReady, SharedHost};
+use super::state::IdHasher;
 use super::vm::{Failure, StartError, Vm};
 use super::{FilterSpec, VmKey};
 use crate::snapshot::Snapshot;
 use crate::upstream::{Cluster, Pools};
 use crate::worker::Shared;
+use std::hash::BuildHasherDefault;
 
 /// A VM that failed this soon after starting counts as failing fast.
 const FAST_FAILURE: Duration = Duration::from_secs(1);
@@ -44,12 +46,18 @@ struct Restarts {
     not_before: Option<Instant>,
 }
 
+/// A filter's spec (kept alive), its VM and its root context id, by the spec's address.
+type Instances = HashMap<usize, (Arc<FilterSpec>, Rc<Vm>, u32), BuildHasherDefault<IdHasher>>;
+
 pub struct WasmWorker {
     pub id: usize,
     host: Arc<SharedHost>,
     proxy: Arc<Shared>,
     pools: Rc<RefCell<Pools>>,
     vms: RefCell<HashMap<VmKey, Rc<Vm>>>,
+    /// Where each filter of the current configuration runs, by the address of its spec (kept
+    /// alive here, so the address is not reused while it is a key): the per-request lookup.
+    instances: RefCell<Instances>,
     /// Every VM still alive (cached or serving old streams), by uid, for queue notifications.
     by_uid: RefCell<HashMap<u64, Weak<Vm>>>,
     restarts: RefCell<HashMap<VmKey, Restarts>>,
@@ -84,6 +92,7 @@ impl WasmWorker {
             proxy,
             pools,
             vms: RefCell::new(HashMap::new()),
+            instances: RefCell::new(HashMap::default()),
             by_uid: RefCell::new(HashMap::new()),
             restarts: RefCell::new(HashMap::new()),
             queue_tx,
@@ -113,7 +122,21 @@ impl WasmWorker {
     }
 
     /// The VM and root context `spec` runs in on this worker, started if need be.
-    pub fn instance(&self, spec: &FilterSpec) -> Result<(Rc<Vm>, u32), Unavailable> {
+    pub fn instance(&self, spec: &Arc<FilterSpec>) -> Result<(Rc<Vm>, u32), Unavailable> {
+        let key = Arc::as_ptr(spec) as usize;
+        if let Some((_, vm, root)) = self.instances.borrow().get(&key)
+            && !vm.failed()
+        {
+            return Ok((vm.clone(), *root));
+        }
+        let (vm, root) = self.find_or_start(spec)?;
+        self.instances
+            .borrow_mut()
+            .insert(key, (spec.clone(), vm.clone(), root));
+        Ok((vm, root))
+    }
+
+    fn find_or_start(&self, spec: &FilterSpec) -> Result<(Rc<Vm>, u32), Unavailable> {
         let cached = self.vms.borrow().get(&spec.key).cloned();
         let vm = match cached {
             Some(vm) if !vm.failed() => vm,
@@ -185,6 +208,7 @@ impl WasmWorker {
         if self.version.replace(snapshot.version) == snapshot.version {
             return;
         }
+        self.instances.borrow_mut().clear();
         let mut vms = self.vms.borrow_mut();
         let gone: Vec<VmKey> = vms
             .keys()

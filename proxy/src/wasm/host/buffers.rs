@@ -10,7 +10,7 @@ use wasmtime::Caller;
 use weft_abi::{BufferType, Status};
 
 use super::memory::{HostResult, give, read, status, write_u32};
-use crate::wasm::state::{HostState, Phase};
+use crate::wasm::state::{Direction, HostState, Phase};
 
 /// A copy of buffer `t` as the effective context sees it.
 fn contents(state: &HostState, t: BufferType) -> Result<Bytes, Status> {
@@ -18,14 +18,12 @@ fn contents(state: &HostState, t: BufferType) -> Result<Bytes, Status> {
         BufferType::HttpRequestBody | BufferType::HttpResponseBody => {
             let (stream, index) = state.stream_at().ok_or(Status::NotFound)?;
             let s = stream.borrow();
-            let bodies = if t == BufferType::HttpRequestBody {
-                &s.request_body
+            let d = if t == BufferType::HttpRequestBody {
+                Direction::Request
             } else {
-                &s.response_body
+                Direction::Response
             };
-            Ok(Bytes::copy_from_slice(
-                bodies.get(index).ok_or(Status::NotFound)?,
-            ))
+            Ok(Bytes::copy_from_slice(s.body(d, index)))
         }
         BufferType::HttpCallResponseBody | BufferType::GrpcReceiveBuffer => state
             .callout
@@ -93,18 +91,13 @@ pub fn set_buffer_bytes(
         let t = buffer_type(t)?;
         let (stream, index) = caller.data().stream_at().ok_or(Status::NotFound)?;
         let mut s = stream.borrow_mut();
-        let side = match t {
-            BufferType::HttpRequestBody => 0,
-            BufferType::HttpResponseBody => 1,
+        let d = match t {
+            BufferType::HttpRequestBody => Direction::Request,
+            BufferType::HttpResponseBody => Direction::Response,
             _ => return Err(Status::BadArgument),
         };
-        s.body_modified[side] = true;
-        let bodies = if side == 0 {
-            &mut s.request_body
-        } else {
-            &mut s.response_body
-        };
-        let body = bodies.get_mut(index).ok_or(Status::NotFound)?;
+        s.body_modified[d as usize] = true;
+        let body = s.body_mut(d, index);
         let start = (start as u32 as usize).min(body.len());
         let end = start.saturating_add(size as u32 as usize).min(body.len());
         body.splice(start..end, data);

@@ -113,8 +113,8 @@ fn request(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
             None => Some(map(h)),
         },
         b"time" => {
-            let t = s.info.start?.duration_since(UNIX_EPOCH).ok()?;
-            Some(duration(t))
+            let began = std::time::SystemTime::now().checked_sub(s.info.started?.elapsed())?;
+            Some(duration(began.duration_since(UNIX_EPOCH).ok()?))
         }
         b"duration" => s.info.duration.map(duration),
         b"size" => Some(int(s.info.request_body_bytes as i64)),
@@ -161,6 +161,16 @@ fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
     }
 }
 
+fn route_name(s: &StreamData) -> Option<Vec<u8>> {
+    let r = s.info.route.as_ref()?.route();
+    (!r.is_empty()).then(|| r.as_bytes().to_vec())
+}
+
+fn cluster_name(s: &StreamData) -> Option<Vec<u8>> {
+    let c = s.info.route.as_ref()?.cluster();
+    (!c.is_empty()).then(|| c.as_bytes().to_vec())
+}
+
 fn stream_property(s: &StreamData, segs: &[&[u8]], raw_path: &[u8]) -> Option<Vec<u8>> {
     let rest = &segs[1..];
     match segs[0] {
@@ -178,12 +188,12 @@ fn stream_property(s: &StreamData, segs: &[&[u8]], raw_path: &[u8]) -> Option<Ve
             b"requested_server_name" => Some(Vec::new()),
             _ => None,
         },
-        b"route_name" => s.info.route.as_ref().map(|r| r.as_bytes().to_vec()),
-        b"cluster_name" => s.info.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
+        b"route_name" => route_name(s),
+        b"cluster_name" => cluster_name(s),
         b"listener_name" => Some(s.info.listener.as_bytes().to_vec()),
         b"xds" => match *rest.first()? {
-            b"route_name" => s.info.route.as_ref().map(|r| r.as_bytes().to_vec()),
-            b"cluster_name" => s.info.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
+            b"route_name" => route_name(s),
+            b"cluster_name" => cluster_name(s),
             b"listener_name" => Some(s.info.listener.as_bytes().to_vec()),
             _ => None,
         },

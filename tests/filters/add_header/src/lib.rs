@@ -34,7 +34,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(AddHeader { name: self.name.clone(), value: self.value.clone() }))
+        Some(Box::new(AddHeader {
+            name: self.name.clone(),
+            value: self.value.clone(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {

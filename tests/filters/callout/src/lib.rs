@@ -17,14 +17,20 @@ struct Callout;
 
 impl HttpContext for Callout {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let cluster = self.get_http_request_header("x-auth-cluster").unwrap_or_else(|| "auth".into());
+        let cluster = self
+            .get_http_request_header("x-auth-cluster")
+            .unwrap_or_else(|| "auth".into());
         let path = match self.get_http_request_header("x-auth").as_deref() {
             Some("deny") => "/status/403",
             _ => "/check",
         };
         let call = self.dispatch_http_call(
             &cluster,
-            vec![(":method", "GET"), (":path", path), (":authority", "auth.local")],
+            vec![
+                (":method", "GET"),
+                (":path", path),
+                (":authority", "auth.local"),
+            ],
             None,
             vec![],
             Duration::from_secs(5),
@@ -32,7 +38,11 @@ impl HttpContext for Callout {
         match call {
             Ok(_) => Action::Pause,
             Err(status) => {
-                self.send_http_response(502, vec![], Some(format!("callout refused: {status:?}").as_bytes()));
+                self.send_http_response(
+                    502,
+                    vec![],
+                    Some(format!("callout refused: {status:?}").as_bytes()),
+                );
                 Action::Pause
             }
         }
@@ -41,14 +51,22 @@ impl HttpContext for Callout {
 
 impl Context for Callout {
     fn on_http_call_response(&mut self, _: u32, _: usize, _: usize, _: usize) {
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
         if status == "200" {
             self.set_http_request_header("x-auth-status", Some(&status));
-            let backend = self.get_http_call_response_header("x-backend").unwrap_or_default();
+            let backend = self
+                .get_http_call_response_header("x-backend")
+                .unwrap_or_default();
             self.set_http_request_header("x-auth-backend", Some(&backend));
             self.resume_http_request();
         } else {
-            self.send_http_response(403, vec![], Some(format!("auth failed: {status}").as_bytes()));
+            self.send_http_response(
+                403,
+                vec![],
+                Some(format!("auth failed: {status}").as_bytes()),
+            );
         }
     }
 }

@@ -82,7 +82,11 @@ impl HttpContext for Grpc {
         match call {
             Ok(_) => Action::Pause,
             Err(status) => {
-                self.send_http_response(502, vec![], Some(format!("gRPC callout refused: {status:?}").as_bytes()));
+                self.send_http_response(
+                    502,
+                    vec![],
+                    Some(format!("gRPC callout refused: {status:?}").as_bytes()),
+                );
                 Action::Pause
             }
         }
@@ -92,13 +96,19 @@ impl HttpContext for Grpc {
 impl Context for Grpc {
     fn on_grpc_call_response(&mut self, _: u32, status: u32, size: usize) {
         if status == 0 {
-            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            let body = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
             let reply = decode(&body).unwrap_or_default();
             self.set_http_request_header("x-grpc-reply", Some(&reply));
             self.resume_http_request();
         } else {
             let code = status.to_string();
-            self.send_http_response(503, vec![("x-grpc-status", &code)], Some(b"gRPC callout failed"));
+            self.send_http_response(
+                503,
+                vec![("x-grpc-status", &code)],
+                Some(b"gRPC callout failed"),
+            );
         }
     }
 }

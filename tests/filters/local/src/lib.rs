@@ -18,10 +18,17 @@ impl HttpContext for Local {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         match self.get_http_request_header(":path").as_deref() {
             Some("/deny") => {
-                self.send_http_response(403, vec![("x-denied-by", "local")], Some(b"denied by filter"));
+                self.send_http_response(
+                    403,
+                    vec![("x-denied-by", "local")],
+                    Some(b"denied by filter"),
+                );
                 Action::Pause
             }
-            Some(p) if p.ends_with("/grpc-deny") || p.contains("Unary") && self.get_http_request_header("x-deny").is_some() => {
+            Some(p)
+                if p.ends_with("/grpc-deny")
+                    || p.contains("Unary") && self.get_http_request_header("x-deny").is_some() =>
+            {
                 self.send_grpc_response(GrpcStatusCode::PermissionDenied, Some("no entry"), vec![]);
                 Action::Pause
             }

@@ -24,12 +24,16 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         self.in_flight = hostcalls::define_metric(MetricType::Gauge, "in_flight").expect("gauge");
-        self.path_length = hostcalls::define_metric(MetricType::Histogram, "path_length").expect("histogram");
+        self.path_length =
+            hostcalls::define_metric(MetricType::Histogram, "path_length").expect("histogram");
         true
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { root: self.clone(), counters: HashMap::new() }))
+        Some(Box::new(Request {
+            root: self.clone(),
+            counters: HashMap::new(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -48,10 +52,9 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let method = self.get_http_request_header(":method").unwrap_or_default();
         let name = format!("requests{{method=\"{method}\"}}");
-        let id = *self
-            .counters
-            .entry(name.clone())
-            .or_insert_with(|| hostcalls::define_metric(MetricType::Counter, &name).expect("counter"));
+        let id = *self.counters.entry(name.clone()).or_insert_with(|| {
+            hostcalls::define_metric(MetricType::Counter, &name).expect("counter")
+        });
         hostcalls::increment_metric(id, 1).expect("increment");
         hostcalls::increment_metric(self.root.in_flight, 1).expect("gauge up");
         let path = self.get_http_request_header(":path").unwrap_or_default();

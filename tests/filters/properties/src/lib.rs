@@ -31,7 +31,12 @@ const STRINGS: &[&str] = &[
     "plugin_vm_id",
     "listener_name",
 ];
-const INTEGERS: &[&str] = &["source.port", "destination.port", "connection.id", "request.size"];
+const INTEGERS: &[&str] = &[
+    "source.port",
+    "destination.port",
+    "connection.id",
+    "request.size",
+];
 const RESPONSE_STRINGS: &[&str] = &["route_name", "cluster_name", "upstream.address"];
 const RESPONSE_INTEGERS: &[&str] = &["response.code"];
 
@@ -63,7 +68,10 @@ impl HttpContext for Props {
         self.read(INTEGERS, true);
         self.set_property(vec!["my_value"], Some(b"kept"));
         let back = self.get_property(vec!["my_value"]).unwrap_or_default();
-        self.seen.push(("my_value".into(), String::from_utf8_lossy(&back).into_owned()));
+        self.seen.push((
+            "my_value".into(),
+            String::from_utf8_lossy(&back).into_owned(),
+        ));
         Action::Continue
     }
 

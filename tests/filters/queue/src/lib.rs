@@ -62,7 +62,11 @@ impl HttpContext for Producer {
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         let n = count(self, "dequeued");
         self.set_http_response_header("x-dequeued", Some(&n.to_string()));
-        let last = self.get_shared_data("last").0.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+        let last = self
+            .get_shared_data("last")
+            .0
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default();
         self.set_http_response_header("x-last", Some(&last));
         Action::Continue
     }

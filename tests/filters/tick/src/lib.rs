@@ -32,7 +32,10 @@ impl RootContext for Root {
         loop {
             let (_, cas) = self.get_shared_data("ticks");
             let n = ticks(self) + 1;
-            if self.set_shared_data("ticks", Some(n.to_string().as_bytes()), cas).is_ok() {
+            if self
+                .set_shared_data("ticks", Some(n.to_string().as_bytes()), cas)
+                .is_ok()
+            {
                 return;
             }
         }
