@@ -37,6 +37,13 @@ pub enum ProxyError {
     },
     #[error("connecting to {0} timed out")]
     ConnectTimeout(SocketAddr),
+    #[error("TLS handshake with {addr} failed ({reason}): {source}")]
+    UpstreamTls {
+        addr: SocketAddr,
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -87,6 +94,7 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout(_)
+            | ProxyError::UpstreamTls { .. }
             | ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake { .. } | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -110,6 +118,7 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream(_) => "no_healthy_upstream",
             ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
             ProxyError::ConnectTimeout(_) => "upstream_connect_timeout",
+            ProxyError::UpstreamTls { .. } => "upstream_tls_failed",
             ProxyError::Handshake { .. } => "upstream_protocol_error",
             ProxyError::UpstreamReset(_) => "upstream_reset",
             ProxyError::DownstreamBody(_) => "bad_request_body",
@@ -136,6 +145,7 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout(_)
+            | ProxyError::UpstreamTls { .. }
             | ProxyError::Handshake { .. }
             | ProxyError::UpstreamReset(_)
             | ProxyError::Overflow { .. } => 14, // UNAVAILABLE
@@ -165,6 +175,7 @@ impl ProxyError {
                 format!("upstream connect error: {}", io_reason(source))
             }
             ProxyError::ConnectTimeout(_) => "upstream connect timeout".into(),
+            ProxyError::UpstreamTls { reason, .. } => format!("upstream TLS error: {reason}"),
             ProxyError::Handshake { .. } => "upstream protocol error".into(),
             ProxyError::UpstreamReset(_) => "upstream reset before response".into(),
             ProxyError::DownstreamBody(_) => "malformed or interrupted request body".into(),

@@ -18,6 +18,8 @@ pub mod metrics;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod wasm;
 pub mod worker;

@@ -98,6 +98,8 @@ pub struct Metrics {
     upstream_timeouts: Family<ClusterKindLabels, Counter>,
     pub config_version: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Handshakes, failures, certificate expiry, reloads.
+    pub tls: crate::tls::TlsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -140,6 +142,7 @@ impl Metrics {
             upstream_timeouts: Family::default(),
             config_version: Gauge::default(),
             config_reloads: Family::default(),
+            tls: crate::tls::TlsMetrics::default(),
         };
         reg.register(
             "http_requests",
@@ -256,6 +259,7 @@ impl Metrics {
             "Configuration reloads, by result (applied, rejected)",
             m.config_reloads.clone(),
         );
+        m.tls.register(&mut reg);
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = reg;
         m
     }

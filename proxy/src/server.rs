@@ -20,6 +20,9 @@ use crate::snapshot::{BuildEnv, Snapshot};
 use crate::wasm::SharedHost;
 use crate::worker::{self, Command, ConnLimit, Shared, WorkerHandle};
 
+/// How often certificate files are checked for changes.
+const TLS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How `weft run` was asked to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -329,20 +332,27 @@ impl Server {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut tls_poll = tokio::time::interval(TLS_POLL);
+        tls_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = hup.recv() => match self.reload() {
-                    Ok(v) => tracing::info!(version = v, "reload done"),
-                    Err(errors) => {
-                        for e in &errors.0 {
-                            tracing::error!("reload rejected: {e}");
+                _ = tls_poll.tick() => self.shared.snapshot().refresh_tls(false),
+                _ = hup.recv() => {
+                    match self.reload() {
+                        Ok(v) => tracing::info!(version = v, "reload done"),
+                        Err(errors) => {
+                            for e in &errors.0 {
+                                tracing::error!("reload rejected: {e}");
+                            }
+                            tracing::error!(
+                                errors = errors.0.len(),
+                                "reload rejected; the previous configuration keeps serving"
+                            );
                         }
-                        tracing::error!(
-                            errors = errors.0.len(),
-                            "reload rejected; the previous configuration keeps serving"
-                        );
                     }
-                },
+                    // SIGHUP also means "read the certificates again", changed or not.
+                    self.shared.snapshot().refresh_tls(true);
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }

@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, ConfigError, ConfigErrors, HttpOptions};
+use crate::config::{Config, ConfigError, ConfigErrors, HttpOptions, ListenerProtocol};
 use crate::metrics::{ListenerStats, Metrics, RouteStats};
 use crate::router::{Action, RouteTable};
+use crate::tcp::TcpRuntime;
+use crate::tls::client::TlsClient;
+use crate::tls::server::TlsServer;
 use crate::upstream::{Cluster, ClusterMap};
 use crate::wasm::{FilterSpec, SharedHost};
 
@@ -57,6 +60,10 @@ pub struct ListenerRuntime {
     pub no_route: Arc<RouteStats>,
     /// The filters requests go through, in order.
     pub filters: Vec<Arc<FilterSpec>>,
+    /// TLS termination.
+    pub tls: Option<Arc<TlsServer>>,
+    /// A `tcp` listener's routing (none on HTTP listeners).
+    pub tcp: Option<TcpRuntime>,
 }
 
 /// Metric handles of one route on one listener.
@@ -145,10 +152,28 @@ impl Snapshot {
         let mut by_name = ClusterMap::new();
         for (i, c) in config.clusters.iter().enumerate() {
             let prev = previous.and_then(|p| p.clusters.iter().find(|x| *x.name == *c.name));
+            let tls = c.tls.as_ref().and_then(|t| {
+                let kept = prev
+                    .and_then(|p| p.tls.as_ref())
+                    .filter(|old| old.same_settings(t, env.base_dir));
+                if let Some(old) = kept {
+                    return Some(old.clone());
+                }
+                match TlsClient::build(&c.name, t, env.base_dir, &metrics.tls) {
+                    Ok(client) => Some(Arc::new(client)),
+                    Err(errs) => {
+                        for (at, e) in errs {
+                            errors.push(ConfigError::new(format!("clusters[{i}].tls.{at}"), e));
+                        }
+                        None
+                    }
+                }
+            });
             let cluster = Arc::new(Cluster::build(
                 i,
                 c,
                 prev.map(|a| &**a),
+                tls,
                 metrics,
                 &mut errors,
             ));
@@ -181,6 +206,7 @@ impl Snapshot {
             &mut errors,
         );
 
+        let empty_table = Arc::new(RouteTable::build("", &[], &by_name, &mut errors));
         let mut listeners = HashMap::new();
         let mut addresses = HashSet::new();
         let mut names = HashSet::new();
@@ -211,13 +237,82 @@ impl Snapshot {
                 ));
             }
             check_http(&format!("{at}.http"), &l.http, &mut errors);
-            let table = tables.get(l.routes.as_str()).cloned();
-            if table.is_none() {
-                errors.push(ConfigError::new(
-                    format!("{at}.routes"),
-                    format!("unknown route table {:?}", l.routes),
-                ));
-            }
+            let tcp = match l.protocol {
+                ListenerProtocol::Http => {
+                    if l.tcp.is_some() {
+                        errors.push(ConfigError::new(
+                            format!("{at}.tcp"),
+                            "only a listener with protocol: tcp has tcp routes",
+                        ));
+                    }
+                    None
+                }
+                ListenerProtocol::Tcp => {
+                    if !l.routes.is_empty() {
+                        errors.push(ConfigError::new(
+                            format!("{at}.routes"),
+                            "a tcp listener has no HTTP routes (give tcp.routes)",
+                        ));
+                    }
+                    if !l.filters.is_empty() {
+                        errors.push(ConfigError::new(
+                            format!("{at}.filters"),
+                            "Wasm filters run on HTTP listeners only",
+                        ));
+                    }
+                    match &l.tcp {
+                        None => {
+                            errors.push(ConfigError::new(
+                                format!("{at}.tcp"),
+                                "a tcp listener needs tcp.routes",
+                            ));
+                            None
+                        }
+                        Some(t) => {
+                            TcpRuntime::build(&format!("{at}.tcp"), t, &by_name, &mut errors)
+                        }
+                    }
+                }
+            };
+            let table = match l.protocol {
+                ListenerProtocol::Tcp => Some(empty_table.clone()),
+                ListenerProtocol::Http => {
+                    let table = tables.get(l.routes.as_str()).cloned();
+                    if table.is_none() {
+                        errors.push(ConfigError::new(
+                            format!("{at}.routes"),
+                            if l.routes.is_empty() {
+                                "an HTTP listener needs a route table".to_owned()
+                            } else {
+                                format!("unknown route table {:?}", l.routes)
+                            },
+                        ));
+                    }
+                    table
+                }
+            };
+            let tls = l.tls.as_ref().and_then(|t| {
+                let kept = previous
+                    .and_then(|p| p.listeners.get(&l.name))
+                    .and_then(|p| p.tls.as_ref())
+                    .filter(|old| old.same_settings(t, env.base_dir));
+                if let Some(old) = kept {
+                    return Some(old.clone());
+                }
+                let alpn: &[&str] = match l.protocol {
+                    ListenerProtocol::Http => &["h2", "http/1.1"],
+                    ListenerProtocol::Tcp => &[],
+                };
+                match TlsServer::build(&l.name, t, alpn, env.base_dir, &metrics.tls) {
+                    Ok(server) => Some(Arc::new(server)),
+                    Err(errs) => {
+                        for (at_tls, e) in errs {
+                            errors.push(ConfigError::new(format!("{at}.tls.{at_tls}"), e));
+                        }
+                        None
+                    }
+                }
+            });
             if l.filters.len() > crate::wasm::chain::MAX_CHAIN {
                 errors.push(ConfigError::new(
                     format!("{at}.filters"),
@@ -240,7 +335,9 @@ impl Snapshot {
                 }
             }
             if let (Some(address), Some(table)) = (address, table) {
-                let runtime = ListenerRuntime::new(l, address, table, chain, metrics);
+                let mut runtime = ListenerRuntime::new(l, address, table, chain, metrics);
+                runtime.tls = tls;
+                runtime.tcp = tcp;
                 listeners.insert(l.name.clone(), Arc::new(runtime));
             }
         }
@@ -266,6 +363,21 @@ impl Snapshot {
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.iter().find(|c| &*c.name == name)
+    }
+
+    /// Re-reads the certificate files of every TLS listener and cluster that changed (all of
+    /// them when `force`); a file that does not load is reported and the old material kept.
+    pub fn refresh_tls(&self, force: bool) {
+        for l in self.listeners.values() {
+            if let Some(t) = &l.tls {
+                let _ = t.refresh(force);
+            }
+        }
+        for c in &self.clusters {
+            if let Some(t) = &c.tls {
+                let _ = t.refresh(force);
+            }
+        }
     }
 }
 
@@ -302,6 +414,8 @@ impl ListenerRuntime {
             route_stats,
             table,
             filters,
+            tls: None,
+            tcp: None,
         }
     }
 }

@@ -323,6 +323,10 @@ async fn accept_loop(
         let stop = stop.clone();
         tokio::task::spawn_local(async move {
             let open = OpenConnection::new(worker, runtime, permit);
+            if open.runtime.tcp.is_some() {
+                crate::tcp::serve(open.runtime.clone(), stream, peer).await;
+                return;
+            }
             server::serve(
                 open.worker.clone(),
                 open.runtime.clone(),

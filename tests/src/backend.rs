@@ -147,6 +147,21 @@ impl Backend {
 
     /// Starts a backend on a given address (to bring a "killed" endpoint back).
     pub async fn start_on(addr: SocketAddr, name: &str) -> Backend {
+        Self::start_inner(addr, name, None).await
+    }
+
+    /// Starts a backend on `127.0.0.1:0` that speaks TLS with `config` (see
+    /// [`crate::tls::server_config`]); ALPN picks HTTP/2 or HTTP/1.1.
+    pub async fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> Backend {
+        let addr = "127.0.0.1:0".parse().expect("address");
+        Self::start_inner(addr, name, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_inner(
+        addr: SocketAddr,
+        name: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Backend {
         let listener = TcpListener::bind(addr).await.expect("backend binds");
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(State {
@@ -165,13 +180,27 @@ impl Backend {
                 let _ = stream.set_nodelay(true);
                 let state = shared.clone();
                 let mut stopped = stopped.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| respond(state.clone(), req));
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let serve = async {
+                        match tls {
+                            None => {
+                                let io = TokioIo::new(stream);
+                                let _ = builder.serve_connection_with_upgrades(io, service).await;
+                            }
+                            Some(acceptor) => {
+                                let Ok(stream) = acceptor.accept(stream).await else {
+                                    return;
+                                };
+                                let io = TokioIo::new(stream);
+                                let _ = builder.serve_connection_with_upgrades(io, service).await;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = conn => {}
+                        _ = serve => {}
                         _ = stopped.wait_for(|s| *s) => {}
                     }
                 });

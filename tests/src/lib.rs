@@ -8,6 +8,7 @@ pub mod filters;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod process;
+pub mod tls;
 
 pub use backend::Backend;
 pub use client::Reply;

@@ -43,6 +43,9 @@ pub struct Cluster {
     pub circuit_breakers: CircuitBreakers,
     #[serde(default)]
     pub retry_budget: RetryBudget,
+    /// TLS to the endpoints; none: plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::ClusterTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,8 +13,16 @@ pub struct Listener {
     pub address: String,
     #[serde(default)]
     pub protocol: ListenerProtocol,
-    /// The route table (a key of `routes`) requests on this listener are matched against.
+    /// The route table (a key of `routes`) requests on this listener are matched against
+    /// (HTTP listeners).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub routes: String,
+    /// TLS termination; none: plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::ListenerTls>,
+    /// Where a `tcp` listener sends its connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<super::TcpProxy>,
     /// Wasm filters (names from `filters`) every request runs through, in order; responses run
     /// through them in reverse order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -34,6 +42,8 @@ pub enum ListenerProtocol {
     /// HTTP/1.1 and HTTP/2 (prior-knowledge h2c) on the same port.
     #[default]
     Http,
+    /// Raw TCP to a cluster (TLS passed through and routed by SNI, or terminated).
+    Tcp,
 }
 
 /// Per-listener HTTP settings. Defaults follow Envoy's edge recommendations.

@@ -8,12 +8,14 @@ mod cluster;
 mod filter;
 mod listener;
 mod route;
+mod tls;
 mod types;
 
 pub use cluster::*;
 pub use filter::*;
 pub use listener::*;
 pub use route::*;
+pub use tls::*;
 pub use types::{ByteSize, Dur, OneOrMany};
 
 use std::collections::BTreeMap;

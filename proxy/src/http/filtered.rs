@@ -227,7 +227,7 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     // What the proxy refuses before anything looks at a request never reaches the filters (as
     // Envoy's codec and connection manager refuse it before its filters).
-    let authority = proxy::check(listener, &mut parts)
+    let authority = proxy::check(conn, listener, &mut parts)
         .and_then(|()| proxy::authority(&parts).map(|a| a.into_owned()));
     let authority = match authority {
         Ok(a) => a,
@@ -240,6 +240,7 @@ pub async fn handle(
         peer: Some(conn.peer),
         local: Some(conn.local),
         connection_id: conn.id,
+        tls: conn.tls.clone(),
         protocol: protocol(parts.version),
         scheme: conn.scheme,
         started: Some(start),

@@ -115,6 +115,7 @@ fn classify(e: &ProxyError) -> (Failure, Option<Outcome>) {
     match e {
         ProxyError::ConnectFailed { .. }
         | ProxyError::ConnectTimeout(_)
+        | ProxyError::UpstreamTls { .. }
         | ProxyError::Handshake { .. } => (Failure::ConnectFailure, Some(Outcome::ConnectFailure)),
         ProxyError::UpstreamReset(err) => {
             let refused = std::error::Error::source(err)

@@ -114,6 +114,42 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'st
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
 
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// `x-forwarded-client-cert` for a verified client certificate, in Envoy's format:
+/// `Hash=<sha256 hex>;URI=<uri SAN>` (one `URI=` per URI SAN), else `DNS=` per DNS SAN, and the
+/// subject.
+pub fn client_cert_value(peer: &crate::tls::PeerIdentity) -> Option<HeaderValue> {
+    let mut v = format!("Hash={}", peer.sha256);
+    for u in &peer.uris {
+        v.push_str(";URI=");
+        v.push_str(u);
+    }
+    for d in &peer.dns {
+        v.push_str(";DNS=");
+        v.push_str(d);
+    }
+    if !peer.subject.is_empty() {
+        v.push_str(";Subject=\"");
+        v.push_str(&peer.subject.replace('"', "\\\""));
+        v.push('"');
+    }
+    HeaderValue::from_str(&v).ok()
+}
+
+/// Removes any `x-forwarded-client-cert` the client sent, and sets weft's own for a client that
+/// presented a verified certificate.
+pub fn set_client_cert(headers: &mut HeaderMap, value: Option<&HeaderValue>) {
+    match value {
+        Some(v) => {
+            headers.insert(&X_FORWARDED_CLIENT_CERT, v.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_CLIENT_CERT);
+        }
+    }
+}
+
 /// Sets `x-request-id` to a fresh UUID v4 unless the request carries one.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
     if headers.get(&X_REQUEST_ID).is_some_and(|v| !v.is_empty()) {

@@ -38,6 +38,10 @@ pub struct ConnCtx {
     pub scheme: &'static str,
     /// Unique in the process (the `connection.id` property).
     pub id: u64,
+    /// What the TLS handshake settled (TLS listeners).
+    pub tls: Option<Arc<crate::tls::TlsInfo>>,
+    /// `x-forwarded-client-cert` for the client's verified certificate (mTLS).
+    pub client_cert: Option<HeaderValue>,
 }
 
 /// The answer to one request, with what its end must record.
@@ -74,7 +78,7 @@ pub async fn handle(
     let http1 = req.version() < Version::HTTP_2;
     let grpc = errors::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
-    let answer = match check(listener, &mut parts) {
+    let answer = match check(&conn, listener, &mut parts) {
         Ok(()) => {
             route_and_forward(&conn, listener, parts, DownstreamBody::Plain(body), start).await
         }
@@ -140,7 +144,13 @@ pub(crate) type Failure = (ProxyError, Option<Arc<RouteStats>>);
 use crate::http::forward::Forward;
 
 /// What is refused before anything else looks at a request (filters included).
-pub(crate) fn check(listener: &ListenerRuntime, parts: &mut Parts) -> Result<(), ProxyError> {
+pub(crate) fn check(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    parts: &mut Parts,
+) -> Result<(), ProxyError> {
+    // Only weft says who the client proved to be (Envoy's `sanitize_set`).
+    crate::http::headers::set_client_cert(&mut parts.headers, conn.client_cert.as_ref());
     // hyper enforces this for HTTP/1.1 as it parses; HTTP/2 is checked here.
     if parts.headers.len() > listener.http.max_headers as usize {
         return Err(ProxyError::TooManyHeaders(parts.headers.len()));

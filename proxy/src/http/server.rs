@@ -27,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::http::proxy::{self, ConnCtx};
 use crate::snapshot::ListenerRuntime;
+use crate::tls::io::{MaybeTls, ServerIo};
 use crate::worker::{LocalExec, Worker};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -186,7 +187,7 @@ impl Future for Watchdog {
 
 /// The connection's socket, telling [`ConnActivity`] when bytes of a new request head arrive.
 struct ConnIo {
-    inner: TcpStream,
+    inner: ServerIo,
     activity: Arc<ConnActivity>,
 }
 
@@ -267,25 +268,37 @@ pub async fn serve(
     let opts = &listener.http;
     let head_timeout = opts.request_headers_timeout.non_zero();
 
-    let detected = match head_timeout {
-        Some(t) => tokio::time::timeout(t, detect(&stream)).await.ok(),
-        None => Some(detect(&stream).await),
-    };
-    let proto = match detected {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "connection failed before the first request");
+    let (proto, io, tls) = if let Some(server) = &listener.tls {
+        // ALPN says which protocol; a client that offers none speaks HTTP/1.1.
+        let Some((tls, info)) = server.accept(stream).await else {
             return;
-        }
-        None => {
-            tracing::debug!(%peer, "no request head within request_headers_timeout");
-            return;
+        };
+        let proto = match info.alpn.as_deref() {
+            Some("h2") => Proto::Http2,
+            _ => Proto::Http1,
+        };
+        (proto, MaybeTls::Tls(Box::new(tls)), Some(Arc::new(info)))
+    } else {
+        let detected = match head_timeout {
+            Some(t) => tokio::time::timeout(t, detect(&stream)).await.ok(),
+            None => Some(detect(&stream).await),
+        };
+        match detected {
+            Some(Ok(p)) => (p, MaybeTls::Plain(stream), None),
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection failed before the first request");
+                return;
+            }
+            None => {
+                tracing::debug!(%peer, "no request head within request_headers_timeout");
+                return;
+            }
         }
     };
 
     let activity = Arc::new(ConnActivity::new(proto == Proto::Http1));
     let io = TokioIo::new(ConnIo {
-        inner: stream,
+        inner: io,
         activity: activity.clone(),
     });
     let ctx = Rc::new(ConnCtx {
@@ -295,7 +308,12 @@ pub async fn serve(
         peer_header: crate::http::headers::client_address(peer.ip()),
         local,
         activity: activity.clone(),
-        scheme: "http",
+        scheme: if tls.is_some() { "https" } else { "http" },
+        client_cert: tls
+            .as_ref()
+            .and_then(|t| t.peer.as_ref())
+            .and_then(crate::http::headers::client_cert_value),
+        tls,
         id: NEXT_CONNECTION.fetch_add(1, Relaxed),
     });
     let service = service_fn(move |req| proxy::handle(ctx.clone(), req));

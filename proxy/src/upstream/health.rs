@@ -2,7 +2,6 @@
 //! periodic work (re-admitting ejected endpoints, DNS refresh). One task per cluster, on the
 //! control thread; replaced when a reload replaces the cluster.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -12,6 +11,8 @@ use http::{Request, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::tls::io::MaybeTls;
 
 use super::{Cluster, Endpoint, discovery};
 use crate::config::{ConfigError, HealthCheck};
@@ -95,7 +96,7 @@ async fn check_forever(cluster: &Cluster, hc: &HealthCheck) {
     loop {
         let set = cluster.endpoints();
         let rounds = set.endpoints.iter().map(|e| async move {
-            let result = check(e.address, hc).await;
+            let result = check(e, cluster.tls.as_deref(), hc).await;
             apply(cluster, e, hc, result);
         });
         futures_util::future::join_all(rounds).await;
@@ -104,8 +105,13 @@ async fn check_forever(cluster: &Cluster, hc: &HealthCheck) {
     }
 }
 
-/// One check of one endpoint.
-async fn check(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
+/// One check of one endpoint (an HTTP check over TLS when the cluster speaks TLS).
+async fn check(
+    endpoint: &Endpoint,
+    tls: Option<&crate::tls::client::TlsClient>,
+    hc: &HealthCheck,
+) -> Result<(), String> {
+    let addr = endpoint.address;
     let probe = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -113,7 +119,24 @@ async fn check(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
         let Some(http) = &hc.http else {
             return Ok(());
         };
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let io = match tls {
+            None => MaybeTls::Plain(stream),
+            Some(tls) => {
+                let alpn = crate::tls::client::Alpn::Http1;
+                let s = tls
+                    .connect(
+                        stream,
+                        endpoint.hostname.as_deref(),
+                        addr,
+                        alpn,
+                        hc.timeout.0,
+                    )
+                    .await
+                    .map_err(|(e, reason)| format!("TLS ({reason}): {e}"))?;
+                MaybeTls::Tls(Box::new(s))
+            }
+        };
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(async move {

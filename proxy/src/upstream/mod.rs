@@ -53,6 +53,8 @@ pub struct Cluster {
     pub breakers: Arc<Breakers>,
     pub budget: RetryBudget,
     pub stats: ClusterStats,
+    /// TLS to the endpoints.
+    pub tls: Option<Arc<crate::tls::client::TlsClient>>,
     set: ArcSwap<EndpointSet>,
 }
 
@@ -273,6 +275,7 @@ impl Cluster {
         index: usize,
         c: &config::Cluster,
         previous: Option<&Cluster>,
+        tls: Option<Arc<crate::tls::client::TlsClient>>,
         metrics: &Metrics,
         errors: &mut Vec<ConfigError>,
     ) -> Cluster {
@@ -409,6 +412,7 @@ impl Cluster {
             breakers: Arc::new(Breakers::new(&c.circuit_breakers)),
             budget: RetryBudget::new(&c.retry_budget),
             stats: metrics.cluster_stats(&c.name),
+            tls,
             set: ArcSwap::from_pointee(set),
         };
         cluster.update_endpoint_gauges();
@@ -424,7 +428,7 @@ impl Cluster {
         }))
         .expect("cluster config");
         let mut errors = Vec::new();
-        Cluster::build(0, &c, None, &Metrics::new(), &mut errors)
+        Cluster::build(0, &c, None, None, &Metrics::new(), &mut errors)
     }
 }
 
@@ -548,7 +552,7 @@ mod tests {
             "outlier_detection": { "max_ejection_percent": 50, "base_ejection_time": "1s" },
         }))
         .expect("config");
-        Cluster::build(0, &c, None, &Metrics::new(), &mut Vec::new())
+        Cluster::build(0, &c, None, None, &Metrics::new(), &mut Vec::new())
     }
 
     #[test]

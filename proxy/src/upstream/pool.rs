@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 use super::{Cluster, Endpoint};
 use crate::errors::ProxyError;
 use crate::http::body::UpstreamBody;
+use crate::tls::client::Alpn;
+use crate::tls::io::{ClientIo, MaybeTls};
 use crate::worker::LocalExec;
 
 /// The HTTP version spoken to an endpoint for one request.
@@ -36,6 +38,9 @@ pub enum Wire {
 struct PoolKey {
     cluster: Arc<str>,
     addr: SocketAddr,
+    /// The cluster's TLS context (its address; 0 for plain text): connections made with other
+    /// TLS settings are not reused after a reload changed them.
+    tls: usize,
 }
 
 /// How often [`Pools::sweep`] runs; idle ages are counted in these ticks (no clock is read on
@@ -168,7 +173,7 @@ impl PooledH1 {
 }
 
 /// Counts an open upstream connection until its driver task ends.
-struct ConnGuard {
+pub struct ConnGuard {
     cluster_active: prometheus_client::metrics::gauge::Gauge,
     endpoint: Arc<Endpoint>,
     _permit: super::Permit,
@@ -178,6 +183,37 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.cluster_active.dec();
         self.endpoint.stats.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Opens a connection to `endpoint` (TLS when the cluster says so, offering `alpn`), within
+/// the cluster's breakers and connect timeout.
+pub async fn connect(
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+    alpn: Alpn,
+) -> Result<(ClientIo, ConnGuard), ProxyError> {
+    let started = tokio::time::Instant::now();
+    let (stream, guard) = connect_tcp(cluster, endpoint).await?;
+    let Some(tls) = &cluster.tls else {
+        return Ok((MaybeTls::Plain(stream), guard));
+    };
+    let left = cluster.connect_timeout.saturating_sub(started.elapsed());
+    let addr = endpoint.address;
+    match tls
+        .connect(stream, endpoint.hostname.as_deref(), addr, alpn, left)
+        .await
+    {
+        Ok(s) => Ok((MaybeTls::Tls(Box::new(s)), guard)),
+        Err((source, reason)) => {
+            cluster.stats.cx_failed.inc();
+            endpoint.stats.connect_failures.fetch_add(1, Relaxed);
+            Err(ProxyError::UpstreamTls {
+                addr,
+                reason,
+                source,
+            })
+        }
     }
 }
 
@@ -223,7 +259,7 @@ async fn connect_h1(
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
 ) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
-    let (stream, guard) = connect_tcp(cluster, endpoint).await?;
+    let (stream, guard) = connect(cluster, endpoint, Alpn::Http1).await?;
     let (tx, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -244,7 +280,7 @@ async fn connect_h2(
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ProxyError> {
-    let (stream, guard) = connect_tcp(cluster, endpoint).await?;
+    let (stream, guard) = connect(cluster, endpoint, Alpn::Http2).await?;
     let (tx, conn) = http2::Builder::new(LocalExec)
         .timer(TokioTimer::new())
         .initial_stream_window_size(1024 * 1024)
@@ -298,6 +334,7 @@ pub async fn send(
     let key = PoolKey {
         cluster: cluster.name.clone(),
         addr: endpoint.address,
+        tls: cluster.tls.as_ref().map_or(0, |t| Arc::as_ptr(t) as usize),
     };
     cluster.stats.requests.inc();
     match wire {

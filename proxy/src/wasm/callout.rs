@@ -155,7 +155,9 @@ async fn exchange(
         Err(f) => {
             if matches!(
                 f.error,
-                ProxyError::ConnectFailed { .. } | ProxyError::ConnectTimeout(_)
+                ProxyError::ConnectFailed { .. }
+                    | ProxyError::ConnectTimeout(_)
+                    | ProxyError::UpstreamTls { .. }
             ) {
                 cluster.report(&endpoint, Outcome::ConnectFailure, started.elapsed());
             }
@@ -267,6 +269,7 @@ async fn http_exchange(
         Err(
             ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout(_)
+            | ProxyError::UpstreamTls { .. }
             | ProxyError::NoHealthyUpstream(_)
             | ProxyError::Overflow { .. },
         ) => Ok(synthesized(

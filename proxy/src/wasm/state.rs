@@ -245,6 +245,8 @@ pub struct StreamInfo {
     pub peer: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub connection_id: u64,
+    /// The downstream connection's TLS, if any.
+    pub tls: Option<Arc<crate::tls::TlsInfo>>,
     /// `HTTP/1.1`, `HTTP/2`, …
     pub protocol: &'static str,
     pub scheme: &'static str,

@@ -283,7 +283,7 @@ impl Vm {
             Ok(())
         })();
         store.data_mut().call = Call::default();
-        init.map_err(|e| StartError::Init(format!("{e:?}")))?;
+        init.map_err(|e| StartError::Init(format!("{e:#}")))?;
 
         shared
             .stats
@@ -399,7 +399,7 @@ impl Vm {
                 kind,
             })
             .inc();
-        let message = format!("{e:?}");
+        let message = format!("{e:#}");
         tracing::error!(filter = %filter, ?phase, kind, "filter VM failed: {message}");
         // Streams paused on this VM learn of it now, not when they time out.
         let streams: Vec<SharedStream> = match self.store.try_borrow() {

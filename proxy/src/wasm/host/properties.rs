@@ -182,12 +182,7 @@ fn stream_property(s: &StreamData, segs: &[&[u8]], raw_path: &[u8]) -> Option<Ve
             b"request_attempt_count" => Some(uint(u64::from(s.info.tries))),
             field => addr(s.info.upstream, field),
         },
-        b"connection" => match *rest.first()? {
-            b"id" => Some(uint(s.info.connection_id)),
-            b"mtls" => Some(vec![0]),
-            b"requested_server_name" => Some(Vec::new()),
-            _ => None,
-        },
+        b"connection" => connection(s, rest.first()?),
         b"route_name" => route_name(s),
         b"cluster_name" => cluster_name(s),
         b"listener_name" => Some(s.info.listener.as_bytes().to_vec()),
@@ -198,6 +193,24 @@ fn stream_property(s: &StreamData, segs: &[&[u8]], raw_path: &[u8]) -> Option<Ve
             _ => None,
         },
         _ => s.filter_state.get(raw_path).map(|v| v.to_vec()),
+    }
+}
+
+/// `connection.*`: Envoy's connection attributes, TLS ones included.
+fn connection(s: &StreamData, key: &[u8]) -> Option<Vec<u8>> {
+    let tls = s.info.tls.as_deref();
+    let peer = tls.and_then(|t| t.peer.as_ref());
+    let text = |v: &str| Some(v.as_bytes().to_vec());
+    match key {
+        b"id" => Some(uint(s.info.connection_id)),
+        b"mtls" => Some(vec![u8::from(peer.is_some())]),
+        b"requested_server_name" => text(tls.and_then(|t| t.sni.as_deref()).unwrap_or("")),
+        b"tls_version" => text(tls?.version),
+        b"uri_san_peer_certificate" => text(peer?.uris.first()?),
+        b"dns_san_peer_certificate" => text(peer?.dns.first()?),
+        b"subject_peer_certificate" => text(&peer?.subject),
+        b"sha256_peer_certificate_digest" => text(&peer?.sha256),
+        _ => None,
     }
 }
 

@@ -1,0 +1,118 @@
+//! TLS settings: termination on listeners, origination on clusters, and raw TCP listeners
+//! (with routing by SNI).
+
+use serde::{Deserialize, Serialize};
+
+use super::Dur;
+
+/// A certificate chain and its private key, as PEM files (relative to the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// The certificate chain, leaf first.
+    pub cert: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// Whether a listener with a `client_ca` asks for a client certificate or requires one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertificate {
+    /// A client without a verified certificate is refused during the handshake (mTLS).
+    #[default]
+    Required,
+    /// A certificate is asked for and verified if sent; clients without one are served.
+    Optional,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Certificates to serve, chosen by the client's SNI against each certificate's DNS names
+    /// (exact, then `*.` wildcards); the first serves clients whose SNI matches none.
+    pub certificates: Vec<CertificateFiles>,
+    /// CA bundle (PEM) client certificates are verified against; enables client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<String>,
+    #[serde(default)]
+    pub client_certificate: ClientCertificate,
+    /// ALPN protocols offered, in preference order. Default: `h2`, `http/1.1` on HTTP
+    /// listeners, none on TCP listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Time a client gets to complete the handshake.
+    #[serde(default = "defaults::handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+/// TLS origination to a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// Server name sent (SNI) and verified. Default: the endpoint's host name, or its IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// CA bundle (PEM) the server's certificate must chain to. Default: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// Client certificate presented to the server (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateFiles>,
+    /// The server's certificate must carry one of these SANs (`spiffe://…` URIs or DNS
+    /// names) instead of matching the server name: a mesh identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// A TCP listener's routing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProxy {
+    /// Tried in order; the first whose `server_names` holds the connection's SNI (or that has
+    /// none) takes it. No match: the connection is closed.
+    pub routes: Vec<TcpRoute>,
+    /// A connection that moves no byte either way for this long is closed (`0s`: never).
+    #[serde(default = "defaults::tcp_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// Time a client gets to send its TLS ClientHello when routes match on SNI.
+    #[serde(default = "defaults::handshake_timeout")]
+    pub client_hello_timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    /// SNI names (exact, or `*.suffix`) this route takes; empty: any connection, with or
+    /// without SNI. Without `tls` on the listener the SNI is read from the ClientHello and
+    /// the TLS stream passes through untouched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
+    pub cluster: String,
+}
+
+mod defaults {
+    use super::Dur;
+    use std::time::Duration;
+
+    pub fn handshake_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn tcp_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(3600))
+    }
+}

@@ -1,0 +1,367 @@
+//! `tcp` listeners: raw TCP to a cluster. A connection is routed by its TLS server name — read
+//! from the ClientHello without terminating TLS (passthrough), or from the handshake when the
+//! listener terminates TLS — or by a catch-all route; then spliced to an endpoint the cluster's
+//! balancer picks, with the next endpoint tried when a connect fails.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::{ConfigError, TcpProxy};
+use crate::errors::ProxyError;
+use crate::snapshot::ListenerRuntime;
+use crate::tls::client::Alpn;
+use crate::tls::files::name_matches;
+use crate::tls::io::{MaybeTls, ServerIo};
+use crate::tls::sni::{self, Peeked};
+use crate::upstream::{Cluster, EndpointGuard, HashSource, Outcome, PickArgs, pool};
+
+/// Endpoints tried for one connection before giving up.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+#[derive(Debug)]
+pub struct TcpTarget {
+    /// Lower case; empty: any connection.
+    pub server_names: Vec<String>,
+    pub cluster: Arc<Cluster>,
+}
+
+/// A `tcp` listener's routing, checked.
+#[derive(Debug)]
+pub struct TcpRuntime {
+    pub routes: Vec<TcpTarget>,
+    pub idle_timeout: Option<Duration>,
+    pub client_hello_timeout: Duration,
+    /// Some route matches on SNI: read it from the ClientHello when TLS is not terminated.
+    pub inspect_sni: bool,
+}
+
+impl TcpRuntime {
+    pub fn build(
+        at: &str,
+        t: &TcpProxy,
+        clusters: &HashMap<String, Arc<Cluster>>,
+        errors: &mut Vec<ConfigError>,
+    ) -> Option<TcpRuntime> {
+        let before = errors.len();
+        if t.routes.is_empty() {
+            errors.push(ConfigError::new(
+                format!("{at}.routes"),
+                "a tcp listener needs at least one route",
+            ));
+        }
+        if t.client_hello_timeout.0.is_zero() {
+            errors.push(ConfigError::new(
+                format!("{at}.client_hello_timeout"),
+                "must be greater than 0",
+            ));
+        }
+        let mut routes = Vec::new();
+        for (i, r) in t.routes.iter().enumerate() {
+            for (j, n) in r.server_names.iter().enumerate() {
+                let bare = n.strip_prefix("*.").unwrap_or(n);
+                let valid = !bare.is_empty()
+                    && bare.len() <= 253
+                    && bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if !valid {
+                    errors.push(ConfigError::new(
+                        format!("{at}.routes[{i}].server_names[{j}]"),
+                        format!("invalid server name {n:?}: expected a DNS name or *.suffix"),
+                    ));
+                }
+            }
+            match clusters.get(&r.cluster) {
+                Some(c) => routes.push(TcpTarget {
+                    server_names: r
+                        .server_names
+                        .iter()
+                        .map(|n| n.to_ascii_lowercase())
+                        .collect(),
+                    cluster: c.clone(),
+                }),
+                None => errors.push(ConfigError::new(
+                    format!("{at}.routes[{i}].cluster"),
+                    format!("unknown cluster {:?}", r.cluster),
+                )),
+            }
+        }
+        if errors.len() > before {
+            return None;
+        }
+        Some(TcpRuntime {
+            inspect_sni: routes.iter().any(|r| !r.server_names.is_empty()),
+            routes,
+            idle_timeout: t.idle_timeout.non_zero(),
+            client_hello_timeout: t.client_hello_timeout.0,
+        })
+    }
+
+    /// The first route that takes a connection with this SNI.
+    pub fn route(&self, sni: Option<&str>) -> Option<&TcpTarget> {
+        self.routes.iter().find(|r| {
+            r.server_names.is_empty()
+                || sni.is_some_and(|s| r.server_names.iter().any(|p| name_matches(p, s)))
+        })
+    }
+}
+
+/// Waits for a complete ClientHello (or proof that none is coming) without consuming it.
+async fn peek_sni(stream: &TcpStream) -> io::Result<Option<String>> {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        match sni::parse(&buf[..n]) {
+            Peeked::Hello(name) => return Ok(name),
+            Peeked::NotTls => return Ok(None),
+            Peeked::NeedMore if n == 0 => return Ok(None),
+            Peeked::NeedMore => {
+                if n == buf.len() {
+                    if buf.len() >= sni::MAX_HELLO + 1024 {
+                        return Ok(None);
+                    }
+                    buf.resize(buf.len() * 2, 0);
+                } else {
+                    // The rest of the hello has not arrived; peek returns at once, so wait a
+                    // little (bounded by the caller's timeout).
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one accepted connection of a `tcp` listener until both sides are done.
+pub async fn serve(listener: Arc<ListenerRuntime>, stream: TcpStream, peer: SocketAddr) {
+    let Some(tcp) = &listener.tcp else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (down, sni): (ServerIo, Option<String>) = if let Some(server) = &listener.tls {
+        let Some((tls, info)) = server.accept(stream).await else {
+            return;
+        };
+        (MaybeTls::Tls(Box::new(tls)), info.sni)
+    } else if tcp.inspect_sni {
+        match tokio::time::timeout(tcp.client_hello_timeout, peek_sni(&stream)).await {
+            Ok(Ok(name)) => (MaybeTls::Plain(stream), name),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection failed before its ClientHello");
+                return;
+            }
+            Err(_) => {
+                listener.stats.error("client_hello_timeout");
+                return;
+            }
+        }
+    } else {
+        (MaybeTls::Plain(stream), None)
+    };
+
+    let Some(route) = tcp.route(sni.as_deref()) else {
+        tracing::debug!(%peer, sni = ?sni, "no tcp route for the connection");
+        listener.stats.error(ProxyError::NoRoute.cause());
+        return;
+    };
+    let cluster = &route.cluster;
+    let hash = match cluster.hash_key {
+        Some(HashSource::SourceIp) => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => crate::upstream::hash64(&ip.octets()),
+            std::net::IpAddr::V6(ip) => crate::upstream::hash64(&ip.octets()),
+        }),
+        _ => None,
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let (up, guard, endpoint) = loop {
+        let args = PickArgs {
+            hash,
+            exclude: &tried,
+        };
+        let Some(endpoint) = cluster.pick(&args) else {
+            listener
+                .stats
+                .error(ProxyError::NoHealthyUpstream(cluster.name.clone()).cause());
+            return;
+        };
+        let started = Instant::now();
+        match pool::connect(cluster, &endpoint, Alpn::None).await {
+            Ok((io, guard)) => {
+                cluster.report(
+                    &endpoint,
+                    Outcome::Response {
+                        status: 200,
+                        retry_after: None,
+                    },
+                    started.elapsed(),
+                );
+                break (io, guard, endpoint);
+            }
+            Err(e) => {
+                tracing::debug!(%peer, cluster = %cluster.name, error = %e, "tcp connect failed");
+                if matches!(e, ProxyError::Overflow { .. }) {
+                    listener.stats.error(e.cause());
+                    return;
+                }
+                cluster.report(&endpoint, Outcome::ConnectFailure, started.elapsed());
+                tried.push(endpoint.address);
+                if tried.len() >= MAX_CONNECT_ATTEMPTS {
+                    listener.stats.error(e.cause());
+                    return;
+                }
+            }
+        }
+    };
+    let exchange = EndpointGuard::new(endpoint);
+    let activity = Rc::new(Cell::new(0u64));
+    let mut down = Counted {
+        inner: down,
+        read: listener.stats.rx_bytes.clone(),
+        written: listener.stats.tx_bytes.clone(),
+        activity: activity.clone(),
+    };
+    let mut up = Counted {
+        inner: up,
+        read: cluster.stats.rx_bytes.clone(),
+        written: cluster.stats.tx_bytes.clone(),
+        activity: activity.clone(),
+    };
+    let copied = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let result = match tcp.idle_timeout {
+        None => Some(copied.await),
+        Some(idle) => {
+            tokio::select! {
+                r = copied => Some(r),
+                () = idle_watch(&activity, idle) => None,
+            }
+        }
+    };
+    match result {
+        Some(Ok(_)) => exchange.finish(200, true),
+        Some(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tcp connection ended with an error");
+            exchange.finish(200, false);
+        }
+        None => {
+            tracing::debug!(%peer, "tcp connection idle too long: closed");
+            exchange.finish(200, true);
+        }
+    }
+    drop(guard);
+}
+
+/// Returns once `activity` has not moved for `idle`.
+async fn idle_watch(activity: &Cell<u64>, idle: Duration) {
+    let step = (idle / 4).max(Duration::from_millis(10));
+    let mut seen = activity.get();
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = activity.get();
+        if now == seen {
+            quiet += step;
+            if quiet >= idle {
+                return;
+            }
+        } else {
+            seen = now;
+            quiet = Duration::ZERO;
+        }
+    }
+}
+
+/// A side of a spliced connection, counting its bytes and its activity.
+struct Counted<T> {
+    inner: T,
+    read: Counter,
+    written: Counter,
+    activity: Rc<Cell<u64>>,
+}
+
+impl<T> Counted<T> {
+    fn moved(&self, n: usize) {
+        if n > 0 {
+            self.activity.set(self.activity.get() + 1);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.inc_by(n as u64);
+            this.moved(n);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written.inc_by(n as u64);
+            this.moved(n);
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_server_name_then_catch_all() {
+        let cluster = Arc::new(Cluster::for_tests("a"));
+        let t = TcpRuntime {
+            routes: vec![
+                TcpTarget {
+                    server_names: vec!["a.example".into(), "*.b.example".into()],
+                    cluster: cluster.clone(),
+                },
+                TcpTarget {
+                    server_names: vec![],
+                    cluster: Arc::new(Cluster::for_tests("fallback")),
+                },
+            ],
+            idle_timeout: None,
+            client_hello_timeout: Duration::from_secs(1),
+            inspect_sni: true,
+        };
+        let name = |sni| t.route(sni).map(|r| r.cluster.name.to_string());
+        assert_eq!(name(Some("a.example")).as_deref(), Some("a"));
+        assert_eq!(name(Some("x.b.example")).as_deref(), Some("a"));
+        assert_eq!(name(Some("b.example")).as_deref(), Some("fallback"));
+        assert_eq!(name(None).as_deref(), Some("fallback"));
+    }
+}

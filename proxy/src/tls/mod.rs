@@ -1,0 +1,215 @@
+//! TLS with rustls: termination on listeners ([`server`]), origination to clusters
+//! ([`client`]), the ClientHello reader SNI routing needs ([`sni`]), and the material both
+//! sides load from PEM files and reload when the files change ([`files`]).
+//!
+//! Material is read when a configuration is applied (a bad file fails the configuration,
+//! located) and again when its files change (polled every second) or on SIGHUP; a new file that
+//! does not load is logged and counted, and the material already loaded keeps serving. New
+//! handshakes use the newest material; open connections are not touched.
+
+pub mod client;
+pub mod files;
+pub mod io;
+pub mod server;
+pub mod sni;
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+
+use crate::config::TlsVersion;
+
+/// The crypto every TLS context of the proxy uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static ONLY_13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match min {
+        TlsVersion::Tls12 => BOTH,
+        TlsVersion::Tls13 => ONLY_13,
+    }
+}
+
+/// `TLSv1.2` / `TLSv1.3`, as Envoy's `connection.tls_version` spells them.
+pub fn version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    }
+}
+
+/// Who the peer of a TLS connection proved to be, from its verified certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// URI SANs (`spiffe://…`), in certificate order.
+    pub uris: Vec<String>,
+    /// DNS SANs.
+    pub dns: Vec<String>,
+    /// The subject, RFC 4514 style.
+    pub subject: String,
+    /// Hex SHA-256 of the certificate's DER.
+    pub sha256: String,
+}
+
+impl PeerIdentity {
+    /// The identity a user names: the first URI SAN, else the first DNS SAN, else the subject.
+    pub fn principal(&self) -> &str {
+        self.uris
+            .first()
+            .or(self.dns.first())
+            .map_or(self.subject.as_str(), String::as_str)
+    }
+
+    pub fn from_der(der: &CertificateDer<'_>) -> Option<PeerIdentity> {
+        use sha2::Digest;
+        let names = files::cert_names(der).ok()?;
+        Some(PeerIdentity {
+            uris: names.uris,
+            dns: names.dns,
+            subject: names.subject,
+            sha256: hex(&sha2::Sha256::digest(der.as_ref())),
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// What a downstream TLS handshake settled, kept on the connection.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    pub version: &'static str,
+    pub alpn: Option<String>,
+    pub sni: Option<String>,
+    /// Present when the client sent a certificate that verified.
+    pub peer: Option<PeerIdentity>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `listener` or `cluster`.
+    pub side: &'static str,
+    pub name: String,
+    pub version: &'static str,
+    pub alpn: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub side: &'static str,
+    pub name: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub side: &'static str,
+    pub name: String,
+    pub file: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+/// TLS metric families (registered with the proxy's others).
+#[derive(Debug, Clone, Default)]
+pub struct TlsMetrics {
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub expiry: Family<CertLabels, Gauge>,
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
+impl TlsMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "tls_handshakes",
+            "TLS handshakes completed, by side (listener, cluster), name, version and ALPN protocol",
+            self.handshakes.clone(),
+        );
+        reg.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by side, name and reason",
+            self.failures.clone(),
+        );
+        reg.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When each loaded certificate expires (Unix time), by side, name and file",
+            self.expiry.clone(),
+        );
+        reg.register(
+            "tls_reloads",
+            "Certificate material re-read after its files changed, by result (applied, rejected)",
+            self.reloads.clone(),
+        );
+    }
+
+    pub fn handshake(&self, side: &'static str, name: &str, version: &'static str, alpn: &str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                side,
+                name: name.to_owned(),
+                version,
+                alpn: alpn.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn failure(&self, side: &'static str, name: &str, reason: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                side,
+                name: name.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// Why a handshake failed, as the `reason` label says it.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::TimedOut => "timeout",
+            std::io::ErrorKind::UnexpectedEof => "eof",
+            _ => "io",
+        };
+    };
+    match inner {
+        Error::NoCertificatesPresented => "no_client_certificate",
+        Error::InvalidCertificate(CertificateError::Expired | CertificateError::NotValidYet) => {
+            "certificate_expired"
+        }
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "wrong_name",
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::NoApplicationProtocol => "no_application_protocol",
+        Error::AlertReceived(_) => "alert_received",
+        Error::PeerIncompatible(_) => "incompatible",
+        _ => "protocol_error",
+    }
+}

@@ -1,0 +1,272 @@
+//! TLS termination: a listener's certificates (chosen by SNI), client-certificate verification,
+//! ALPN, and hot reload of the files behind them.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use super::files::{self, CertNames, Watched, name_matches};
+use super::{PeerIdentity, TlsInfo, TlsMetrics};
+use crate::config::{ClientCertificate, ListenerTls};
+
+/// Certificates by the names they cover; the first is the default.
+#[derive(Debug)]
+struct Certificates {
+    keys: Vec<(CertNames, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(sni) = hello.server_name() {
+            let sni = sni.to_ascii_lowercase();
+            let covers = |n: &CertNames, exact: bool| {
+                let names = n.dns.iter().chain(n.common_name.iter());
+                let mut names = names.filter(|p| p.starts_with("*.") != exact);
+                names.any(|p| name_matches(p, &sni))
+            };
+            for exact in [true, false] {
+                if let Some((_, k)) = self.keys.iter().find(|(n, _)| covers(n, exact)) {
+                    return Some(k.clone());
+                }
+            }
+        }
+        self.keys.first().map(|(_, k)| k.clone())
+    }
+}
+
+/// A listener's TLS: the current `ServerConfig` and what it was built from.
+#[derive(Debug)]
+pub struct TlsServer {
+    pub listener: Arc<str>,
+    settings: ListenerTls,
+    base: PathBuf,
+    alpn: Vec<Vec<u8>>,
+    pub handshake_timeout: Duration,
+    current: ArcSwap<ServerConfig>,
+    watched: Mutex<Watched>,
+    metrics: TlsMetrics,
+}
+
+impl TlsServer {
+    /// Loads the listener's material; an error names the file and what is wrong with it.
+    pub fn build(
+        listener: &str,
+        settings: &ListenerTls,
+        default_alpn: &[&str],
+        base: &Path,
+        metrics: &TlsMetrics,
+    ) -> Result<TlsServer, Vec<(String, String)>> {
+        let alpn: Vec<Vec<u8>> = match &settings.alpn {
+            Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            None => default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        };
+        let mut errors = Vec::new();
+        if settings.certificates.is_empty() {
+            errors.push((
+                "certificates".to_owned(),
+                "a TLS listener needs at least one certificate".to_owned(),
+            ));
+        }
+        if settings.handshake_timeout.0.is_zero() {
+            errors.push((
+                "handshake_timeout".to_owned(),
+                "must be greater than 0".to_owned(),
+            ));
+        }
+        if let Some(p) = alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+            errors.push((
+                "alpn".to_owned(),
+                format!("invalid protocol name {:?}", String::from_utf8_lossy(p)),
+            ));
+        }
+        let config = match build_config(settings, base, &alpn) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
+        let Some((config, expiries)) = config.filter(|_| errors.is_empty()) else {
+            return Err(errors);
+        };
+        let server = TlsServer {
+            listener: Arc::from(listener),
+            settings: settings.clone(),
+            base: base.to_owned(),
+            alpn,
+            handshake_timeout: settings.handshake_timeout.0,
+            current: ArcSwap::from_pointee(config),
+            watched: Mutex::new(Watched::new(paths(settings, base))),
+            metrics: metrics.clone(),
+        };
+        server.set_expiries(&expiries);
+        Ok(server)
+    }
+
+    /// Whether this was built from the same settings (so a reload can keep it).
+    pub fn same_settings(&self, settings: &ListenerTls, base: &Path) -> bool {
+        self.settings == *settings && self.base == base
+    }
+
+    fn set_expiries(&self, expiries: &[(String, i64)]) {
+        for (file, t) in expiries {
+            self.metrics
+                .expiry
+                .get_or_create(&super::CertLabels {
+                    side: "listener",
+                    name: self.listener.to_string(),
+                    file: file.clone(),
+                })
+                .set(*t);
+        }
+    }
+
+    /// Re-reads the files if they changed (or always, when `force`): applies the new material
+    /// if it loads, else keeps the old and reports why. Returns whether it applied new material.
+    pub fn refresh(&self, force: bool) -> Result<bool, String> {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if !force && !watched.changed() {
+            return Ok(false);
+        }
+        watched.refresh();
+        match build_config(&self.settings, &self.base, &self.alpn) {
+            Ok((config, expiries)) => {
+                self.current.store(Arc::new(config));
+                self.set_expiries(&expiries);
+                self.metrics
+                    .reloads
+                    .get_or_create(&super::ReloadLabels { result: "applied" })
+                    .inc();
+                tracing::info!(listener = %self.listener, "TLS material reloaded");
+                Ok(true)
+            }
+            Err(errors) => {
+                self.metrics
+                    .reloads
+                    .get_or_create(&super::ReloadLabels { result: "rejected" })
+                    .inc();
+                let text = errors
+                    .iter()
+                    .map(|(at, e)| format!("tls.{at}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::error!(listener = %self.listener, "TLS reload rejected, the loaded material keeps serving: {text}");
+                Err(text)
+            }
+        }
+    }
+
+    /// Completes the handshake on `stream` (bounded by `handshake_timeout`), counting it.
+    pub async fn accept(&self, stream: TcpStream) -> Option<(TlsStream<TcpStream>, TlsInfo)> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
+        let done = tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await;
+        let tls = match done {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = super::failure_reason(&e);
+                tracing::debug!(listener = %self.listener, error = %e, reason, "TLS handshake failed");
+                self.metrics.failure("listener", &self.listener, reason);
+                return None;
+            }
+            Err(_) => {
+                self.metrics.failure("listener", &self.listener, "timeout");
+                return None;
+            }
+        };
+        let (_, conn) = tls.get_ref();
+        let info = TlsInfo {
+            version: super::version_name(conn.protocol_version()),
+            alpn: conn
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            sni: conn.server_name().map(str::to_owned),
+            peer: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(PeerIdentity::from_der),
+        };
+        self.metrics.handshake(
+            "listener",
+            &self.listener,
+            info.version,
+            info.alpn.as_deref().unwrap_or(""),
+        );
+        Some((tls, info))
+    }
+}
+
+fn paths(settings: &ListenerTls, base: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = settings
+        .certificates
+        .iter()
+        .flat_map(|c| [base.join(&c.cert), base.join(&c.key)])
+        .collect();
+    v.extend(settings.client_ca.iter().map(|c| base.join(c)));
+    v
+}
+
+type Built = (ServerConfig, Vec<(String, i64)>);
+
+fn build_config(
+    settings: &ListenerTls,
+    base: &Path,
+    alpn: &[Vec<u8>],
+) -> Result<Built, Vec<(String, String)>> {
+    let mut errors = Vec::new();
+    let mut keys = Vec::new();
+    let mut expiries = Vec::new();
+    for (i, c) in settings.certificates.iter().enumerate() {
+        match files::pair(c, base) {
+            Ok(p) => {
+                expiries.push((c.cert.clone(), p.names.not_after));
+                keys.push((p.names, p.key));
+            }
+            Err(e) => errors.push((format!("certificates[{i}]"), e)),
+        }
+    }
+    let provider = super::provider();
+    let verifier = match &settings.client_ca {
+        None => None,
+        Some(ca) => match files::roots(&base.join(ca)) {
+            Ok(roots) => {
+                let b =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                let b = match settings.client_certificate {
+                    ClientCertificate::Required => b,
+                    ClientCertificate::Optional => b.allow_unauthenticated(),
+                };
+                match b.build() {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        errors.push(("client_ca".to_owned(), e.to_string()));
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                errors.push(("client_ca".to_owned(), e));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(super::versions(settings.min_version))
+        .map_err(|e| vec![("min_version".to_owned(), e.to_string())])?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(Certificates { keys }));
+    config.alpn_protocols = alpn.to_vec();
+    Ok((config, expiries))
+}
