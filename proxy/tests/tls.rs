@@ -481,3 +481,48 @@ clusters:
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_versions_and_optional_client_certificates() {
+    let pki = Pki::new("versions");
+    let cert = pki.issue("edge", &["edge.test"]);
+    let client_cert = pki.issue("client", &["spiffe://weft.test/sa/optional"]);
+    let backend = Backend::start("app").await;
+    let files = format!(
+        "certificates: [{{ cert: {}, key: {} }}], client_ca: {}, client_certificate: optional",
+        path(&cert.cert),
+        path(&cert.key),
+        path(&pki.ca)
+    );
+    let weft = Weft::start(WEFT, &edge(&format!("{{ {files} }}"), &backend));
+    let ca = path(&pki.ca);
+    // TLS 1.2 is accepted by default; a client without a certificate is served.
+    let (ok, out, err) = curl_https(&weft, &ca, &["--tlsv1.2", "--tls-max", "1.2"], "/");
+    assert!(ok, "{err}");
+    assert!(!out.contains("x-forwarded-client-cert"), "{out}");
+    let (ok, out, err) = curl_https(
+        &weft,
+        &ca,
+        &[
+            "--cert",
+            &path(&client_cert.cert),
+            "--key",
+            &path(&client_cert.key),
+        ],
+        "/",
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("URI=spiffe://weft.test/sa/optional"), "{out}");
+    let (_, metrics) = weft.admin_get("/metrics");
+    assert!(metrics.contains(r#"version="TLSv1.2""#), "{metrics}");
+
+    // With min_version 1.3 a TLS 1.2 client is refused.
+    let strict = Weft::start(
+        WEFT,
+        &edge(&format!("{{ {files}, min_version: \"1.3\" }}"), &backend),
+    );
+    let (ok, _, _) = curl_https(&strict, &ca, &["--tlsv1.2", "--tls-max", "1.2"], "/");
+    assert!(!ok, "a TLS 1.2 client must be refused");
+    let (ok, _, err) = curl_https(&strict, &ca, &[], "/");
+    assert!(ok, "{err}");
+}

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# TLS termination benchmark, all in one run on loopback: weft and nginx terminating TLS (the
+# same ECDSA P-256 certificate, TLS 1.3) in front of one backend (nginx `return 200`), each
+# proxy with ONE worker pinned to CPU 0; the load generator and the backend share CPU 1.
+#   - keep-alive: HTTP/1.1 over TLS (wrk), HTTP/2 over TLS via ALPN (h2load);
+#   - new handshakes: every request on a new connection (wrk, `Connection: close`), no session
+#     resumption (a full handshake each time).
+# Prints req/s, p50/p99, proxy CPU µs per request, and the ratios weft/nginx. Rounds alternate
+# the targets; medians are reported.
+#
+#   bench/tls.sh                  # defaults: 3 rounds × 10 s, 64 connections
+#   ROUNDS=5 DURATION=20 bench/tls.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+NEW_CONNS=${NEW_CONNS:-16}
+H2_REQUESTS=${H2_REQUESTS:-200000}
+H2_CLIENTS=${H2_CLIENTS:-16}
+H2_STREAMS=${H2_STREAMS:-10}
+BASE_PORT=${BASE_PORT:-18200}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v openssl >/dev/null || need+=(openssl)
+command -v taskset >/dev/null || need+=(util-linux)
+if ((${#need[@]})); then
+  echo "installing ${need[*]}" >&2
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+echo "building weft (release)..." >&2
+cargo build --release -q -p weft-proxy
+WEFT=target/release/weft
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+BACKEND=$((BASE_PORT + 0))
+NGINX=$((BASE_PORT + 1))
+WEFT_PORT=$((BASE_PORT + 2))
+ADMIN=$((BASE_PORT + 3))
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+
+cat >"$work/backend.conf" <<EOC
+worker_processes 1;
+daemon off;
+error_log $work/backend-error.log;
+pid $work/backend.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello world\n"; } }
+}
+EOC
+cat >"$work/proxy.conf" <<EOC
+worker_processes 1;
+daemon off;
+error_log $work/proxy-error.log;
+pid $work/proxy.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:$NGINX ssl http2;
+    ssl_certificate $work/cert.pem;
+    ssl_certificate_key $work/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOC
+cat >"$work/weft.yaml" <<EOC
+admin: { address: "127.0.0.1:$ADMIN" }
+listeners:
+  - name: main
+    address: "127.0.0.1:$WEFT_PORT"
+    routes: main
+    tls: { certificates: [{ cert: cert.pem, key: key.pem }] }
+routes:
+  main:
+    - to: [{ cluster: backend }]
+clusters:
+  - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
+EOC
+
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+
+taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
+taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
+taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
+WEFT_PID=$!
+for p in $BACKEND $NGINX $WEFT_PORT; do wait_port "$p"; done
+sleep 0.5
+NGINX_WORKER=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
+
+TICK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# One wrk run: prints "rps p50_us p99_us cpu_us_per_req".
+run_wrk() { # url pid conns [extra wrk args...]
+  local url=$1 pid=$2 conns=$3 c0 c1 out
+  shift 3
+  c0=$(cpu_ticks "$pid")
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" "$url")
+  c1=$(cpu_ticks "$pid")
+  echo "$out" | awk -v c0="$c0" -v c1="$c1" -v tick="$TICK" '
+    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v }
+    / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
+    /requests in/ { n = $1 }
+    /Non-2xx/ { bad = $NF }
+    /Requests\/sec/ { rps = $2 }
+    END { if (bad > 0) print "wrk: " bad " non-2xx answers" > "/dev/stderr";
+          printf "%.0f %.0f %.0f %.2f\n", rps, p50, p99, (c1 - c0) * 1000000 / tick / n }'
+}
+
+# One h2load run over TLS (ALPN h2): prints "rps p50_us p99_us cpu_us_per_req".
+run_h2() { # url pid
+  local c0 c1 out log="$work/h2.log"
+  rm -f "$log"
+  c0=$(cpu_ticks "$2")
+  out=$(taskset -c "$LOAD_CPU" h2load -n "$H2_REQUESTS" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 --log-file="$log" "$1")
+  c1=$(cpu_ticks "$2")
+  local rps ok
+  rps=$(echo "$out" | awk '/^finished in/ { print $4 }')
+  ok=$(echo "$out" | awk '/^requests:/ { print $8 }')
+  [ "$ok" = "$H2_REQUESTS" ] || { echo "h2load: only $ok of $H2_REQUESTS succeeded" >&2; echo "$out" >&2; }
+  awk '{ print $3 }' "$log" | sort -n | awk -v rps="$rps" -v c0="$c0" -v c1="$c1" -v tick="$TICK" -v n="$H2_REQUESTS" '
+    { v[NR] = $1 } END { printf "%.0f %.0f %.0f %.2f\n", rps, v[int(NR*0.5)], v[int(NR*0.99)], (c1 - c0) * 1000000 / tick / n }'
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+declare -A R
+for round in $(seq "$ROUNDS"); do
+  echo "round $round/$ROUNDS..." >&2
+  R[ka_nginx]+="$(run_wrk "https://127.0.0.1:$NGINX/" "$NGINX_WORKER" "$CONNS")"$'\n'
+  R[ka_weft]+="$(run_wrk "https://127.0.0.1:$WEFT_PORT/" "$WEFT_PID" "$CONNS")"$'\n'
+  R[h2_nginx]+="$(run_h2 "https://127.0.0.1:$NGINX/" "$NGINX_WORKER")"$'\n'
+  R[h2_weft]+="$(run_h2 "https://127.0.0.1:$WEFT_PORT/" "$WEFT_PID")"$'\n'
+  R[hs_nginx]+="$(run_wrk "https://127.0.0.1:$NGINX/" "$NGINX_WORKER" "$NEW_CONNS" -H "Connection: close")"$'\n'
+  R[hs_weft]+="$(run_wrk "https://127.0.0.1:$WEFT_PORT/" "$WEFT_PID" "$NEW_CONNS" -H "Connection: close")"$'\n'
+done
+
+col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
+
+printf '\nTLS termination benchmark: %s rounds, medians. Proxies: 1 worker on CPU %s; load + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
+printf 'ECDSA P-256, TLS 1.3. keep-alive: wrk %s connections; h2: h2load %s requests, %s clients x %s streams;\n' "$CONNS" "$H2_REQUESTS" "$H2_CLIENTS" "$H2_STREAMS"
+printf 'handshakes: wrk %s connections, a new connection (full handshake) per request.\n\n' "$NEW_CONNS"
+printf '%-22s %10s %9s %9s %18s\n' "target" "req/s" "p50 µs" "p99 µs" "proxy CPU µs/req"
+for k in ka_nginx ka_weft h2_nginx h2_weft hs_nginx hs_weft; do
+  printf '%-22s %10s %9s %9s %18s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$(col "$k" 4)"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo
+echo "keep-alive HTTP/1.1 over TLS, throughput weft/nginx: $(ratio "$(col ka_weft 1)" "$(col ka_nginx 1)")   CPU/request weft/nginx: $(ratio "$(col ka_weft 4)" "$(col ka_nginx 4)")"
+echo "HTTP/2 over TLS,              throughput weft/nginx: $(ratio "$(col h2_weft 1)" "$(col h2_nginx 1)")   CPU/request weft/nginx: $(ratio "$(col h2_weft 4)" "$(col h2_nginx 4)")"
+echo "new handshakes per second,    weft/nginx:            $(ratio "$(col hs_weft 1)" "$(col hs_nginx 1)")   CPU/handshake weft/nginx: $(ratio "$(col hs_weft 4)" "$(col hs_nginx 4)")"
