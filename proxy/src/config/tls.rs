@@ -39,8 +39,15 @@ pub enum ClientCertificate {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
+    /// Shorthand for one certificate: `tls: { cert: server.pem, key: server.key }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Certificates to serve, chosen by the client's SNI against each certificate's DNS names
-    /// (exact, then `*.` wildcards); the first serves clients whose SNI matches none.
+    /// (exact, then `*.` wildcards); the first serves clients whose SNI matches none (the
+    /// `cert`/`key` shorthand comes first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificateFiles>,
     /// CA bundle (PEM) client certificates are verified against; enables client certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +63,25 @@ pub struct ListenerTls {
     /// Time a client gets to complete the handshake.
     #[serde(default = "defaults::handshake_timeout")]
     pub handshake_timeout: Dur,
+}
+
+impl ListenerTls {
+    /// Every certificate, the shorthand's first; `Err` names what is missing from a shorthand
+    /// given half.
+    pub fn all_certificates(&self) -> Result<Vec<CertificateFiles>, (&'static str, &'static str)> {
+        let mut all = Vec::with_capacity(self.certificates.len() + 1);
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => all.push(CertificateFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (Some(_), None) => return Err(("key", "`cert` needs its `key`")),
+            (None, Some(_)) => return Err(("cert", "`key` needs its `cert`")),
+            (None, None) => {}
+        }
+        all.extend(self.certificates.iter().cloned());
+        Ok(all)
+    }
 }
 
 /// TLS origination to a cluster's endpoints.

@@ -68,11 +68,13 @@ impl TlsServer {
             None => default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
         };
         let mut errors = Vec::new();
-        if settings.certificates.is_empty() {
-            errors.push((
+        match settings.all_certificates() {
+            Err((at, e)) => errors.push((at.to_owned(), e.to_owned())),
+            Ok(all) if all.is_empty() => errors.push((
                 "certificates".to_owned(),
-                "a TLS listener needs at least one certificate".to_owned(),
-            ));
+                "a TLS listener needs a certificate (cert and key, or certificates)".to_owned(),
+            )),
+            Ok(_) => {}
         }
         if settings.handshake_timeout.0.is_zero() {
             errors.push((
@@ -204,7 +206,8 @@ impl TlsServer {
 
 fn paths(settings: &ListenerTls, base: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = settings
-        .certificates
+        .all_certificates()
+        .unwrap_or_default()
         .iter()
         .flat_map(|c| [base.join(&c.cert), base.join(&c.key)])
         .collect();
@@ -222,13 +225,26 @@ fn build_config(
     let mut errors = Vec::new();
     let mut keys = Vec::new();
     let mut expiries = Vec::new();
-    for (i, c) in settings.certificates.iter().enumerate() {
+    let shorthand = settings.cert.is_some();
+    for (i, c) in settings
+        .all_certificates()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         match files::pair(c, base) {
             Ok(p) => {
                 expiries.push((c.cert.clone(), p.names.not_after));
                 keys.push((p.names, p.key));
             }
-            Err(e) => errors.push((format!("certificates[{i}]"), e)),
+            Err(e) => {
+                let at = match (shorthand, i) {
+                    (true, 0) => "cert".to_owned(),
+                    (true, i) => format!("certificates[{}]", i - 1),
+                    (false, i) => format!("certificates[{i}]"),
+                };
+                errors.push((at, e));
+            }
         }
     }
     let provider = super::provider();
