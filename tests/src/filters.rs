@@ -53,3 +53,60 @@ pub fn path(name: &str) -> String {
     );
     file.to_string_lossy().into_owned()
 }
+
+/// The built-in filters (`filters/`, written with weft-sdk) and the example filter, built for
+/// `wasm32-wasip1` from the main workspace once per test process.
+fn build_builtin() -> Result<PathBuf, String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .ok_or("no workspace root")?;
+    let target = root.join("target/wasm-filters");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root).args([
+        "build",
+        "--release",
+        "--locked",
+        "--target",
+        "wasm32-wasip1",
+    ]);
+    for p in BUILTIN {
+        cmd.args(["-p", p]);
+    }
+    let out = cmd
+        // A target directory of their own: the outer cargo holds the main one's lock.
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the built-in filters failed (is the target installed? `rustup target add wasm32-wasip1`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(target.join("wasm32-wasip1/release"))
+}
+
+/// The packages [`builtin`] builds.
+const BUILTIN: &[&str] = &["weft-filter-fault"];
+
+/// The `.wasm` of built-in filter `name` (`fault`, …).
+pub fn builtin(name: &str) -> String {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(build_builtin)
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join(format!("{name}.wasm"));
+    assert!(
+        file.exists(),
+        "no built-in filter {name:?} at {}",
+        file.display()
+    );
+    file.to_string_lossy().into_owned()
+}

@@ -275,8 +275,8 @@ fn build_one(
         }
         Err(e) => {
             let field = match e {
-                StartError::ConfigureRejected => "config",
-                StartError::VmStartRejected => "vm_config",
+                StartError::ConfigureRejected(_) => "config",
+                StartError::VmStartRejected(_) => "vm_config",
                 _ => "module",
             };
             errors.push(ConfigError::new(format!("{at}.{field}"), e.to_string()));

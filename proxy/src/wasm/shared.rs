@@ -326,6 +326,12 @@ impl SharedHost {
             let metrics = &self.metrics;
             match t {
                 MetricType::Counter => {
+                    // The exposition adds `_total` to counters: a guest's own (the Prometheus
+                    // convention) is not doubled.
+                    let name = match name.strip_suffix("_total") {
+                        Some(base) if base.len() > "weft_wasm_".len() => base.to_owned(),
+                        _ => name,
+                    };
                     let family = g.counters.entry(name.clone()).or_insert_with(|| {
                         let f = Family::<LabelSet, Counter>::default();
                         metrics.with_registry(|r| {
@@ -480,12 +486,19 @@ mod tests {
         h.increment(c, 3).expect("increment");
         assert_eq!(h.value(c), Ok(5));
         assert_eq!(h.increment(c, -1), Err(Status::BadArgument));
+        // A counter named the Prometheus way (`_total`) is exported once suffixed, not twice.
+        let t = h.define_metric(&f, MetricType::Counter, "errors_total");
+        h.increment(t, 1).expect("increment");
         let hist = h.define_metric(&f, MetricType::Histogram, "latency_ms");
         h.record(hist, 12).expect("observe");
         assert_eq!(h.value(hist), Err(Status::BadArgument));
         let text = m.encode();
         assert!(
             text.contains("weft_wasm_requests_total{filter=\"telemetry\",code=\"200\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_wasm_errors_total{filter=\"telemetry\"} 1"),
             "{text}"
         );
         assert!(

@@ -393,6 +393,8 @@ impl Default for Call {
 /// A VM's store data.
 pub struct HostState {
     pub limits: StoreLimits,
+    /// The last warning or error the guest logged: said with a rejected configuration.
+    pub last_complaint: Option<String>,
     pub abi: AbiVersion,
     pub vm_id: Arc<str>,
     pub vm_config: Bytes,

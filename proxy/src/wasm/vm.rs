@@ -46,16 +46,23 @@ impl std::fmt::Display for Failure {
 }
 
 /// Why a VM or a root context could not start.
+fn why(reason: &Option<String>) -> String {
+    reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
     #[error("cannot instantiate the module: {0}")]
     Instantiate(String),
     #[error("the module failed while starting: {0}")]
     Init(String),
-    #[error("proxy_on_vm_start returned false")]
-    VmStartRejected,
-    #[error("the plugin configuration was rejected (proxy_on_configure returned false)")]
-    ConfigureRejected,
+    #[error("proxy_on_vm_start returned false{}", why(.0))]
+    VmStartRejected(Option<String>),
+    #[error("the plugin configuration was rejected (proxy_on_configure returned false){}", why(.0))]
+    ConfigureRejected(Option<String>),
     #[error("the module failed while being configured: {0}")]
     Trapped(Failure),
 }
@@ -211,6 +218,11 @@ fn trap_kind(e: &wasmtime::Error) -> &'static str {
 }
 
 impl Vm {
+    /// What the guest last warned about (a rejection's reason), once.
+    fn take_complaint(&self) -> Option<String> {
+        self.store.borrow_mut().data_mut().last_complaint.take()
+    }
+
     /// Instantiates the module and runs its start-up (`_initialize`, then `main` or
     /// `__main_void`; else `_start`).
     pub fn start(
@@ -250,6 +262,7 @@ impl Vm {
             callouts: IdMap::default(),
             grpc: IdMap::default(),
             log_level: super::host::log::current_level(),
+            last_complaint: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
@@ -484,6 +497,7 @@ impl Vm {
             .map_err(trapped)?;
         }
         let vm_config_len = self.spec.vm_config.len() as i32;
+        self.store.borrow_mut().data_mut().last_complaint = None;
         if let Some(f) = &self.x.on_vm_start
             && self
                 .call(id, Phase::VmStart, false, |s| {
@@ -492,7 +506,7 @@ impl Vm {
                 .map_err(trapped)?
                 == 0
         {
-            return Err(StartError::VmStartRejected);
+            return Err(StartError::VmStartRejected(self.take_complaint()));
         }
         let config_len = plugin.config.len() as i32;
         if let Some(f) = &self.x.on_configure
@@ -503,7 +517,7 @@ impl Vm {
                 .map_err(trapped)?
                 == 0
         {
-            return Err(StartError::ConfigureRejected);
+            return Err(StartError::ConfigureRejected(self.take_complaint()));
         }
         self.roots.borrow_mut().insert(key, id);
         self.streams_of.borrow_mut().insert(id, (0, false));

@@ -26,6 +26,9 @@ pub fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) ->
         with_bytes(&mut caller, ptr, len, |msg, state| {
             let msg = String::from_utf8_lossy(msg);
             let filter = state.log_name();
+            if level >= LogLevel::Warn {
+                state.last_complaint = Some(msg.chars().take(500).collect());
+            }
             match level {
                 LogLevel::Trace => tracing::trace!(target: "weft::wasm", %filter, "{msg}"),
                 LogLevel::Debug => tracing::debug!(target: "weft::wasm", %filter, "{msg}"),

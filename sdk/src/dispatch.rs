@@ -1,0 +1,500 @@
+//! The SDK's side of the ABI: contexts, the per-VM executor that runs `async` callbacks, and
+//! the callbacks the exports (and the test harness) call.
+//!
+//! A stream callback's future is polled at once; if it finishes, its [`Action`] is the answer.
+//! If it waits (a callout, a sleep), the stream is paused, the future is kept, and it is polled
+//! again when what it waits for arrives — in the root context's callback that delivers it, with
+//! the stream made the effective context first — and its outcome then continues the stream,
+//! answers it, or leaves it held.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+use std::time::Duration;
+
+use weft_abi::{BufferType, LogLevel, MapType, StreamType};
+
+use crate::host::host;
+use crate::{Action, Body, Headers, HttpFilter, Plugin};
+
+type BoxFuture = Pin<Box<dyn Future<Output = Action>>>;
+
+/// A plugin with its type erased.
+trait RootAny {
+    fn new_stream(&self) -> Rc<dyn StreamAny>;
+    fn tick_period(&self) -> Option<Duration>;
+    fn on_tick(&self);
+}
+
+impl<P: Plugin> RootAny for Rc<P> {
+    fn new_stream(&self) -> Rc<dyn StreamAny> {
+        Rc::new(Rc::new(self.filter()))
+    }
+    fn tick_period(&self) -> Option<Duration> {
+        Plugin::tick_period(&**self)
+    }
+    fn on_tick(&self) {
+        Plugin::on_tick(&**self);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+}
+
+impl Phase {
+    fn stream(self) -> StreamType {
+        match self {
+            Phase::RequestHeaders | Phase::RequestBody | Phase::RequestTrailers => {
+                StreamType::HttpRequest
+            }
+            _ => StreamType::HttpResponse,
+        }
+    }
+}
+
+/// A filter with its type erased: each callback as a boxed future.
+trait StreamAny {
+    fn call(&self, phase: Phase, size: usize, end_of_stream: bool) -> Option<BoxFuture>;
+    fn on_log(&self);
+}
+
+impl<F: HttpFilter> StreamAny for Rc<F> {
+    fn call(&self, phase: Phase, size: usize, eos: bool) -> Option<BoxFuture> {
+        let f = self.clone();
+        Some(match phase {
+            Phase::RequestHeaders => Box::pin(async move {
+                let mut h = Headers::new(MapType::HttpRequestHeaders);
+                f.on_request_headers(&mut h, eos).await
+            }),
+            Phase::RequestBody if F::WANTS_BODIES => Box::pin(async move {
+                let mut b = Body::new(BufferType::HttpRequestBody, size);
+                f.on_request_body(&mut b, eos).await
+            }),
+            Phase::RequestTrailers => Box::pin(async move {
+                let mut h = Headers::new(MapType::HttpRequestTrailers);
+                f.on_request_trailers(&mut h).await
+            }),
+            Phase::ResponseHeaders => Box::pin(async move {
+                let mut h = Headers::new(MapType::HttpResponseHeaders);
+                f.on_response_headers(&mut h, eos).await
+            }),
+            Phase::ResponseBody if F::WANTS_BODIES => Box::pin(async move {
+                let mut b = Body::new(BufferType::HttpResponseBody, size);
+                f.on_response_body(&mut b, eos).await
+            }),
+            Phase::ResponseTrailers => Box::pin(async move {
+                let mut h = Headers::new(MapType::HttpResponseTrailers);
+                f.on_response_trailers(&mut h).await
+            }),
+            Phase::RequestBody | Phase::ResponseBody => return None,
+        })
+    }
+    fn on_log(&self) {
+        HttpFilter::on_log(&**self);
+    }
+}
+
+struct Root {
+    plugin: Option<Rc<dyn RootAny>>,
+    /// The tick period asked of the host now.
+    period: Option<Duration>,
+    /// Time of the last plugin tick, in host nanoseconds.
+    last_plugin_tick: u128,
+}
+
+struct Stream {
+    root: u32,
+    filter: Rc<dyn StreamAny>,
+    /// A callback still waiting, with the phase it answers for.
+    pending: Option<(Phase, BoxFuture)>,
+    /// The request is over; nothing is resumed any more.
+    done: bool,
+}
+
+type Factory = fn(&[u8]) -> Result<Rc<dyn RootAny>, String>;
+
+#[derive(Default)]
+struct State {
+    factory: Option<Factory>,
+    roots: HashMap<u32, Root>,
+    streams: HashMap<u32, Stream>,
+    /// Streams whose futures were woken and must be polled.
+    ready: Vec<u32>,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+    /// The stream whose callback runs now (0: none), for what its future registers.
+    static CURRENT: Cell<u32> = const { Cell::new(0) };
+}
+
+pub(crate) fn current_stream() -> u32 {
+    CURRENT.with(Cell::get)
+}
+
+/// The root context of the current stream (or `context` itself if it is a root).
+pub(crate) fn root_of(context: u32) -> Option<u32> {
+    STATE.with(|s| {
+        let s = s.borrow();
+        if s.roots.contains_key(&context) {
+            return Some(context);
+        }
+        s.streams.get(&context).map(|st| st.root)
+    })
+}
+
+fn build<P: Plugin>(config: &[u8]) -> Result<Rc<dyn RootAny>, String> {
+    let parsed: P::Config = if config.iter().all(u8::is_ascii_whitespace) {
+        P::Config::default()
+    } else {
+        serde_json::from_slice(config).map_err(|e| format!("invalid configuration: {e}"))?
+    };
+    let plugin = P::configure(parsed)?;
+    Ok(Rc::new(Rc::new(plugin)))
+}
+
+pub(crate) fn register<P: Plugin>() {
+    STATE.with(|s| s.borrow_mut().factory = Some(build::<P>));
+}
+
+/// Forgets every context (the test harness starts each test afresh).
+pub(crate) fn reset() {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let factory = s.factory;
+        *s = State {
+            factory,
+            ..State::default()
+        };
+    });
+    crate::upstream::reset();
+    crate::time::reset();
+}
+
+// Waking: a waker is the stream's context id; waking queues it to be polled.
+
+fn waker_for(context: u32) -> Waker {
+    fn clone(data: *const ()) -> RawWaker {
+        RawWaker::new(data, &VTABLE)
+    }
+    fn wake(data: *const ()) {
+        let context = data as usize as u32;
+        STATE.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if !s.ready.contains(&context) {
+                    s.ready.push(context);
+                }
+            } else {
+                PENDING_WAKES.with(|p| p.borrow_mut().push(context));
+            }
+        });
+    }
+    fn drop(_: *const ()) {}
+    static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, drop);
+    // SAFETY: the vtable's functions only read the pointer's value as a number.
+    unsafe { Waker::from_raw(RawWaker::new(context as usize as *const (), &VTABLE)) }
+}
+
+thread_local! {
+    /// Wakes that came while the state was borrowed.
+    static PENDING_WAKES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn poll(context: u32, fut: &mut BoxFuture) -> Poll<Action> {
+    let waker = waker_for(context);
+    let mut cx = Context::from_waker(&waker);
+    let previous = CURRENT.with(|c| c.replace(context));
+    let r = fut.as_mut().poll(&mut cx);
+    CURRENT.with(|c| c.set(previous));
+    r
+}
+
+/// Carries out a finished callback's action; returns what the callback answers the host.
+fn finish(action: Action, resumed: Option<Phase>) -> u32 {
+    match action {
+        Action::Continue => {
+            if let Some(phase) = resumed
+                && let Err(e) = host().continue_stream(phase.stream())
+            {
+                crate::log::error(&format!("continuing the stream: {e:?}"));
+            }
+            0
+        }
+        Action::Pause => 1,
+        Action::Respond(response) => {
+            if let Err(e) = response.send() {
+                crate::log::error(&format!("sending the local response: {e}"));
+            }
+            1
+        }
+    }
+}
+
+/// Runs a stream callback.
+pub(crate) fn on_stream(context: u32, phase: Phase, size: usize, eos: bool) -> u32 {
+    let (filter, busy) = match STATE.with(|s| {
+        s.borrow()
+            .streams
+            .get(&context)
+            .map(|st| (st.filter.clone(), st.pending.is_some()))
+    }) {
+        Some(x) => x,
+        None => return 0,
+    };
+    if busy {
+        // A callback of this stream still waits: hold what comes (bodies buffer) until it
+        // returns.
+        return 1;
+    }
+    let Some(mut fut) = filter.call(phase, size, eos) else {
+        return 0;
+    };
+    match poll(context, &mut fut) {
+        Poll::Ready(action) => finish(action, None),
+        Poll::Pending => {
+            STATE.with(|s| {
+                if let Some(st) = s.borrow_mut().streams.get_mut(&context) {
+                    st.pending = Some((phase, fut));
+                }
+            });
+            1
+        }
+    }
+}
+
+/// Polls every woken stream (after a callout answer or a tick delivered something).
+pub(crate) fn run_ready() {
+    loop {
+        let next = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            PENDING_WAKES.with(|p| {
+                for c in p.borrow_mut().drain(..) {
+                    if !s.ready.contains(&c) {
+                        s.ready.push(c);
+                    }
+                }
+            });
+            if s.ready.is_empty() {
+                None
+            } else {
+                Some(s.ready.remove(0))
+            }
+        });
+        let Some(context) = next else {
+            return;
+        };
+        let taken = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let st = s.streams.get_mut(&context)?;
+            if st.done {
+                st.pending = None;
+                return None;
+            }
+            st.pending.take()
+        });
+        let Some((phase, mut fut)) = taken else {
+            continue;
+        };
+        if host().set_effective_context(context).is_err() {
+            continue;
+        }
+        match poll(context, &mut fut) {
+            Poll::Ready(action) => {
+                finish(action, Some(phase));
+            }
+            Poll::Pending => STATE.with(|s| {
+                if let Some(st) = s.borrow_mut().streams.get_mut(&context) {
+                    st.pending = Some((phase, fut));
+                }
+            }),
+        }
+    }
+}
+
+pub(crate) fn on_context_create(context: u32, parent: u32) {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        if parent == 0 {
+            s.roots.insert(
+                context,
+                Root {
+                    plugin: None,
+                    period: None,
+                    last_plugin_tick: 0,
+                },
+            );
+            return;
+        }
+        let filter = match s.roots.get(&parent).and_then(|r| r.plugin.as_ref()) {
+            Some(p) => p.new_stream(),
+            None => return,
+        };
+        s.streams.insert(
+            context,
+            Stream {
+                root: parent,
+                filter,
+                pending: None,
+                done: false,
+            },
+        );
+    });
+}
+
+pub(crate) fn on_vm_start(_root: u32, _size: usize) -> u32 {
+    1
+}
+
+pub(crate) fn on_configure(root: u32, size: usize) -> u32 {
+    let config = if size == 0 {
+        Vec::new()
+    } else {
+        match host().get_buffer(BufferType::PluginConfiguration, 0, size) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::log::error(&format!("reading the configuration: {e:?}"));
+                return 0;
+            }
+        }
+    };
+    let Some(factory) = STATE.with(|s| s.borrow().factory) else {
+        crate::log::error("no plugin registered (weft_sdk::plugin! missing)");
+        return 0;
+    };
+    match factory(&config) {
+        Ok(plugin) => {
+            let period = plugin.tick_period();
+            STATE.with(|s| {
+                if let Some(r) = s.borrow_mut().roots.get_mut(&root) {
+                    r.plugin = Some(plugin);
+                }
+            });
+            if period.is_some() {
+                update_tick(root);
+            }
+            1
+        }
+        Err(e) => {
+            host().log(LogLevel::Error, &format!("configuration refused: {e}"));
+            0
+        }
+    }
+}
+
+/// Sets the root's tick period to what the plugin and pending sleeps need.
+pub(crate) fn update_tick(root: u32) {
+    let want = STATE.with(|s| {
+        let s = s.borrow();
+        let plugin = s
+            .roots
+            .get(&root)
+            .and_then(|r| r.plugin.as_ref())
+            .and_then(|p| p.tick_period());
+        let sleeps = crate::time::resolution(root);
+        match (plugin, sleeps) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    });
+    let changed = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(r) = s.roots.get_mut(&root) else {
+            return false;
+        };
+        if r.period == want {
+            return false;
+        }
+        r.period = want;
+        true
+    });
+    if changed {
+        let _ = host().set_tick_period(want.unwrap_or(Duration::ZERO));
+    }
+}
+
+pub(crate) fn on_tick(root: u32) {
+    let now = crate::time::now_nanos();
+    crate::time::fire(root, now);
+    let due = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let r = s.roots.get_mut(&root)?;
+        let period = r.plugin.as_ref()?.tick_period()?.as_nanos();
+        if now.saturating_sub(r.last_plugin_tick) + 500_000 >= period {
+            r.last_plugin_tick = now;
+            Some(())
+        } else {
+            None
+        }
+    });
+    if due.is_some() {
+        // The plugin's own work, outside the state borrow.
+        let plugin = STATE.with(|s| s.borrow().roots.get(&root).and_then(|r| r.plugin.clone()));
+        if let Some(p) = plugin {
+            p.on_tick();
+        }
+    }
+    run_ready();
+    update_tick(root);
+}
+
+pub(crate) fn on_http_call_response(
+    _root: u32,
+    token: u32,
+    headers: usize,
+    body_size: usize,
+    trailers: usize,
+) {
+    crate::upstream::deliver_http(token, headers, body_size, trailers);
+    run_ready();
+}
+
+pub(crate) fn on_grpc_receive(_root: u32, token: u32, size: usize) {
+    crate::upstream::deliver_grpc_message(token, size);
+    run_ready();
+}
+
+pub(crate) fn on_grpc_close(_root: u32, token: u32, status: u32) {
+    crate::upstream::deliver_grpc_close(token, status);
+    run_ready();
+}
+
+pub(crate) fn on_log(context: u32) {
+    let filter = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let st = s.streams.get_mut(&context)?;
+        st.done = true;
+        st.pending = None;
+        Some(st.filter.clone())
+    });
+    if let Some(f) = filter {
+        let previous = CURRENT.with(|c| c.replace(context));
+        f.on_log();
+        CURRENT.with(|c| c.set(previous));
+    }
+}
+
+pub(crate) fn on_done(_context: u32) -> u32 {
+    1
+}
+
+pub(crate) fn on_delete(context: u32) {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.streams.remove(&context).is_none() {
+            s.roots.remove(&context);
+        }
+        s.ready.retain(|c| *c != context);
+    });
+    crate::upstream::forget_stream(context);
+    crate::time::forget_stream(context);
+}
