@@ -92,10 +92,16 @@ async fn fault_delays_and_aborts_in_a_real_proxy() {
 
     let (_, metrics) = weft.admin_get("/metrics");
     assert!(
-        metrics.contains(r#"weft_wasm_fault_aborts_total{filter="f",rule="broken"} 1"#),
+        metrics
+            .lines()
+            .any(|l| l == r#"weft_wasm_fault_aborts_total{filter="f",rule="broken"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"weft_wasm_fault_delays_total{filter="f",rule="slow"} 2"#));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"weft_wasm_fault_delays_total{filter="f",rule="slow"} 2"#)
+    );
 
     // A bad configuration is refused, located, before anything is served.
     let out = std::process::Command::new(WEFT)
@@ -125,4 +131,66 @@ async fn fault_delays_and_aborts_in_a_real_proxy() {
         text.contains("rules[0].abort.percentage: 101 is not between 0 and 100"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_is_exact_across_workers_and_refills() {
+    let app = Backend::start("app").await;
+    let module = builtin("quota");
+    let filter = format!(
+        r#"  - name: f
+    module: "{module}"
+    config:
+      limits:
+        - {{ name: per-key, requests: 5, per: 10s, key: [{{ header: x-api-key }}] }}
+        - {{ name: fast, requests: 2, per: 1s, key: [{{ header: x-fast }}] }}
+"#
+    );
+    // Two workers: new connections land on both, and share the buckets.
+    let weft = Weft::start(WEFT, &with_filter(&app, &filter));
+    let url = weft.url("main", "/");
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..8 {
+        let c = client::http1(); // a new connection each time
+        let r = client::get_with(&c, &url, &[("x-api-key", "alice")])
+            .await
+            .expect("answer");
+        statuses.push(r.status);
+        last = Some(r);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    let r = last.expect("a response");
+    assert_eq!(r.header("x-weft-quota"), Some("per-key"));
+    assert_eq!(r.header("ratelimit-limit"), Some("5"));
+    assert!(r.header("retry-after").is_some());
+    let other = client::get_with(&client::http1(), &url, &[("x-api-key", "bob")])
+        .await
+        .expect("bob");
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("ratelimit-remaining"), Some("4"));
+
+    for _ in 0..2 {
+        let r = client::get_with(&client::http1(), &url, &[("x-fast", "k")])
+            .await
+            .expect("fast");
+        assert_eq!(r.status, 200);
+    }
+    let r = client::get_with(&client::http1(), &url, &[("x-fast", "k")])
+        .await
+        .expect("fast");
+    assert_eq!(r.status, 429);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = client::get_with(&client::http1(), &url, &[("x-fast", "k")])
+        .await
+        .expect("refilled");
+    assert_eq!(r.status, 200, "a token is back after half a second");
+
+    let (_, metrics) = weft.admin_get("/metrics");
+    let denied: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with(r#"weft_wasm_quota_denied_total{filter="f",limit="per-key"}"#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(denied, 3, "{metrics}");
 }

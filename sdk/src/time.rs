@@ -14,7 +14,8 @@ pub fn now() -> SystemTime {
     host().now()
 }
 
-pub(crate) fn now_nanos() -> u128 {
+/// The host's wall clock in nanoseconds since the Unix epoch.
+pub fn now_nanos() -> u128 {
     now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 

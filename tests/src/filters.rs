@@ -93,7 +93,7 @@ fn build_builtin() -> Result<PathBuf, String> {
 }
 
 /// The packages [`builtin`] builds.
-const BUILTIN: &[&str] = &["weft-filter-fault"];
+const BUILTIN: &[&str] = &["weft-filter-fault", "weft-filter-quota"];
 
 /// The `.wasm` of built-in filter `name` (`fault`, …).
 pub fn builtin(name: &str) -> String {

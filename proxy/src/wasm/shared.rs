@@ -123,7 +123,8 @@ fn parse_name(raw: &str) -> (String, LabelSet) {
         Some((b, rest)) if rest.ends_with('}') => (b, Some(&rest[..rest.len() - 1])),
         _ => (raw, None),
     };
-    let mut name = String::from("weft_wasm_");
+    // The registry adds the `weft_` prefix.
+    let mut name = String::from("wasm_");
     for c in base.chars() {
         name.push(if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
             c
@@ -329,7 +330,7 @@ impl SharedHost {
                     // The exposition adds `_total` to counters: a guest's own (the Prometheus
                     // convention) is not doubled.
                     let name = match name.strip_suffix("_total") {
-                        Some(base) if base.len() > "weft_wasm_".len() => base.to_owned(),
+                        Some(base) if base.len() > "wasm_".len() => base.to_owned(),
                         _ => name,
                     };
                     let family = g.counters.entry(name.clone()).or_insert_with(|| {
@@ -494,15 +495,15 @@ mod tests {
         assert_eq!(h.value(hist), Err(Status::BadArgument));
         let text = m.encode();
         assert!(
-            text.contains("weft_wasm_requests_total{filter=\"telemetry\",code=\"200\"} 5"),
+            text.contains("\nweft_wasm_requests_total{filter=\"telemetry\",code=\"200\"} 5"),
             "{text}"
         );
         assert!(
-            text.contains("weft_wasm_errors_total{filter=\"telemetry\"} 1"),
+            text.contains("\nweft_wasm_errors_total{filter=\"telemetry\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("weft_wasm_latency_ms_count{filter=\"telemetry\"} 1"),
+            text.contains("\nweft_wasm_latency_ms_count{filter=\"telemetry\"} 1"),
             "{text}"
         );
         for i in 0..MAX_METRICS_PER_FILTER + 5 {
