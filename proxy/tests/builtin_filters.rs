@@ -194,3 +194,135 @@ async fn quota_is_exact_across_workers_and_refills() {
         .sum();
     assert_eq!(denied, 3, "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_allows_and_denies_by_identity_path_and_jwt() {
+    use weft_testkit::jwt::{self, Alg};
+    use weft_testkit::tls::{self as ttls, Pki};
+
+    let app = Backend::start("app").await;
+    let module = builtin("policy");
+    let pki = Pki::new("mesh");
+    let server = pki.issue("server", &["edge.test"]);
+    let prod = pki.issue("prod", &["spiffe://weft.test/ns/prod/sa/web"]);
+    let dev = pki.issue("dev", &["spiffe://weft.test/ns/dev/sa/web"]);
+    let config = serde_json::json!({
+        "default": "deny",
+        "jwt": { "issuer": "https://issuer.test", "audiences": ["api"], "jwks": jwt::jwks(),
+                 "forward_claims": { "sub": "x-user" } },
+        "rules": [
+            { "name": "no-admin", "action": "deny", "when": { "path": { "prefix": "/admin" } } },
+            { "name": "prod-mesh", "action": "allow", "when": { "identities": ["spiffe://weft.test/ns/prod/*"] } },
+            { "name": "users", "action": "allow", "when": { "authenticated": true, "methods": ["GET"] } }
+        ]
+    });
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", routes: main, filters: [p] }}
+  - name: mtls
+    address: "127.0.0.1:0"
+    routes: main
+    filters: [p]
+    tls: {{ cert: "{}", key: "{}", client_ca: "{}", client_certificate: optional }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+filters:
+  - name: p
+    module: "{module}"
+    config: {config}
+"#,
+        server.cert.display(),
+        server.key.display(),
+        pki.ca.display(),
+        app.endpoint()
+    );
+    let weft = Weft::start(WEFT, &yaml);
+    let c = client::http1();
+    let url = weft.url("main", "/items");
+    let claims = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({ "iss": "https://issuer.test", "aud": "api",
+                                        "sub": "alice", "exp": jwt::now() + 300 });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let get = |token: Option<String>| {
+        let c = &c;
+        let url = url.clone();
+        async move {
+            let auth = token.map(|t| format!("Bearer {t}"));
+            let mut h = vec![("x-user", "forged")];
+            if let Some(a) = &auth {
+                h.push(("authorization", a.as_str()));
+            }
+            client::get_with(c, &url, &h).await.expect("answer")
+        }
+    };
+
+    let r = get(None).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-weft-policy"), Some("default"));
+    for alg in [Alg::Rs256, Alg::Es256] {
+        let r = get(Some(jwt::sign(alg, &claims(serde_json::json!({}))))).await;
+        assert_eq!(r.status, 200, "{alg:?}: {}", r.text());
+        assert_eq!(r.json()["headers"]["x-user"], "alice");
+    }
+    for (extra, why) in [
+        (
+            serde_json::json!({ "exp": jwt::now() - 600 }),
+            "token expired",
+        ),
+        (serde_json::json!({ "aud": "other" }), "wrong audience"),
+    ] {
+        let r = get(Some(jwt::sign(Alg::Es256, &claims(extra)))).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.header("x-weft-policy"),
+            Some(&*format!("invalid_token: {why}"))
+        );
+    }
+    let good = jwt::sign(Alg::Rs256, &claims(serde_json::json!({})));
+    let evil = jwt::sign(Alg::Rs256, &claims(serde_json::json!({ "sub": "root" })));
+    let forged = format!(
+        "{}.{}.{}",
+        good.split('.').next().unwrap_or(""),
+        evil.split('.').nth(1).unwrap_or(""),
+        good.split('.').nth(2).unwrap_or("")
+    );
+    let r = get(Some(forged)).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("x-weft-policy"),
+        Some("invalid_token: bad signature")
+    );
+    let r = client::get(&c, &weft.url("main", "/admin/x"))
+        .await
+        .expect("admin");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-weft-policy"), Some("no-admin"));
+
+    // The mTLS identity decides on the TLS listener.
+    let addr = weft.addr("mtls");
+    let as_prod = ttls::client_config(&pki.ca, Some(&prod), &["http/1.1"]);
+    let r = ttls::get(addr, "edge.test", as_prod, "/items")
+        .await
+        .expect("prod");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let as_dev = ttls::client_config(&pki.ca, Some(&dev), &["h2"]);
+    let r = ttls::get(addr, "edge.test", as_dev, "/items")
+        .await
+        .expect("dev");
+    assert_eq!(r.status, 403);
+
+    let (_, metrics) = weft.admin_get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            == r#"weft_wasm_policy_decisions_total{filter="p",rule="prod-mesh",action="allow"} 1"#),
+        "{metrics}"
+    );
+}

@@ -15,7 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use weft_abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 
@@ -94,7 +94,8 @@ impl Default for TestHost {
         TestHost {
             inner: RefCell::default(),
             effective: Cell::new(0),
-            now: Cell::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            // The real time when the test starts, then only what the test advances.
+            now: Cell::new(SystemTime::now()),
             tick: Cell::new(Duration::ZERO),
         }
     }

@@ -93,7 +93,11 @@ fn build_builtin() -> Result<PathBuf, String> {
 }
 
 /// The packages [`builtin`] builds.
-const BUILTIN: &[&str] = &["weft-filter-fault", "weft-filter-quota"];
+const BUILTIN: &[&str] = &[
+    "weft-filter-fault",
+    "weft-filter-quota",
+    "weft-filter-policy",
+];
 
 /// The `.wasm` of built-in filter `name` (`fault`, …).
 pub fn builtin(name: &str) -> String {

@@ -7,6 +7,7 @@ pub mod client;
 pub mod filters;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+pub mod jwt;
 pub mod process;
 pub mod tls;
 
