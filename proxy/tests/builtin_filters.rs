@@ -326,3 +326,73 @@ filters:
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
+    let app = Backend::start("app").await;
+    let module = builtin("telemetry");
+    let filter = format!(
+        "  - name: f\n    module: \"{module}\"\n    config: {{ log_headers: [x-tenant] }}\n"
+    );
+    let weft = Weft::start(WEFT, &with_filter(&app, &filter));
+    let c = client::http1();
+    for _ in 0..3 {
+        let r = client::get_with(
+            &c,
+            &weft.url("main", "/orders?id=7"),
+            &[("x-tenant", "acme")],
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, 200);
+        let tp = r.json()["headers"]["traceparent"]
+            .as_str()
+            .expect("the upstream sees a traceparent")
+            .to_owned();
+        assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+    }
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = client::get_with(&c, &weft.url("main", "/"), &[("traceparent", incoming)])
+        .await
+        .expect("answer");
+    let tp = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+
+    let (_, metrics) = weft.admin_get("/metrics");
+    let series = r#"weft_wasm_requests_total{filter="f",source_workload="unknown",source_namespace="unknown",destination_workload="app",response_code="200",grpc_response_status=""} 4"#;
+    assert!(metrics.lines().any(|l| l == series), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l
+            == r#"weft_wasm_request_duration_milliseconds_count{filter="f",source_workload="unknown",destination_workload="app",response_code="200"} 4"#),
+        "{metrics}"
+    );
+
+    weft_testkit::eventually(Duration::from_secs(5), "access log lines", || {
+        weft.log_lines()
+            .iter()
+            .filter(|l| l.contains("access {"))
+            .count()
+            >= 4
+    });
+    let line = weft
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains("access {") && l.contains("/orders"))
+        .expect("an access log line for /orders");
+    let json = &line[line.find('{').unwrap_or(0)..=line.rfind('}').unwrap_or(0)];
+    let v: serde_json::Value = serde_json::from_str(json).expect("well-formed JSON");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/orders?id=7");
+    assert_eq!(v["response_code"], 200);
+    assert_eq!(v["cluster"], "app");
+    assert_eq!(v["x-tenant"], "acme");
+    assert_eq!(v["trace_id"].as_str().map(str::len), Some(32));
+    assert!(v["duration_ms"].as_f64().is_some_and(|d| d >= 0.0));
+    assert!(v["bytes_sent"].as_i64().is_some_and(|b| b > 0));
+}

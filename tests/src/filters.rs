@@ -97,6 +97,7 @@ const BUILTIN: &[&str] = &[
     "weft-filter-fault",
     "weft-filter-quota",
     "weft-filter-policy",
+    "weft-filter-telemetry",
 ];
 
 /// The `.wasm` of built-in filter `name` (`fault`, …).

@@ -1,0 +1,510 @@
+//! # telemetry: golden metrics, access logs, trace propagation (Mixer's telemetry)
+//!
+//! For every request: Istio's golden metrics (`requests_total`, `request_duration_milliseconds`,
+//! `request_bytes`, `response_bytes`) labelled with the source workload (from the client's mTLS
+//! identity), the destination (the cluster), the response code and gRPC status — label sets
+//! capped per worker so a flood of distinct values cannot blow up memory; one access log line
+//! (JSON); and W3C `traceparent` / B3 propagation, starting a trace when the request has none.
+//! See `README.md` for the configuration reference.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use serde::Deserialize;
+use weft_sdk::metrics::{Counter, Histogram};
+use weft_sdk::{Action, Headers, HttpFilter, Plugin, properties, random, time};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Propagation {
+    /// W3C Trace Context (`traceparent`, `tracestate`).
+    #[default]
+    W3c,
+    /// Zipkin B3 multi-header (`x-b3-traceid`, …).
+    B3,
+    /// Both: read either (W3C first), write both.
+    Both,
+    /// Neither: no trace headers are touched.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    /// No access log.
+    Off,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The workload this proxy fronts (the `destination_workload` label); default: the
+    /// cluster the request went to.
+    #[serde(default)]
+    pub destination_workload: Option<String>,
+    /// Most distinct label sets per metric and worker; beyond, labels read `_other`.
+    #[serde(default = "default_max_label_sets")]
+    pub max_label_sets: usize,
+    #[serde(default)]
+    pub access_log: LogFormat,
+    #[serde(default)]
+    pub propagation: Propagation,
+    /// Request headers copied into the access log (lower case).
+    #[serde(default)]
+    pub log_headers: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            destination_workload: None,
+            max_label_sets: default_max_label_sets(),
+            access_log: LogFormat::default(),
+            propagation: Propagation::default(),
+            log_headers: Vec::new(),
+        }
+    }
+}
+
+fn default_max_label_sets() -> usize {
+    200
+}
+
+pub struct Telemetry {
+    config: Config,
+    /// Label sets seen on this worker.
+    seen: RefCell<HashSet<Vec<String>>>,
+}
+
+impl Plugin for Telemetry {
+    type Config = Config;
+    type Filter = TelemetryFilter;
+
+    fn configure(config: Config) -> Result<Self, String> {
+        if config.max_label_sets == 0 || config.max_label_sets > 800 {
+            return Err("max_label_sets: must be between 1 and 800".into());
+        }
+        for (i, h) in config.log_headers.iter().enumerate() {
+            if h.is_empty() || h.starts_with(':') {
+                return Err(format!("log_headers[{i}]: not a header name: {h:?}"));
+            }
+        }
+        Ok(Telemetry {
+            config,
+            seen: RefCell::default(),
+        })
+    }
+
+    fn filter(self: &Rc<Self>) -> TelemetryFilter {
+        TelemetryFilter {
+            plugin: self.clone(),
+            start_ns: Cell::new(0),
+            request: RefCell::default(),
+        }
+    }
+}
+
+/// What the request head said, kept for the end.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    authority: String,
+    protocol_grpc: bool,
+    trace_id: String,
+    span_id: String,
+    request_id: String,
+    user_agent: String,
+    extra: Vec<(String, String)>,
+}
+
+pub struct TelemetryFilter {
+    plugin: Rc<Telemetry>,
+    start_ns: Cell<u128>,
+    request: RefCell<Seen>,
+}
+
+fn hex_id(bytes: usize) -> String {
+    let mut s = String::with_capacity(bytes * 2);
+    while s.len() < bytes * 2 {
+        s.push_str(&format!("{:016x}", random::u64()));
+    }
+    s.truncate(bytes * 2);
+    if s.bytes().all(|b| b == b'0') {
+        s.replace_range(..1, "1");
+    }
+    s
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
+}
+
+/// `00-<trace>-<parent>-<flags>`: the trace id and flags of a valid `traceparent`.
+fn parse_traceparent(v: &str) -> Option<(String, String)> {
+    let mut it = v.trim().split('-');
+    let (version, trace, parent, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    if version.len() != 2 || version == "ff" || !version.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if !is_hex(trace, 32) || !is_hex(parent, 16) || flags.len() != 2 {
+        return None;
+    }
+    if version == "00" && it.next().is_some() {
+        return None;
+    }
+    Some((trace.to_ascii_lowercase(), flags.to_owned()))
+}
+
+/// `spiffe://<trust>/ns/<ns>/sa/<sa>` → (workload, namespace).
+fn workload_of(identity: Option<&str>) -> (String, String) {
+    let Some(id) = identity else {
+        return ("unknown".into(), "unknown".into());
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    let find = |key: &str| {
+        parts
+            .windows(2)
+            .find(|w| w[0] == key)
+            .map(|w| w[1].to_owned())
+    };
+    match (find("sa"), find("ns")) {
+        (Some(sa), Some(ns)) => (sa, ns),
+        _ => (id.to_owned(), "unknown".into()),
+    }
+}
+
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl TelemetryFilter {
+    fn propagate(&self, headers: &mut Headers, seen: &mut Seen) {
+        let mode = self.plugin.config.propagation;
+        if mode == Propagation::None {
+            return;
+        }
+        let span = hex_id(8);
+        let w3c = matches!(mode, Propagation::W3c | Propagation::Both);
+        let b3 = matches!(mode, Propagation::B3 | Propagation::Both);
+        let from_w3c = headers
+            .get("traceparent")
+            .and_then(|v| parse_traceparent(&v));
+        let from_b3 = headers
+            .get("x-b3-traceid")
+            .filter(|t| is_hex(t, 32) || is_hex(t, 16))
+            .map(|t| {
+                let sampled = match headers.get("x-b3-sampled").as_deref() {
+                    Some("0") => "00",
+                    _ => "01",
+                };
+                (format!("{t:0>32}").to_ascii_lowercase(), sampled.to_owned())
+            });
+        let (trace, flags) = match (from_w3c.filter(|_| w3c), from_b3.filter(|_| b3)) {
+            (Some(t), _) | (None, Some(t)) => t,
+            (None, None) => (hex_id(16), "01".to_owned()),
+        };
+        if w3c {
+            headers
+                .set("traceparent", &format!("00-{trace}-{span}-{flags}"))
+                .ok();
+        }
+        if b3 {
+            if let Some(parent) = headers.get("x-b3-spanid") {
+                headers.set("x-b3-parentspanid", &parent).ok();
+            }
+            headers.set("x-b3-traceid", &trace).ok();
+            headers.set("x-b3-spanid", &span).ok();
+            headers
+                .set("x-b3-sampled", if flags == "00" { "0" } else { "1" })
+                .ok();
+        }
+        seen.trace_id = trace;
+        seen.span_id = span;
+    }
+
+    /// The labels, or `_other` everywhere once the worker has seen too many label sets.
+    fn labels(&self, values: Vec<String>) -> Vec<String> {
+        let mut seen = self.plugin.seen.borrow_mut();
+        if seen.contains(&values) || seen.len() < self.plugin.config.max_label_sets {
+            seen.insert(values.clone());
+            values
+        } else {
+            vec!["_other".to_owned(); values.len()]
+        }
+    }
+}
+
+impl HttpFilter for TelemetryFilter {
+    async fn on_request_headers(&self, headers: &mut Headers, _eos: bool) -> Action {
+        self.start_ns.set(time::now_nanos());
+        let mut seen = Seen {
+            method: headers.get(":method").unwrap_or_default(),
+            path: headers.path().unwrap_or_default(),
+            authority: headers.authority().unwrap_or_default(),
+            protocol_grpc: headers
+                .get("content-type")
+                .is_some_and(|c| c.starts_with("application/grpc")),
+            request_id: headers.get("x-request-id").unwrap_or_default(),
+            user_agent: headers.get("user-agent").unwrap_or_default(),
+            ..Seen::default()
+        };
+        for h in &self.plugin.config.log_headers {
+            if let Some(v) = headers.get(h) {
+                seen.extra.push((h.clone(), v));
+            }
+        }
+        self.propagate(headers, &mut seen);
+        *self.request.borrow_mut() = seen;
+        Action::Continue
+    }
+
+    fn on_log(&self) {
+        let seen = self.request.borrow().clone();
+        let code = properties::response_code().unwrap_or(0);
+        // An int64, as Envoy encodes it; absent for non-gRPC responses.
+        let grpc_status = properties::get_int(&["response", "grpc_status"])
+            .map(|g| g.to_string())
+            .unwrap_or_default();
+        let identity = properties::peer_identity();
+        let (src_workload, src_ns) = workload_of(identity.as_deref());
+        let cluster = properties::cluster_name().unwrap_or_default();
+        let destination = self
+            .plugin
+            .config
+            .destination_workload
+            .clone()
+            .unwrap_or_else(|| {
+                if cluster.is_empty() {
+                    "unknown".into()
+                } else {
+                    cluster.clone()
+                }
+            });
+        let duration_ms = properties::request_duration()
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or_else(|| time::now_nanos().saturating_sub(self.start_ns.get()) as f64 / 1e6);
+        let req_bytes = properties::get_int(&["request", "total_size"])
+            .unwrap_or(0)
+            .max(0);
+        let resp_bytes = properties::get_int(&["response", "total_size"])
+            .unwrap_or(0)
+            .max(0);
+        let labels = self.labels(vec![
+            src_workload.clone(),
+            src_ns,
+            destination.clone(),
+            code.to_string(),
+            grpc_status.clone(),
+        ]);
+        let with = |m: Counter| {
+            m.with("source_workload", &labels[0])
+                .with("source_namespace", &labels[1])
+                .with("destination_workload", &labels[2])
+                .with("response_code", &labels[3])
+                .with("grpc_response_status", &labels[4])
+        };
+        with(Counter::new("requests_total")).inc().ok();
+        let hist = |name: &str| {
+            Histogram::new(name)
+                .with("source_workload", &labels[0])
+                .with("destination_workload", &labels[2])
+                .with("response_code", &labels[3])
+        };
+        hist("request_duration_milliseconds")
+            .record(duration_ms.round() as u64)
+            .ok();
+        hist("request_bytes").record(req_bytes as u64).ok();
+        hist("response_bytes").record(resp_bytes as u64).ok();
+
+        if self.plugin.config.access_log == LogFormat::Json {
+            let start = self.start_ns.get();
+            let start_time = UNIX_EPOCH + std::time::Duration::from_nanos(start as u64);
+            let secs = start_time
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let mut line = format!(
+                concat!(
+                    "{{\"start_time\":{:.6},\"method\":\"{}\",\"path\":\"{}\",\"authority\":\"{}\",",
+                    "\"response_code\":{},\"grpc_status\":\"{}\",\"duration_ms\":{:.3},",
+                    "\"bytes_received\":{},\"bytes_sent\":{},\"source_address\":\"{}\",",
+                    "\"source_identity\":\"{}\",\"route\":\"{}\",\"cluster\":\"{}\",",
+                    "\"upstream_host\":\"{}\",\"request_id\":\"{}\",\"user_agent\":\"{}\",",
+                    "\"trace_id\":\"{}\",\"span_id\":\"{}\",\"protocol\":\"{}\""
+                ),
+                secs,
+                json_escape(&seen.method),
+                json_escape(&seen.path),
+                json_escape(&seen.authority),
+                code,
+                json_escape(&grpc_status),
+                duration_ms,
+                req_bytes,
+                resp_bytes,
+                json_escape(&properties::source_address().unwrap_or_default()),
+                json_escape(identity.as_deref().unwrap_or("")),
+                json_escape(&properties::route_name().unwrap_or_default()),
+                json_escape(&cluster),
+                json_escape(&properties::get_string(&["upstream", "address"]).unwrap_or_default()),
+                json_escape(&seen.request_id),
+                json_escape(&seen.user_agent),
+                seen.trace_id,
+                seen.span_id,
+                if seen.protocol_grpc { "grpc" } else { "http" },
+            );
+            for (k, v) in &seen.extra {
+                line.push_str(&format!(",\"{}\":\"{}\"", json_escape(k), json_escape(v)));
+            }
+            line.push('}');
+            weft_sdk::log::info(&format!("access {line}"));
+        }
+    }
+}
+
+weft_sdk::plugin!(Telemetry);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_sdk::testing::{FilterTest, Verdict};
+
+    fn start(config: &str) -> FilterTest {
+        FilterTest::new::<Telemetry>(config).expect("config")
+    }
+
+    #[test]
+    fn traces_are_started_or_continued() {
+        let t = start("{}");
+        let s = t.request(&[(":method", "GET"), (":path", "/"), (":authority", "a")]);
+        assert_eq!(s.request_headers(true), Verdict::Continue);
+        let tp = s.request_header("traceparent").expect("a traceparent");
+        let (trace, flags) = parse_traceparent(&tp).expect("valid");
+        assert_eq!(flags, "01");
+        assert_eq!(trace.len(), 32);
+
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let s = t.request(&[
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "a"),
+            ("traceparent", incoming),
+        ]);
+        s.request_headers(true);
+        let tp = s.request_header("traceparent").expect("traceparent");
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
+        assert!(!tp.contains("00f067aa0ba902b7"), "a new span id: {tp}");
+
+        // An invalid traceparent is replaced by a new trace.
+        let s = t.request(&[
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "a"),
+            (
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
+        ]);
+        s.request_headers(true);
+        let tp = s.request_header("traceparent").expect("traceparent");
+        assert!(!tp.contains("00000000000000000000000000000000"), "{tp}");
+    }
+
+    #[test]
+    fn b3_is_read_and_written() {
+        let t = start(r#"{"propagation":"both"}"#);
+        let s = t.request(&[
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "a"),
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "1"),
+        ]);
+        s.request_headers(true);
+        assert_eq!(
+            s.request_header("x-b3-traceid").as_deref(),
+            Some("80f198ee56343ba864fe8b2a57d3eff7")
+        );
+        assert_eq!(
+            s.request_header("x-b3-parentspanid").as_deref(),
+            Some("e457b5a2e4d86bd1")
+        );
+        assert!(
+            s.request_header("traceparent")
+                .is_some_and(|t| t.contains("80f198ee56343ba864fe8b2a57d3eff7"))
+        );
+    }
+
+    #[test]
+    fn metrics_and_an_access_log_line_per_request() {
+        let t = start(r#"{"destination_workload":"orders"}"#);
+        t.host().set_property(
+            &["connection", "uri_san_peer_certificate"],
+            b"spiffe://mesh/ns/shop/sa/web",
+        );
+        t.host()
+            .set_property(&["response", "code"], &503i64.to_le_bytes());
+        t.host()
+            .set_property(&["request", "duration"], &(12_000_000i64).to_le_bytes());
+        let s = t.request(&[
+            (":method", "POST"),
+            (":path", "/o?x=\"1\""),
+            (":authority", "a"),
+        ]);
+        s.request_headers(true);
+        s.finish();
+        let series = r#"requests_total{source_workload="web",source_namespace="shop",destination_workload="orders",response_code="503",grpc_response_status=""}"#;
+        assert_eq!(t.host().metric(series), Some(1));
+        let hist = r#"request_duration_milliseconds{source_workload="web",destination_workload="orders",response_code="503"}"#;
+        assert_eq!(t.host().metric(hist), Some(1));
+        let line = t
+            .host()
+            .logs()
+            .into_iter()
+            .find_map(|(_, l)| l.strip_prefix("access ").map(str::to_owned))
+            .expect("an access log line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/o?x=\"1\"");
+        assert_eq!(v["response_code"], 503);
+        assert_eq!(v["duration_ms"], 12.0);
+        assert_eq!(v["source_identity"], "spiffe://mesh/ns/shop/sa/web");
+    }
+
+    #[test]
+    fn label_sets_are_capped() {
+        let t = start(r#"{"max_label_sets":3,"access_log":"off"}"#);
+        for code in 200..210i64 {
+            t.host()
+                .set_property(&["response", "code"], &code.to_le_bytes());
+            let s = t.request(&[(":method", "GET"), (":path", "/"), (":authority", "a")]);
+            s.request_headers(true);
+            s.finish();
+        }
+        let series: Vec<String> = t
+            .host()
+            .metrics()
+            .into_iter()
+            .map(|(_, n, _)| n)
+            .filter(|n| n.starts_with("requests_total"))
+            .collect();
+        assert_eq!(series.len(), 4, "3 label sets and _other: {series:?}");
+        assert!(series.iter().any(|s| s.contains("_other")));
+    }
+}
