@@ -46,15 +46,23 @@ enum Command {
     },
 }
 
-fn init_logging(level: &str) {
+/// Logs go to standard error from a thread of their own, in batches: a worker formats a line
+/// and moves on (filters' access logs are a line per request). Nothing is dropped: when the
+/// writer falls behind, workers wait. The guard flushes what is left at exit.
+fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("weft-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    guard
 }
 
 fn validate(
@@ -94,7 +102,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, workers } => {
-            init_logging(&cli.log_level);
+            let _logs = init_logging(&cli.log_level);
             match server::run(Options {
                 config_path: config,
                 workers,

@@ -396,3 +396,109 @@ async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
     assert!(v["duration_ms"].as_f64().is_some_and(|d| d >= 0.0));
     assert!(v["bytes_sent"].as_i64().is_some_and(|b| b > 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_api_key_filter_works_as_its_readme_says() {
+    let app = Backend::start("app").await;
+    let auth = Backend::start("auth").await;
+    let module = builtin("api_key");
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: private, address: "127.0.0.1:0", routes: main, filters: [api-key] }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+  - {{ name: auth, endpoints: ["{}"] }}
+filters:
+  - name: api-key
+    module: "{module}"
+    config: {{ auth_cluster: auth, path: /auth, cache_for: 30s }}
+"#,
+        app.endpoint(),
+        auth.endpoint()
+    );
+    let weft = Weft::start(WEFT, &yaml);
+    let c = client::http1();
+    let url = weft.url("private", "/api/hello");
+    let r = client::get(&c, &url).await.expect("no key");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-weft-api-key"), Some("missing x-api-key"));
+    let r = client::get_with(&c, &url, &[("x-api-key", "nope")])
+        .await
+        .expect("bad key");
+    assert_eq!(r.status, 403);
+    let before = auth.requests();
+    for _ in 0..3 {
+        let r = client::get_with(
+            &c,
+            &url,
+            &[("x-api-key", "key-alice"), ("x-api-user", "root")],
+        )
+        .await
+        .expect("good key");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["headers"]["x-api-user"], "alice");
+    }
+    // One keep-alive connection, one worker: the answer was cached after the first check.
+    assert_eq!(auth.requests() - before, 1);
+    drop(auth);
+    let r = client::get_with(&c, &url, &[("x-api-key", "key-bob")])
+        .await
+        .expect("auth down");
+    assert_eq!(r.status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_see_the_route_a_request_matches() {
+    let app = Backend::start("app").await;
+    let fault = builtin("fault");
+    let quota = builtin("quota");
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", routes: main, filters: [q, f] }}
+routes:
+  main:
+    - {{ name: flaky, match: {{ path_prefix: /flaky }}, to: [{{ cluster: app }}] }}
+    - {{ name: rest, to: [{{ cluster: app }}] }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+filters:
+  - name: f
+    module: "{fault}"
+    config: {{ rules: [{{ match: {{ routes: [flaky] }}, abort: {{ http_status: 502 }} }}] }}
+  - name: q
+    module: "{quota}"
+    config: {{ limits: [{{ name: per-route, requests: 2, per: 1m, key: [{{ route: true }}] }}] }}
+"#,
+        app.endpoint()
+    );
+    let weft = Weft::start(WEFT, &yaml);
+    let c = client::http1();
+    let r = client::get(&c, &weft.url("main", "/flaky/x"))
+        .await
+        .expect("flaky");
+    assert_eq!(r.status, 502, "the fault rule matched the route");
+    let r = client::get(&c, &weft.url("main", "/other"))
+        .await
+        .expect("rest");
+    assert_eq!(r.status, 200);
+    // Route `rest` has one request left in its bucket, route `flaky` one too.
+    assert_eq!(
+        client::get(&c, &weft.url("main", "/b"))
+            .await
+            .expect("b")
+            .status,
+        200
+    );
+    assert_eq!(
+        client::get(&c, &weft.url("main", "/c"))
+            .await
+            .expect("c")
+            .status,
+        429
+    );
+}

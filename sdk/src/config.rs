@@ -116,6 +116,9 @@ pub struct RequestMatch {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, HeaderMatch>,
+    /// Route names (of the proxy's route table) the request matches.
+    #[serde(default)]
+    pub routes: Vec<String>,
 }
 
 impl RequestMatch {
@@ -145,6 +148,12 @@ impl RequestMatch {
                 None => h.eq_ignore_ascii_case(&host),
             });
             if !ok {
+                return false;
+            }
+        }
+        if !self.routes.is_empty() {
+            let route = crate::properties::route_name().unwrap_or_default();
+            if !self.routes.contains(&route) {
                 return false;
             }
         }

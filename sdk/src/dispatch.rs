@@ -189,13 +189,13 @@ fn waker_for(context: u32) -> Waker {
     }
     fn wake(data: *const ()) {
         let context = data as usize as u32;
-        STATE.with(|s| {
+        let _ = STATE.try_with(|s| {
             if let Ok(mut s) = s.try_borrow_mut() {
                 if !s.ready.contains(&context) {
                     s.ready.push(context);
                 }
             } else {
-                PENDING_WAKES.with(|p| p.borrow_mut().push(context));
+                let _ = PENDING_WAKES.try_with(|p| p.borrow_mut().push(context));
             }
         });
     }

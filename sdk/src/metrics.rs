@@ -51,10 +51,13 @@ fn id(kind: MetricType, name: &str, labels: &[(String, String)]) -> Result<u32, 
 
 macro_rules! metric {
     ($t:ident, $kind:expr) => {
+        /// Keep the handle to record without defining again: its id is resolved on first
+        /// use and remembered.
         #[derive(Debug, Clone)]
         pub struct $t {
             name: String,
             labels: Vec<(String, String)>,
+            resolved: std::cell::Cell<Option<u32>>,
         }
 
         impl $t {
@@ -62,17 +65,24 @@ macro_rules! metric {
                 $t {
                     name: name.to_owned(),
                     labels: Vec::new(),
+                    resolved: std::cell::Cell::new(None),
                 }
             }
 
             /// The same metric with one more label.
             pub fn with(mut self, key: &str, value: &str) -> $t {
                 self.labels.push((key.to_owned(), value.to_owned()));
+                self.resolved.set(None);
                 self
             }
 
             fn id(&self) -> Result<u32, Error> {
-                id($kind, &self.name, &self.labels)
+                if let Some(id) = self.resolved.get() {
+                    return Ok(id);
+                }
+                let id = id($kind, &self.name, &self.labels)?;
+                self.resolved.set(Some(id));
+                Ok(id)
             }
         }
     };

@@ -156,7 +156,8 @@ impl Future for Sleep {
 impl Drop for Sleep {
     fn drop(&mut self) {
         if let Some(id) = self.id {
-            TIMERS.with(|t| {
+            // `try_with`: at thread exit the table may be gone already.
+            let _ = TIMERS.try_with(|t| {
                 if let Ok(mut t) = t.try_borrow_mut() {
                     t.pending.retain(|x| x.id != id);
                     t.fired.retain(|f| *f != id);

@@ -253,7 +253,8 @@ impl Future for Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        CALLS.with(|c| {
+        // `try_with`: at thread exit the table may be gone already.
+        let _ = CALLS.try_with(|c| {
             if let Ok(mut c) = c.try_borrow_mut() {
                 c.remove(&self.token);
             }

@@ -14,6 +14,7 @@
 //! | `/consume/<code>` | reads the whole request body, then answers that status with its size |
 //! | `/stall` | one chunk, then nothing (the response never ends) |
 //! | `/healthz` | 200, or 503 after [`Backend::set_healthy`]`(false)` |
+//! | `/auth` | an API-key service: 200 with `x-user: <name>` when `x-api-key` is `key-<name>`, else 403 |
 //! | `Upgrade: echo` | 101, then every byte sent comes back |
 //!
 //! Every response carries `x-backend: <name>`, after [`Backend::set_delay`] if one is set.
@@ -347,6 +348,24 @@ async fn respond(
                         TestBody::Full(Some(Bytes::from_static(b"unhealthy\n"))),
                     )
                 }
+            }
+            ("auth", _) => {
+                let user = req
+                    .headers()
+                    .get("x-api-key")
+                    .and_then(|k| k.to_str().ok())
+                    .and_then(|k| k.strip_prefix("key-"))
+                    .filter(|u| !u.is_empty() && u.bytes().all(|b| b.is_ascii_alphanumeric()))
+                    .map(str::to_owned);
+                let mut r = Response::new(TestBody::Full(Some(Bytes::from_static(b""))));
+                match user {
+                    Some(u) => {
+                        r.headers_mut()
+                            .insert("x-user", HeaderValue::from_str(&u).expect("alphanumeric"));
+                    }
+                    None => *r.status_mut() = StatusCode::FORBIDDEN,
+                }
+                return Ok(r);
             }
             ("consume", code) => {
                 let mut body = req.into_body();

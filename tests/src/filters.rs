@@ -10,6 +10,7 @@ fn workspace() -> PathBuf {
 }
 
 fn build() -> Result<PathBuf, String> {
+    ensure_target();
     let dir = workspace();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
@@ -56,7 +57,22 @@ pub fn path(name: &str) -> String {
 
 /// The built-in filters (`filters/`, written with weft-sdk) and the example filter, built for
 /// `wasm32-wasip1` from the main workspace once per test process.
+/// Adds the `wasm32-wasip1` target when rustup says it is missing (a fresh machine).
+fn ensure_target() {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip1"))
+        .unwrap_or(true);
+    if !installed {
+        let _ = Command::new("rustup")
+            .args(["target", "add", "wasm32-wasip1"])
+            .status();
+    }
+}
+
 fn build_builtin() -> Result<PathBuf, String> {
+    ensure_target();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(PathBuf::from)
@@ -98,9 +114,11 @@ const BUILTIN: &[&str] = &[
     "weft-filter-quota",
     "weft-filter-policy",
     "weft-filter-telemetry",
+    "weft-example-api-key",
 ];
 
-/// The `.wasm` of built-in filter `name` (`fault`, …).
+/// The `.wasm` of built-in filter `name` (`fault`, `quota`, `policy`, `telemetry`, and the
+/// example `api_key`). The first call builds them all (release, into `target/wasm-filters`).
 pub fn builtin(name: &str) -> String {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT

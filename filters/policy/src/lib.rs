@@ -97,6 +97,9 @@ pub struct When {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, HeaderMatch>,
+    /// Route names of the proxy's route table.
+    #[serde(default)]
+    pub routes: Vec<String>,
     /// The client's verified mTLS identity: exact, or `prefix*`.
     #[serde(default)]
     pub identities: Vec<String>,
@@ -259,6 +262,7 @@ impl Plugin for Policy {
                     methods: w.methods,
                     hosts: w.hosts,
                     headers: w.headers,
+                    routes: w.routes,
                 },
                 identities: w.identities,
                 source_ips,

@@ -60,6 +60,8 @@ pub enum KeyPart {
     /// The host (`:authority`).
     Host(bool),
     Method(bool),
+    /// The route (of the proxy's route table) the request matches.
+    Route(bool),
 }
 
 pub struct Quota {
@@ -99,6 +101,7 @@ impl Plugin for Quota {
                         | KeyPart::Path(false)
                         | KeyPart::Host(false)
                         | KeyPart::Method(false)
+                        | KeyPart::Route(false)
                 );
                 if off {
                     return Err(format!(
@@ -168,6 +171,7 @@ fn descriptor(limit: &Limit, headers: &Headers) -> Option<String> {
                 .map(|p| p.split('?').next().unwrap_or("").to_owned())?,
             KeyPart::Host(_) => headers.authority()?,
             KeyPart::Method(_) => headers.get(":method")?,
+            KeyPart::Route(_) => properties::route_name()?,
         };
         key.push_str(&v);
         key.push('\u{1f}');

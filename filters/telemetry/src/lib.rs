@@ -8,7 +8,7 @@
 //! See `README.md` for the configuration reference.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -74,10 +74,43 @@ fn default_max_label_sets() -> usize {
     200
 }
 
+/// The metrics of one label set, resolved once.
+struct Handles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Handles {
+    /// `labels`: source workload, source namespace, destination, code, gRPC status.
+    fn new(labels: &[String]) -> Handles {
+        let hist = |name: &str| {
+            Histogram::new(name)
+                .with("source_workload", &labels[0])
+                .with("destination_workload", &labels[2])
+                .with("response_code", &labels[3])
+        };
+        Handles {
+            requests: Counter::new("requests_total")
+                .with("source_workload", &labels[0])
+                .with("source_namespace", &labels[1])
+                .with("destination_workload", &labels[2])
+                .with("response_code", &labels[3])
+                .with("grpc_response_status", &labels[4]),
+            duration: hist("request_duration_milliseconds"),
+            request_bytes: hist("request_bytes"),
+            response_bytes: hist("response_bytes"),
+        }
+    }
+}
+
 pub struct Telemetry {
     config: Config,
-    /// Label sets seen on this worker.
-    seen: RefCell<HashSet<Vec<String>>>,
+    /// The label sets seen on this worker, with their metrics.
+    handles: RefCell<HashMap<Vec<String>, Rc<Handles>>>,
+    /// For label sets past the cap.
+    other: Rc<Handles>,
 }
 
 impl Plugin for Telemetry {
@@ -95,7 +128,8 @@ impl Plugin for Telemetry {
         }
         Ok(Telemetry {
             config,
-            seen: RefCell::default(),
+            handles: RefCell::default(),
+            other: Rc::new(Handles::new(&vec!["_other".to_owned(); 5])),
         })
     }
 
@@ -236,15 +270,18 @@ impl TelemetryFilter {
         seen.span_id = span;
     }
 
-    /// The labels, or `_other` everywhere once the worker has seen too many label sets.
-    fn labels(&self, values: Vec<String>) -> Vec<String> {
-        let mut seen = self.plugin.seen.borrow_mut();
-        if seen.contains(&values) || seen.len() < self.plugin.config.max_label_sets {
-            seen.insert(values.clone());
-            values
-        } else {
-            vec!["_other".to_owned(); values.len()]
+    /// The metrics of a label set, or the `_other` ones once the worker has seen too many.
+    fn handles(&self, values: Vec<String>) -> Rc<Handles> {
+        let mut all = self.plugin.handles.borrow_mut();
+        if let Some(h) = all.get(&values) {
+            return h.clone();
         }
+        if all.len() >= self.plugin.config.max_label_sets {
+            return self.plugin.other.clone();
+        }
+        let h = Rc::new(Handles::new(&values));
+        all.insert(values, h.clone());
+        h
     }
 }
 
@@ -303,32 +340,17 @@ impl HttpFilter for TelemetryFilter {
         let resp_bytes = properties::get_int(&["response", "total_size"])
             .unwrap_or(0)
             .max(0);
-        let labels = self.labels(vec![
-            src_workload.clone(),
+        let m = self.handles(vec![
+            src_workload,
             src_ns,
-            destination.clone(),
+            destination,
             code.to_string(),
             grpc_status.clone(),
         ]);
-        let with = |m: Counter| {
-            m.with("source_workload", &labels[0])
-                .with("source_namespace", &labels[1])
-                .with("destination_workload", &labels[2])
-                .with("response_code", &labels[3])
-                .with("grpc_response_status", &labels[4])
-        };
-        with(Counter::new("requests_total")).inc().ok();
-        let hist = |name: &str| {
-            Histogram::new(name)
-                .with("source_workload", &labels[0])
-                .with("destination_workload", &labels[2])
-                .with("response_code", &labels[3])
-        };
-        hist("request_duration_milliseconds")
-            .record(duration_ms.round() as u64)
-            .ok();
-        hist("request_bytes").record(req_bytes as u64).ok();
-        hist("response_bytes").record(resp_bytes as u64).ok();
+        m.requests.inc().ok();
+        m.duration.record(duration_ms.round() as u64).ok();
+        m.request_bytes.record(req_bytes as u64).ok();
+        m.response_bytes.record(resp_bytes as u64).ok();
 
         if self.plugin.config.access_log == LogFormat::Json {
             let start = self.start_ns.get();

@@ -245,6 +245,7 @@ pub async fn handle(
         scheme: conn.scheme,
         started: Some(start),
         listener: listener.name.clone(),
+        provisional_route: provisional_route(listener, &parts, &authority),
         ..StreamInfo::default()
     };
     let head = request_head(&mut parts, &authority, conn.scheme);
@@ -293,6 +294,31 @@ pub async fn handle(
         }
     };
     respond(conn, listener, &chain, answer, upto, start, grpc).await
+}
+
+/// The route the request matches before the filters run (they may change what it matches).
+fn provisional_route(
+    listener: &ListenerRuntime,
+    parts: &http::request::Parts,
+    authority: &str,
+) -> Option<Arc<str>> {
+    let (host, _) = proxy::split_host_port(authority);
+    let crate::http::path::Canonical::Path(path) =
+        crate::http::path::canonicalize(parts.uri.path(), &listener.http.path).ok()?
+    else {
+        return None;
+    };
+    let view = crate::router::RequestView {
+        host: &host,
+        path: &path,
+        query: parts.uri.query(),
+        method: &parts.method,
+        headers: &parts.headers,
+    };
+    listener
+        .table
+        .find(&view)
+        .map(|(_, r)| Arc::from(r.name.as_str()))
 }
 
 /// Sends an answer back through filters `upto - 1 ..= 0`; a filter that stops it replaces it

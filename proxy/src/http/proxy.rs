@@ -209,7 +209,7 @@ pub(crate) fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
 }
 
 /// Splits `host[:port]` (with `[v6]` literals), lower-casing the host.
-fn split_host_port(authority: &str) -> (String, Option<u16>) {
+pub(crate) fn split_host_port(authority: &str) -> (String, Option<u16>) {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         match rest.split_once(']') {
             Some((h, p)) => (&authority[..h.len() + 2], p.strip_prefix(':')),

@@ -257,6 +257,9 @@ pub struct StreamInfo {
     pub listener: Arc<str>,
     /// The route and cluster that took the request (their names).
     pub route: Option<Arc<crate::metrics::RouteStats>>,
+    /// The route the request matches as it arrived, before filters change it (`route_name`
+    /// during the request's filters, as Envoy's route cache gives it).
+    pub provisional_route: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
     pub response_code: Option<u16>,
     pub response_details: Option<String>,

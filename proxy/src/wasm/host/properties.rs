@@ -162,7 +162,14 @@ fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
 }
 
 fn route_name(s: &StreamData) -> Option<Vec<u8>> {
-    let r = s.info.route.as_ref()?.route();
+    let Some(route) = s.info.route.as_ref() else {
+        return s
+            .info
+            .provisional_route
+            .as_ref()
+            .map(|r| r.as_bytes().to_vec());
+    };
+    let r = route.route();
     (!r.is_empty()).then(|| r.as_bytes().to_vec())
 }
 
