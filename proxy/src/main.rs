@@ -14,6 +14,25 @@ use weft_proxy::server::{self, Options};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    /// mimalloc's runtime options (`mi_option_set`).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_arena_eager_commit` (mimalloc v2's `mimalloc.h`).
+const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+
+/// Commits arena memory when it is used, not when it is reserved: an idle proxy stays small.
+/// Runs from `.init_array`, before the first allocation reserves an arena.
+extern "C" fn tune_allocator() {
+    // SAFETY: a plain option setter of the linked mimalloc.
+    unsafe { mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 #[derive(Parser)]
 #[command(
     name = "weft",

@@ -222,3 +222,61 @@ fn a_request_that_ends_while_waiting_is_forgotten() {
         "a finished request is not resumed"
     );
 }
+
+struct GrpcCheck;
+
+impl Plugin for GrpcCheck {
+    type Config = ();
+    type Filter = GrpcFilter;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(GrpcCheck)
+    }
+    fn filter(self: &Rc<Self>) -> GrpcFilter {
+        GrpcFilter
+    }
+}
+
+struct GrpcFilter;
+
+impl HttpFilter for GrpcFilter {
+    async fn on_request_headers(&self, headers: &mut Headers, _eos: bool) -> Action {
+        let answer = upstream::grpc_call(
+            "authz",
+            "authz.v1.Check",
+            "Allow",
+            &[("x-caller", "sdk")],
+            b"\x0a\x03abc",
+            Duration::from_secs(1),
+        )
+        .await;
+        match answer {
+            Ok(msg) if msg == b"\x08\x01" => {
+                headers.set("x-allowed", "1").ok();
+                Action::Continue
+            }
+            Ok(_) => Action::respond(Response::new(403)),
+            Err(e) => Action::respond(Response::grpc(14, &e.to_string())),
+        }
+    }
+}
+
+#[test]
+fn a_grpc_call_is_awaited_too() {
+    let t = FilterTest::new::<GrpcCheck>("").expect("config");
+    let s = t.request(&get("/"));
+    assert_eq!(s.request_headers(true), Verdict::Paused);
+    let call = t.host().calls().pop().expect("a gRPC call");
+    assert_eq!(call.grpc_method.as_deref(), Some("authz.v1.Check/Allow"));
+    assert_eq!(call.header("x-caller"), Some("sdk"));
+    assert_eq!(call.body, b"\x0a\x03abc");
+    t.answer_grpc(call.token, 0, b"\x08\x01");
+    assert!(s.request_resumed());
+    assert_eq!(s.request_header("x-allowed").as_deref(), Some("1"));
+
+    let s = t.request(&get("/"));
+    s.request_headers(true);
+    let call = t.host().calls().pop().expect("a gRPC call");
+    t.answer_grpc(call.token, 14, b"");
+    let r = s.local_response().expect("answered");
+    assert_eq!(r.grpc_status, Some(14));
+}
