@@ -1,0 +1,6 @@
+//! weft-cp: the mesh's desired state — listeners, route tables, clusters and filters, each
+//! selecting proxies by label — validated, versioned and stored ([`store`]), and distributed
+//! to every proxy.
+
+pub mod resources;
+pub mod store;

@@ -1,0 +1,293 @@
+//! The embedded store: every version of the mesh's state (resources) with what changed, and
+//! the Wasm modules by digest. One JSON file (written to a temporary file, synced, renamed: a
+//! crash leaves the old file or the new one, never half of one) and a directory of modules next
+//! to it. The newest [`MAX_HISTORY`] versions are kept for rollback.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::resources::{Kind, Resource};
+
+/// Versions kept for `history` and `rollback`.
+pub const MAX_HISTORY: usize = 100;
+
+/// The resources of one version, by kind and name.
+pub type State = BTreeMap<(Kind, String), Resource>;
+
+#[derive(Debug, Clone)]
+pub struct Version {
+    pub number: u64,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// What changed, in words (`apply cluster/ratings`, `rollback to 3`).
+    pub change: String,
+    pub state: Arc<State>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read the store {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the store {path} is damaged: {why}")]
+    Damaged { path: PathBuf, why: String },
+    #[error("cannot write the store {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no version {0} in the history")]
+    NoSuchVersion(u64),
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileVersion {
+    number: u64,
+    at_ms: u64,
+    change: String,
+    resources: Vec<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    format: u32,
+    versions: Vec<FileVersion>,
+}
+
+/// The store. `path: None` keeps everything in memory (tests, `--store memory`).
+#[derive(Debug)]
+pub struct Store {
+    path: Option<PathBuf>,
+    versions: Vec<Version>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: Option<&Path>) -> Result<Store, StoreError> {
+        let mut store = Store {
+            path: path.map(Path::to_owned),
+            versions: vec![Version {
+                number: 0,
+                at_ms: now_ms(),
+                change: "empty".into(),
+                state: Arc::new(State::new()),
+            }],
+        };
+        let Some(path) = path else {
+            return Ok(store);
+        };
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(store),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let damaged = |why: String| StoreError::Damaged {
+            path: path.to_owned(),
+            why,
+        };
+        let file: File = serde_json::from_slice(&text).map_err(|e| damaged(e.to_string()))?;
+        if file.format != 1 {
+            return Err(damaged(format!("unknown format {}", file.format)));
+        }
+        let mut versions = Vec::new();
+        for v in file.versions {
+            let mut state = State::new();
+            for r in v.resources {
+                let r = Resource::from_json(r)
+                    .map_err(|e| damaged(format!("version {}: {e}", v.number)))?;
+                state.insert(r.key(), r);
+            }
+            versions.push(Version {
+                number: v.number,
+                at_ms: v.at_ms,
+                change: v.change,
+                state: Arc::new(state),
+            });
+        }
+        if !versions.is_empty() {
+            store.versions = versions;
+        }
+        Ok(store)
+    }
+
+    pub fn current(&self) -> &Version {
+        // There is always at least one version.
+        &self.versions[self.versions.len() - 1]
+    }
+
+    pub fn history(&self) -> &[Version] {
+        &self.versions
+    }
+
+    pub fn get(&self, number: u64) -> Option<&Version> {
+        self.versions.iter().find(|v| v.number == number)
+    }
+
+    /// Makes `state` the new current version (unless it equals the current one) and writes the
+    /// store; on a write error nothing changes.
+    pub fn commit(&mut self, state: State, change: String) -> Result<Option<u64>, StoreError> {
+        if state == *self.current().state {
+            return Ok(None);
+        }
+        let number = self.current().number + 1;
+        self.versions.push(Version {
+            number,
+            at_ms: now_ms(),
+            change,
+            state: Arc::new(state),
+        });
+        let excess = self.versions.len().saturating_sub(MAX_HISTORY);
+        let dropped: Vec<Version> = self.versions.drain(..excess).collect();
+        if let Err(e) = self.save() {
+            self.versions.pop();
+            for (i, v) in dropped.into_iter().enumerate() {
+                self.versions.insert(i, v);
+            }
+            return Err(e);
+        }
+        Ok(Some(number))
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file = File {
+            format: 1,
+            versions: self
+                .versions
+                .iter()
+                .map(|v| FileVersion {
+                    number: v.number,
+                    at_ms: v.at_ms,
+                    change: v.change.clone(),
+                    resources: v.state.values().map(Resource::to_json).collect(),
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&file).map_err(|e| StoreError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomically(path, &bytes).map_err(|source| StoreError::Write {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// Where modules live: `<store>.modules/` (none for an in-memory store).
+    pub fn modules_dir(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| {
+            let mut s = p.as_os_str().to_owned();
+            s.push(".modules");
+            PathBuf::from(s)
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// `sha256:<hex>` of module bytes.
+pub fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::parse_documents;
+
+    fn state(yaml: &str) -> State {
+        parse_documents(yaml)
+            .expect("valid")
+            .into_iter()
+            .map(|r| (r.key(), r))
+            .collect()
+    }
+
+    #[test]
+    fn versions_survive_a_restart_and_unchanged_states_are_not_versions() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("weft-cp.json");
+        let mut s = Store::open(Some(&path)).expect("open");
+        assert_eq!(s.current().number, 0);
+        let a = state("kind: cluster\nspec: { name: a, endpoints: [\"127.0.0.1:1\"] }\n");
+        assert_eq!(
+            s.commit(a.clone(), "apply cluster/a".into())
+                .expect("commit"),
+            Some(1)
+        );
+        assert_eq!(s.commit(a.clone(), "again".into()).expect("commit"), None);
+        let mut b = a.clone();
+        b.extend(state(
+            "kind: cluster\nspec: { name: b, endpoints: [\"127.0.0.1:2\"] }\n",
+        ));
+        assert_eq!(
+            s.commit(b, "apply cluster/b".into()).expect("commit"),
+            Some(2)
+        );
+        drop(s);
+
+        let s = Store::open(Some(&path)).expect("reopen");
+        assert_eq!(s.current().number, 2);
+        assert_eq!(s.current().state.len(), 2);
+        assert_eq!(s.get(1).map(|v| v.state.len()), Some(1));
+        assert_eq!(s.history().len(), 3);
+        assert_eq!(s.current().change, "apply cluster/b");
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused_not_overwritten() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("weft-cp.json");
+        std::fs::write(&path, b"{ not json").expect("write");
+        let e = Store::open(Some(&path)).expect_err("damaged");
+        assert!(e.to_string().contains("is damaged"), "{e}");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{ not json");
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut s = Store::open(None).expect("memory");
+        for i in 0..(MAX_HISTORY + 20) {
+            let st = state(&format!(
+                "kind: cluster\nspec: {{ name: c, endpoints: [\"127.0.0.1:{}\"] }}\n",
+                i + 1
+            ));
+            s.commit(st, format!("step {i}")).expect("commit");
+        }
+        assert_eq!(s.history().len(), MAX_HISTORY);
+        assert_eq!(s.current().number, (MAX_HISTORY + 20) as u64);
+    }
+}

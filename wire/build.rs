@@ -1,0 +1,8 @@
+//! Compiles the protocol with protox (pure Rust: no `protoc` needed on the machine).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/weft/control/v1/control.proto");
+    let fds = protox::compile(["weft/control/v1/control.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
