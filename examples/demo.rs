@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         let server = Server::start(&Options {
             config_path,
             workers: 0,
+            control: None,
         })
         .await?;
         println!("{TRY}");

@@ -3,4 +3,5 @@
 //! to every proxy.
 
 pub mod resources;
+pub mod server;
 pub mod store;

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod errors;
 pub mod http;
 pub mod listener;

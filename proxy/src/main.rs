@@ -57,6 +57,19 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// Take listeners, routes, clusters and filters from this weft-cp too
+        /// (`http://host:port`); the config file then holds the static parts.
+        #[arg(long, value_name = "URL")]
+        control_plane: Option<String>,
+        /// This proxy's id at the control plane (default: the host name).
+        #[arg(long, requires = "control_plane")]
+        node_id: Option<String>,
+        /// A label resources select this proxy by (`--label app=reviews`; repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", requires = "control_plane")]
+        labels: Vec<String>,
+        /// Where the last good snapshot and fetched modules are kept.
+        #[arg(long, default_value = "weft-state", requires = "control_plane")]
+        state_dir: PathBuf,
     },
     /// Check a configuration file: exit 0 if valid, else print every error and exit 1.
     Validate {
@@ -82,6 +95,41 @@ fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     guard
+}
+
+/// The control-plane options; the token comes from `WEFT_CP_TOKEN` (never a flag: flags show
+/// in `ps`).
+fn control_options(
+    url: String,
+    node_id: Option<String>,
+    labels: Vec<String>,
+    state_dir: PathBuf,
+) -> Result<weft_proxy::control::ControlOptions, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            .ok_or_else(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    let node_id = match node_id {
+        Some(n) if !n.is_empty() => n,
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .ok_or("--node-id: required (no host name to default to)")?,
+    };
+    Ok(weft_proxy::control::ControlOptions {
+        url,
+        node_id,
+        labels: map,
+        token: std::env::var("WEFT_CP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        state_dir,
+    })
 }
 
 fn validate(
@@ -120,11 +168,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, workers } => {
+        Command::Run {
+            config,
+            workers,
+            control_plane,
+            node_id,
+            labels,
+            state_dir,
+        } => {
+            let control = match control_plane {
+                None => None,
+                Some(url) => match control_options(url, node_id, labels, state_dir) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let _logs = init_logging(&cli.log_level);
             match server::run(Options {
                 config_path: config,
                 workers,
+                control,
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -26,9 +26,12 @@ const TLS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How `weft run` was asked to run.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The configuration file; with a control plane, the bootstrap (static parts).
     pub config_path: PathBuf,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+    /// Where snapshots come from besides the file.
+    pub control: Option<crate::control::ControlOptions>,
 }
 
 #[derive(Debug)]
@@ -44,6 +47,11 @@ struct BoundListener {
 #[derive(Debug)]
 pub struct Server {
     config_path: PathBuf,
+    /// The file's configuration, as last read.
+    bootstrap: Config,
+    /// The control plane's last applied snapshot (its version and configuration).
+    remote: Option<(u64, Config)>,
+    control: Option<crate::control::ControlOptions>,
     shared: Arc<Shared>,
     admin: Option<Arc<AdminState>>,
     admin_addr: Option<SocketAddr>,
@@ -53,6 +61,19 @@ pub struct Server {
     /// Per-cluster periodic work (health checks, re-admission, DNS refresh) of the snapshot
     /// being served.
     maintenance: Vec<tokio::task::AbortHandle>,
+}
+
+/// The bootstrap's configuration with the control plane's items added.
+fn merge(bootstrap: &Config, remote: Option<&Config>) -> Config {
+    let mut c = bootstrap.clone();
+    if let Some(r) = remote {
+        c.listeners.extend(r.listeners.iter().cloned());
+        c.routes
+            .extend(r.routes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        c.clusters.extend(r.clusters.iter().cloned());
+        c.filters.extend(r.filters.iter().cloned());
+    }
+    c
 }
 
 /// Loads and validates a config file the way `weft validate` and `weft run` do.
@@ -88,8 +109,47 @@ impl Server {
     pub async fn start(opts: &Options) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
         let wasm = SharedHost::new(metrics.clone());
-        let snapshot = load(&opts.config_path, 1, None, &metrics, &wasm)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bootstrap = Config::from_file(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // With a control plane: the last snapshot it gave, kept on disk, serves until it is
+        // reachable again.
+        let mut remote = opts.control.as_ref().and_then(crate::control::last_good);
+        let snapshot = match &remote {
+            Some((v, r)) => {
+                let built = Snapshot::build(
+                    merge(&bootstrap, Some(r)),
+                    1,
+                    None,
+                    env(&opts.config_path, &metrics, &wasm),
+                );
+                match built {
+                    Ok(s) => {
+                        tracing::info!(
+                            version = v,
+                            "serving the control plane's last snapshot from disk"
+                        );
+                        Some(s)
+                    }
+                    Err(e) => {
+                        tracing::warn!("the saved snapshot no longer loads, ignored: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let snapshot = match snapshot {
+            Some(s) => s,
+            None => {
+                remote = None;
+                Snapshot::build(
+                    bootstrap.clone(),
+                    1,
+                    None,
+                    env(&opts.config_path, &metrics, &wasm),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            }
+        };
         metrics.config_version.set(1);
         tracing::info!(version = 1, digest = %snapshot.digest, "configuration loaded");
         let admin_addr = snapshot.admin;
@@ -97,6 +157,9 @@ impl Server {
 
         let mut server = Server {
             config_path: opts.config_path.clone(),
+            bootstrap,
+            remote,
+            control: opts.control.clone(),
             admin: None,
             admin_addr,
             workers: Vec::new(),
@@ -236,8 +299,44 @@ impl Server {
     }
 
     fn try_reload(&mut self, metrics: &Metrics) -> Result<u64, ConfigErrors> {
+        let bootstrap = Config::from_file(&self.config_path)?;
+        let merged = merge(&bootstrap, self.remote.as_ref().map(|(_, c)| c));
+        let v = self.apply(merged, metrics)?;
+        self.bootstrap = bootstrap;
+        Ok(v)
+    }
+
+    /// Applies the control plane's snapshot `version` (with the bootstrap's static parts), as a
+    /// reload does; on success it is saved as the last good one.
+    pub fn apply_remote(&mut self, version: u64, config: Config) -> Result<u64, ConfigErrors> {
+        let metrics = self.shared.metrics.clone();
+        let merged = merge(&self.bootstrap, Some(&config));
+        let result = self.apply(merged, &metrics);
+        let label = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        if result.is_ok() {
+            if let Some(c) = &self.control {
+                crate::control::save_last_good(c, version, &config);
+            }
+            self.remote = Some((version, config));
+        }
+        result
+    }
+
+    /// The control plane's version being served (0: none).
+    pub fn remote_version(&self) -> u64 {
+        self.remote.as_ref().map_or(0, |(v, _)| *v)
+    }
+
+    fn apply(&mut self, config: Config, metrics: &Metrics) -> Result<u64, ConfigErrors> {
         let previous = self.shared.snapshot();
-        let config = Config::from_file(&self.config_path)?;
         // Filter modules are files of their own: an unchanged configuration may still name
         // changed code, so only one without filters is known unchanged without building it.
         if config == *previous.config && config.filters.is_empty() {
@@ -334,9 +433,30 @@ impl Server {
         let mut int = signal(SignalKind::interrupt())?;
         let mut tls_poll = tokio::time::interval(TLS_POLL);
         tls_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (updates_tx, mut updates) = tokio::sync::mpsc::channel(1);
+        if let Some(c) = &self.control {
+            crate::control::spawn(
+                c.clone(),
+                self.remote_version(),
+                self.shared.metrics.clone(),
+                updates_tx,
+            );
+        }
         loop {
             tokio::select! {
                 _ = tls_poll.tick() => self.shared.snapshot().refresh_tls(false),
+                Some(update) = updates.recv() => {
+                    let crate::control::Update { version, config, answer } = update;
+                    let result = self
+                        .apply_remote(version, config)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    match &result {
+                        Ok(()) => tracing::info!(version, "control plane snapshot applied"),
+                        Err(e) => tracing::error!(version, "control plane snapshot refused, the previous configuration keeps serving: {e}"),
+                    }
+                    let _ = answer.send(result);
+                },
                 _ = hup.recv() => {
                     match self.reload() {
                         Ok(v) => tracing::info!(version = v, "reload done"),

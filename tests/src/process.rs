@@ -66,6 +66,11 @@ impl Weft {
     }
 
     pub fn start_with(bin: &str, yaml: &str, extra: &[&str]) -> Weft {
+        Self::start_env(bin, yaml, extra, &[])
+    }
+
+    /// As [`Weft::start_with`], with environment variables for the process.
+    pub fn start_env(bin: &str, yaml: &str, extra: &[&str], envs: &[(&str, &str)]) -> Weft {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("weft.yaml");
         std::fs::write(&config_path, with_admin(yaml)).expect("write config");
@@ -74,6 +79,7 @@ impl Weft {
             .arg("--config")
             .arg(&config_path)
             .args(extra)
+            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()),

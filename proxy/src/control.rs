@@ -1,0 +1,293 @@
+//! The proxy's side of the control plane: subscribe (with back-off and jitter on every
+//! failure), fetch the modules a snapshot names (once per digest: verified, cached on disk),
+//! have the server apply it exactly as a reload, answer ACK or NACK with the errors, and keep
+//! the last good snapshot on disk so that a restart without a reachable control plane serves it.
+//! While the control plane is down the proxy keeps serving what it has.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{mpsc, oneshot};
+use weft_wire::v1;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// `weft run --control-plane …`.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// `http://host:port` of weft-cp.
+    pub url: String,
+    pub node_id: String,
+    pub labels: BTreeMap<String, String>,
+    /// Sent as `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// The last good snapshot and the module cache.
+    pub state_dir: PathBuf,
+}
+
+/// A snapshot for the server to apply; it answers on `answer`.
+#[derive(Debug)]
+pub struct Update {
+    pub version: u64,
+    pub config: Config,
+    pub answer: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    version: u64,
+    config: Config,
+}
+
+fn snapshot_file(o: &ControlOptions) -> PathBuf {
+    o.state_dir.join("snapshot.json")
+}
+
+fn module_file(o: &ControlOptions, digest: &str) -> PathBuf {
+    o.state_dir
+        .join("modules")
+        .join(format!("{}.wasm", digest.trim_start_matches("sha256:")))
+}
+
+/// The last snapshot applied (its modules loaded from the cache), if any.
+pub fn last_good(o: &ControlOptions) -> Option<(u64, Config)> {
+    let bytes = std::fs::read(snapshot_file(o)).ok()?;
+    let saved: Saved = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("the saved snapshot is damaged, ignored: {e}");
+            return None;
+        }
+    };
+    for f in &saved.config.filters {
+        if f.module.starts_with("sha256:") && load_cached(o, &f.module).is_err() {
+            tracing::warn!(module = %f.module, "a module of the saved snapshot is missing from the cache");
+            return None;
+        }
+    }
+    Some((saved.version, saved.config))
+}
+
+/// Writes the snapshot that was just applied.
+pub fn save_last_good(o: &ControlOptions, version: u64, config: &Config) {
+    let saved = Saved {
+        version,
+        config: config.clone(),
+    };
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&o.state_dir)?;
+        let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        let path = snapshot_file(o);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!("cannot save the snapshot to {}: {e}", o.state_dir.display());
+    }
+}
+
+/// Loads a cached module, checking its digest.
+fn load_cached(o: &ControlOptions, digest: &str) -> Result<(), String> {
+    if crate::wasm::module::by_digest(digest).is_some() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(module_file(o, digest)).map_err(|e| e.to_string())?;
+    if crate::wasm::runtime::digest(&bytes) != digest {
+        return Err("cached module does not match its digest".into());
+    }
+    crate::wasm::module::load(digest, &bytes).map(|_| ())
+}
+
+type Client = v1::distribution_client::DistributionClient<tonic::transport::Channel>;
+
+fn authorized<T>(o: &ControlOptions, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = &o.token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+/// Makes every module of the snapshot available (from the cache, else fetched).
+async fn ensure_modules(
+    o: &ControlOptions,
+    client: &mut Client,
+    refs: &[v1::ModuleRef],
+) -> Result<(), String> {
+    for m in refs {
+        if load_cached(o, &m.digest).is_ok() {
+            continue;
+        }
+        let mut stream = client
+            .fetch_module(authorized(
+                o,
+                v1::ModuleRequest {
+                    digest: m.digest.clone(),
+                },
+            ))
+            .await
+            .map_err(|e| format!("fetching {}: {}", m.digest, e.message()))?
+            .into_inner();
+        let mut bytes = Vec::with_capacity(m.size as usize);
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|e| format!("fetching {}: {}", m.digest, e.message()))?
+        {
+            bytes.extend_from_slice(&chunk.data);
+            if bytes.len() > weft_wire::MAX_MESSAGE {
+                return Err(format!("module {} is larger than allowed", m.digest));
+            }
+        }
+        if crate::wasm::runtime::digest(&bytes) != m.digest {
+            return Err(format!(
+                "module {}: the bytes received do not match the digest",
+                m.digest
+            ));
+        }
+        let path = module_file(o, &m.digest);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, &bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            tracing::warn!(module = %m.digest, "cannot cache the module on disk");
+        }
+        let d = m.digest.clone();
+        tokio::task::spawn_blocking(move || crate::wasm::module::load(&d, &bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("module {}: {e}", m.digest))?;
+    }
+    Ok(())
+}
+
+/// Starts the subscription task.
+pub fn spawn(
+    o: ControlOptions,
+    applied: u64,
+    metrics: Arc<Metrics>,
+    updates: mpsc::Sender<Update>,
+) {
+    let connected = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let last_update = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    metrics.with_registry(|r| {
+        r.register(
+            "control_plane_connected",
+            "1 while the proxy's stream to the control plane is up",
+            connected.clone(),
+        );
+        r.register(
+            "control_plane_last_update_timestamp_seconds",
+            "When the last control-plane snapshot was applied (Unix time)",
+            last_update.clone(),
+        );
+    });
+    tokio::spawn(async move {
+        let mut applied = applied;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match session(&o, &mut applied, &updates, &connected, &last_update).await {
+                Ok(()) => tracing::info!("control plane closed the stream"),
+                Err(e) => tracing::warn!(url = %o.url, "control plane: {e}"),
+            }
+            connected.set(0);
+            if updates.is_closed() {
+                return;
+            }
+            let jitter = Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    });
+}
+
+async fn session(
+    o: &ControlOptions,
+    applied: &mut u64,
+    updates: &mpsc::Sender<Update>,
+    connected: &Gauge<i64, std::sync::atomic::AtomicI64>,
+    last_update: &Gauge<i64, std::sync::atomic::AtomicI64>,
+) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(o.url.clone())
+        .map_err(|e| format!("invalid URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut client = Client::new(channel)
+        .max_decoding_message_size(weft_wire::MAX_MESSAGE)
+        .max_encoding_message_size(weft_wire::MAX_MESSAGE);
+    let (out, out_rx) = mpsc::channel::<v1::ProxyMessage>(8);
+    let hello = v1::ProxyMessage {
+        kind: Some(v1::proxy_message::Kind::Hello(v1::Hello {
+            node_id: o.node_id.clone(),
+            labels: o.labels.clone().into_iter().collect(),
+            proxy_version: env!("CARGO_PKG_VERSION").into(),
+            applied_version: *applied,
+        })),
+    };
+    out.send(hello).await.map_err(|e| e.to_string())?;
+    let mut snapshots = client
+        .subscribe(authorized(
+            o,
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        ))
+        .await
+        .map_err(|e| format!("subscribe refused: {}", e.message()))?
+        .into_inner();
+    connected.set(1);
+    tracing::info!(url = %o.url, node = %o.node_id, "connected to the control plane");
+    while let Some(s) = snapshots
+        .message()
+        .await
+        .map_err(|e| e.message().to_owned())?
+    {
+        let version = s.version;
+        let result = match ensure_modules(o, &mut client, &s.modules).await {
+            Err(e) => Err(e),
+            Ok(()) => match serde_json::from_slice::<Config>(&s.config_json) {
+                Err(e) => Err(format!("the snapshot does not parse: {e}")),
+                Ok(config) => {
+                    let (answer, rx) = oneshot::channel();
+                    updates
+                        .send(Update {
+                            version,
+                            config,
+                            answer,
+                        })
+                        .await
+                        .map_err(|_| "the proxy is stopping".to_owned())?;
+                    rx.await
+                        .unwrap_or_else(|_| Err("the proxy is stopping".into()))
+                }
+            },
+        };
+        let kind = match result {
+            Ok(()) => {
+                *applied = version;
+                last_update.set(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                );
+                v1::proxy_message::Kind::Ack(v1::Ack { version })
+            }
+            Err(reason) => v1::proxy_message::Kind::Nack(v1::Nack { version, reason }),
+        };
+        out.send(v1::ProxyMessage { kind: Some(kind) })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

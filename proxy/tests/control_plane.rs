@@ -1,0 +1,288 @@
+//! The control plane with real processes: one weft-cp, three weft proxies, real backends;
+//! weftctl drives it. Pushes reach the proxies a selector picks, a NACK shows in `status` while
+//! the old configuration keeps serving, rollback, restarts of either side, and auth.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weft_testkit::filters::builtin;
+use weft_testkit::{Backend, Weft, client, eventually};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+const TOKEN: &str = "test-token-1234";
+/// The static parts (the test kit adds an admin listener).
+const BOOTSTRAP: &str = "drain: { grace_period: 1s }\n";
+
+/// A binary of the control-plane crate, built next to `weft` by `cargo test --workspace`.
+fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(WEFT).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p weft-controlplane`; `cargo test --workspace` does)",
+        p.display()
+    );
+    p
+}
+
+struct Cp {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Cp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Cp {
+    fn start(store: &Path, listen: &str) -> Cp {
+        let mut child = Command::new(sibling("weft-cp"))
+            .args(["--listen", listen, "--store"])
+            .arg(store)
+            .env("WEFT_CP_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("weft-cp starts");
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[weft-cp] {line}");
+                sink.lock().expect("log").push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let found = log
+                .lock()
+                .expect("log")
+                .iter()
+                .find(|l| l.contains("weft-cp listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "weft-cp did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Cp { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_with_token(args, Some(TOKEN))
+    }
+
+    fn ctl_with_token(&self, args: &[&str], token: Option<&str>) -> Output {
+        let mut c = Command::new(sibling("weftctl"));
+        c.arg("--server")
+            .arg(self.url())
+            .args(["--wait", "20s"])
+            .args(args);
+        match token {
+            Some(t) => c.env("WEFT_CP_TOKEN", t),
+            None => c.env_remove("WEFT_CP_TOKEN"),
+        };
+        let out = c.output().expect("weftctl runs");
+        eprintln!(
+            "[weftctl {args:?}] {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn proxy(cp: &Cp, id: &str, labels: &[&str], state: &Path) -> Weft {
+    let mut args = vec!["--workers", "2", "--control-plane"];
+    let url = cp.url();
+    args.push(&url);
+    args.extend(["--node-id", id]);
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    let state = state.join(id);
+    let state = state.to_string_lossy().into_owned();
+    args.extend(["--state-dir", &state]);
+    // The bootstrap holds the static parts: the admin listener only.
+    Weft::start_env(WEFT, BOOTSTRAP, &args, &[("WEFT_CP_TOKEN", TOKEN)])
+}
+
+fn mesh(backend: &Backend, listener_port: u16) -> String {
+    format!(
+        r#"
+kind: cluster
+spec: {{ name: app, endpoints: ["{}"] }}
+---
+kind: routes
+spec: {{ name: main, routes: [ {{ to: [ {{ cluster: app }} ] }} ] }}
+---
+kind: listener
+spec: {{ name: main, address: "127.0.0.1:{listener_port}", routes: main }}
+"#,
+        backend.endpoint()
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_reach_the_selected_proxies_and_failures_show() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = dir.path().join("cp.json");
+    let backend = Backend::start("app").await;
+    let cp = Cp::start(&store, "127.0.0.1:0");
+
+    // Unauthenticated calls are refused and change nothing.
+    let denied = cp.ctl_with_token(&["status"], None);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("authorization"));
+
+    let mut web1 = proxy(&cp, "web-1", &["app=web"], dir.path());
+    let mut web2 = proxy(&cp, "web-2", &["app=web"], dir.path());
+    let mut api = proxy(&cp, "api-1", &["app=api"], dir.path());
+
+    // Listener on port 0: each proxy binds its own.
+    let f = write(dir.path(), "mesh.yaml", &mesh(&backend, 0));
+    let out = cp.ctl(&["apply", "-f", &f]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("3/3 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    for w in [&mut web1, &mut web2, &mut api] {
+        w.refresh_listeners();
+        let r = client::get(&client::http1(), &w.url("main", "/"))
+            .await
+            .expect("served");
+        assert_eq!(r.status, 200);
+    }
+
+    // A filter for app=web only.
+    let module = builtin("fault");
+    let out = cp.ctl(&[
+        "filter",
+        "push",
+        "chaos",
+        "--module",
+        &module,
+        "--config",
+        r#"{"rules": [{"match": {"headers": {"x-fault": "yes"}}, "abort": {"http_status": 418}}]}"#,
+        "--select",
+        "app=web",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    // Listeners are one resource per name: give the web proxies their own listener.
+    let web_listener = write(
+        dir.path(),
+        "web.yaml",
+        "kind: listener\nselector: { app: web }\nspec: { name: web, address: \"127.0.0.1:0\", routes: main, filters: [chaos] }\n",
+    );
+    let out = cp.ctl(&["apply", "-f", &web_listener]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    for w in [&mut web1, &mut web2] {
+        w.refresh_listeners();
+        let r = client::get_with(&client::http1(), &w.url("web", "/"), &[("x-fault", "yes")])
+            .await
+            .expect("web");
+        assert_eq!(
+            r.status,
+            418,
+            "the pushed filter runs on {}",
+            w.url("web", "/")
+        );
+    }
+    let (_, listeners) = api.admin_get("/listeners");
+    assert!(
+        !listeners.contains("\"web\""),
+        "app=api must not get the web listener: {listeners}"
+    );
+
+    // A push that every proxy must refuse (the port is taken on this machine): NACKed, shown by
+    // status, and the old configuration keeps serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let bad = write(dir.path(), "bad.yaml", &mesh(&backend, port));
+    let out = cp.ctl(&["apply", "-f", &bad]);
+    assert!(!out.status.success(), "a NACKed push exits non-zero");
+    assert!(stdout(&out).contains("refused it"), "{}", stdout(&out));
+    let status = stdout(&cp.ctl(&["status"]));
+    assert!(status.contains("cannot bind"), "{status}");
+    let r = client::get(&client::http1(), &web1.url("main", "/"))
+        .await
+        .expect("still served");
+    assert_eq!(r.status, 200);
+
+    // Rollback to the version before the bad one.
+    let history = stdout(&cp.ctl(&["history"]));
+    let good: u64 = history
+        .lines()
+        .filter(|l| l.contains("apply listener/web"))
+        .rev()
+        .find_map(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("the web apply in the history");
+    let out = cp.ctl(&["rollback", &good.to_string()]);
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    // Control plane restart: proxies keep serving, reconnect, nothing was lost.
+    let addr = cp.addr.to_string();
+    drop(cp);
+    let r = client::get(&client::http1(), &web1.url("main", "/"))
+        .await
+        .expect("cp down");
+    assert_eq!(r.status, 200);
+    let cp = Cp::start(&store, &addr);
+    eventually(Duration::from_secs(20), "the proxies reconnect", || {
+        stdout(&cp.ctl(&["status"])).matches("connected").count() == 3
+    });
+    let got = stdout(&cp.ctl(&["get", "filter"]));
+    assert!(got.contains("name: chaos"), "{got}");
+
+    // A proxy restarted while the control plane is down serves its last good snapshot.
+    drop(cp);
+    drop(api);
+    let mut again = Weft::start_env(
+        WEFT,
+        BOOTSTRAP,
+        &[
+            "--control-plane",
+            &format!("http://{addr}"),
+            "--node-id",
+            "api-1",
+            "--label",
+            "app=api",
+            "--state-dir",
+            &dir.path().join("api-1").to_string_lossy(),
+        ],
+        &[("WEFT_CP_TOKEN", TOKEN)],
+    );
+    again.refresh_listeners();
+    let r = client::get(&client::http1(), &again.url("main", "/"))
+        .await
+        .expect("from disk");
+    assert_eq!(r.status, 200);
+    drop(taken);
+}
