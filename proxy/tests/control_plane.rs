@@ -286,3 +286,78 @@ async fn pushes_reach_the_selected_proxies_and_failures_show() {
     assert_eq!(r.status, 200);
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_change_shifts_traffic_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let v1 = Backend::start("v1").await;
+    let v2 = Backend::start("v2").await;
+    let cp = Cp::start(&dir.path().join("cp.json"), "127.0.0.1:0");
+    let mut w = proxy(&cp, "edge-1", &["app=edge"], dir.path());
+    let routes = |cluster: &str| {
+        format!(
+            r#"
+kind: cluster
+spec: {{ name: v1, endpoints: ["{}"] }}
+---
+kind: cluster
+spec: {{ name: v2, endpoints: ["{}"] }}
+---
+kind: routes
+spec: {{ name: main, routes: [ {{ to: [ {{ cluster: {cluster} }} ] }} ] }}
+---
+kind: listener
+spec: {{ name: main, address: "127.0.0.1:0", routes: main }}
+"#,
+            v1.endpoint(),
+            v2.endpoint()
+        )
+    };
+    let first = write(dir.path(), "v1.yaml", &routes("v1"));
+    assert!(cp.ctl(&["apply", "-f", &first]).status.success());
+    w.refresh_listeners();
+    let url = w.url("main", "/");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = client::http1();
+            let (mut ok, mut failed, mut last) = (0u32, Vec::new(), String::new());
+            for i in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // Keep-alive and fresh connections alternately.
+                let fresh;
+                let c = if i % 2 == 0 {
+                    &c
+                } else {
+                    fresh = client::http1();
+                    &fresh
+                };
+                match client::get(c, &url).await {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        last = r.header("x-backend").unwrap_or("").to_owned();
+                    }
+                    Ok(r) => failed.push(format!("status {}", r.status)),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed, last)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = write(dir.path(), "v2.yaml", &routes("v2"));
+    let out = cp.ctl(&["apply", "-f", &second]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, last) = load.await.expect("load");
+    assert!(failed.is_empty(), "failed during the change: {failed:?}");
+    assert!(ok > 20, "{ok} requests");
+    assert_eq!(last, "v2", "traffic moved to v2");
+}
