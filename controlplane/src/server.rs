@@ -38,8 +38,73 @@ struct Inner {
     next_stream: u64,
 }
 
+/// weft-cp's metrics (`weft_cp_*`).
+pub struct CpMetrics {
+    registry: prometheus_client::registry::Registry,
+    connected: prometheus_client::metrics::gauge::Gauge,
+    push_latency: prometheus_client::metrics::histogram::Histogram,
+    nacks: prometheus_client::metrics::family::Family<
+        ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    sent_bytes: prometheus_client::metrics::counter::Counter,
+    version: prometheus_client::metrics::gauge::Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Where the first error is (`listeners[0].address`), or `other`.
+    pub reason: String,
+}
+
+impl CpMetrics {
+    fn new() -> CpMetrics {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("weft_cp");
+        let m = CpMetrics {
+            connected: Default::default(),
+            push_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
+            ),
+            nacks: Default::default(),
+            sent_bytes: Default::default(),
+            version: Default::default(),
+            registry: prometheus_client::registry::Registry::default(),
+        };
+        registry.register(
+            "connected_proxies",
+            "Proxies with a stream open",
+            m.connected.clone(),
+        );
+        registry.register(
+            "push_latency_seconds",
+            "Time from a version's creation to each proxy's ACK",
+            m.push_latency.clone(),
+        );
+        registry.register(
+            "nacks",
+            "Versions proxies refused, by where the first error is",
+            m.nacks.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Snapshot and module bytes sent to proxies",
+            m.sent_bytes.clone(),
+        );
+        registry.register("version", "The current version", m.version.clone());
+        CpMetrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
 /// The control plane.
 pub struct ControlPlane {
+    pub metrics: CpMetrics,
     inner: Mutex<Inner>,
     /// The current version, for the subscription tasks.
     version: watch::Sender<u64>,
@@ -105,7 +170,10 @@ impl ControlPlane {
             }
         }
         let version = store.current().number;
+        let metrics = CpMetrics::new();
+        metrics.version.set(version as i64);
         Ok(Arc::new(ControlPlane {
+            metrics,
             inner: Mutex::new(Inner {
                 store,
                 proxies: BTreeMap::new(),
@@ -222,6 +290,7 @@ impl ControlPlane {
         drop(inner);
         if let Some(v) = version {
             tracing::info!(version = v, "new version");
+            self.metrics.version.set(v as i64);
             self.version.send_replace(v);
         }
         Ok(v1::ChangeResponse {
@@ -318,6 +387,7 @@ impl Distribution for DistributionService {
             id
         };
         cp.proxy_event.notify_waiters();
+        cp.metrics.connected.inc();
         tracing::info!(node = %node, ?labels, applied = hello.applied_version, "proxy connected");
 
         let (tx, rx) = mpsc::channel::<Result<v1::Snapshot, Status>>(4);
@@ -333,9 +403,11 @@ impl Distribution for DistributionService {
                         drop(inner);
                         cp.snapshot_for(&state, current, &labels)
                     };
+                    let bytes = snapshot.config_json.len() as u64;
                     if tx.send(Ok(snapshot)).await.is_err() {
                         break;
                     }
+                    cp.metrics.sent_bytes.inc_by(bytes);
                     sent = current;
                     cp.update(&node, stream_id, |p| p.sent = current);
                 }
@@ -343,10 +415,27 @@ impl Distribution for DistributionService {
                     changed = versions.changed() => if changed.is_err() { break },
                     msg = inbound.message() => match msg {
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Ack(a)) })) => {
+                            let created = cp.lock().store.get(a.version).map(|v| v.at_ms);
+                            if let Some(at) = created {
+                                let now = std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_millis() as u64);
+                                cp.metrics
+                                    .push_latency
+                                    .observe(now.saturating_sub(at) as f64 / 1000.0);
+                            }
                             cp.update(&node, stream_id, |p| p.applied = a.version);
                         }
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Nack(n)) })) => {
                             tracing::warn!(node = %node, version = n.version, reason = %n.reason, "proxy refused a version");
+                            let at = n
+                                .reason
+                                .split(':')
+                                .next()
+                                .filter(|s| s.len() < 80 && !s.contains(' '))
+                                .unwrap_or("other")
+                                .to_owned();
+                            cp.metrics.nacks.get_or_create(&ReasonLabels { reason: at }).inc();
                             cp.update(&node, stream_id, |p| {
                                 p.nacked = n.version;
                                 p.reason = n.reason.clone();
@@ -358,6 +447,7 @@ impl Distribution for DistributionService {
                 }
             }
             cp.update(&node, stream_id, |p| p.connected = false);
+            cp.metrics.connected.dec();
             tracing::info!(node = %node, "proxy disconnected");
         });
         Ok(Response::new(Box::pin(
@@ -379,6 +469,7 @@ impl Distribution for DistributionService {
             .get(&d)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no module {d}")))?;
+        self.0.metrics.sent_bytes.inc_by(bytes.len() as u64);
         let chunks: Vec<Result<v1::ModuleChunk, Status>> = bytes
             .chunks(weft_wire::MODULE_CHUNK)
             .map(|c| Ok(v1::ModuleChunk { data: c.to_vec() }))

@@ -31,6 +31,7 @@ fn sibling(name: &str) -> PathBuf {
 struct Cp {
     child: Child,
     addr: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Drop for Cp {
@@ -43,7 +44,7 @@ impl Drop for Cp {
 impl Cp {
     fn start(store: &Path, listen: &str) -> Cp {
         let mut child = Command::new(sibling("weft-cp"))
-            .args(["--listen", listen, "--store"])
+            .args(["--listen", listen, "--metrics", "127.0.0.1:0", "--store"])
             .arg(store)
             .env("WEFT_CP_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
@@ -61,22 +62,27 @@ impl Cp {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let found = log
-                .lock()
+        let find = |what: &str| -> Option<SocketAddr> {
+            log.lock()
                 .expect("log")
                 .iter()
-                .find(|l| l.contains("weft-cp listening"))
+                .find(|l| l.contains(what))
                 .and_then(|l| l.split("addr=").nth(1))
                 .and_then(|a| a.split_whitespace().next())
-                .and_then(|a| a.parse().ok());
-            if let Some(a) = found {
-                break a;
+                .and_then(|a| a.parse().ok())
+        };
+        let (addr, metrics) = loop {
+            if let (Some(a), Some(m)) = (find("weft-cp listening"), find("metrics listening")) {
+                break (a, m);
             }
             assert!(Instant::now() < deadline, "weft-cp did not start");
             std::thread::sleep(Duration::from_millis(20));
         };
-        Cp { child, addr }
+        Cp {
+            child,
+            addr,
+            metrics,
+        }
     }
 
     fn url(&self) -> String {
@@ -235,6 +241,21 @@ async fn pushes_reach_the_selected_proxies_and_failures_show() {
         .await
         .expect("still served");
     assert_eq!(r.status, 200);
+    let (_, metrics) = weft_testkit::http_get(cp.metrics, "/metrics").expect("cp metrics");
+    for want in [
+        r#"weft_cp_nacks_total{reason="listeners[0].address"} 3"#,
+        "weft_cp_connected_proxies 3",
+        "weft_cp_version 4",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == want),
+            "missing {want} in {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("weft_cp_push_latency_seconds_count"),
+        "{metrics}"
+    );
 
     // Rollback to the version before the bad one.
     let history = stdout(&cp.ctl(&["history"]));

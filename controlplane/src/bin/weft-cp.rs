@@ -22,6 +22,9 @@ struct Cli {
     /// The store file (created if missing); `memory` keeps state in memory only.
     #[arg(long, default_value = "weft-cp.json")]
     store: String,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +53,11 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(cli.listen).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "weft-cp listening");
+        if let Some(m) = cli.metrics {
+            let l = tokio::net::TcpListener::bind(m).await?;
+            tracing::info!(addr = %l.local_addr()?, "metrics listening");
+            tokio::spawn(serve_metrics(l, cp.clone()));
+        }
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let max = weft_wire::MAX_MESSAGE;
         tonic::transport::Server::builder()
@@ -69,4 +77,34 @@ fn main() -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     })
+}
+
+/// A minimal HTTP/1.1 endpoint: `GET /metrics` answers the metrics, anything else 404.
+async fn serve_metrics(l: tokio::net::TcpListener, cp: std::sync::Arc<ControlPlane>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") {
+                ("200 OK", cp.metrics.encode())
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
 }
