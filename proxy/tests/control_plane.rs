@@ -227,6 +227,25 @@ async fn pushes_reach_the_selected_proxies_and_failures_show() {
         "app=api must not get the web listener: {listeners}"
     );
 
+    // A filter whose on_configure refuses its configuration is refused at the API, with the
+    // filter's reason, and never reaches a proxy.
+    let out = cp.ctl(&[
+        "filter",
+        "push",
+        "broken",
+        "--module",
+        &module,
+        "--config",
+        r#"{"rules": [{"abort": {"http_status": 503, "percentage": 150}}]}"#,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rules[0].abort.percentage: 150 is not between 0 and 100"),
+        "{err}"
+    );
+    assert!(!stdout(&cp.ctl(&["get", "filter"])).contains("broken"));
+
     // A push that every proxy must refuse (the port is taken on this machine): NACKed, shown by
     // status, and the old configuration keeps serving.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

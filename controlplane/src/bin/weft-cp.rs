@@ -88,13 +88,19 @@ async fn serve_metrics(l: tokio::net::TcpListener, cp: std::sync::Arc<ControlPla
         };
         let cp = cp.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0);
-            let head = String::from_utf8_lossy(&buf[..n]);
+            // Read the whole request head (unread bytes at close would reset the connection).
+            let mut buf = Vec::with_capacity(1024);
+            let read = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+            let head = String::from_utf8_lossy(&buf);
             let (status, body) = if head.starts_with("GET /metrics ") {
                 ("200 OK", cp.metrics.encode())
             } else {
@@ -105,6 +111,7 @@ async fn serve_metrics(l: tokio::net::TcpListener, cp: std::sync::Arc<ControlPla
                 body.len()
             );
             let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
         });
     }
 }
