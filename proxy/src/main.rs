@@ -51,9 +51,10 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Run {
-        /// The configuration file (YAML).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The configuration file (YAML); with `--control-plane`, the optional bootstrap
+        /// (admin listener, static parts).
+        #[arg(long, short, required_unless_present = "control_plane")]
+        config: Option<PathBuf>,
         /// Worker threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         workers: usize,
@@ -187,6 +188,28 @@ fn main() -> ExitCode {
                 },
             };
             let _logs = init_logging(&cli.log_level);
+            // Without a bootstrap file, an empty one under the state directory stands in.
+            let config = match (config, &control) {
+                (Some(c), _) => c,
+                (None, Some(c)) => {
+                    let path = c.state_dir.join("bootstrap.yaml");
+                    let written = std::fs::create_dir_all(&c.state_dir).and_then(|()| {
+                        std::fs::write(
+                            &path,
+                            "# No bootstrap was given: everything comes from the control plane.\n{}\n",
+                        )
+                    });
+                    if let Err(e) = written {
+                        eprintln!("--state-dir {}: {e}", c.state_dir.display());
+                        return ExitCode::FAILURE;
+                    }
+                    path
+                }
+                (None, None) => {
+                    eprintln!("--config is required");
+                    return ExitCode::FAILURE;
+                }
+            };
             match server::run(Options {
                 config_path: config,
                 workers,

@@ -259,8 +259,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .into_inner();
             println!("version {}", r.version);
             println!(
-                "{:<20} {:<10} {:>8} {:<24} last NACK",
-                "proxy", "state", "applied", "labels"
+                "{:<20} {:<10} {:>8} {:>4} {:<24} last NACK",
+                "proxy", "state", "applied", "lag", "labels"
             );
             for p in r.proxies {
                 let labels: Vec<String> =
@@ -273,10 +273,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     "-".into()
                 };
                 println!(
-                    "{:<20} {:<10} {:>8} {:<24} {}",
+                    "{:<20} {:<10} {:>8} {:>4} {:<24} {}",
                     p.node_id,
                     if p.connected { "connected" } else { "gone" },
                     p.applied_version,
+                    r.version.saturating_sub(p.applied_version),
                     labels.join(","),
                     nack
                 );
