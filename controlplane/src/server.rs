@@ -105,6 +105,8 @@ impl CpMetrics {
 /// The control plane.
 pub struct ControlPlane {
     pub metrics: CpMetrics,
+    /// Held while a change is derived, validated and stored.
+    changing: Mutex<()>,
     inner: Mutex<Inner>,
     /// The current version, for the subscription tasks.
     version: watch::Sender<u64>,
@@ -174,6 +176,7 @@ impl ControlPlane {
         metrics.version.set(version as i64);
         Ok(Arc::new(ControlPlane {
             metrics,
+            changing: Mutex::new(()),
             inner: Mutex::new(Inner {
                 store,
                 proxies: BTreeMap::new(),
@@ -276,8 +279,15 @@ impl ControlPlane {
         }
     }
 
-    /// Validates and stores `state` as a new version, and pushes it.
-    fn change(&self, state: State, what: String) -> Result<v1::ChangeResponse, Status> {
+    /// Derives a new state from the current one with `edit`, validates it, stores it as a new
+    /// version and pushes it. Changes are serialized: two applies at once cannot lose either.
+    fn change(
+        &self,
+        edit: impl FnOnce(&State) -> Result<(State, String), Status>,
+    ) -> Result<v1::ChangeResponse, Status> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.lock().store.current().state.clone();
+        let (state, what) = edit(&current)?;
         self.validate(&state)
             .map_err(|e| Status::invalid_argument(e.join("\n")))?;
         let mut inner = self.lock();
@@ -496,17 +506,20 @@ impl Control for ControlService {
         if docs.is_empty() {
             return Err(Status::invalid_argument("no resource in the documents"));
         }
-        let mut state = (*self.0.lock().store.current().state).clone();
-        let mut names = Vec::new();
-        for r in docs {
-            names.push(format!("{}/{}", r.spec.kind().as_str(), r.spec.name()));
-            state.insert(r.key(), r);
-        }
         let cp = self.0.clone();
-        let what = format!("apply {}", names.join(", "));
-        let r = tokio::task::spawn_blocking(move || cp.change(state, what))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let r = tokio::task::spawn_blocking(move || {
+            cp.change(|current| {
+                let mut state = current.clone();
+                let mut names = Vec::new();
+                for r in docs {
+                    names.push(format!("{}/{}", r.spec.kind().as_str(), r.spec.name()));
+                    state.insert(r.key(), r);
+                }
+                Ok((state, format!("apply {}", names.join(", "))))
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(r))
     }
 
@@ -518,19 +531,22 @@ impl Control for ControlService {
         let d = req.into_inner();
         let kind = Kind::parse(&d.kind)
             .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}", d.kind)))?;
-        let mut state = (*self.0.lock().store.current().state).clone();
-        if state.remove(&(kind, d.name.clone())).is_none() {
-            return Err(Status::not_found(format!(
-                "no {}/{}",
-                kind.as_str(),
-                d.name
-            )));
-        }
         let cp = self.0.clone();
-        let what = format!("delete {}/{}", kind.as_str(), d.name);
-        let r = tokio::task::spawn_blocking(move || cp.change(state, what))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let r = tokio::task::spawn_blocking(move || {
+            cp.change(|current| {
+                let mut state = current.clone();
+                if state.remove(&(kind, d.name.clone())).is_none() {
+                    return Err(Status::not_found(format!(
+                        "no {}/{}",
+                        kind.as_str(),
+                        d.name
+                    )));
+                }
+                Ok((state, format!("delete {}/{}", kind.as_str(), d.name)))
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(r))
     }
 
@@ -688,9 +704,11 @@ impl Control for ControlService {
             .map(|v| (*v.state).clone())
             .ok_or_else(|| Status::not_found(format!("no version {to} in the history")))?;
         let cp = self.0.clone();
-        let r = tokio::task::spawn_blocking(move || cp.change(state, format!("rollback to {to}")))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let r = tokio::task::spawn_blocking(move || {
+            cp.change(|_| Ok((state, format!("rollback to {to}"))))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(r))
     }
 }
