@@ -75,7 +75,11 @@ impl Cp {
             if let (Some(a), Some(m)) = (find("weft-cp listening"), find("metrics listening")) {
                 break (a, m);
             }
-            assert!(Instant::now() < deadline, "weft-cp did not start");
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("weft-cp did not start: {:?}", log.lock().expect("log"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         };
         Cp {
