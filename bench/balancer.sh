@@ -17,29 +17,13 @@ BASE_PORT=${BASE_PORT:-18100}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v curl >/dev/null || need+=(curl)
-if ((${#need[@]})); then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source bench/lib.sh
+bench_install wrk:wrk nginx:nginx-light curl:curl
 
 echo "building weft and weft-echo (release)..." >&2
 cargo build --release -q -p weft-proxy -p weft-testkit --bin weft --bin weft-echo
 WEFT=target/release/weft
 ECHO=target/release/weft-echo
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 FAST=$((BASE_PORT + 0)); SLOW=$((BASE_PORT + 1)); NGINX=$((BASE_PORT + 2)); ADMIN=$((BASE_PORT + 3))
 L_EWMA=$((BASE_PORT + 10)); L_RR=$((BASE_PORT + 11)); L_LR=$((BASE_PORT + 12))
@@ -79,8 +63,6 @@ route() { echo "  $1: [{ to: [{ cluster: $1 }] }]"; }
   echo "  - { name: one_ring, endpoints: [\"127.0.0.1:$NGINX\"], lb: ring_hash, hash_key: { source_ip: true }, protocol: http1 }"
 } >"$work/weft.yaml"
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
-
 taskset -c "$LOAD_CPU" "$ECHO" --listen "127.0.0.1:$FAST" --name fast 2>/dev/null & pids+=($!)
 taskset -c "$LOAD_CPU" "$ECHO" --listen "127.0.0.1:$SLOW" --name slow --delay-ms 5 2>/dev/null & pids+=($!)
 taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
@@ -89,8 +71,6 @@ WEFT_PID=$!
 for p in $FAST $SLOW $NGINX $L_EWMA $C_RING; do wait_port "$p"; done
 sleep 0.5
 
-TICK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 fast_requests() { # cluster: requests its fast endpoint has received
   curl -s "127.0.0.1:$ADMIN/clusters" | tr -d ' \n' | sed 's/{"circuit_breakers_in_use"/\n&/g' |
     grep "\"name\":\"$1\"" |
@@ -119,7 +99,6 @@ for p in "two_ewma peak_ewma $L_EWMA" "two_rr round_robin $L_RR" "two_lr least_r
   RPS[$2]=$rps; P99[$2]=$p99
   printf '%-14s %9s %9s %9s %15s%%\n' "$2" "$rps" "$p50" "$p99" "$(awk -v a="$before" -v b="$after" -v n="$n" 'BEGIN { printf "%.1f", (b - a) * 100 / n }')"
 done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "peak_ewma/round_robin: throughput $(ratio "${RPS[peak_ewma]}" "${RPS[round_robin]}")x, p99 $(ratio "${P99[peak_ewma]}" "${P99[round_robin]}")x"
 
 echo

@@ -22,30 +22,12 @@ BASE_PORT=${BASE_PORT:-18000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v taskset >/dev/null || need+=(util-linux)
-if ((${#need[@]})); then
-  echo "installing ${need[*]}" >&2
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source bench/lib.sh
+bench_install wrk:wrk h2load:nghttp2-client nginx:nginx-light taskset:util-linux
 
 echo "building weft (release)..." >&2
 cargo build --release -q -p weft-proxy
 WEFT=target/release/weft
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 BACKEND=$((BASE_PORT + 0))
 NGINX_H1=$((BASE_PORT + 1))
@@ -98,8 +80,6 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 EOF
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
-
 taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
@@ -110,53 +90,16 @@ NGINX_WORKER=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
 BACKEND_WORKER=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
 IDLE_RSS=$(awk '/VmRSS/ {print $2}' "/proc/$WEFT_PID/status")
 
-TICK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-# One wrk run: prints "rps p50_us p99_us cpu_us_per_req".
-run_wrk() { # url pid
-  local c0 c1 out
-  c0=$(cpu_ticks "$2")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$1")
-  c1=$(cpu_ticks "$2")
-  echo "$out" | awk -v c0="$c0" -v c1="$c1" -v tick="$TICK" '
-    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v }
-    / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
-    /requests in/ { n = $1 }
-    /Requests\/sec/ { rps = $2 }
-    END { printf "%.0f %.0f %.0f %.2f\n", rps, p50, p99, (c1 - c0) * 1000000 / tick / n }'
-}
-
-# One h2load run: prints "rps p50_us p99_us cpu_us_per_req" (percentiles from its per-request log).
-run_h2() { # url pid
-  local c0 c1 out log="$work/h2.log"
-  rm -f "$log"
-  c0=$(cpu_ticks "$2")
-  out=$(taskset -c "$LOAD_CPU" h2load -n "$H2_REQUESTS" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 --log-file="$log" "$1")
-  c1=$(cpu_ticks "$2")
-  local rps ok
-  rps=$(echo "$out" | awk '/^finished in/ { print $4 }')
-  ok=$(echo "$out" | awk '/^requests:/ { print $8 }')
-  [ "$ok" = "$H2_REQUESTS" ] || { echo "h2load: only $ok of $H2_REQUESTS succeeded" >&2; echo "$out" >&2; }
-  # Log columns: start time, status, duration (µs).
-  awk '{ print $3 }' "$log" | sort -n | awk -v rps="$rps" -v c0="$c0" -v c1="$c1" -v tick="$TICK" -v n="$H2_REQUESTS" '
-    { v[NR] = $1 } END { printf "%.0f %.0f %.0f %.2f\n", rps, v[int(NR*0.5)], v[int(NR*0.99)], (c1 - c0) * 1000000 / tick / n }'
-}
-
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
 declare -A R
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS..." >&2
-  R[h1_direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER")"$'\n'
-  R[h1_nginx]+="$(run_wrk "http://127.0.0.1:$NGINX_H1/" "$NGINX_WORKER")"$'\n'
-  R[h1_weft]+="$(run_wrk "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID")"$'\n'
+  R[h1_direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER" "$CONNS")"$'\n'
+  R[h1_nginx]+="$(run_wrk "http://127.0.0.1:$NGINX_H1/" "$NGINX_WORKER" "$CONNS")"$'\n'
+  R[h1_weft]+="$(run_wrk "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID" "$CONNS")"$'\n'
   R[h2_nginx]+="$(run_h2 "http://127.0.0.1:$NGINX_H2/" "$NGINX_WORKER")"$'\n'
   R[h2_weft]+="$(run_h2 "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID")"$'\n'
 done
 LOADED_RSS=$(awk '/VmRSS/ {print $2}' "/proc/$WEFT_PID/status")
-
-col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
 
 printf '\nCore proxy benchmark: %s rounds, medians. Proxies: 1 worker on CPU %s; wrk/h2load + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss; h2load: %s requests, %s clients x %s streams.\n\n' "$CONNS" "$DURATION" "$H2_REQUESTS" "$H2_CLIENTS" "$H2_STREAMS"
@@ -166,7 +109,6 @@ for k in h1_direct h1_nginx h1_weft h2_nginx h2_weft; do
   [ "$k" = h1_direct ] && cpu="(backend) $cpu"
   printf '%-16s %10s %9s %9s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu"
 done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
 echo "HTTP/1.1 throughput weft/nginx:  $(ratio "$(col h1_weft 1)" "$(col h1_nginx 1)")   (target >= 1.15)"
 echo "HTTP/1.1 throughput weft/direct: $(ratio "$(col h1_weft 1)" "$(col h1_direct 1)")"

@@ -17,16 +17,8 @@ BASE_PORT=${BASE_PORT:-18300}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v taskset >/dev/null || need+=(util-linux)
-if ((${#need[@]})); then
-  echo "installing ${need[*]}" >&2
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source bench/lib.sh
+bench_install wrk:wrk nginx:nginx-light taskset:util-linux
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 
 echo "building weft and the built-in filters (release)..." >&2
@@ -36,15 +28,6 @@ CARGO_TARGET_DIR=target/wasm-filters CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PRO
   -p weft-filter-telemetry -p weft-filter-policy -p weft-filter-quota -p weft-filter-fault
 WEFT=target/release/weft
 FILTERS=$PWD/target/wasm-filters/wasm32-wasip1/release
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 BACKEND=$((BASE_PORT + 0))
 ADMIN=$((BASE_PORT + 1))
@@ -101,8 +84,6 @@ filters:
         - { name: chaos, match: { path: { prefix: / } }, abort: { http_status: 503, percentage: 0 } }
 EOC
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
-
 taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
@@ -112,37 +93,14 @@ BACKEND_WORKER=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
 code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench' "http://127.0.0.1:${PORT[all-4]}/")
 [ "$code" = 200 ] || { echo "the filter chain answers $code" >&2; cat "$work/weft.log" >&2; exit 1; }
 
-TICK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-# One wrk run: prints "rps p50_us p99_us cpu_us_per_req".
-run_wrk() { # url pid
-  local c0 c1 out
-  c0=$(cpu_ticks "$2")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'x-api-key: bench' "$1")
-  c1=$(cpu_ticks "$2")
-  echo "$out" | awk -v c0="$c0" -v c1="$c1" -v tick="$TICK" '
-    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v }
-    / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
-    /requests in/ { n = $1 }
-    /Requests\/sec/ { rps = $2 }
-    END { printf "%.0f %.0f %.0f %.2f\n", rps, p50, p99, (c1 - c0) * 1000000 / tick / n }'
-}
-
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
 declare -A R
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS..." >&2
-  R[direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER")"$'\n'
+  R[direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER" "$CONNS" -H 'x-api-key: bench')"$'\n'
   for n in "${NAMES[@]}"; do
-    R[$n]+="$(run_wrk "http://127.0.0.1:${PORT[$n]}/" "$WEFT_PID")"$'\n'
+    R[$n]+="$(run_wrk "http://127.0.0.1:${PORT[$n]}/" "$WEFT_PID" "$CONNS" -H 'x-api-key: bench')"$'\n'
   done
 done
-
-col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-delta() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 
 printf '\nBuilt-in filter benchmark: %s rounds, medians. weft: 1 worker on CPU %s; wrk + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss, HTTP/1.1 keep-alive.\n\n' "$CONNS" "$DURATION"
@@ -151,9 +109,9 @@ base_rps=$(col none 1); base_cpu=$(col none 4)
 for k in direct "${NAMES[@]}"; do
   cpu=$(col "$k" 4)
   if [ "$k" = direct ]; then
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "($cpu)" "$(ratio "$(col "$k" 1)" "$base_rps")" "-"
+    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "($cpu)" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "-"
   else
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps")" "$(delta "$cpu" "$base_cpu")"
+    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
   fi
 done
 echo

@@ -24,31 +24,12 @@ BASE_PORT=${BASE_PORT:-18200}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v openssl >/dev/null || need+=(openssl)
-command -v taskset >/dev/null || need+=(util-linux)
-if ((${#need[@]})); then
-  echo "installing ${need[*]}" >&2
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source bench/lib.sh
+bench_install wrk:wrk h2load:nghttp2-client nginx:nginx-light openssl:openssl taskset:util-linux
 
 echo "building weft (release)..." >&2
 cargo build --release -q -p weft-proxy
 WEFT=target/release/weft
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 BACKEND=$((BASE_PORT + 0))
 NGINX=$((BASE_PORT + 1))
@@ -110,8 +91,6 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 EOC
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
-
 taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
@@ -119,43 +98,6 @@ WEFT_PID=$!
 for p in $BACKEND $NGINX $WEFT_PORT; do wait_port "$p"; done
 sleep 0.5
 NGINX_WORKER=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
-
-TICK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-# One wrk run: prints "rps p50_us p99_us cpu_us_per_req".
-run_wrk() { # url pid conns [extra wrk args...]
-  local url=$1 pid=$2 conns=$3 c0 c1 out
-  shift 3
-  c0=$(cpu_ticks "$pid")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" "$url")
-  c1=$(cpu_ticks "$pid")
-  echo "$out" | awk -v c0="$c0" -v c1="$c1" -v tick="$TICK" '
-    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v }
-    / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
-    /requests in/ { n = $1 }
-    /Non-2xx/ { bad = $NF }
-    /Requests\/sec/ { rps = $2 }
-    END { if (bad > 0) print "wrk: " bad " non-2xx answers" > "/dev/stderr";
-          printf "%.0f %.0f %.0f %.2f\n", rps, p50, p99, (c1 - c0) * 1000000 / tick / n }'
-}
-
-# One h2load run over TLS (ALPN h2): prints "rps p50_us p99_us cpu_us_per_req".
-run_h2() { # url pid
-  local c0 c1 out log="$work/h2.log"
-  rm -f "$log"
-  c0=$(cpu_ticks "$2")
-  out=$(taskset -c "$LOAD_CPU" h2load -n "$H2_REQUESTS" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 --log-file="$log" "$1")
-  c1=$(cpu_ticks "$2")
-  local rps ok
-  rps=$(echo "$out" | awk '/^finished in/ { print $4 }')
-  ok=$(echo "$out" | awk '/^requests:/ { print $8 }')
-  [ "$ok" = "$H2_REQUESTS" ] || { echo "h2load: only $ok of $H2_REQUESTS succeeded" >&2; echo "$out" >&2; }
-  awk '{ print $3 }' "$log" | sort -n | awk -v rps="$rps" -v c0="$c0" -v c1="$c1" -v tick="$TICK" -v n="$H2_REQUESTS" '
-    { v[NR] = $1 } END { printf "%.0f %.0f %.0f %.2f\n", rps, v[int(NR*0.5)], v[int(NR*0.99)], (c1 - c0) * 1000000 / tick / n }'
-}
-
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 declare -A R
 for round in $(seq "$ROUNDS"); do
@@ -168,8 +110,6 @@ for round in $(seq "$ROUNDS"); do
   R[hs_weft]+="$(run_wrk "https://127.0.0.1:$WEFT_PORT/" "$WEFT_PID" "$NEW_CONNS" -H "Connection: close")"$'\n'
 done
 
-col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
-
 printf '\nTLS termination benchmark: %s rounds, medians. Proxies: 1 worker on CPU %s; load + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'ECDSA P-256, TLS 1.3. keep-alive: wrk %s connections; h2: h2load %s requests, %s clients x %s streams;\n' "$CONNS" "$H2_REQUESTS" "$H2_CLIENTS" "$H2_STREAMS"
 printf 'handshakes: wrk %s connections, a new connection (full handshake) per request.\n\n' "$NEW_CONNS"
@@ -177,7 +117,6 @@ printf '%-22s %10s %9s %9s %18s\n' "target" "req/s" "p50 µs" "p99 µs" "proxy C
 for k in ka_nginx ka_weft h2_nginx h2_weft hs_nginx hs_weft; do
   printf '%-22s %10s %9s %9s %18s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$(col "$k" 4)"
 done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
 echo "keep-alive HTTP/1.1 over TLS, throughput weft/nginx: $(ratio "$(col ka_weft 1)" "$(col ka_nginx 1)")   CPU/request weft/nginx: $(ratio "$(col ka_weft 4)" "$(col ka_nginx 4)")"
 echo "HTTP/2 over TLS,              throughput weft/nginx: $(ratio "$(col h2_weft 1)" "$(col h2_nginx 1)")   CPU/request weft/nginx: $(ratio "$(col h2_weft 4)" "$(col h2_nginx 4)")"

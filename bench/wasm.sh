@@ -18,16 +18,8 @@ BASE_PORT=${BASE_PORT:-18100}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v taskset >/dev/null || need+=(util-linux)
-if ((${#need[@]})); then
-  echo "installing ${need[*]}" >&2
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source bench/lib.sh
+bench_install wrk:wrk nginx:nginx-light taskset:util-linux
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 
 echo "building weft (release) and the filters..." >&2
@@ -35,15 +27,6 @@ cargo build --release -q -p weft-proxy
 (cd tests/filters && cargo build --release -q --locked --target wasm32-wasip1)
 WEFT=target/release/weft
 FILTERS=$PWD/tests/filters/target/wasm32-wasip1/release
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 BACKEND=$((BASE_PORT + 0))
 NONE=$((BASE_PORT + 1))
@@ -84,8 +67,6 @@ filters:
   - { name: add-4, module: "$FILTERS/add_header.wasm", config: "x-wasm-4: 4" }
 EOC
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
-
 taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
@@ -94,38 +75,15 @@ sleep 0.5
 BACKEND_WORKER=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
 curl -s -o /dev/null -D - "http://127.0.0.1:$CHAIN/" | grep -c '^x-wasm-' | grep -qx 4 || { echo "the chain does not add its 4 headers" >&2; exit 1; }
 
-TICK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-# One wrk run: prints "rps p50_us p99_us cpu_us_per_req".
-run_wrk() { # url pid
-  local c0 c1 out
-  c0=$(cpu_ticks "$2")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$1")
-  c1=$(cpu_ticks "$2")
-  echo "$out" | awk -v c0="$c0" -v c1="$c1" -v tick="$TICK" '
-    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v }
-    / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
-    /requests in/ { n = $1 }
-    /Requests\/sec/ { rps = $2 }
-    END { printf "%.0f %.0f %.0f %.2f\n", rps, p50, p99, (c1 - c0) * 1000000 / tick / n }'
-}
-
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
 declare -A R
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS..." >&2
-  R[direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER")"$'\n'
-  R[none]+="$(run_wrk "http://127.0.0.1:$NONE/" "$WEFT_PID")"$'\n'
-  R[noop]+="$(run_wrk "http://127.0.0.1:$NOOP/" "$WEFT_PID")"$'\n'
-  R[add-header]+="$(run_wrk "http://127.0.0.1:$ADD/" "$WEFT_PID")"$'\n'
-  R[chain-4]+="$(run_wrk "http://127.0.0.1:$CHAIN/" "$WEFT_PID")"$'\n'
+  R[direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER" "$CONNS")"$'\n'
+  R[none]+="$(run_wrk "http://127.0.0.1:$NONE/" "$WEFT_PID" "$CONNS")"$'\n'
+  R[noop]+="$(run_wrk "http://127.0.0.1:$NOOP/" "$WEFT_PID" "$CONNS")"$'\n'
+  R[add-header]+="$(run_wrk "http://127.0.0.1:$ADD/" "$WEFT_PID" "$CONNS")"$'\n'
+  R[chain-4]+="$(run_wrk "http://127.0.0.1:$CHAIN/" "$WEFT_PID" "$CONNS")"$'\n'
 done
-
-col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-delta() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 
 printf '\nWasm filter benchmark: %s rounds, medians. weft: 1 worker on CPU %s; wrk + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss, HTTP/1.1 keep-alive.\n\n' "$CONNS" "$DURATION"
@@ -134,13 +92,13 @@ base_rps=$(col none 1); base_cpu=$(col none 4)
 for k in direct none noop add-header chain-4; do
   cpu=$(col "$k" 4)
   if [ "$k" = direct ]; then
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "($cpu)" "$(ratio "$(col "$k" 1)" "$base_rps")" "-"
+    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "($cpu)" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "-"
   else
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps")" "$(delta "$cpu" "$base_cpu")"
+    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
   fi
 done
 echo
-echo "one headers-only filter (add-header): throughput $(ratio "$(col add-header 1)" "$base_rps") of weft without filters (target >= 0.90), CPU $(delta "$(col add-header 4)" "$base_cpu") µs/request (target <= +3)"
+echo "one headers-only filter (add-header): throughput $(ratio "$(col add-header 1)" "$base_rps" 3) of weft without filters (target >= 0.90), CPU $(delta "$(col add-header 4)" "$base_cpu") µs/request (target <= +3)"
 echo "(direct: the backend alone; its CPU column is the backend's.)"
 echo
 echo "VM start and guest-call cost (cargo bench --bench wasm):" >&2

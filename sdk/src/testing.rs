@@ -605,6 +605,28 @@ pub struct TestStream<'a> {
 }
 
 impl TestStream<'_> {
+    /// Replaces this request's map `kind` (headers or trailers) with `pairs`.
+    fn set_map(&self, kind: MapType, pairs: &[(&str, &str)]) {
+        self.t.host.inner.borrow_mut().maps.insert(
+            (self.context, kind as u32),
+            pairs
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        );
+    }
+
+    /// Appends `chunk` to this request's buffer `kind`; its new size.
+    fn append(&self, kind: BufferType, chunk: &[u8]) -> usize {
+        let mut inner = self.t.host.inner.borrow_mut();
+        let b = inner
+            .buffers
+            .entry((self.context, kind as u32))
+            .or_default();
+        b.extend_from_slice(chunk);
+        b.len()
+    }
+
     fn run(&self, phase: Phase, size: usize, eos: bool) -> Verdict {
         self.t.host.effective.set(self.context);
         verdict(dispatch::on_stream(self.context, phase, size, eos))
@@ -617,65 +639,31 @@ impl TestStream<'_> {
 
     /// Appends `chunk` to the buffered request body and runs `on_request_body`.
     pub fn request_body(&self, chunk: &[u8], end_of_stream: bool) -> Verdict {
-        let size = {
-            let mut inner = self.t.host.inner.borrow_mut();
-            let b = inner
-                .buffers
-                .entry((self.context, BufferType::HttpRequestBody as u32))
-                .or_default();
-            b.extend_from_slice(chunk);
-            b.len()
-        };
+        let size = self.append(BufferType::HttpRequestBody, chunk);
         self.run(Phase::RequestBody, size, end_of_stream)
     }
 
     /// Sets the request trailers and runs `on_request_trailers`.
     pub fn request_trailers(&self, trailers: &[(&str, &str)]) -> Verdict {
-        self.t.host.inner.borrow_mut().maps.insert(
-            (self.context, MapType::HttpRequestTrailers as u32),
-            trailers
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
+        self.set_map(MapType::HttpRequestTrailers, trailers);
         self.run(Phase::RequestTrailers, 0, true)
     }
 
     /// Sets the response trailers and runs `on_response_trailers`.
     pub fn response_trailers(&self, trailers: &[(&str, &str)]) -> Verdict {
-        self.t.host.inner.borrow_mut().maps.insert(
-            (self.context, MapType::HttpResponseTrailers as u32),
-            trailers
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
+        self.set_map(MapType::HttpResponseTrailers, trailers);
         self.run(Phase::ResponseTrailers, 0, true)
     }
 
     /// Sets the response headers and runs `on_response_headers`.
     pub fn response_headers(&self, headers: &[(&str, &str)], end_of_stream: bool) -> Verdict {
-        self.t.host.inner.borrow_mut().maps.insert(
-            (self.context, MapType::HttpResponseHeaders as u32),
-            headers
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
+        self.set_map(MapType::HttpResponseHeaders, headers);
         self.run(Phase::ResponseHeaders, 0, end_of_stream)
     }
 
     /// Appends `chunk` to the buffered response body and runs `on_response_body`.
     pub fn response_body(&self, chunk: &[u8], end_of_stream: bool) -> Verdict {
-        let size = {
-            let mut inner = self.t.host.inner.borrow_mut();
-            let b = inner
-                .buffers
-                .entry((self.context, BufferType::HttpResponseBody as u32))
-                .or_default();
-            b.extend_from_slice(chunk);
-            b.len()
-        };
+        let size = self.append(BufferType::HttpResponseBody, chunk);
         self.run(Phase::ResponseBody, size, end_of_stream)
     }
 

@@ -190,36 +190,17 @@ impl TlsClient {
 
     /// As [`super::server::TlsServer::refresh`].
     pub fn refresh(&self, force: bool) -> Result<bool, String> {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if !force && !watched.changed() {
-            return Ok(false);
-        }
-        watched.refresh();
-        match build_configs(&self.settings, &self.base) {
-            Ok((configs, expiry)) => {
+        super::reload(
+            &self.watched,
+            force,
+            &self.metrics,
+            &format!("cluster {}", self.cluster),
+            || build_configs(&self.settings, &self.base),
+            |(configs, expiry)| {
                 self.current.store(Arc::new(configs));
                 self.set_expiry(expiry);
-                self.metrics
-                    .reloads
-                    .get_or_create(&super::ReloadLabels { result: "applied" })
-                    .inc();
-                tracing::info!(cluster = %self.cluster, "TLS material reloaded");
-                Ok(true)
-            }
-            Err(errors) => {
-                self.metrics
-                    .reloads
-                    .get_or_create(&super::ReloadLabels { result: "rejected" })
-                    .inc();
-                let text = errors
-                    .iter()
-                    .map(|(at, e)| format!("tls.{at}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                tracing::error!(cluster = %self.cluster, "TLS reload rejected, the loaded material keeps serving: {text}");
-                Err(text)
-            }
-        }
+            },
+        )
     }
 
     /// The name sent as SNI and verified: the configured `sni`, else the endpoint's host name,

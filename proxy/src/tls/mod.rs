@@ -187,6 +187,49 @@ impl TlsMetrics {
     }
 }
 
+/// Re-reads TLS material when its files changed (or always, when `force`): `build` loads it,
+/// `apply` installs what loaded; the outcome is counted and logged (`who`: `listener main`,
+/// `cluster api`). A failure keeps the loaded material; its files' new stamps are recorded so a
+/// broken file is reported once, not every poll.
+pub(crate) fn reload<T>(
+    watched: &std::sync::Mutex<files::Watched>,
+    force: bool,
+    metrics: &TlsMetrics,
+    who: &str,
+    build: impl FnOnce() -> Result<T, Vec<(String, String)>>,
+    apply: impl FnOnce(T),
+) -> Result<bool, String> {
+    let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
+    if !force && !watched.changed() {
+        return Ok(false);
+    }
+    watched.refresh();
+    let (result, outcome) = match build() {
+        Ok(material) => {
+            apply(material);
+            tracing::info!(of = who, "TLS material reloaded");
+            (Ok(true), "applied")
+        }
+        Err(errors) => {
+            let text = errors
+                .iter()
+                .map(|(at, e)| format!("tls.{at}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::error!(
+                of = who,
+                "TLS reload rejected, the loaded material keeps serving: {text}"
+            );
+            (Err(text), "rejected")
+        }
+    };
+    metrics
+        .reloads
+        .get_or_create(&ReloadLabels { result: outcome })
+        .inc();
+    result
+}
+
 /// Why a handshake failed, as the `reason` label says it.
 pub fn failure_reason(e: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error};

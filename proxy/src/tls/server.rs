@@ -133,36 +133,17 @@ impl TlsServer {
     /// Re-reads the files if they changed (or always, when `force`): applies the new material
     /// if it loads, else keeps the old and reports why. Returns whether it applied new material.
     pub fn refresh(&self, force: bool) -> Result<bool, String> {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if !force && !watched.changed() {
-            return Ok(false);
-        }
-        watched.refresh();
-        match build_config(&self.settings, &self.base, &self.alpn) {
-            Ok((config, expiries)) => {
+        super::reload(
+            &self.watched,
+            force,
+            &self.metrics,
+            &format!("listener {}", self.listener),
+            || build_config(&self.settings, &self.base, &self.alpn),
+            |(config, expiries)| {
                 self.current.store(Arc::new(config));
                 self.set_expiries(&expiries);
-                self.metrics
-                    .reloads
-                    .get_or_create(&super::ReloadLabels { result: "applied" })
-                    .inc();
-                tracing::info!(listener = %self.listener, "TLS material reloaded");
-                Ok(true)
-            }
-            Err(errors) => {
-                self.metrics
-                    .reloads
-                    .get_or_create(&super::ReloadLabels { result: "rejected" })
-                    .inc();
-                let text = errors
-                    .iter()
-                    .map(|(at, e)| format!("tls.{at}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                tracing::error!(listener = %self.listener, "TLS reload rejected, the loaded material keeps serving: {text}");
-                Err(text)
-            }
-        }
+            },
+        )
     }
 
     /// Completes the handshake on `stream` (bounded by `handshake_timeout`), counting it.

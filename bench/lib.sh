@@ -1,0 +1,71 @@
+# Shared by the bench scripts (sourced): Debian installs, a work directory whose processes are
+# stopped at exit, and the measurements. Callers set LOAD_CPU and DURATION (and H2_REQUESTS,
+# H2_CLIENTS, H2_STREAMS for run_h2), keep their results in the associative array R, and add the
+# PIDs they start to `pids`.
+
+# bench_install COMMAND:PACKAGE ...: installs the packages whose command is missing.
+bench_install() {
+  local need=() spec
+  for spec in "$@"; do
+    command -v "${spec%%:*}" >/dev/null || need+=("${spec#*:}")
+  done
+  ((${#need[@]})) || return 0
+  echo "installing ${need[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+
+TICK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# One wrk run: prints "rps p50_us p99_us cpu_us_per_req" (CPU of process `pid`).
+run_wrk() { # url pid conns [extra wrk args...]
+  local url=$1 pid=$2 conns=$3 c0 c1 out
+  shift 3
+  c0=$(cpu_ticks "$pid")
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" "$url")
+  c1=$(cpu_ticks "$pid")
+  echo "$out" | awk -v c0="$c0" -v c1="$c1" -v tick="$TICK" '
+    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v }
+    / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
+    /requests in/ { n = $1 }
+    /Non-2xx/ { bad = $NF }
+    /Requests\/sec/ { rps = $2 }
+    END { if (bad > 0) print "wrk: " bad " non-2xx answers" > "/dev/stderr";
+          printf "%.0f %.0f %.0f %.2f\n", rps, p50, p99, (c1 - c0) * 1000000 / tick / n }'
+}
+
+# One h2load run: prints "rps p50_us p99_us cpu_us_per_req" (percentiles from its log).
+run_h2() { # url pid
+  local c0 c1 out log="$work/h2.log"
+  rm -f "$log"
+  c0=$(cpu_ticks "$2")
+  out=$(taskset -c "$LOAD_CPU" h2load -n "$H2_REQUESTS" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 --log-file="$log" "$1")
+  c1=$(cpu_ticks "$2")
+  local rps ok
+  rps=$(echo "$out" | awk '/^finished in/ { print $4 }')
+  ok=$(echo "$out" | awk '/^requests:/ { print $8 }')
+  [ "$ok" = "$H2_REQUESTS" ] || { echo "h2load: only $ok of $H2_REQUESTS succeeded" >&2; echo "$out" >&2; }
+  # Log columns: start time, status, duration (µs).
+  awk '{ print $3 }' "$log" | sort -n | awk -v rps="$rps" -v c0="$c0" -v c1="$c1" -v tick="$TICK" -v n="$H2_REQUESTS" '
+    { v[NR] = $1 } END { printf "%.0f %.0f %.0f %.2f\n", rps, v[int(NR*0.5)], v[int(NR*0.99)], (c1 - c0) * 1000000 / tick / n }'
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# The median of column $2 of the runs of target $1.
+col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { printf "%.*f", d, a / b }'; }
+delta() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
