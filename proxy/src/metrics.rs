@@ -91,6 +91,7 @@ pub struct Metrics {
     upstream_requests: Family<ClusterLabels, Counter>,
     upstream_retries: Family<ClusterLabels, Counter>,
     upstream_retry_overflow: Family<ClusterLabels, Counter>,
+    upstream_stale_resends: Family<ClusterLabels, Counter>,
     upstream_ejections: Family<ClusterLabels, Counter>,
     upstream_endpoints: Family<EndpointStateLabels, Gauge>,
     upstream_overflow: Family<ClusterKindLabels, Counter>,
@@ -135,6 +136,7 @@ impl Metrics {
             upstream_requests: Family::default(),
             upstream_retries: Family::default(),
             upstream_retry_overflow: Family::default(),
+            upstream_stale_resends: Family::default(),
             upstream_ejections: Family::default(),
             upstream_endpoints: Family::default(),
             upstream_overflow: Family::default(),
@@ -223,6 +225,11 @@ impl Metrics {
             "upstream_retry_overflow",
             "Retries not sent because the retry budget or the retries circuit breaker said no",
             m.upstream_retry_overflow.clone(),
+        );
+        reg.register(
+            "upstream_stale_resends",
+            "Bodyless idempotent requests sent again because a pooled connection closed under them",
+            m.upstream_stale_resends.clone(),
         );
         reg.register(
             "upstream_ejections",
@@ -333,6 +340,7 @@ impl Metrics {
         let requests = counter(&self.upstream_requests);
         let retries = counter(&self.upstream_retries);
         let retry_overflow = counter(&self.upstream_retry_overflow);
+        let stale_resends = counter(&self.upstream_stale_resends);
         let ejections = counter(&self.upstream_ejections);
         let cx_active = self.upstream_cx_active.get_or_create(&c).clone();
         ClusterStats {
@@ -344,6 +352,7 @@ impl Metrics {
             requests,
             retries,
             retry_overflow,
+            stale_resends,
             ejections,
             endpoints_available,
             endpoints_ejected,
@@ -436,6 +445,7 @@ pub struct ClusterStats {
     pub requests: Counter,
     pub retries: Counter,
     pub retry_overflow: Counter,
+    pub stale_resends: Counter,
     pub ejections: Counter,
     pub endpoints_available: Gauge,
     pub endpoints_ejected: Gauge,

@@ -533,3 +533,74 @@ async fn an_endpoint_added_by_dns_refresh_gets_traffic() {
     let state = endpoint_state(&weft, &a.endpoint());
     assert_eq!(state["hostname"], format!("localhost:{}", a.addr.port()));
 }
+
+/// A backend that answers the first request of each connection and closes the connection on
+/// the second without answering: an idle keep-alive connection closed just as it is reused.
+async fn closes_reused_connections() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for served in 0.. {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    if served == 1 {
+                        return;
+                    }
+                    buf.clear();
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\nx-backend: flaky\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_under_a_get_costs_no_request() {
+    let (addr, backend) = closes_reused_connections().await;
+    // No retries at all: what saves the GET is the resend on a new connection.
+    let weft = Weft::start_with(
+        WEFT,
+        &config(
+            &[addr.to_string()],
+            "    outlier_detection: { consecutive_5xx: 0, consecutive_gateway_errors: 0, consecutive_connect_failures: 0 }",
+            "      retries: { attempts: 0 }",
+        ),
+        &["--workers", "1"],
+    );
+    let url = weft.url("main", "/");
+    let c = client::http1();
+    for i in 0..5 {
+        let r = get_with(&c, &url, &[]).await.expect("request");
+        assert_eq!(r.status, 200, "GET {i}: {:?}", r.header("x-weft-error"));
+    }
+    let resends = metric(&weft, "weft_upstream_stale_resends_total{cluster=\"app\"}");
+    assert!(resends >= 4.0, "{resends} resends");
+
+    // A request with a body is not sent twice: the client hears of the failure.
+    let req = http::Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"once")))
+        .expect("request");
+    let r = client::send(&c, req).await.expect("response");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-weft-error"), Some("upstream_reset"));
+    backend.abort();
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -337,9 +337,14 @@ pub async fn send(
         tls: cluster.tls.as_ref().map_or(0, |t| Arc::as_ptr(t) as usize),
     };
     cluster.stats.requests.inc();
+    let mut stale_retried = false;
     match wire {
         Wire::Http1 => loop {
-            let idle = pools.borrow_mut().take_idle(&key);
+            let idle = if stale_retried {
+                None
+            } else {
+                pools.borrow_mut().take_idle(&key)
+            };
             // A new connection is the rare case: its (large) future lives on the heap, so that
             // every request's future stays small.
             let (mut tx, reused) = match idle {
@@ -352,6 +357,11 @@ pub async fn send(
             if reused && !tx.is_ready() && tx.ready().await.is_err() {
                 continue;
             }
+            // The keep-alive race: the server may close an idle connection just as a request is
+            // written on it. A bodyless idempotent request that gets no response head is sent
+            // once more on a new connection (RFC 9112 §9.3.1), so that a backend restarting or
+            // timing out its idle connections costs no request.
+            let resend = (reused && !stale_retried && resendable(&req)).then(|| head_of(&req));
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok((
@@ -364,11 +374,21 @@ pub async fn send(
                         }),
                     ));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), resend) {
                     // Closed before anything was written: try the next connection.
-                    Some(r) if reused => req = r,
-                    Some(r) => return Err(unsent(ProxyError::upstream(e.into_error()), r)),
-                    None => return Err(ProxyError::upstream(e.into_error()).into()),
+                    (Some(r), _) if reused => req = r,
+                    (Some(r), _) => return Err(unsent(ProxyError::upstream(e.into_error()), r)),
+                    (None, Some(head)) if closed_before_response(e.error()) => {
+                        tracing::debug!(
+                            cluster = %cluster.name,
+                            endpoint = %endpoint.address,
+                            "pooled connection closed under the request; sending it again"
+                        );
+                        cluster.stats.stale_resends.inc();
+                        stale_retried = true;
+                        req = head;
+                    }
+                    (None, _) => return Err(ProxyError::upstream(e.into_error()).into()),
                 },
             }
         },
@@ -410,4 +430,50 @@ pub async fn send(
             }
         }
     }
+}
+
+/// Whether a request may be sent again after a connection closed under it: an idempotent
+/// method (RFC 9110 §9.2.2) and no body to replay.
+fn resendable(req: &Request<UpstreamBody>) -> bool {
+    matches!(req.body(), UpstreamBody::Empty)
+        && matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        )
+}
+
+/// A bodyless copy of a request's head.
+fn head_of(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut r = Request::new(UpstreamBody::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// Whether a failed exchange ended with the connection closing or resetting before any of the
+/// response arrived (and not, say, with a malformed response).
+fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = s.source();
+    }
+    false
 }
