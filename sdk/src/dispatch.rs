@@ -6,6 +6,12 @@
 //! again when what it waits for arrives — in the root context's callback that delivers it, with
 //! the stream made the effective context first — and its outcome then continues the stream,
 //! answers it, or leaves it held.
+//!
+//! What the host delivers while a callback waits (more body, trailers) is answered "pause" and
+//! remembered; when the waiting callback returns, the filter is called for it in order, so the
+//! filter sees every byte before it is passed on. Body bytes a filter let through while the host
+//! still held them (because the SDK had paused for it) are not shown to it again: each body
+//! callback's [`Body`] starts after them.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -20,7 +26,9 @@ use weft_abi::{BufferType, LogLevel, MapType, StreamType};
 use crate::host::host;
 use crate::{Action, Body, Headers, HttpFilter, Plugin};
 
-type BoxFuture = Pin<Box<dyn Future<Output = Action>>>;
+/// A callback's answer, and for a body callback where its view of the buffer ended (the bytes
+/// it let through, when it continues).
+type BoxFuture = Pin<Box<dyn Future<Output = (Action, usize)>>>;
 
 /// A plugin with its type erased.
 trait RootAny {
@@ -60,41 +68,63 @@ impl Phase {
             _ => StreamType::HttpResponse,
         }
     }
+
+    /// 0 for the request, 1 for the response.
+    fn direction(self) -> usize {
+        match self.stream() {
+            StreamType::HttpRequest => 0,
+            _ => 1,
+        }
+    }
+
+    fn is_body(self) -> bool {
+        matches!(self, Phase::RequestBody | Phase::ResponseBody)
+    }
 }
 
-/// A filter with its type erased: each callback as a boxed future.
+/// A filter with its type erased: each callback as a boxed future. Body callbacks see the
+/// buffer's bytes `start..size`.
 trait StreamAny {
-    fn call(&self, phase: Phase, size: usize, end_of_stream: bool) -> Option<BoxFuture>;
+    fn call(
+        &self,
+        phase: Phase,
+        start: usize,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Option<BoxFuture>;
     fn on_log(&self);
 }
 
 impl<F: HttpFilter> StreamAny for Rc<F> {
-    fn call(&self, phase: Phase, size: usize, eos: bool) -> Option<BoxFuture> {
+    fn call(&self, phase: Phase, start: usize, size: usize, eos: bool) -> Option<BoxFuture> {
         let f = self.clone();
+        let view = size.saturating_sub(start);
         Some(match phase {
             Phase::RequestHeaders => Box::pin(async move {
                 let mut h = Headers::new(MapType::HttpRequestHeaders);
-                f.on_request_headers(&mut h, eos).await
+                (f.on_request_headers(&mut h, eos).await, 0)
             }),
             Phase::RequestBody if F::WANTS_BODIES => Box::pin(async move {
-                let mut b = Body::new(BufferType::HttpRequestBody, size);
-                f.on_request_body(&mut b, eos).await
+                let mut b = Body::new(BufferType::HttpRequestBody, start, view);
+                let action = f.on_request_body(&mut b, eos).await;
+                (action, start + b.len())
             }),
             Phase::RequestTrailers => Box::pin(async move {
                 let mut h = Headers::new(MapType::HttpRequestTrailers);
-                f.on_request_trailers(&mut h).await
+                (f.on_request_trailers(&mut h).await, 0)
             }),
             Phase::ResponseHeaders => Box::pin(async move {
                 let mut h = Headers::new(MapType::HttpResponseHeaders);
-                f.on_response_headers(&mut h, eos).await
+                (f.on_response_headers(&mut h, eos).await, 0)
             }),
             Phase::ResponseBody if F::WANTS_BODIES => Box::pin(async move {
-                let mut b = Body::new(BufferType::HttpResponseBody, size);
-                f.on_response_body(&mut b, eos).await
+                let mut b = Body::new(BufferType::HttpResponseBody, start, view);
+                let action = f.on_response_body(&mut b, eos).await;
+                (action, start + b.len())
             }),
             Phase::ResponseTrailers => Box::pin(async move {
                 let mut h = Headers::new(MapType::HttpResponseTrailers);
-                f.on_response_trailers(&mut h).await
+                (f.on_response_trailers(&mut h).await, 0)
             }),
             Phase::RequestBody | Phase::ResponseBody => return None,
         })
@@ -117,6 +147,12 @@ struct Stream {
     filter: Rc<dyn StreamAny>,
     /// A callback still waiting, with the phase it answers for.
     pending: Option<(Phase, BoxFuture)>,
+    /// What the host delivered while a callback waited, in order (phase, buffer size, end of
+    /// stream); successive body deliveries are one entry.
+    missed: Vec<(Phase, usize, bool)>,
+    /// Per direction: bytes at the front of the host's body buffer the filter already let
+    /// through, still held by the host because the SDK paused.
+    passed: [usize; 2],
     /// The request is over; nothing is resumed any more.
     done: bool,
 }
@@ -210,7 +246,7 @@ thread_local! {
     static PENDING_WAKES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn poll(context: u32, fut: &mut BoxFuture) -> Poll<Action> {
+fn poll(context: u32, fut: &mut BoxFuture) -> Poll<(Action, usize)> {
     let waker = waker_for(context);
     let mut cx = Context::from_waker(&waker);
     let previous = CURRENT.with(|c| c.replace(context));
@@ -219,55 +255,117 @@ fn poll(context: u32, fut: &mut BoxFuture) -> Poll<Action> {
     r
 }
 
-/// Carries out a finished callback's action; returns what the callback answers the host.
-fn finish(action: Action, resumed: Option<Phase>) -> u32 {
-    match action {
-        Action::Continue => {
-            if let Some(phase) = resumed
-                && let Err(e) = host().continue_stream(phase.stream())
-            {
-                crate::log::error(&format!("continuing the stream: {e:?}"));
-            }
+fn with_stream<T>(context: u32, f: impl FnOnce(&mut Stream) -> T) -> Option<T> {
+    STATE.with(|s| s.borrow_mut().streams.get_mut(&context).map(f))
+}
+
+/// Where a callback for `phase` goes from its first poll.
+enum Step {
+    /// It finished with this action (and body view end).
+    Done(Action, usize),
+    /// It waits; the future is kept.
+    Waiting,
+    /// The filter has no such callback.
+    Skipped,
+}
+
+/// Starts the filter's callback for `phase` (the host buffer holding `size` bytes).
+fn start(context: u32, filter: &Rc<dyn StreamAny>, phase: Phase, size: usize, eos: bool) -> Step {
+    let from = if phase.is_body() {
+        with_stream(context, |st| st.passed[phase.direction()]).unwrap_or(0)
+    } else {
+        0
+    };
+    let Some(mut fut) = filter.call(phase, from, size, eos) else {
+        return Step::Skipped;
+    };
+    match poll(context, &mut fut) {
+        Poll::Ready((action, seen)) => Step::Done(action, seen),
+        Poll::Pending => {
+            with_stream(context, |st| st.pending = Some((phase, fut)));
+            Step::Waiting
+        }
+    }
+}
+
+/// Sends a filter's local response.
+fn respond(response: crate::Response) {
+    if let Err(e) = response.send() {
+        crate::log::error(&format!("sending the local response: {e}"));
+    }
+}
+
+/// Runs a stream callback the host made; returns the answer to the host (0 continue, 1 pause).
+pub(crate) fn on_stream(context: u32, phase: Phase, size: usize, eos: bool) -> u32 {
+    let Some((filter, busy)) = with_stream(context, |st| (st.filter.clone(), st.pending.is_some()))
+    else {
+        return 0;
+    };
+    if busy {
+        // A callback of this stream still waits: hold what comes (bodies buffer), and call the
+        // filter for it when the waiting callback returns.
+        with_stream(context, |st| match st.missed.last_mut() {
+            Some(last) if last.0 == phase && phase.is_body() => *last = (phase, size, eos),
+            _ => st.missed.push((phase, size, eos)),
+        });
+        return 1;
+    }
+    match start(context, &filter, phase, size, eos) {
+        Step::Done(Action::Continue, _) | Step::Skipped => {
+            // The host passes on what it holds.
+            with_stream(context, |st| st.passed[phase.direction()] = 0);
             0
         }
-        Action::Pause => 1,
-        Action::Respond(response) => {
-            if let Err(e) = response.send() {
-                crate::log::error(&format!("sending the local response: {e}"));
-            }
+        Step::Done(Action::Pause, _) | Step::Waiting => 1,
+        Step::Done(Action::Respond(r), _) => {
+            respond(r);
             1
         }
     }
 }
 
-/// Runs a stream callback.
-pub(crate) fn on_stream(context: u32, phase: Phase, size: usize, eos: bool) -> u32 {
-    let (filter, busy) = match STATE.with(|s| {
-        s.borrow()
-            .streams
-            .get(&context)
-            .map(|st| (st.filter.clone(), st.pending.is_some()))
-    }) {
-        Some(x) => x,
-        None => return 0,
-    };
-    if busy {
-        // A callback of this stream still waits: hold what comes (bodies buffer) until it
-        // returns.
-        return 1;
-    }
-    let Some(mut fut) = filter.call(phase, size, eos) else {
-        return 0;
-    };
-    match poll(context, &mut fut) {
-        Poll::Ready(action) => finish(action, None),
-        Poll::Pending => {
-            STATE.with(|s| {
-                if let Some(st) = s.borrow_mut().streams.get_mut(&context) {
-                    st.pending = Some((phase, fut));
+/// A waiting callback for `phase` finished with `action` (its body view ending at `seen`): the
+/// filter is called for what the host delivered meanwhile, then the stream is continued,
+/// answered or left held.
+fn resume(
+    context: u32,
+    filter: &Rc<dyn StreamAny>,
+    mut phase: Phase,
+    mut action: Action,
+    mut seen: usize,
+) {
+    loop {
+        match action {
+            Action::Respond(r) => {
+                with_stream(context, |st| st.missed.clear());
+                respond(r);
+                return;
+            }
+            // A headers callback that pauses holds the stream: nothing more reaches the filter.
+            Action::Pause if !phase.is_body() => return,
+            Action::Continue if phase.is_body() => {
+                with_stream(context, |st| st.passed[phase.direction()] = seen);
+            }
+            Action::Continue | Action::Pause => {}
+        }
+        let next = with_stream(context, |st| {
+            (!st.missed.is_empty()).then(|| st.missed.remove(0))
+        })
+        .flatten();
+        let Some((next_phase, size, eos)) = next else {
+            if matches!(action, Action::Continue) {
+                with_stream(context, |st| st.passed[phase.direction()] = 0);
+                if let Err(e) = host().continue_stream(phase.stream()) {
+                    crate::log::error(&format!("continuing the stream: {e:?}"));
                 }
-            });
-            1
+            }
+            return;
+        };
+        phase = next_phase;
+        match start(context, filter, phase, size, eos) {
+            Step::Done(a, s) => (action, seen) = (a, s),
+            Step::Skipped => (action, seen) = (Action::Continue, size),
+            Step::Waiting => return,
         }
     }
 }
@@ -293,30 +391,25 @@ pub(crate) fn run_ready() {
         let Some(context) = next else {
             return;
         };
-        let taken = STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            let st = s.streams.get_mut(&context)?;
+        let taken = with_stream(context, |st| {
             if st.done {
                 st.pending = None;
                 return None;
             }
-            st.pending.take()
-        });
-        let Some((phase, mut fut)) = taken else {
+            st.pending.take().map(|p| (p, st.filter.clone()))
+        })
+        .flatten();
+        let Some(((phase, mut fut), filter)) = taken else {
             continue;
         };
         if host().set_effective_context(context).is_err() {
             continue;
         }
         match poll(context, &mut fut) {
-            Poll::Ready(action) => {
-                finish(action, Some(phase));
+            Poll::Ready((action, seen)) => resume(context, &filter, phase, action, seen),
+            Poll::Pending => {
+                with_stream(context, |st| st.pending = Some((phase, fut)));
             }
-            Poll::Pending => STATE.with(|s| {
-                if let Some(st) = s.borrow_mut().streams.get_mut(&context) {
-                    st.pending = Some((phase, fut));
-                }
-            }),
         }
     }
 }
@@ -345,6 +438,8 @@ pub(crate) fn on_context_create(context: u32, parent: u32) {
                 root: parent,
                 filter,
                 pending: None,
+                missed: Vec::new(),
+                passed: [0; 2],
                 done: false,
             },
         );

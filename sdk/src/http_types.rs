@@ -221,12 +221,15 @@ impl Headers {
 #[derive(Debug)]
 pub struct Body {
     kind: BufferType,
+    /// Where this callback's bytes start in the host's buffer (after bytes the filter already
+    /// let through that the host still holds).
+    start: usize,
     size: usize,
 }
 
 impl Body {
-    pub(crate) fn new(kind: BufferType, size: usize) -> Body {
-        Body { kind, size }
+    pub(crate) fn new(kind: BufferType, start: usize, size: usize) -> Body {
+        Body { kind, start, size }
     }
 
     /// Bytes buffered so far.
@@ -244,14 +247,14 @@ impl Body {
             return Ok(Vec::new());
         }
         host()
-            .get_buffer(self.kind, 0, self.size)
+            .get_buffer(self.kind, self.start, self.size)
             .map_err(|s| Error::new("get_buffer_bytes", s))
     }
 
     /// Replaces the buffered bytes with `data`.
     pub fn replace(&mut self, data: &[u8]) -> Result<(), Error> {
         host()
-            .set_buffer(self.kind, 0, self.size, data)
+            .set_buffer(self.kind, self.start, self.size, data)
             .map_err(|s| Error::new("set_buffer_bytes", s))?;
         self.size = data.len();
         Ok(())
@@ -260,7 +263,7 @@ impl Body {
     /// Appends `data` to the buffered bytes.
     pub fn append(&mut self, data: &[u8]) -> Result<(), Error> {
         host()
-            .set_buffer(self.kind, self.size, 0, data)
+            .set_buffer(self.kind, self.start + self.size, 0, data)
             .map_err(|s| Error::new("set_buffer_bytes", s))?;
         self.size += data.len();
         Ok(())

@@ -69,7 +69,10 @@ impl LocalResponse {
 #[derive(Default)]
 struct Inner {
     maps: HashMap<(u32, u32), Pairs>,
+    /// What the host holds: a body buffer is passed on (moved to `passed`) when its direction
+    /// continues, as a proxy does.
     buffers: HashMap<(u32, u32), Vec<u8>>,
+    passed: HashMap<(u32, u32), Vec<u8>>,
     local: Vec<LocalResponse>,
     continued: Vec<(u32, StreamType)>,
     calls: Vec<Call>,
@@ -123,6 +126,27 @@ fn owned(pairs: &[(&[u8], &[u8])]) -> Pairs {
 impl TestHost {
     fn key(&self, kind: u32) -> (u32, u32) {
         (self.effective.get(), kind)
+    }
+
+    /// A direction of `context` continued: the body it holds goes on.
+    fn pass_on(&self, context: u32, stream: StreamType) {
+        let kind = match stream {
+            StreamType::HttpRequest => BufferType::HttpRequestBody,
+            _ => BufferType::HttpResponseBody,
+        };
+        let key = (context, kind as u32);
+        let mut inner = self.inner.borrow_mut();
+        let held = inner.buffers.remove(&key).unwrap_or_default();
+        inner.passed.entry(key).or_default().extend(held);
+    }
+
+    /// The body of `context` as it went on, then what is still held.
+    fn body(&self, context: u32, kind: BufferType) -> Vec<u8> {
+        let key = (context, kind as u32);
+        let inner = self.inner.borrow();
+        let mut out = inner.passed.get(&key).cloned().unwrap_or_default();
+        out.extend_from_slice(inner.buffers.get(&key).map_or(&[][..], Vec::as_slice));
+        out
     }
 
     /// The headers (or trailers) of `context` as the filter left them.
@@ -319,6 +343,7 @@ impl Host for TestHost {
     fn continue_stream(&self, stream: StreamType) -> Result<(), Status> {
         let c = self.effective.get();
         self.inner.borrow_mut().continued.push((c, stream));
+        self.pass_on(c, stream);
         Ok(())
     }
     fn close_stream(&self, _stream: StreamType) -> Result<(), Status> {
@@ -629,7 +654,17 @@ impl TestStream<'_> {
 
     fn run(&self, phase: Phase, size: usize, eos: bool) -> Verdict {
         self.t.host.effective.set(self.context);
-        verdict(dispatch::on_stream(self.context, phase, size, eos))
+        let v = verdict(dispatch::on_stream(self.context, phase, size, eos));
+        if v == Verdict::Continue {
+            let stream = match phase {
+                Phase::RequestHeaders | Phase::RequestBody | Phase::RequestTrailers => {
+                    StreamType::HttpRequest
+                }
+                _ => StreamType::HttpResponse,
+            };
+            self.t.host.pass_on(self.context, stream);
+        }
+        v
     }
 
     /// Runs `on_request_headers` (the headers given to [`FilterTest::request`]).
@@ -687,16 +722,14 @@ impl TestStream<'_> {
             .map(|(_, v)| v)
     }
 
-    /// The request body as the filter left it.
+    /// The request body as the filter left it: what went on, then what is still held.
     pub fn request_body_bytes(&self) -> Vec<u8> {
-        self.t
-            .host
-            .inner
-            .borrow()
-            .buffers
-            .get(&(self.context, BufferType::HttpRequestBody as u32))
-            .cloned()
-            .unwrap_or_default()
+        self.t.host.body(self.context, BufferType::HttpRequestBody)
+    }
+
+    /// The response body as the filter left it: what went on, then what is still held.
+    pub fn response_body_bytes(&self) -> Vec<u8> {
+        self.t.host.body(self.context, BufferType::HttpResponseBody)
     }
 
     /// Whether the filter resumed the request (after a wait).
