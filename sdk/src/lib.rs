@@ -128,8 +128,8 @@ pub trait Plugin: Sized + 'static {
 ///
 /// The `async` callbacks may await callouts ([`upstream::http_call`], [`upstream::grpc_call`])
 /// and [`time::sleep`]: the request (or response) is held where it is until the callback
-/// returns. While a callback waits, body chunks that arrive are held (buffered) too, and passed
-/// on when it returns.
+/// returns. What arrives while a callback waits (more body, trailers) is held too, and the
+/// filter is called for it, in order, when the waiting callback returns: nothing passes unseen.
 pub trait HttpFilter: 'static {
     /// The request head arrived. `end_of_stream`: the request has no body. Return
     /// [`Action::Continue`] to pass it on, [`Action::Respond`] to answer in place of the
