@@ -21,7 +21,7 @@ use crate::http::proxy::{self, Answer, ConnCtx};
 use crate::metrics::RouteStats;
 use crate::snapshot::ListenerRuntime;
 use crate::wasm::chain::{Chain, FilterBody, Stop};
-use crate::wasm::state::{Direction, Headers, LocalResponse, StreamInfo};
+use crate::wasm::state::{Direction, Headers, LocalResponse, RouteLookup, StreamInfo};
 
 fn pseudo(name: &'static [u8], value: impl Into<Bytes>) -> (Bytes, Bytes) {
     (Bytes::from_static(name), value.into())
@@ -47,6 +47,26 @@ fn method_bytes(m: &Method) -> Bytes {
         Method::OPTIONS => Bytes::from_static(b"OPTIONS"),
         Method::PATCH => Bytes::from_static(b"PATCH"),
         _ => Bytes::copy_from_slice(m.as_str().as_bytes()),
+    }
+}
+
+/// `:status` as filters see it (the common ones without an allocation).
+fn status_bytes(status: StatusCode) -> Bytes {
+    match status.as_u16() {
+        200 => Bytes::from_static(b"200"),
+        204 => Bytes::from_static(b"204"),
+        301 => Bytes::from_static(b"301"),
+        302 => Bytes::from_static(b"302"),
+        304 => Bytes::from_static(b"304"),
+        400 => Bytes::from_static(b"400"),
+        401 => Bytes::from_static(b"401"),
+        403 => Bytes::from_static(b"403"),
+        404 => Bytes::from_static(b"404"),
+        500 => Bytes::from_static(b"500"),
+        502 => Bytes::from_static(b"502"),
+        503 => Bytes::from_static(b"503"),
+        504 => Bytes::from_static(b"504"),
+        n => Bytes::from(n.to_string()),
     }
 }
 
@@ -245,7 +265,10 @@ pub async fn handle(
         scheme: conn.scheme,
         started: Some(start),
         listener: listener.name.clone(),
-        provisional_route: provisional_route(listener, &parts, &authority),
+        routes: Some(RouteLookup {
+            table: listener.table.clone(),
+            path: listener.http.path.clone(),
+        }),
         ..StreamInfo::default()
     };
     let head = request_head(&mut parts, &authority, conn.scheme);
@@ -296,31 +319,6 @@ pub async fn handle(
     respond(conn, listener, &chain, answer, upto, start, grpc).await
 }
 
-/// The route the request matches before the filters run (they may change what it matches).
-fn provisional_route(
-    listener: &ListenerRuntime,
-    parts: &http::request::Parts,
-    authority: &str,
-) -> Option<Arc<str>> {
-    let (host, _) = proxy::split_host_port(authority);
-    let crate::http::path::Canonical::Path(path) =
-        crate::http::path::canonicalize(parts.uri.path(), &listener.http.path).ok()?
-    else {
-        return None;
-    };
-    let view = crate::router::RequestView {
-        host: &host,
-        path: &path,
-        query: parts.uri.query(),
-        method: &parts.method,
-        headers: &parts.headers,
-    };
-    listener
-        .table
-        .find(&view)
-        .map(|(_, r)| Arc::from(r.name.as_str()))
-}
-
 /// Sends an answer back through filters `upto - 1 ..= 0`; a filter that stops it replaces it
 /// (a local response, or an error) and the replacement goes through the filters before it.
 async fn respond(
@@ -346,10 +344,7 @@ async fn respond(
     loop {
         let (mut parts, body) = answer.resp.into_parts();
         let head = Headers {
-            pseudo: vec![pseudo(
-                b":status",
-                Bytes::from(parts.status.as_u16().to_string()),
-            )],
+            pseudo: vec![pseudo(b":status", status_bytes(parts.status))],
             map: std::mem::take(&mut parts.headers),
         };
         let eos = body.is_end_stream();

@@ -257,15 +257,22 @@ pub struct StreamInfo {
     pub listener: Arc<str>,
     /// The route and cluster that took the request (their names).
     pub route: Option<Arc<crate::metrics::RouteStats>>,
-    /// The route the request matches as it arrived, before filters change it (`route_name`
-    /// during the request's filters, as Envoy's route cache gives it).
-    pub provisional_route: Option<Arc<str>>,
+    /// Before the request is routed: what finds the route it matches now (`route_name` during
+    /// the request's filters, computed when a filter asks, as Envoy's route cache).
+    pub routes: Option<RouteLookup>,
     pub upstream: Option<SocketAddr>,
     pub response_code: Option<u16>,
     pub response_details: Option<String>,
     pub backend_latency: Option<Duration>,
     pub duration: Option<Duration>,
     pub tries: u32,
+}
+
+/// A listener's route table and path rules, to find a request's route before it is routed.
+#[derive(Debug, Clone)]
+pub struct RouteLookup {
+    pub table: Arc<crate::router::RouteTable>,
+    pub path: crate::config::PathOptions,
 }
 
 /// What an HTTP stream shares with the contexts of its filters.
