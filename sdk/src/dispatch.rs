@@ -145,8 +145,9 @@ struct Root {
 struct Stream {
     root: u32,
     filter: Rc<dyn StreamAny>,
-    /// A callback still waiting, with the phase it answers for.
-    pending: Option<(Phase, BoxFuture)>,
+    /// A callback still waiting, with the phase it answers for and the size of the host's
+    /// buffer when it was called.
+    pending: Option<(Phase, usize, BoxFuture)>,
     /// What the host delivered while a callback waited, in order (phase, buffer size, end of
     /// stream); successive body deliveries are one entry.
     missed: Vec<(Phase, usize, bool)>,
@@ -282,7 +283,7 @@ fn start(context: u32, filter: &Rc<dyn StreamAny>, phase: Phase, size: usize, eo
     match poll(context, &mut fut) {
         Poll::Ready((action, seen)) => Step::Done(action, seen),
         Poll::Pending => {
-            with_stream(context, |st| st.pending = Some((phase, fut)));
+            with_stream(context, |st| st.pending = Some((phase, size, fut)));
             Step::Waiting
         }
     }
@@ -324,13 +325,13 @@ pub(crate) fn on_stream(context: u32, phase: Phase, size: usize, eos: bool) -> u
     }
 }
 
-/// A waiting callback for `phase` finished with `action` (its body view ending at `seen`): the
-/// filter is called for what the host delivered meanwhile, then the stream is continued,
-/// answered or left held.
+/// A waiting callback for `phase` (called with the host's buffer at `size` bytes) finished with
+/// `action`, its body view ending at `seen`: the filter is called for what the host delivered
+/// meanwhile, then the stream is continued, answered or left held.
 fn resume(
     context: u32,
     filter: &Rc<dyn StreamAny>,
-    mut phase: Phase,
+    (mut phase, mut size): (Phase, usize),
     mut action: Action,
     mut seen: usize,
 ) {
@@ -352,7 +353,7 @@ fn resume(
             (!st.missed.is_empty()).then(|| st.missed.remove(0))
         })
         .flatten();
-        let Some((next_phase, size, eos)) = next else {
+        let Some((next_phase, delivered, eos)) = next else {
             if matches!(action, Action::Continue) {
                 with_stream(context, |st| st.passed[phase.direction()] = 0);
                 if let Err(e) = host().continue_stream(phase.stream()) {
@@ -360,6 +361,13 @@ fn resume(
                 }
             }
             return;
+        };
+        // The bytes that came after what the last callback was shown follow where its view
+        // ended now (it may have changed the length of what it saw).
+        size = if next_phase == phase {
+            seen + delivered.saturating_sub(size)
+        } else {
+            delivered
         };
         phase = next_phase;
         match start(context, filter, phase, size, eos) {
@@ -399,16 +407,16 @@ pub(crate) fn run_ready() {
             st.pending.take().map(|p| (p, st.filter.clone()))
         })
         .flatten();
-        let Some(((phase, mut fut), filter)) = taken else {
+        let Some(((phase, size, mut fut), filter)) = taken else {
             continue;
         };
         if host().set_effective_context(context).is_err() {
             continue;
         }
         match poll(context, &mut fut) {
-            Poll::Ready((action, seen)) => resume(context, &filter, phase, action, seen),
+            Poll::Ready((action, seen)) => resume(context, &filter, (phase, size), action, seen),
             Poll::Pending => {
-                with_stream(context, |st| st.pending = Some((phase, fut)));
+                with_stream(context, |st| st.pending = Some((phase, size, fut)));
             }
         }
     }

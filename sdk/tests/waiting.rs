@@ -18,7 +18,9 @@ fn seen() -> Vec<String> {
 }
 
 /// Scans request bodies: a chunk with `slow` makes it wait a second, one with `bad` answers
-/// 403, one with `hold` keeps buffering, and it upper-cases what it lets through.
+/// 403, one with `hold` keeps buffering, one with `shrink` becomes `x` and one with `grow`
+/// longer, and it upper-cases what
+/// it lets through.
 struct Scanner;
 
 impl Plugin for Scanner {
@@ -46,6 +48,14 @@ impl HttpFilter for ScanFilter {
         }
         if text.contains("hold") && !end_of_stream {
             return Action::Pause;
+        }
+        if text.contains("shrink") {
+            body.replace(b"x").expect("replace");
+            return Action::Continue;
+        }
+        if text.contains("grow") {
+            body.replace(b"grown much longer ").expect("replace");
+            return Action::Continue;
         }
         body.replace(text.to_ascii_uppercase().as_bytes())
             .expect("replace");
@@ -138,4 +148,25 @@ fn a_filter_that_keeps_buffering_sees_all_it_holds_and_not_what_it_let_through()
     assert!(s.request_resumed());
     assert_eq!(s.request_body_bytes(), b"SLOW HOLD C");
     assert!(seen().is_empty());
+}
+
+#[test]
+fn a_waiting_callback_that_changes_the_length_of_its_bytes_does_not_shift_the_next_view() {
+    let t = FilterTest::new::<Scanner>("").expect("config");
+    let s = t.request(&POST);
+    assert_eq!(s.request_headers(false), Verdict::Continue);
+    assert_eq!(s.request_body(b"slow shrink ", false), Verdict::Paused);
+    assert_eq!(s.request_body(b"tail", true), Verdict::Paused);
+    t.advance(Duration::from_secs(1));
+    assert_eq!(seen(), ["slow shrink |false", "tail|true"]);
+    assert!(s.request_resumed());
+    assert_eq!(s.request_body_bytes(), b"xTAIL");
+
+    let s = t.request(&POST);
+    assert_eq!(s.request_headers(false), Verdict::Continue);
+    assert_eq!(s.request_body(b"slow grow ", false), Verdict::Paused);
+    assert_eq!(s.request_body(b"tail", true), Verdict::Paused);
+    t.advance(Duration::from_secs(1));
+    assert_eq!(seen(), ["slow grow |false", "tail|true"]);
+    assert_eq!(s.request_body_bytes(), b"grown much longer TAIL");
 }
