@@ -27,7 +27,11 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Per-call filter time is read from the CPU's time-stamp counter where it is reliable (quanta
+// checks; else the OS clock): two reads per guest call, so they must be cheap.
+use quanta::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
