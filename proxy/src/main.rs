@@ -90,10 +90,24 @@ fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
         .lossy(false)
         .thread_name("weft-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::prelude::*;
+    let ansi = std::io::stderr().is_terminal();
+    // Filters' messages are made safe where they are logged (`sanitize`), in one pass; the
+    // formatter's own escaping (character by character) is kept for everything else.
+    let is_guest = |m: &tracing::Metadata<'_>| m.target() == "weft::wasm";
+    let guests = tracing_subscriber::fmt::layer()
+        .with_writer(writer.clone())
+        .with_ansi(ansi)
+        .with_ansi_sanitization(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(is_guest));
+    let rest = tracing_subscriber::fmt::layer()
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
+        .with_filter(tracing_subscriber::filter::filter_fn(move |m| !is_guest(m)));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(guests)
+        .with(rest)
         .init();
     guard
 }

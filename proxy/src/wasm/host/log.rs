@@ -8,6 +8,39 @@ use weft_abi::{LogLevel, Status};
 use super::memory::{status, with_bytes, write_u32, write_u64};
 use crate::wasm::state::HostState;
 
+/// Guest log messages are logged without the log formatter's own escaping (it goes character
+/// by character, and a filter may log a line per request): this makes them safe instead, in
+/// one pass that copies nothing when there is nothing to escape. Control characters (but tab),
+/// DEL and the C1 controls are escaped, so a message cannot forge log lines or drive a terminal.
+pub fn sanitize(msg: &str) -> std::borrow::Cow<'_, str> {
+    let b = msg.as_bytes();
+    let unsafe_at = |i: usize| {
+        let c = b[i];
+        (c < 0x20 && c != b'\t')
+            || c == 0x7f
+            || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)))
+    };
+    if !(0..b.len()).any(unsafe_at) {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 16);
+    for ch in msg.chars() {
+        match ch {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push('\t'),
+            c if (c as u32) < 0x20 || c == '\x7f' => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if (0x80..=0x9f).contains(&(c as u32)) => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The guest level the host's logging lets through.
 pub fn current_level() -> LogLevel {
     use tracing::level_filters::LevelFilter;
@@ -25,6 +58,7 @@ pub fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) ->
         let level = LogLevel::from_u32(level as u32).ok_or(Status::BadArgument)?;
         with_bytes(&mut caller, ptr, len, |msg, state| {
             let msg = String::from_utf8_lossy(msg);
+            let msg = sanitize(&msg);
             let filter = state.log_name();
             if level >= LogLevel::Warn {
                 state.last_complaint = Some(msg.chars().take(500).collect());
@@ -53,4 +87,20 @@ pub fn get_current_time_nanoseconds(mut caller: Caller<'_, HostState>, ret: i32)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     status(write_u64(&mut caller, ret, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn guest_messages_cannot_forge_lines_or_drive_terminals() {
+        let plain = "{\"path\":\"/a\",\"ok\":true}\tdone é";
+        assert!(matches!(sanitize(plain), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(sanitize(plain), plain);
+        assert_eq!(
+            sanitize("a\nINFO forged\r\x1b[31mred\x07\x7f\u{9b}z"),
+            "a\\nINFO forged\\r\\x1b[31mred\\x07\\x7f\\u{9b}z"
+        );
+    }
 }

@@ -36,7 +36,7 @@ fn fd_write(
     }
     let name = caller.data().log_name();
     let msg = String::from_utf8_lossy(&text);
-    let msg = msg.trim_end_matches('\n');
+    let msg = super::log::sanitize(msg.trim_end_matches('\n'));
     if !msg.is_empty() {
         if fd == 1 {
             tracing::info!(target: "weft::wasm", filter = %name, "{msg}");
