@@ -29,18 +29,6 @@ FAST=$((BASE_PORT + 0)); SLOW=$((BASE_PORT + 1)); NGINX=$((BASE_PORT + 2)); ADMI
 L_EWMA=$((BASE_PORT + 10)); L_RR=$((BASE_PORT + 11)); L_LR=$((BASE_PORT + 12))
 C_RR=$((BASE_PORT + 20)); C_EWMA=$((BASE_PORT + 21)); C_LR=$((BASE_PORT + 22)); C_RANDOM=$((BASE_PORT + 23)); C_RING=$((BASE_PORT + 24))
 
-cat >"$work/backend.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $work/backend-error.log;
-pid $work/backend.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:$NGINX; location / { return 200 "hello world\n"; } }
-}
-EOF
 
 listener() { echo "  - { name: $1, address: \"127.0.0.1:$2\", routes: $1 }"; }
 route() { echo "  $1: [{ to: [{ cluster: $1 }] }]"; }
@@ -65,7 +53,7 @@ route() { echo "  $1: [{ to: [{ cluster: $1 }] }]"; }
 
 taskset -c "$LOAD_CPU" "$ECHO" --listen "127.0.0.1:$FAST" --name fast 2>/dev/null & pids+=($!)
 taskset -c "$LOAD_CPU" "$ECHO" --listen "127.0.0.1:$SLOW" --name slow --delay-ms 5 2>/dev/null & pids+=($!)
-taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$NGINX"
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
 for p in $FAST $SLOW $NGINX $L_EWMA $C_RING; do wait_port "$p"; done

@@ -35,18 +35,6 @@ NGINX_H2=$((BASE_PORT + 2))
 WEFT_PORT=$((BASE_PORT + 3))
 ADMIN=$((BASE_PORT + 4))
 
-cat >"$work/backend.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $work/backend-error.log;
-pid $work/backend.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello world\n"; } }
-}
-EOF
 cat >"$work/proxy.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -80,14 +68,14 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 EOF
 
-taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$BACKEND"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
 for p in $BACKEND $NGINX_H1 $NGINX_H2 $WEFT_PORT; do wait_port "$p"; done
 sleep 0.5
 NGINX_WORKER=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
-BACKEND_WORKER=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
+BACKEND_WORKER=$(backend_worker)
 IDLE_RSS=$(awk '/VmRSS/ {print $2}' "/proc/$WEFT_PID/status")
 
 declare -A R

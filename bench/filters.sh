@@ -35,18 +35,6 @@ NAMES=(none telemetry policy quota fault all-4)
 declare -A PORT
 for i in "${!NAMES[@]}"; do PORT[${NAMES[$i]}]=$((BASE_PORT + 2 + i)); done
 
-cat >"$work/backend.conf" <<EOC
-worker_processes 1;
-daemon off;
-error_log $work/backend-error.log;
-pid $work/backend.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello world\n"; } }
-}
-EOC
 cat >"$work/weft.yaml" <<EOC
 admin: { address: "127.0.0.1:$ADMIN" }
 listeners:
@@ -84,12 +72,12 @@ filters:
         - { name: chaos, match: { path: { prefix: / } }, abort: { http_status: 503, percentage: 0 } }
 EOC
 
-taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$BACKEND"
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
 for p in $BACKEND "${PORT[@]}"; do wait_port "$p"; done
 sleep 0.5
-BACKEND_WORKER=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
+BACKEND_WORKER=$(backend_worker)
 code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench' "http://127.0.0.1:${PORT[all-4]}/")
 [ "$code" = 200 ] || { echo "the filter chain answers $code" >&2; cat "$work/weft.log" >&2; exit 1; }
 

@@ -26,6 +26,26 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# start_backend PORT: the backend every bench proxies to — nginx answering "hello world" on
+# PORT, one worker on LOAD_CPU. backend_worker prints its worker's PID (once it listens).
+start_backend() {
+  cat >"$work/backend.conf" <<EOC
+worker_processes 1;
+daemon off;
+error_log $work/backend-error.log;
+pid $work/backend.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  server { listen 127.0.0.1:$1; location / { return 200 "hello world\n"; } }
+}
+EOC
+  taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" &
+  pids+=($!)
+}
+backend_worker() { pgrep -P "$(cat "$work/backend.pid")" | head -1; }
+
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
 
 TICK=$(getconf CLK_TCK)

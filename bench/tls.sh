@@ -40,18 +40,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
-cat >"$work/backend.conf" <<EOC
-worker_processes 1;
-daemon off;
-error_log $work/backend-error.log;
-pid $work/backend.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello world\n"; } }
-}
-EOC
 cat >"$work/proxy.conf" <<EOC
 worker_processes 1;
 daemon off;
@@ -91,7 +79,7 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 EOC
 
-taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$BACKEND"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!

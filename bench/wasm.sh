@@ -35,18 +35,6 @@ ADD=$((BASE_PORT + 3))
 CHAIN=$((BASE_PORT + 4))
 ADMIN=$((BASE_PORT + 5))
 
-cat >"$work/backend.conf" <<EOC
-worker_processes 1;
-daemon off;
-error_log $work/backend-error.log;
-pid $work/backend.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello world\n"; } }
-}
-EOC
 cat >"$work/weft.yaml" <<EOC
 admin: { address: "127.0.0.1:$ADMIN" }
 listeners:
@@ -67,12 +55,12 @@ filters:
   - { name: add-4, module: "$FILTERS/add_header.wasm", config: "x-wasm-4: 4" }
 EOC
 
-taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$BACKEND"
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
 for p in $BACKEND $NONE $NOOP $ADD $CHAIN; do wait_port "$p"; done
 sleep 0.5
-BACKEND_WORKER=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
+BACKEND_WORKER=$(backend_worker)
 curl -s -o /dev/null -D - "http://127.0.0.1:$CHAIN/" | grep -c '^x-wasm-' | grep -qx 4 || { echo "the chain does not add its 4 headers" >&2; exit 1; }
 
 declare -A R
