@@ -288,15 +288,7 @@ impl Server {
     pub fn reload(&mut self) -> Result<u64, ConfigErrors> {
         let metrics = self.shared.metrics.clone();
         let result = self.try_reload(&metrics);
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
-        };
-        metrics
-            .config_reloads
-            .get_or_create(&ResultLabels { result: label })
-            .inc();
+        count_reload(&metrics, result.is_ok());
         result
     }
 
@@ -314,15 +306,7 @@ impl Server {
         let metrics = self.shared.metrics.clone();
         let merged = merge(&self.bootstrap, Some(&config));
         let result = self.apply(merged, &metrics);
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
-        };
-        metrics
-            .config_reloads
-            .get_or_create(&ResultLabels { result: label })
-            .inc();
+        count_reload(&metrics, result.is_ok());
         if result.is_ok() {
             if let Some(c) = &self.control {
                 crate::control::save_last_good(c, version, &config);
@@ -518,4 +502,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         let server = Server::start(&opts).await?;
         server.run_until_signalled().await
     })
+}
+
+/// Counts a configuration change (file reload or control-plane snapshot) as applied or rejected.
+fn count_reload(metrics: &Metrics, applied: bool) {
+    let result = if applied { "applied" } else { "rejected" };
+    metrics
+        .config_reloads
+        .get_or_create(&ResultLabels { result })
+        .inc();
 }

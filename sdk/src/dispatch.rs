@@ -60,7 +60,7 @@ pub(crate) enum Phase {
 }
 
 impl Phase {
-    fn stream(self) -> StreamType {
+    pub(crate) fn stream(self) -> StreamType {
         match self {
             Phase::RequestHeaders | Phase::RequestBody | Phase::RequestTrailers => {
                 StreamType::HttpRequest

@@ -656,13 +656,7 @@ impl TestStream<'_> {
         self.t.host.effective.set(self.context);
         let v = verdict(dispatch::on_stream(self.context, phase, size, eos));
         if v == Verdict::Continue {
-            let stream = match phase {
-                Phase::RequestHeaders | Phase::RequestBody | Phase::RequestTrailers => {
-                    StreamType::HttpRequest
-                }
-                _ => StreamType::HttpResponse,
-            };
-            self.t.host.pass_on(self.context, stream);
+            self.t.host.pass_on(self.context, phase.stream());
         }
         v
     }

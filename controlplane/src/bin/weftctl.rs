@@ -155,6 +155,16 @@ async fn follow(client: &mut Client, version: u64, wait: Duration) -> anyhow::Re
     Ok(p.acked == p.selected)
 }
 
+/// Applies `yaml` (one or more documents) and waits for the proxies, as `changed` does.
+async fn apply(client: &mut Client, yaml: String, wait: Duration) -> anyhow::Result<bool> {
+    let r = client
+        .apply(request(v1::ApplyRequest { yaml }))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    changed(client, r, wait).await
+}
+
 async fn changed(
     client: &mut Client,
     r: v1::ChangeResponse,
@@ -180,12 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Apply { file } => {
             let yaml = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let r = client
-                .apply(request(v1::ApplyRequest { yaml }))
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            changed(&mut client, r, cli.wait).await
+            apply(&mut client, yaml, cli.wait).await
         }
         Cmd::Get { kind, name } => {
             let r = client
@@ -244,12 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 "spec": spec,
             });
             let yaml = serde_yaml_ng::to_string(&doc)?;
-            let r = client
-                .apply(request(v1::ApplyRequest { yaml }))
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            changed(&mut client, r, cli.wait).await
+            apply(&mut client, yaml, cli.wait).await
         }
         Cmd::Status => {
             let r = client

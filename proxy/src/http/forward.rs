@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -24,7 +24,7 @@ use crate::http::headers;
 use crate::http::proxy::ConnCtx;
 use crate::router::{Failure, Route};
 use crate::snapshot::ListenerRuntime;
-use crate::upstream::pool::{self, Wire};
+use crate::upstream::pool::{self, Head, Wire};
 use crate::upstream::{
     Breaker, Cluster, EndpointGuard, HashSource, Outcome, Permit, PickArgs, PooledH1, hash64,
     nanos_at,
@@ -55,25 +55,6 @@ enum Source {
     Once(Option<DownstreamBody>),
     /// Kept for replay.
     Replay(std::rc::Rc<std::cell::RefCell<Replay>>),
-}
-
-/// The request head, kept to build each try.
-struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
-        let mut r = Request::new(body);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
 }
 
 /// Parses `grpc-timeout` (`1..8 digits` + `H M S m u n`).
@@ -273,20 +254,14 @@ impl Forward<'_> {
         } else {
             Source::Once(Some(body))
         };
+        let first = Request::from_parts(parts, UpstreamBody::Empty);
         // A copy of the head, for retries after a request was (maybe) sent. A request that was
         // not sent at all comes back from the pool, so retrying connect failures needs none.
-        let head =
-            (policy.attempts > 0 && policy.retries_after_sending(wire == Wire::Http2)).then(|| {
-                Head {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    version: parts.version,
-                    headers: parts.headers.clone(),
-                }
-            });
+        let head = (policy.attempts > 0 && policy.retries_after_sending(wire == Wire::Http2))
+            .then(|| Head::of(&first));
 
         cluster.budget.deposit(nanos_at(self.start) / 1_000_000_000);
-        let mut request = Some(Request::from_parts(parts, UpstreamBody::Empty));
+        let mut request = Some(first);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retry_permit: Option<Permit> = None;
         let mut attempt: u32 = 0;

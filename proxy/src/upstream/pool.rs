@@ -361,7 +361,7 @@ pub async fn send(
             // written on it. A bodyless idempotent request that gets no response head is sent
             // once more on a new connection (RFC 9112 §9.3.1), so that a backend restarting or
             // timing out its idle connections costs no request.
-            let resend = (reused && !stale_retried && resendable(&req)).then(|| head_of(&req));
+            let resend = (reused && !stale_retried && resendable(&req)).then(|| Head::of(&req));
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok((
@@ -386,7 +386,7 @@ pub async fn send(
                         );
                         cluster.stats.stale_resends.inc();
                         stale_retried = true;
-                        req = head;
+                        req = head.request(UpstreamBody::Empty);
                     }
                     (None, _) => return Err(ProxyError::upstream(e.into_error()).into()),
                 },
@@ -447,14 +447,34 @@ fn resendable(req: &Request<UpstreamBody>) -> bool {
         )
 }
 
-/// A bodyless copy of a request's head.
-fn head_of(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
-    let mut r = Request::new(UpstreamBody::Empty);
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r
+/// A copy of a request's head, to send the request again (a retry, or a resend after a stale
+/// connection).
+pub struct Head {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    pub fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    /// The request again, with `body`.
+    pub fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
 }
 
 /// Whether a failed exchange ended with the connection closing or resetting before any of the

@@ -174,9 +174,10 @@ fn route_matching_now(s: &StreamData) -> Option<String> {
     let lookup = s.info.routes.as_ref()?;
     let h = &s.request_headers;
     let text = |name: &[u8]| std::str::from_utf8(h.get(name)?).ok();
-    let (path, query) = match text(b":path")?.split_once('?') {
+    let target = text(b":path")?;
+    let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
-        None => (text(b":path")?, None),
+        None => (target, None),
     };
     let crate::http::path::Canonical::Path(path) =
         crate::http::path::canonicalize(path, &lookup.path).ok()?
