@@ -58,6 +58,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("the upgrade cannot be proxied: {0}")]
     UpgradeNotSupported(&'static str),
+    #[error("this listener does not allow {0:?} (see http.upgrades)")]
+    UpgradeNotAllowed(String),
     #[error("cluster {cluster:?} is at its {breaker} limit")]
     Overflow {
         cluster: Arc<str>,
@@ -99,6 +101,7 @@ impl ProxyError {
             ProxyError::Handshake { .. } | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpgradeNotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UpgradeNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::FilterFailed(_)
             | ProxyError::ResponseBodyTooLarge(_)
             | ProxyError::FilterOutput(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,6 +127,7 @@ impl ProxyError {
             ProxyError::DownstreamBody(_) => "bad_request_body",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpgradeNotSupported(_) => "upgrade_not_supported",
+            ProxyError::UpgradeNotAllowed(_) => "upgrade_not_allowed",
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::FilterFailed(_) => "filter_failed",
             ProxyError::FilterTimeout(_) => "filter_timeout",
@@ -138,6 +142,7 @@ impl ProxyError {
     pub fn grpc_status(&self) -> u8 {
         match self {
             ProxyError::NoRoute | ProxyError::UpgradeNotSupported(_) => 12, // UNIMPLEMENTED
+            ProxyError::UpgradeNotAllowed(_) => 7,                          // PERMISSION_DENIED
             ProxyError::TooManyHeaders(_) => 8,                             // RESOURCE_EXHAUSTED
             ProxyError::UpstreamTimeout(_) | ProxyError::FilterTimeout(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::RequestBodyTooLarge(_) | ProxyError::ResponseBodyTooLarge(_) => 8, // RESOURCE_EXHAUSTED

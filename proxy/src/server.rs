@@ -196,7 +196,11 @@ impl Server {
         for (i, l) in snap.config.listeners.iter().enumerate() {
             let requested = snap.listeners[&l.name].address;
             let b = server
-                .bind(&l.name, requested, l.max_connections)
+                .bind(
+                    &l.name,
+                    requested,
+                    (l.max_connections, l.max_connections_per_source_ip),
+                )
                 .map_err(|e| {
                     anyhow::anyhow!("listeners[{i}].address: cannot bind {requested}: {e}")
                 })?;
@@ -232,11 +236,11 @@ impl Server {
         &mut self,
         name: &str,
         requested: SocketAddr,
-        max_connections: u32,
+        (max_connections, per_ip): (u32, u32),
     ) -> std::io::Result<(BoundListener, Vec<std::net::TcpListener>, Arc<ConnLimit>)> {
         let (local, sockets) = listener::bind(requested, self.workers.len())?;
         self.next_listener_id += 1;
-        let limit = Arc::new(ConnLimit::new(max_connections));
+        let limit = Arc::new(ConnLimit::new(max_connections, per_ip));
         Ok((
             BoundListener {
                 id: self.next_listener_id,
@@ -364,7 +368,11 @@ impl Server {
             {
                 continue;
             }
-            match self.bind(&l.name, requested, l.max_connections) {
+            match self.bind(
+                &l.name,
+                requested,
+                (l.max_connections, l.max_connections_per_source_ip),
+            ) {
                 Ok(b) => fresh.push(b),
                 Err(e) => {
                     return Err(ConfigError::new(
@@ -391,7 +399,8 @@ impl Server {
         let digest = snapshot.digest.clone();
         for b in &self.bound {
             if let Some(l) = snapshot.listeners.get(&b.name) {
-                b.limit.set_max(l.max_connections);
+                b.limit
+                    .set_max(l.max_connections, l.max_connections_per_source_ip);
             }
         }
         self.shared.publish(Arc::new(snapshot));

@@ -52,6 +52,7 @@ pub struct ListenerRuntime {
     pub address: SocketAddr,
     pub http: HttpOptions,
     pub max_connections: u32,
+    pub max_connections_per_source_ip: u32,
     pub table: Arc<RouteTable>,
     pub stats: ListenerStats,
     /// Per route of `table`, in order.
@@ -122,6 +123,24 @@ fn check_http(at: &str, h: &HttpOptions, errors: &mut Vec<ConfigError>) {
         65_535,
         i32::MAX as u64,
     );
+    for (i, u) in h.upgrades.iter().enumerate() {
+        let token = !u.is_empty()
+            && u.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            errors.push(ConfigError::new(
+                format!("{at}.upgrades[{i}]"),
+                format!("{u:?} is not a protocol name (an HTTP token, e.g. websocket)"),
+            ));
+        } else if u.eq_ignore_ascii_case("h2c") {
+            errors.push(ConfigError::new(
+                format!("{at}.upgrades[{i}]"),
+                "h2c cannot be forwarded: after the 101 the client would speak HTTP/2 straight \
+                 to the backend, past routes and filters (h2c smuggling); weft serves HTTP/2 \
+                 itself (prior knowledge or ALPN)",
+            ));
+        }
+    }
     if h.request_headers_timeout.0.is_zero() {
         errors.push(ConfigError::new(
             format!("{at}.request_headers_timeout"),
@@ -409,6 +428,7 @@ impl ListenerRuntime {
             address,
             http: l.http.clone(),
             max_connections: l.max_connections,
+            max_connections_per_source_ip: l.max_connections_per_source_ip,
             stats: metrics.listener_stats(&l.name),
             no_route: Arc::new(metrics.route_stats(&l.name, "", "")),
             route_stats,

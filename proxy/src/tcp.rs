@@ -3,23 +3,19 @@
 //! listener terminates TLS — or by a catch-all route; then spliced to an endpoint the cluster's
 //! balancer picks, with the next endpoint tried when a connect fails.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::config::{ConfigError, TcpProxy};
 use crate::errors::ProxyError;
 use crate::snapshot::ListenerRuntime;
+use crate::splice::Ended;
 use crate::tls::client::Alpn;
 use crate::tls::files::name_matches;
 use crate::tls::io::{MaybeTls, ServerIo};
@@ -120,30 +116,36 @@ impl TcpRuntime {
 /// Waits for a complete ClientHello (or proof that none is coming) without consuming it.
 async fn peek_sni(stream: &TcpStream) -> io::Result<Option<String>> {
     let mut buf = vec![0u8; 1024];
+    let mut seen = 0;
     loop {
-        let n = stream.peek(&mut buf).await?;
+        let n = crate::peek::peek_more(stream, &mut buf, seen).await?;
         match sni::parse(&buf[..n]) {
             Peeked::Hello(name) => return Ok(name),
             Peeked::NotTls => return Ok(None),
-            Peeked::NeedMore if n == 0 => return Ok(None),
+            // The peer closed before a whole hello.
+            Peeked::NeedMore if n == 0 || n <= seen => return Ok(None),
             Peeked::NeedMore => {
                 if n == buf.len() {
                     if buf.len() >= sni::MAX_HELLO + 1024 {
                         return Ok(None);
                     }
                     buf.resize(buf.len() * 2, 0);
-                } else {
-                    // The rest of the hello has not arrived; peek returns at once, so wait a
-                    // little (bounded by the caller's timeout).
-                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
+                // Else the rest of the hello has not arrived: wait for more (bounded by the
+                // caller's timeout).
+                seen = n;
             }
         }
     }
 }
 
 /// Serves one accepted connection of a `tcp` listener until both sides are done.
-pub async fn serve(listener: Arc<ListenerRuntime>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    listener: Arc<ListenerRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
     let Some(tcp) = &listener.tcp else {
         return;
     };
@@ -223,117 +225,37 @@ pub async fn serve(listener: Arc<ListenerRuntime>, stream: TcpStream, peer: Sock
         }
     };
     let exchange = EndpointGuard::new(endpoint);
-    let activity = Rc::new(Cell::new(0u64));
-    let mut down = Counted {
-        inner: down,
-        read: listener.stats.rx_bytes.clone(),
-        written: listener.stats.tx_bytes.clone(),
-        activity: activity.clone(),
-    };
-    let mut up = Counted {
-        inner: up,
-        read: cluster.stats.rx_bytes.clone(),
-        written: cluster.stats.tx_bytes.clone(),
-        activity: activity.clone(),
-    };
-    let copied = tokio::io::copy_bidirectional(&mut down, &mut up);
-    let result = match tcp.idle_timeout {
-        None => Some(copied.await),
-        Some(idle) => {
-            tokio::select! {
-                r = copied => Some(r),
-                () = idle_watch(&activity, idle) => None,
-            }
-        }
-    };
-    match result {
-        Some(Ok(_)) => exchange.finish(200, true),
-        Some(Err(e)) => {
+    let ended = crate::splice::splice(
+        down,
+        crate::splice::Side {
+            read: listener.stats.rx_bytes.clone(),
+            written: listener.stats.tx_bytes.clone(),
+        },
+        up,
+        crate::splice::Side {
+            read: cluster.stats.rx_bytes.clone(),
+            written: cluster.stats.tx_bytes.clone(),
+        },
+        tcp.idle_timeout,
+        Some(stop),
+    )
+    .await;
+    match ended {
+        Ended::Done(Ok(_)) => exchange.finish(200, true),
+        Ended::Done(Err(e)) => {
             tracing::debug!(%peer, error = %e, "tcp connection ended with an error");
             exchange.finish(200, false);
         }
-        None => {
+        Ended::Idle => {
             tracing::debug!(%peer, "tcp connection idle too long: closed");
+            exchange.finish(200, true);
+        }
+        Ended::Drained => {
+            tracing::debug!(%peer, "tcp connection closed: the proxy is draining");
             exchange.finish(200, true);
         }
     }
     drop(guard);
-}
-
-/// Returns once `activity` has not moved for `idle`.
-async fn idle_watch(activity: &Cell<u64>, idle: Duration) {
-    let step = (idle / 4).max(Duration::from_millis(10));
-    let mut seen = activity.get();
-    let mut quiet = Duration::ZERO;
-    loop {
-        tokio::time::sleep(step).await;
-        let now = activity.get();
-        if now == seen {
-            quiet += step;
-            if quiet >= idle {
-                return;
-            }
-        } else {
-            seen = now;
-            quiet = Duration::ZERO;
-        }
-    }
-}
-
-/// A side of a spliced connection, counting its bytes and its activity.
-struct Counted<T> {
-    inner: T,
-    read: Counter,
-    written: Counter,
-    activity: Rc<Cell<u64>>,
-}
-
-impl<T> Counted<T> {
-    fn moved(&self, n: usize) {
-        if n > 0 {
-            self.activity.set(self.activity.get() + 1);
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.read.inc_by(n as u64);
-            this.moved(n);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.written.inc_by(n as u64);
-            this.moved(n);
-        }
-        r
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -77,45 +78,83 @@ impl Shared {
     }
 }
 
-/// Caps the connections open at once on one bound listener, across workers.
+/// Caps the connections open at once on one bound listener, across workers: in all, and from
+/// one source IP.
 #[derive(Debug)]
 pub struct ConnLimit {
     open: AtomicU32,
     max: AtomicU32,
+    per_ip_max: AtomicU32,
+    /// Open connections per source IP (only kept while `per_ip_max` is set).
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
 }
 
 impl ConnLimit {
-    /// `max` 0 means no limit.
-    pub fn new(max: u32) -> Self {
+    /// `max` and `per_ip` 0 mean no limit.
+    pub fn new(max: u32, per_ip: u32) -> Self {
         let limit = ConnLimit {
             open: AtomicU32::new(0),
             max: AtomicU32::new(0),
+            per_ip_max: AtomicU32::new(0),
+            per_ip: Mutex::new(HashMap::new()),
         };
-        limit.set_max(max);
+        limit.set_max(max, per_ip);
         limit
     }
 
-    /// A reload changed `max_connections`: applies to connections accepted from now on.
-    pub fn set_max(&self, max: u32) {
+    /// A reload changed the limits: they apply to connections accepted from now on.
+    pub fn set_max(&self, max: u32, per_ip: u32) {
         self.max
             .store(if max == 0 { u32::MAX } else { max }, Ordering::Release);
+        self.per_ip_max.store(per_ip, Ordering::Release);
     }
 
-    fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnPermit> {
         let prev = self.open.fetch_add(1, Ordering::AcqRel);
         if prev >= self.max.load(Ordering::Acquire) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(ConnPermit(self.clone()))
+        let per_ip_max = self.per_ip_max.load(Ordering::Acquire);
+        if per_ip_max == 0 {
+            return Some(ConnPermit {
+                limit: self.clone(),
+                ip: None,
+            });
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= per_ip_max {
+            drop(per_ip);
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        *n += 1;
+        Some(ConnPermit {
+            limit: self.clone(),
+            ip: Some(ip),
+        })
     }
 }
 
-struct ConnPermit(Arc<ConnLimit>);
+struct ConnPermit {
+    limit: Arc<ConnLimit>,
+    /// Counted against its source IP.
+    ip: Option<IpAddr>,
+}
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.limit.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.limit.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut e) = per_ip.entry(ip) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
     }
 }
 
@@ -315,31 +354,27 @@ async fn accept_loop(
             // Removed by a reload the worker has not acted on yet.
             continue;
         };
-        let Some(permit) = limit.try_acquire() else {
+        let Some(permit) = limit.try_acquire(peer.ip()) else {
             runtime.stats.cx_rejected.inc();
             continue;
         };
         let worker = worker.clone();
         let stop = stop.clone();
         tokio::task::spawn_local(async move {
-            let open = OpenConnection::new(worker, runtime, permit);
+            let open = Rc::new(OpenConnection::new(worker, runtime, permit));
             if open.runtime.tcp.is_some() {
-                crate::tcp::serve(open.runtime.clone(), stream, peer).await;
+                crate::tcp::serve(open.runtime.clone(), stream, peer, stop).await;
                 return;
             }
-            server::serve(
-                open.worker.clone(),
-                open.runtime.clone(),
-                stream,
-                peer,
-                stop,
-            )
-            .await;
+            let (worker, runtime) = (open.worker.clone(), open.runtime.clone());
+            server::serve(worker, runtime, open, stream, peer, stop).await;
         });
     }
 }
 
-/// Counts a downstream connection as open until its task ends (even by a panic).
+/// Counts a downstream connection as open — in `weft_downstream_connections_active`, in its
+/// listener's `max_connections` and for the worker's drain — until its task ends (even by a
+/// panic), or the tunnel it became (an upgrade, `CONNECT`) ends.
 struct OpenConnection {
     worker: Rc<Worker>,
     runtime: Arc<crate::snapshot::ListenerRuntime>,

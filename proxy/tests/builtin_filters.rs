@@ -503,3 +503,111 @@ filters:
         429
     );
 }
+
+/// `examples/weft.yaml` as the demo runs it, on free ports, in front of `v1`, `v2` and `auth`.
+fn demo_config(v1: &Backend, v2: &Backend, auth: &Backend) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/weft.yaml"
+    ))
+    .expect("examples/weft.yaml");
+    let mut yaml = text
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8081", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace("127.0.0.1:9001", &v1.endpoint())
+        .replace("127.0.0.1:9002", &v2.endpoint())
+        .replace("127.0.0.1:9003", &auth.endpoint());
+    for name in ["telemetry", "policy", "quota", "fault", "api_key"] {
+        yaml = yaml.replace(
+            &format!("../target/wasm-filters/wasm32-wasip1/release/{name}.wasm"),
+            &builtin(name),
+        );
+    }
+    yaml
+}
+
+/// The report, as a test: every spelling of `/api/admin/…` is denied by the demo's
+/// policy rule, and every spelling of `/api/limited` counts against the demo's quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_policy_and_quota_hold_for_every_spelling_of_a_path() {
+    let (v1, v2, auth) = (
+        Backend::start("api-v1").await,
+        Backend::start("api-v2").await,
+        Backend::start("auth").await,
+    );
+    let weft = Weft::start(WEFT, &demo_config(&v1, &v2, &auth));
+    let addr = weft.addr("main");
+    let admin = [
+        "/api/admin/users",
+        "/api//admin/users",
+        "/api/%61dmin/users",
+        "/api/%61%64%6D%69%6E/users",
+        "/api/x/../admin/users",
+        "/api/x/%2e%2e/admin/users",
+        "/api/x/%2E%2E/admin/users",
+        "/api/./admin/users",
+        "//api/admin/users",
+        "/%61pi/admin/users",
+        "/api/admin",
+        "/api/admin?x=1",
+        "/api/admin/../admin/users",
+    ];
+    for path in admin {
+        // --path-as-is: curl sends the dots as they are.
+        let (ok, out, err) = client::curl(&[
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{addr}{path}"),
+        ]);
+        assert!(ok, "{path}: {err}");
+        assert_eq!(out, "403", "{path} passed the policy");
+    }
+    // Spellings a backend could read as /api/admin are refused, never forwarded.
+    for path in ["/api%2Fadmin/users", "/api/%2e%2e;x/admin", "/api\\admin"] {
+        let (_, out, _) = client::curl(&[
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{addr}{path}"),
+        ]);
+        assert_eq!(out, "400", "{path}");
+    }
+    assert_eq!(
+        v1.requests() + v2.requests(),
+        0,
+        "a denied request was forwarded"
+    );
+
+    // The quota allows 3 per 10 s and source IP: whatever the spelling, the 4th is refused.
+    let spellings = [
+        "/api/limited",
+        "/api//limited",
+        "/api/%6Cimited",
+        "/api/x/../limited",
+        "/api/limited/",
+        "/api/limited?a=b",
+    ];
+    let mut codes = Vec::new();
+    for path in spellings {
+        let (_, out, _) = client::curl(&[
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{addr}{path}"),
+        ]);
+        codes.push(out);
+    }
+    assert_eq!(
+        codes,
+        ["200", "200", "200", "429", "429", "429"],
+        "{spellings:?}"
+    );
+}

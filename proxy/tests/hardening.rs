@@ -318,3 +318,162 @@ clusters:
     })
     .await;
 }
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Whether weft closes the connection (EOF or reset) within 30 s of `bytes` being sent.
+fn closed_after(addr: SocketAddr, bytes: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // The server's own SETTINGS and the like.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_that_stall_a_preface_or_a_header_block_are_cut_off() {
+    let (weft, _b) = start("request_headers_timeout: 500ms").await;
+    let addr = weft.addr("main");
+    blocking(move || {
+        // Half of the magic, then nothing.
+        assert!(closed_after(addr, &H2_PREFACE[..10]));
+        // The magic, but no SETTINGS frame.
+        assert!(closed_after(addr, H2_PREFACE));
+        // A complete preface, then a HEADERS frame without END_HEADERS and no CONTINUATION.
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend(h2_frame(0x4, 0, 0, &[]));
+        bytes.extend(h2_frame(0x1, 0x1, 1, &[0x82, 0x86]));
+        assert!(closed_after(addr, &bytes));
+    })
+    .await;
+    // A well-behaved HTTP/2 client idle longer than the head timeout is not cut off.
+    let c = client::h2c();
+    for _ in 0..2 {
+        let r = client::get(&c, &weft.url("main", "/"))
+            .await
+            .expect("h2 request");
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+}
+
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz.max(1))
+}
+
+/// Clients that send part of an HTTP/2 preface (or of a TLS ClientHello) and stop cost
+/// nothing while they wait: detection waits for readability, it does not poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_prefaces_cost_no_cpu_while_they_wait() {
+    let (weft, _b) = start("request_headers_timeout: 60s").await;
+    let addr = weft.addr("main");
+    let pid = weft.pid();
+    blocking(move || {
+        let mut held = Vec::new();
+        for _ in 0..500 {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(b"PRI * HTTP").expect("write");
+            held.push(s);
+        }
+        // Let every connection reach its detection wait, then measure a quiet period.
+        std::thread::sleep(Duration::from_millis(500));
+        let before = cpu_time(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let used = cpu_time(pid) - before;
+        // Polling 500 sockets every millisecond costs about a core; waiting costs nothing.
+        assert!(
+            used < Duration::from_millis(300),
+            "weft used {used:?} of CPU in 2 s with 500 stalled clients"
+        );
+        drop(held);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_per_source_ip_cap_are_closed() {
+    let backend = Backend::start("b").await;
+    let weft = Weft::start(
+        WEFT,
+        &format!(
+            r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", routes: main, max_connections_per_source_ip: 2 }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+            backend.endpoint()
+        ),
+    );
+    let addr = weft.addr("main");
+    blocking(move || {
+        let from = |ip: &str| {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            let local: SocketAddr = format!("{ip}:0").parse().expect("addr");
+            sock.bind(&local.into()).expect("bind");
+            sock.connect(&addr.into()).expect("connect");
+            let s: TcpStream = sock.into();
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s
+        };
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = from("127.0.0.1");
+            s.write_all(req).expect("write");
+            assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
+            held.push(s);
+        }
+        // A third from the same address is closed without an answer…
+        let mut third = from("127.0.0.1");
+        let _ = third.write_all(req);
+        let mut buf = [0u8; 64];
+        assert!(matches!(third.read(&mut buf), Ok(0) | Err(_)));
+        // …while another address is served.
+        let mut other = from("127.0.0.2");
+        other.write_all(req).expect("write");
+        assert!(read_response(&mut other).starts_with("HTTP/1.1 200"));
+        // A closed connection gives its address a slot back.
+        drop(held.pop());
+        weft_testkit::eventually(Duration::from_secs(10), "a slot frees up", || {
+            let mut s = from("127.0.0.1");
+            s.write_all(req).is_ok() && {
+                let mut buf = [0u8; 12];
+                matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+            }
+        });
+    })
+    .await;
+}

@@ -1,5 +1,5 @@
 //! HTTP/1.1 and h2c through a real weft process to real backends: protocol translation,
-//! headers, trailers, `Expect: 100-continue`, upgrades, failures, and large bodies.
+//! headers, trailers, `Expect: 100-continue`, failures, and large bodies.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -165,31 +165,6 @@ async fn expect_100_continue_is_answered_before_the_body() {
         }
         let after = &transcript["HTTP/1.1 100 Continue\r\n\r\n".len()..];
         assert!(after.starts_with("HTTP/1.1 200"), "{transcript:?}");
-    })
-    .await
-    .expect("raw client");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrades_are_spliced_through() {
-    let backend = Backend::start("u").await;
-    let weft = Weft::start(WEFT, &one_cluster(&backend.endpoint(), "downstream", ""));
-    let addr = weft.addr("main");
-    tokio::task::spawn_blocking(move || {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-            .expect("write");
-        let head = raw_until(&mut s, "\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(
-            head.to_ascii_lowercase().contains("upgrade: echo"),
-            "{head}"
-        );
-        for msg in ["ping", "second message"] {
-            s.write_all(msg.as_bytes()).expect("write");
-            let echoed = raw_until(&mut s, msg);
-            assert_eq!(echoed, msg);
-        }
     })
     .await
     .expect("raw client");

@@ -34,6 +34,14 @@ pub struct Listener {
     /// new connections are accepted and closed at once. 0 means no limit.
     #[serde(default = "super::defaults::max_connections")]
     pub max_connections: u32,
+    /// Most downstream connections open at once from one source IP (per proxy); beyond it,
+    /// new connections from that IP are accepted and closed at once. 0 means no limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_connections_per_source_ip: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +89,30 @@ pub struct HttpOptions {
     /// What to do with header names containing `_` (proxies disagree on them).
     #[serde(default)]
     pub headers_with_underscores: UnderscoreAction,
+    /// Protocols a client may upgrade to through this listener (`Upgrade: websocket`), and
+    /// `CONNECT` to tunnel to a route's cluster (as Envoy's `upgrade_configs`). Any other
+    /// upgrade is refused (403); `h2c` is never forwarded: its upgrade headers are removed and
+    /// the request served as HTTP/1.1.
+    #[serde(default = "super::defaults::upgrades")]
+    pub upgrades: Vec<String>,
+}
+
+impl HttpOptions {
+    /// Whether a client may upgrade to `protocol` (an `Upgrade` token, with or without its
+    /// `/version`).
+    pub fn upgrade_allowed(&self, protocol: &str) -> bool {
+        let name = protocol.split('/').next().unwrap_or_default().trim();
+        !name.is_empty()
+            && !name.eq_ignore_ascii_case("connect")
+            && self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether `CONNECT` requests are tunneled to their route's cluster.
+    pub fn connect_allowed(&self) -> bool {
+        self.upgrades
+            .iter()
+            .any(|u| u.eq_ignore_ascii_case("connect"))
+    }
 }
 
 impl Default for HttpOptions {
@@ -96,6 +128,7 @@ impl Default for HttpOptions {
             initial_connection_window: super::defaults::initial_connection_window(),
             path: PathOptions::default(),
             headers_with_underscores: UnderscoreAction::default(),
+            upgrades: super::defaults::upgrades(),
         }
     }
 }

@@ -81,6 +81,9 @@ mod defaults {
     pub fn grace_period() -> Dur {
         Dur(Duration::from_secs(10))
     }
+    pub fn upgrades() -> Vec<String> {
+        vec!["websocket".into()]
+    }
     pub fn max_connections() -> u32 {
         10_000
     }

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use crate::errors::{self, ProxyError, StreamReset};
 use crate::http::body::{DownstreamBody, ResponseBody};
 use crate::http::headers;
+use crate::http::path::{PathError, canonical_target};
 use crate::http::proxy::{self, Answer, ConnCtx};
 use crate::metrics::RouteStats;
 use crate::snapshot::ListenerRuntime;
@@ -90,16 +91,37 @@ fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Hea
     }
 }
 
-/// Puts what the filters left back into the request.
-fn apply_request_head(parts: &mut Parts, head: Headers) -> Result<(), ProxyError> {
+/// Puts what the filters left back into the request. A `:path` a filter set is canonical
+/// already (the host made it so when it was written) or is refused here, as a client's would
+/// be: the router and the upstream see the path the filters saw.
+fn apply_request_head(
+    parts: &mut Parts,
+    head: Headers,
+    opts: &crate::config::PathOptions,
+) -> Result<(), ProxyError> {
     let method = head.get(b":method").unwrap_or(b"GET");
     parts.method =
         Method::from_bytes(method).map_err(|_| ProxyError::FilterOutput("invalid :method"))?;
     let path = head.get(b":path").unwrap_or(b"/");
-    if path.first() != Some(&b'/') && path != b"*" {
-        return Err(ProxyError::FilterOutput("invalid :path"));
+    if path
+        != parts
+            .uri
+            .path_and_query()
+            .map_or(&b"/"[..], |p| p.as_str().as_bytes())
+    {
+        let text = std::str::from_utf8(path)
+            .map_err(|_| ProxyError::InvalidPath(PathError::Forbidden.reason()))?;
+        // A fragment is no part of a request target: the URI parser would drop it unseen.
+        if text.contains('#') {
+            return Err(ProxyError::InvalidPath(PathError::Forbidden.reason()));
+        }
+        match canonical_target(text, opts) {
+            Ok(None) => {}
+            Ok(Some(_)) => return Err(ProxyError::InvalidPath("not canonical")),
+            Err(e) => return Err(ProxyError::InvalidPath(e.reason())),
+        }
+        parts.uri = Uri::try_from(path).map_err(|_| ProxyError::FilterOutput("invalid :path"))?;
     }
-    parts.uri = Uri::try_from(path).map_err(|_| ProxyError::FilterOutput("invalid :path"))?;
     let authority = head.get(b":authority").unwrap_or_default();
     let host = (!authority.is_empty())
         .then(|| HeaderValue::from_bytes(authority))
@@ -247,10 +269,14 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     // What the proxy refuses before anything looks at a request never reaches the filters (as
     // Envoy's codec and connection manager refuse it before its filters).
-    let authority = proxy::check(conn, listener, &mut parts)
-        .and_then(|()| proxy::authority(&parts).map(|a| a.into_owned()));
-    let authority = match authority {
-        Ok(a) => a,
+    let checked = proxy::check(conn, listener, &mut parts)
+        .and_then(|c| Ok((c, proxy::authority(&parts)?.into_owned())));
+    let authority = match checked {
+        Ok((proxy::Checked::Proceed, a)) => a,
+        Ok((proxy::Checked::Redirect(location), _)) => {
+            let answer = proxy::canonical_redirect(listener, &location);
+            return Ok(proxy::complete(conn, listener, answer, start, None));
+        }
         Err(e) => {
             let answer = proxy::error_answer(conn, listener, (e, None), http1, grpc);
             return Ok(proxy::complete(conn, listener, answer, start, None));
@@ -298,7 +324,7 @@ pub async fn handle(
         (None, Some(body)) => {
             let mut head = chain.request_head();
             chain.fix_length(Direction::Request, &mut head.map);
-            let forwarded = match apply_request_head(&mut parts, head) {
+            let forwarded = match apply_request_head(&mut parts, head, &listener.http.path) {
                 Ok(()) => proxy::route_and_forward(conn, listener, parts, body, start).await,
                 Err(e) => Err((e, None)),
             };

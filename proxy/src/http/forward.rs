@@ -15,7 +15,6 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 
 use crate::config::UpstreamProtocol;
 use crate::errors::ProxyError;
@@ -437,7 +436,18 @@ impl Forward<'_> {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
-            tokio::task::spawn_local(tunnel(down, up));
+            crate::http::upgrade::spawn_tunnel(
+                self.conn,
+                self.listener,
+                down,
+                up,
+                crate::splice::Side {
+                    read: self.cluster.stats.rx_bytes.clone(),
+                    written: self.cluster.stats.tx_bytes.clone(),
+                },
+                self.listener.http.stream_idle_timeout.non_zero(),
+                None,
+            );
         }
         let (mut rparts, rbody) = resp.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers, switching && upgrade);
@@ -450,22 +460,6 @@ impl Forward<'_> {
         // An upgraded connection belongs to the tunnel now; it never returns to the pool.
         let pooled = if switching { None } else { pooled };
         (Response::from_parts(rparts, body), guard, pooled)
-    }
-}
-
-/// Copies bytes both ways between an upgraded downstream and upstream connection.
-async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
-    let (down, up) = match tokio::try_join!(down, up) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
-    let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 

@@ -8,3 +8,4 @@ pub mod headers;
 pub mod path;
 pub mod proxy;
 pub mod server;
+pub mod upgrade;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::errors::{self, ProxyError, StreamReset};
@@ -42,6 +42,11 @@ pub struct ConnCtx {
     pub tls: Option<Arc<crate::tls::TlsInfo>>,
     /// `x-forwarded-client-cert` for the client's verified certificate (mTLS).
     pub client_cert: Option<HeaderValue>,
+    /// Keeps the connection counted as open (its `max_connections` slot, the active gauge,
+    /// the worker's drain): a tunnel the connection becomes holds a clone.
+    pub hold: Rc<dyn std::any::Any>,
+    /// Turns true when the proxy drains (tunnels close then).
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The answer to one request, with what its end must record.
@@ -79,9 +84,10 @@ pub async fn handle(
     let grpc = errors::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
     let answer = match check(&conn, listener, &mut parts) {
-        Ok(()) => {
+        Ok(Checked::Proceed) => {
             route_and_forward(&conn, listener, parts, DownstreamBody::Plain(body), start).await
         }
+        Ok(Checked::Redirect(location)) => Ok(canonical_redirect(listener, &location)),
         Err(e) => Err((e, None)),
     };
     let answer = answer.unwrap_or_else(|f| error_answer(&conn, listener, f, http1, grpc));
@@ -143,21 +149,73 @@ pub(crate) type Failure = (ProxyError, Option<Arc<RouteStats>>);
 
 use crate::http::forward::Forward;
 
-/// What is refused before anything else looks at a request (filters included).
+/// What the check stage decided for a request it did not refuse.
+pub(crate) enum Checked {
+    /// Go on: filters, routing and the upstream see the request as it is now.
+    Proceed,
+    /// `escaped_slashes: unescape_and_redirect`: send the client here (path and query).
+    Redirect(String),
+}
+
+/// `307` to the canonical path (`escaped_slashes: unescape_and_redirect`).
+pub(crate) fn canonical_redirect(listener: &ListenerRuntime, location: &str) -> Answer {
+    let mut resp = Response::new(ResponseBody::empty());
+    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Answer {
+        resp,
+        stats: listener.no_route.clone(),
+        endpoint: None,
+        pooled: None,
+    }
+}
+
+/// Rewrites the request's path to its canonical form, so that everything after this stage —
+/// filters (`:path`, `request.path`), routes, metrics, logs and the upstream — sees one path:
+/// nothing authorizes one spelling and forwards another.
+fn canonicalize_uri(listener: &ListenerRuntime, parts: &mut Parts) -> Result<Checked, ProxyError> {
+    let canonical = path::canonicalize(parts.uri.path(), &listener.http.path)
+        .map_err(|e| ProxyError::InvalidPath(e.reason()))?;
+    let path = match canonical {
+        Canonical::Path(Cow::Borrowed(_)) => return Ok(Checked::Proceed),
+        Canonical::Path(Cow::Owned(p)) => p,
+        Canonical::Redirect(to) => {
+            return Ok(Checked::Redirect(match parts.uri.query() {
+                Some(q) => format!("{to}?{q}"),
+                None => to,
+            }));
+        }
+    };
+    let target = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.path_and_query = Some(
+        http::uri::PathAndQuery::try_from(target)
+            .map_err(|_| ProxyError::InvalidPath("not a valid request target"))?,
+    );
+    parts.uri =
+        Uri::from_parts(uri).map_err(|_| ProxyError::InvalidPath("not a valid request target"))?;
+    Ok(Checked::Proceed)
+}
+
+/// What is refused before anything else looks at a request (filters included), and the
+/// request's path made canonical.
 pub(crate) fn check(
     conn: &ConnCtx,
     listener: &ListenerRuntime,
     parts: &mut Parts,
-) -> Result<(), ProxyError> {
+) -> Result<Checked, ProxyError> {
     // Only weft says who the client proved to be (Envoy's `sanitize_set`).
     crate::http::headers::set_client_cert(&mut parts.headers, conn.client_cert.as_ref());
     // hyper enforces this for HTTP/1.1 as it parses; HTTP/2 is checked here.
     if parts.headers.len() > listener.http.max_headers as usize {
         return Err(ProxyError::TooManyHeaders(parts.headers.len()));
     }
-    if parts.method == Method::CONNECT {
-        return Err(ProxyError::BadRequest("CONNECT is not supported"));
-    }
+    crate::http::upgrade::screen(&listener.http, parts)?;
     match listener.http.headers_with_underscores {
         crate::config::UnderscoreAction::Allow => {}
         crate::config::UnderscoreAction::Reject => {
@@ -177,7 +235,11 @@ pub(crate) fn check(
             }
         }
     }
-    Ok(())
+    if parts.method == Method::CONNECT {
+        // Authority-form (`host:port`): no path to canonicalize.
+        return Ok(Checked::Proceed);
+    }
+    canonicalize_uri(listener, parts)
 }
 
 /// The request's host for routing: authority of the URI (HTTP/2, absolute-form), else `Host`.
@@ -237,27 +299,23 @@ pub(crate) async fn route_and_forward(
     let (host, port) = split_host_port(&authority);
     // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.
     let uri = parts.uri.clone();
-    let canonical = path::canonicalize(uri.path(), &listener.http.path)
-        .map_err(|e| fail(ProxyError::InvalidPath(e.reason())))?;
+    let connect = parts.method == Method::CONNECT;
+    // The check stage made the client's path canonical; a path a filter set is made so again
+    // here (or refused: only a client's own request is redirected). A CONNECT has none: only
+    // routes without a path condition take it.
+    let canonical = if connect {
+        Canonical::Path(Cow::Borrowed(""))
+    } else {
+        path::canonicalize(uri.path(), &listener.http.path)
+            .map_err(|e| fail(ProxyError::InvalidPath(e.reason())))?
+    };
     let query = uri.query();
     let path: Cow<'_, str> = match canonical {
         Canonical::Path(p) => p,
-        Canonical::Redirect(to) => {
-            let location = match query {
-                Some(q) => format!("{to}?{q}"),
-                None => to,
-            };
-            let mut resp = Response::new(ResponseBody::empty());
-            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                resp.headers_mut().insert(header::LOCATION, v);
-            }
-            return Ok(Answer {
-                resp,
-                stats: listener.no_route.clone(),
-                endpoint: None,
-                pooled: None,
-            });
+        Canonical::Redirect(_) => {
+            return Err(fail(ProxyError::InvalidPath(
+                path::PathError::EscapedSlash.reason(),
+            )));
         }
     };
 
@@ -314,6 +372,17 @@ pub(crate) async fn route_and_forward(
             let t = split.pick();
             let cluster = &split.targets[t].cluster;
             let stats = route_stats.targets[t].clone();
+            if connect {
+                return match crate::http::upgrade::connect(conn, listener, cluster, parts).await {
+                    Ok((resp, endpoint)) => Ok(Answer {
+                        resp,
+                        stats,
+                        endpoint: Some(endpoint),
+                        pooled: None,
+                    }),
+                    Err(e) => Err((e, Some(stats))),
+                };
+            }
             let upstream_path = match &route.path_rewrite {
                 Some(rw) => Cow::Owned(rw.apply(&path)),
                 None => path,

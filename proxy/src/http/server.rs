@@ -79,12 +79,96 @@ impl ConnActivity {
         }
     }
 
+    /// HTTP/2: whether the connection preface is still incomplete or a header block is open
+    /// (a HEADERS frame without END_HEADERS, its CONTINUATIONs still to come).
+    fn set_h2_head_pending(&self, pending: bool) {
+        self.head_pending.store(pending, Relaxed);
+    }
+
     fn idle(&self) -> bool {
         self.active.load(Relaxed) == 0
     }
 
     fn head_pending(&self) -> bool {
-        self.head_pending.load(Relaxed) && self.idle()
+        if self.http1 {
+            self.head_pending.load(Relaxed) && self.idle()
+        } else {
+            self.head_pending.load(Relaxed)
+        }
+    }
+}
+
+/// Follows the frames an HTTP/2 client sends (their 9-byte headers only) to see when the
+/// preface (the magic, then a SETTINGS frame) is complete and when a header block is open, so
+/// `request_headers_timeout` bounds both: a client cannot hold a connection — and, while a
+/// header block is open, every stream on it — by sending half of either and stopping.
+#[derive(Debug)]
+struct H2Frames {
+    magic_left: usize,
+    header: [u8; 9],
+    have: usize,
+    skip: usize,
+    settings_seen: bool,
+    block_open: bool,
+}
+
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PUSH_PROMISE: u8 = 0x5;
+const FRAME_CONTINUATION: u8 = 0x9;
+const FLAG_END_HEADERS: u8 = 0x4;
+
+impl H2Frames {
+    fn new() -> Self {
+        H2Frames {
+            magic_left: H2_PREFACE.len(),
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+            settings_seen: false,
+            block_open: false,
+        }
+    }
+
+    fn head_pending(&self) -> bool {
+        !self.settings_seen || self.block_open
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.magic_left > 0 {
+                let n = self.magic_left.min(bytes.len());
+                self.magic_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < 9 {
+                return;
+            }
+            self.have = 0;
+            let h = self.header;
+            let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+            let (kind, flags) = (h[3], h[4]);
+            match kind {
+                FRAME_SETTINGS => self.settings_seen = true,
+                FRAME_HEADERS | FRAME_PUSH_PROMISE => {
+                    self.block_open = flags & FLAG_END_HEADERS == 0;
+                }
+                FRAME_CONTINUATION if flags & FLAG_END_HEADERS != 0 => self.block_open = false,
+                _ => {}
+            }
+            self.skip = len;
+        }
     }
 }
 
@@ -185,10 +269,12 @@ impl Future for Watchdog {
     }
 }
 
-/// The connection's socket, telling [`ConnActivity`] when bytes of a new request head arrive.
+/// The connection's socket, telling [`ConnActivity`] when bytes of a new request head arrive
+/// (HTTP/1.1), or how far the preface and header blocks are (HTTP/2).
 struct ConnIo {
     inner: ServerIo,
     activity: Arc<ConnActivity>,
+    h2: Option<H2Frames>,
 }
 
 impl AsyncRead for ConnIo {
@@ -201,7 +287,13 @@ impl AsyncRead for ConnIo {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.on_read();
+            match &mut this.h2 {
+                None => this.activity.on_read(),
+                Some(frames) => {
+                    frames.feed(&buf.filled()[before..]);
+                    this.activity.set_h2_head_pending(frames.head_pending());
+                }
+            }
         }
         r
     }
@@ -239,19 +331,20 @@ enum Proto {
     Http2,
 }
 
-/// Peeks at the first bytes: the HTTP/2 connection preface means prior-knowledge h2c.
+/// Peeks at the first bytes: the HTTP/2 connection preface means prior-knowledge h2c. A
+/// partial preface waits for more bytes (bounded by the caller's deadline).
 async fn detect(stream: &TcpStream) -> io::Result<Proto> {
     let mut buf = [0u8; 24];
+    let mut seen = 0;
     loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+        let n = crate::peek::peek_more(stream, &mut buf, seen).await?;
+        if n == 0 || n <= seen || buf[..n] != H2_PREFACE[..n] {
             return Ok(Proto::Http1);
         }
         if n == H2_PREFACE.len() {
             return Ok(Proto::Http2);
         }
-        // A partial preface: wait for the rest (bounded by the caller's deadline).
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        seen = n;
     }
 }
 
@@ -259,6 +352,7 @@ async fn detect(stream: &TcpStream) -> io::Result<Proto> {
 pub async fn serve(
     worker: Rc<Worker>,
     listener: Arc<ListenerRuntime>,
+    hold: Rc<dyn std::any::Any>,
     stream: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
@@ -297,9 +391,15 @@ pub async fn serve(
     };
 
     let activity = Arc::new(ConnActivity::new(proto == Proto::Http1));
+    let h2 = (proto == Proto::Http2).then(H2Frames::new);
+    if h2.is_some() {
+        // The preface is due first.
+        activity.set_h2_head_pending(true);
+    }
     let io = TokioIo::new(ConnIo {
         inner: io,
         activity: activity.clone(),
+        h2,
     });
     let ctx = Rc::new(ConnCtx {
         worker,
@@ -315,6 +415,8 @@ pub async fn serve(
             .and_then(crate::http::headers::client_cert_value),
         tls,
         id: NEXT_CONNECTION.fetch_add(1, Relaxed),
+        hold,
+        stop: stop.clone(),
     });
     let service = service_fn(move |req| proxy::handle(ctx.clone(), req));
     let watchdog = Watchdog::new(activity, opts.idle_timeout.non_zero(), head_timeout);
@@ -450,9 +552,67 @@ mod tests {
         assert_eq!(expiry_within(&mut w, Duration::from_secs(2)).await, None);
         b.begin_request();
         assert_eq!(expiry_within(&mut w, Duration::from_secs(30)).await, None);
-        // HTTP/2 has no head deadline.
+        // HTTP/2: reading alone starts no head deadline; the frames say.
         let h2 = Arc::new(ConnActivity::new(false));
         h2.on_read();
         assert!(!h2.head_pending());
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn h2_preface_and_header_blocks_are_followed_across_reads() {
+        let mut stream = H2_PREFACE.to_vec();
+        stream.extend(frame(FRAME_SETTINGS, 0, &[0, 3, 0, 0, 0, 100]));
+        let settings_end = stream.len();
+        stream.extend(frame(FRAME_HEADERS, 0, &[0x82, 0x86]));
+        let open_at = stream.len();
+        stream.extend(frame(FRAME_CONTINUATION, 0, &[0x84]));
+        stream.extend(frame(
+            FRAME_CONTINUATION,
+            FLAG_END_HEADERS,
+            &[0x41, 0x01, b'x'],
+        ));
+        let closed_at = stream.len();
+        stream.extend(frame(0x0, 0x1, b"body"));
+        stream.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS | 0x1, &[0x82]));
+        // Fed one byte at a time and in one piece, the state is the same at each point.
+        for chunk in [1, 5, 1000] {
+            let mut f = H2Frames::new();
+            let mut states = Vec::new();
+            for (i, piece) in stream.chunks(chunk).enumerate() {
+                f.feed(piece);
+                states.push(((i + 1) * chunk, f.head_pending()));
+            }
+            let at = |pos: usize| {
+                states
+                    .iter()
+                    .find(|(end, _)| *end >= pos)
+                    .map(|(_, p)| *p)
+                    .expect("position")
+            };
+            if chunk == 1 {
+                assert!(at(settings_end - 7), "preface not yet complete");
+                assert!(!at(settings_end), "preface complete");
+                assert!(at(open_at), "header block open");
+                assert!(!at(closed_at), "header block closed");
+            }
+            assert!(!f.head_pending(), "chunks of {chunk}");
+        }
     }
 }

@@ -278,6 +278,11 @@ impl Matcher {
         if !self.methods.is_empty() && !self.methods.contains(r.method) {
             return false;
         }
+        // A CONNECT is a tunnel, not a request for a path: only a route that names the
+        // method takes it (as Envoy's `connect_matcher`), never a catch-all.
+        if *r.method == Method::CONNECT && self.methods.is_empty() {
+            return false;
+        }
         for (name, vm) in &self.headers {
             if !header_matches(r.headers, name, vm) {
                 return false;

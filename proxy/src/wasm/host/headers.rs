@@ -10,6 +10,7 @@
 //! callout maps only while a callout is being delivered. An unavailable map reads as empty
 //! (`get_*_pairs`) or absent (`get_*_value`: NOT_FOUND); writing to it is BAD_ARGUMENT.
 
+use bytes::Bytes;
 use wasmtime::Caller;
 use weft_abi::{MapType, Status, deserialize_pairs};
 
@@ -78,7 +79,44 @@ fn edit(
     let stream = caller.data().stream().ok_or(Status::BadArgument)?;
     let mut s = stream.borrow_mut();
     let h = writable(&mut s, map, call.phase, call.end_of_stream).ok_or(Status::BadArgument)?;
-    f(h)
+    if map != MapType::HttpRequestHeaders {
+        return f(h);
+    }
+    let path_before = path_of(h);
+    f(h)?;
+    // `path_before` holds the old bytes alive, so new ones cannot have their address.
+    let at = |b: &Option<Bytes>| b.as_ref().map(|b| (b.as_ptr(), b.len()));
+    if at(&path_of(&s.request_headers)) != at(&path_before) {
+        canonical_path(&mut s);
+    }
+    Ok(())
+}
+
+/// `:path`, a cheap handle on its bytes (a write replaces them: compared by address).
+fn path_of(h: &Headers) -> Option<Bytes> {
+    h.pseudo
+        .iter()
+        .find(|(k, _)| &k[..] == b":path")
+        .map(|(_, v)| v.clone())
+}
+
+/// Keeps the request's `:path` canonical after a filter wrote it, so the filters after it, the
+/// router and the upstream see one path. A path that cannot be made canonical is left as the
+/// filter wrote it; routing refuses it (400).
+fn canonical_path(s: &mut StreamData) {
+    let Some(opts) = s.info.routes.as_ref().map(|r| &r.path) else {
+        return;
+    };
+    let Some(target) = s
+        .request_headers
+        .get(b":path")
+        .and_then(|p| std::str::from_utf8(p).ok())
+    else {
+        return;
+    };
+    if let Ok(Some(canonical)) = crate::http::path::canonical_target(target, opts) {
+        let _ = s.request_headers.replace(b":path", canonical.as_bytes());
+    }
 }
 
 pub fn get_header_map_pairs(

@@ -1,0 +1,247 @@
+//! Upgrades and `CONNECT`: what a listener lets through (its `http.upgrades`, as Envoy's
+//! `upgrade_configs`), and the tunnel an accepted one becomes.
+//!
+//! - `Upgrade: h2c` is never forwarded: its upgrade headers are removed and the request is
+//!   served as plain HTTP/1.1 (after a forwarded `101`, the client would speak HTTP/2 straight
+//!   to the backend and no later request would be routed or filtered — h2c smuggling).
+//! - Any other protocol the listener does not name is refused with 403.
+//! - A tunnel keeps its downstream connection counted as open (its `max_connections` slot, the
+//!   active gauge), ends after the listener's `stream_idle_timeout` without a byte either way,
+//!   and is closed when the proxy drains.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName};
+use http::request::Parts;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::HttpOptions;
+use crate::errors::ProxyError;
+use crate::http::body::ResponseBody;
+use crate::http::headers;
+use crate::http::proxy::ConnCtx;
+use crate::snapshot::ListenerRuntime;
+use crate::splice::{self, Ended, Side};
+use crate::tls::client::Alpn;
+use crate::upstream::{Cluster, EndpointGuard, Outcome, PickArgs, pool};
+
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// The protocols an `Upgrade` header asks for, lower-cased.
+fn protocols(parts: &Parts) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in parts.headers.get_all(header::UPGRADE) {
+        for t in String::from_utf8_lossy(v.as_bytes()).split(',') {
+            let t = t.trim();
+            if !t.is_empty() {
+                out.push(t.to_ascii_lowercase());
+            }
+        }
+    }
+    out
+}
+
+/// Applies the listener's upgrade rules to a request (before filters see it): `CONNECT` only
+/// when configured; an upgrade only to configured protocols; `h2c` removed.
+pub(crate) fn screen(opts: &HttpOptions, parts: &mut Parts) -> Result<(), ProxyError> {
+    if parts.method == http::Method::CONNECT {
+        if !opts.connect_allowed() {
+            return Err(ProxyError::UpgradeNotAllowed("CONNECT".into()));
+        }
+        return Ok(());
+    }
+    if parts.version != http::Version::HTTP_11 || !headers::wants_upgrade(&parts.headers) {
+        // Not an upgrade: a lone `Upgrade` header is hop-by-hop and removed on the way.
+        return Ok(());
+    }
+    let asked = protocols(parts);
+    if asked.is_empty() || asked.iter().any(|p| p.split('/').next() == Some("h2c")) {
+        parts.headers.remove(header::UPGRADE);
+        parts.headers.remove(&HTTP2_SETTINGS);
+        return Ok(());
+    }
+    match asked.iter().find(|p| !opts.upgrade_allowed(p)) {
+        Some(p) => Err(ProxyError::UpgradeNotAllowed(p.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Splices an upgraded downstream connection with `up` on the connection's worker, holding the
+/// connection open until the tunnel ends.
+pub(crate) fn spawn_tunnel<U>(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    down: hyper::upgrade::OnUpgrade,
+    up: U,
+    up_counts: Side,
+    idle: Option<Duration>,
+    keep: Option<Box<dyn std::any::Any>>,
+) where
+    U: std::future::Future + 'static,
+    U::Output: TunnelIo,
+{
+    let hold = conn.hold.clone();
+    let stop = conn.stop.clone();
+    let peer = conn.peer;
+    let down_counts = Side {
+        read: listener.stats.rx_bytes.clone(),
+        written: listener.stats.tx_bytes.clone(),
+    };
+    tokio::task::spawn_local(async move {
+        let (down, up) = tokio::join!(down, up);
+        let (down, up) = match (down, up.into_io()) {
+            (Ok(d), Ok(u)) => (d, u),
+            (Err(e), _) => {
+                tracing::debug!(%peer, error = %e, "the client's side of an upgrade did not complete");
+                return;
+            }
+            (_, Err(e)) => {
+                tracing::debug!(%peer, error = %e, "the upstream's side of an upgrade did not complete");
+                return;
+            }
+        };
+        let down: TokioIo<Upgraded> = TokioIo::new(down);
+        match splice::splice(down, down_counts, up, up_counts, idle, Some(stop)).await {
+            Ended::Done(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "tunnel ended with an error");
+            }
+            Ended::Idle => tracing::debug!(%peer, "tunnel idle too long: closed"),
+            Ended::Drained => tracing::debug!(%peer, "tunnel closed: the proxy is draining"),
+            Ended::Done(Ok(_)) => {}
+        }
+        drop(keep);
+        drop(hold);
+    });
+}
+
+/// Endpoints tried for one `CONNECT` before giving up.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Answers a `CONNECT` the route sends to `cluster`: a connection to one of its endpoints
+/// (the next one tried when a connect fails), `200`, then the client's bytes spliced to it
+/// (as Envoy terminates `CONNECT`: the tunnel reaches the cluster, never an address the
+/// client names).
+pub(crate) async fn connect(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    cluster: &Arc<Cluster>,
+    mut parts: Parts,
+) -> Result<(http::Response<ResponseBody>, EndpointGuard), ProxyError> {
+    let Some(down) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ProxyError::UpgradeNotSupported(
+            "the connection cannot be tunneled",
+        ));
+    };
+    let mut tried = Vec::new();
+    let (io, pooled, endpoint) = loop {
+        let endpoint = cluster
+            .pick(&PickArgs {
+                hash: None,
+                exclude: &tried,
+            })
+            .ok_or_else(|| ProxyError::NoHealthyUpstream(cluster.name.clone()))?;
+        let started = Instant::now();
+        match pool::connect(cluster, &endpoint, Alpn::None).await {
+            Ok((io, pooled)) => break (io, pooled, endpoint),
+            Err(e @ ProxyError::Overflow { .. }) => return Err(e),
+            Err(e) => {
+                cluster.report(&endpoint, Outcome::ConnectFailure, started.elapsed());
+                tried.push(endpoint.address);
+                if tried.len() >= CONNECT_ATTEMPTS {
+                    return Err(e);
+                }
+            }
+        }
+    };
+    spawn_tunnel(
+        conn,
+        listener,
+        down,
+        std::future::ready(Ok::<_, std::convert::Infallible>(io)),
+        Side {
+            read: cluster.stats.rx_bytes.clone(),
+            written: cluster.stats.tx_bytes.clone(),
+        },
+        listener.http.stream_idle_timeout.non_zero(),
+        Some(Box::new(pooled)),
+    );
+    Ok((
+        http::Response::new(ResponseBody::empty()),
+        EndpointGuard::new(endpoint),
+    ))
+}
+
+/// What the upstream side of a tunnel resolves to.
+pub(crate) trait TunnelIo {
+    type Io: AsyncRead + AsyncWrite + Unpin + 'static;
+    fn into_io(self) -> Result<Self::Io, Box<dyn std::error::Error>>;
+}
+
+impl TunnelIo for Result<Upgraded, hyper::Error> {
+    type Io = TokioIo<Upgraded>;
+    fn into_io(self) -> Result<Self::Io, Box<dyn std::error::Error>> {
+        self.map(TokioIo::new).map_err(Into::into)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> TunnelIo for Result<T, std::convert::Infallible> {
+    type Io = T;
+    fn into_io(self) -> Result<T, Box<dyn std::error::Error>> {
+        self.map_err(|e| match e {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(lines: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::get("/").version(http::Version::HTTP_11);
+        for (k, v) in lines {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn only_configured_upgrades_pass() {
+        let opts = HttpOptions::default();
+        let mut ws = parts(&[("connection", "Upgrade"), ("upgrade", "WebSocket")]);
+        assert!(screen(&opts, &mut ws).is_ok());
+        assert!(ws.headers.contains_key("upgrade"));
+
+        let mut other = parts(&[("connection", "upgrade"), ("upgrade", "websocket, foo/2")]);
+        let e = screen(&opts, &mut other).expect_err("foo is not configured");
+        assert_eq!(e.cause(), "upgrade_not_allowed");
+
+        for h2c in ["h2c", "H2C", "websocket, h2c", "h2c/1"] {
+            let mut p = parts(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", h2c),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ]);
+            assert!(screen(&opts, &mut p).is_ok());
+            assert!(!p.headers.contains_key("upgrade"), "{h2c}");
+            assert!(!p.headers.contains_key("http2-settings"), "{h2c}");
+            assert!(!headers::wants_upgrade(&p.headers));
+        }
+
+        let mut connect = http::Request::connect("example.com:443")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        assert!(screen(&opts, &mut connect).is_err());
+        let allowed = HttpOptions {
+            upgrades: vec!["CONNECT".into()],
+            ..HttpOptions::default()
+        };
+        assert!(screen(&allowed, &mut connect).is_ok());
+        // CONNECT allowed does not allow an `Upgrade: connect`.
+        let mut p = parts(&[("connection", "upgrade"), ("upgrade", "connect")]);
+        assert!(screen(&allowed, &mut p).is_err());
+    }
+}
