@@ -8,7 +8,6 @@
 //! cargo run --release -p weft-examples --bin demo
 //! ```
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -39,14 +38,7 @@ const TRY: &str = r#"
 "#;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = weft_proxy::logging::init("info");
 
     eprintln!("building the filters (wasm32-wasip1, release)...");
     for f in ["telemetry", "policy", "quota", "fault", "api_key"] {
@@ -82,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             config_path,
             workers: 0,
             control: None,
+            log_dropped: Some(logs.dropped()),
         })
         .await?;
         println!("{TRY}");

@@ -40,7 +40,7 @@ struct Inner {
 
 /// weft-cp's metrics (`weft_cp_*`).
 pub struct CpMetrics {
-    registry: prometheus_client::registry::Registry,
+    registry: Mutex<prometheus_client::registry::Registry>,
     connected: prometheus_client::metrics::gauge::Gauge,
     push_latency: prometheus_client::metrics::histogram::Histogram,
     nacks: prometheus_client::metrics::family::Family<
@@ -68,7 +68,7 @@ impl CpMetrics {
             nacks: Default::default(),
             sent_bytes: Default::default(),
             version: Default::default(),
-            registry: prometheus_client::registry::Registry::default(),
+            registry: Mutex::default(),
         };
         registry.register(
             "connected_proxies",
@@ -91,13 +91,23 @@ impl CpMetrics {
             m.sent_bytes.clone(),
         );
         registry.register("version", "The current version", m.version.clone());
-        CpMetrics { registry, ..m }
+        CpMetrics {
+            registry: Mutex::new(registry),
+            ..m
+        }
+    }
+
+    /// Exports the log lines the logger dropped (`weft_cp_log_lines_dropped_total`).
+    pub fn export_log_drops(&self, dropped: weft_proxy::logging::DroppedLines) {
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.register_collector(Box::new(dropped));
     }
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 }

@@ -27,6 +27,7 @@ fn spec(name: &str) -> (VmSpec, Arc<PluginInfo>) {
         vm_config: Bytes::new(),
         memory: 64 << 20,
         cpu_per_call: Duration::from_millis(100),
+        host: weft_proxy::wasm::runtime::HostLimits::default(),
     };
     let plugin = Arc::new(PluginInfo {
         name: Arc::from(name),

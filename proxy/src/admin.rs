@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -183,10 +184,14 @@ async fn handle(
         }
         "/config" => {
             let snap = state.shared.snapshot();
+            let mut config = serde_json::to_value(&*snap.config).unwrap_or_default();
+            if !snap.config.admin.as_ref().is_some_and(|a| a.show_secrets) {
+                redact(&mut config);
+            }
             json_response(&json!({
                 "version": snap.version,
                 "digest": snap.digest,
-                "config": &*snap.config,
+                "config": config,
             }))
         }
         "/clusters" => json_response(&clusters(&state)),
@@ -206,23 +211,117 @@ async fn handle(
     Ok(resp)
 }
 
-/// Serves the admin endpoints on `listener` until the task is dropped.
+/// What `/config` shows instead of a value that may be secret.
+const REDACTED: &str = "<redacted>";
+
+/// Hides what may hold keys and tokens: filter configurations (`config`, `vm_config`) and the
+/// values of routes' header edits (`set`, `add`). Names stay visible.
+fn redact(config: &mut serde_json::Value) {
+    if let Some(filters) = config.get_mut("filters").and_then(|f| f.as_array_mut()) {
+        for f in filters {
+            for field in ["config", "vm_config"] {
+                if let Some(v) = f.get_mut(field) {
+                    *v = json!(REDACTED);
+                }
+            }
+        }
+    }
+    let Some(tables) = config.get_mut("routes").and_then(|r| r.as_object_mut()) else {
+        return;
+    };
+    for route in tables
+        .values_mut()
+        .filter_map(|t| t.as_array_mut())
+        .flatten()
+    {
+        for edits in ["request_headers", "response_headers"] {
+            for op in ["set", "add"] {
+                if let Some(values) = route
+                    .get_mut(edits)
+                    .and_then(|e| e.get_mut(op))
+                    .and_then(|m| m.as_object_mut())
+                {
+                    for v in values.values_mut() {
+                        *v = json!(REDACTED);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Admin connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client gets to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an admin connection stays open (a scraper reconnects).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves the admin endpoints on `listener` until the task is dropped: at most
+/// [`MAX_CONNECTIONS`] at once, each with a head deadline and a bounded life.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(state.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_names_kept() {
+        let config = crate::config::Config::from_yaml(
+            r#"
+routes:
+  main:
+    - to: [{ cluster: app }]
+      request_headers: { set: { authorization: "Bearer s3cret" }, add: { x-key: k3y }, remove: [x-drop] }
+      response_headers: { set: { x-served-by: weft } }
+clusters:
+  - { name: app, endpoints: ["127.0.0.1:9000"] }
+filters:
+  - { name: auth, module: a.wasm, config: { jwks: "private" }, vm_config: "vm secret" }
+"#,
+        )
+        .expect("parses");
+        let mut v = serde_json::to_value(&config).expect("json");
+        redact(&mut v);
+        let text = v.to_string();
+        for secret in ["s3cret", "k3y", "private", "vm secret", "weft\""] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        for name in [
+            "authorization",
+            "x-key",
+            "x-drop",
+            "x-served-by",
+            "\"auth\"",
+        ] {
+            assert!(text.contains(name), "{name} missing from {text}");
+        }
     }
 }

@@ -35,6 +35,9 @@ pub struct Update {
     pub version: u64,
     pub config: Config,
     pub answer: oneshot::Sender<Result<(), String>>,
+    /// The modules the snapshot names, held until it is applied (or refused): nothing evicts
+    /// them meanwhile.
+    pub modules: Vec<Arc<crate::wasm::module::LoadedModule>>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -92,15 +95,18 @@ pub fn save_last_good(o: &ControlOptions, version: u64, config: &Config) {
 }
 
 /// Loads a cached module, checking its digest.
-fn load_cached(o: &ControlOptions, digest: &str) -> Result<(), String> {
-    if crate::wasm::module::by_digest(digest).is_some() {
-        return Ok(());
+fn load_cached(
+    o: &ControlOptions,
+    digest: &str,
+) -> Result<Arc<crate::wasm::module::LoadedModule>, String> {
+    if let Some(m) = crate::wasm::module::by_digest(digest) {
+        return Ok(m);
     }
     let bytes = std::fs::read(module_file(o, digest)).map_err(|e| e.to_string())?;
     if crate::wasm::runtime::digest(&bytes) != digest {
         return Err("cached module does not match its digest".into());
     }
-    crate::wasm::module::load(digest, &bytes).map(|_| ())
+    crate::wasm::module::load(digest, &bytes)
 }
 
 type Client = v1::distribution_client::DistributionClient<tonic::transport::Channel>;
@@ -120,9 +126,11 @@ async fn ensure_modules(
     o: &ControlOptions,
     client: &mut Client,
     refs: &[v1::ModuleRef],
-) -> Result<(), String> {
+) -> Result<Vec<Arc<crate::wasm::module::LoadedModule>>, String> {
+    let mut modules = Vec::with_capacity(refs.len());
     for m in refs {
-        if load_cached(o, &m.digest).is_ok() {
+        if let Ok(loaded) = load_cached(o, &m.digest) {
+            modules.push(loaded);
             continue;
         }
         let mut stream = client
@@ -164,12 +172,13 @@ async fn ensure_modules(
             tracing::warn!(module = %m.digest, "cannot cache the module on disk");
         }
         let d = m.digest.clone();
-        tokio::task::spawn_blocking(move || crate::wasm::module::load(&d, &bytes))
+        let loaded = tokio::task::spawn_blocking(move || crate::wasm::module::load(&d, &bytes))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("module {}: {e}", m.digest))?;
+        modules.push(loaded);
     }
-    Ok(())
+    Ok(modules)
 }
 
 /// Starts the subscription task.
@@ -256,7 +265,7 @@ async fn session(
         let version = s.version;
         let result = match ensure_modules(o, &mut client, &s.modules).await {
             Err(e) => Err(e),
-            Ok(()) => match serde_json::from_slice::<Config>(&s.config_json) {
+            Ok(modules) => match serde_json::from_slice::<Config>(&s.config_json) {
                 Err(e) => Err(format!("the snapshot does not parse: {e}")),
                 Ok(config) => {
                     let (answer, rx) = oneshot::channel();
@@ -265,6 +274,7 @@ async fn session(
                             version,
                             config,
                             answer,
+                            modules,
                         })
                         .await
                         .map_err(|_| "the proxy is stopping".to_owned())?;

@@ -15,6 +15,7 @@ pub mod control;
 pub mod errors;
 pub mod http;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod peek;
 pub mod router;

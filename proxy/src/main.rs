@@ -1,6 +1,5 @@
 //! `weft`: the Weft proxy.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -77,39 +76,6 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-}
-
-/// Logs go to standard error from a thread of their own, in batches: a worker formats a line
-/// and moves on (filters' access logs are a line per request). Nothing is dropped: when the
-/// writer falls behind, workers wait. The guard flushes what is left at exit.
-fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("weft-log")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
-    use tracing_subscriber::prelude::*;
-    let ansi = std::io::stderr().is_terminal();
-    // Filters' messages are made safe where they are logged (`sanitize`), in one pass; the
-    // formatter's own escaping (character by character) is kept for everything else.
-    let is_guest = |m: &tracing::Metadata<'_>| m.target() == "weft::wasm";
-    let guests = tracing_subscriber::fmt::layer()
-        .with_writer(writer.clone())
-        .with_ansi(ansi)
-        .with_ansi_sanitization(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(is_guest));
-    let rest = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .with_filter(tracing_subscriber::filter::filter_fn(move |m| !is_guest(m)));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(guests)
-        .with(rest)
-        .init();
-    guard
 }
 
 /// The control-plane options; the token comes from `WEFT_CP_TOKEN` (never a flag: flags show
@@ -201,7 +167,7 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            let _logs = init_logging(&cli.log_level);
+            let logs = weft_proxy::logging::init(&cli.log_level);
             // Without a bootstrap file, an empty one under the state directory stands in.
             let config = match (config, &control) {
                 (Some(c), _) => c,
@@ -228,6 +194,7 @@ fn main() -> ExitCode {
                 config_path: config,
                 workers,
                 control,
+                log_dropped: Some(logs.dropped()),
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -32,6 +32,9 @@ pub struct Options {
     pub workers: usize,
     /// Where snapshots come from besides the file.
     pub control: Option<crate::control::ControlOptions>,
+    /// Log lines dropped so far, exported on `/metrics` (when the binary installed
+    /// [`crate::logging`]).
+    pub log_dropped: Option<crate::logging::DroppedLines>,
 }
 
 #[derive(Debug)]
@@ -104,12 +107,63 @@ fn worker_count(requested: usize) -> usize {
     }
 }
 
+/// The VM pool's size: `wasm.pool_instances`, else planned from the configuration at start —
+/// twice what its filters need on every worker (a reload keeps the old VMs a while), at least
+/// 128 (a control plane may add filters later).
+fn plan_pool(config: &Config, workers: usize) -> u32 {
+    let planned = config.wasm.pool_instances.unwrap_or_else(|| {
+        let vms = workers.saturating_mul(config.filters.len() + 1);
+        u32::try_from(vms.saturating_mul(2) + 1)
+            .unwrap_or(u32::MAX)
+            .max(128)
+    });
+    crate::wasm::runtime::plan_pool(planned)
+}
+
+/// Refuses a configuration whose filters cannot all have their VMs at once: every worker
+/// runs one VM per filter VM key, and while the old configuration drains its VMs live on
+/// (plus one VM per worker for a restart after a trap, and one to validate the next
+/// configuration).
+fn check_capacity(
+    snapshot: &Snapshot,
+    previous: Option<&Snapshot>,
+    workers: usize,
+    wasm: &SharedHost,
+) -> Result<(), ConfigError> {
+    let mut keys = snapshot.vm_keys();
+    if let Some(p) = previous {
+        keys.extend(p.vm_keys());
+    }
+    let needed = workers * (keys.len() + 1) + 1;
+    wasm.stats.vms_needed.set(needed as i64);
+    match crate::wasm::runtime::pool_capacity() {
+        Some(pool) if keys.is_empty() || needed <= pool as usize => Ok(()),
+        None => Ok(()),
+        Some(pool) => Err(ConfigError::new(
+            "filters",
+            format!(
+                "{} filter VMs on {workers} workers need {needed} VMs at once (with the \
+                 running configuration's while it drains); the VM pool holds {pool}: set \
+                 wasm.pool_instances (and restart)",
+                keys.len()
+            ),
+        )),
+    }
+}
+
 impl Server {
     /// Starts the proxy: nothing is bound unless the whole config is valid.
     pub async fn start(opts: &Options) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
+        if let Some(d) = &opts.log_dropped {
+            metrics.with_registry(|r| r.register_collector(Box::new(d.clone())));
+        }
         let wasm = SharedHost::new(metrics.clone());
         let bootstrap = Config::from_file(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let workers = worker_count(opts.workers);
+        // The VM pool is sized before the first module is loaded (it fixes the pool).
+        let pool = plan_pool(&bootstrap, workers);
+        wasm.stats.pool_size.set(i64::from(pool));
         // With a control plane: the last snapshot it gave, kept on disk, serves until it is
         // reachable again.
         let mut remote = opts.control.as_ref().and_then(crate::control::last_good);
@@ -150,6 +204,7 @@ impl Server {
                 .map_err(|e| anyhow::anyhow!("{e}"))?
             }
         };
+        check_capacity(&snapshot, None, workers, &wasm).map_err(|e| anyhow::anyhow!("{e}"))?;
         metrics.config_version.set(1);
         tracing::info!(version = 1, digest = %snapshot.digest, "configuration loaded");
         let admin_addr = snapshot.admin;
@@ -183,7 +238,7 @@ impl Server {
 
         // The filter-time clock calibrates once (a few ms), here rather than on a first request.
         let _ = quanta::Instant::now();
-        let n = worker_count(opts.workers);
+        let n = workers;
         for id in 0..n {
             server
                 .workers
@@ -356,6 +411,19 @@ impl Server {
             )
             .into());
         }
+        if snapshot.config.wasm != previous.config.wasm {
+            return Err(ConfigError::new(
+                "wasm.pool_instances",
+                "cannot change while running (restart weft to resize the VM pool)",
+            )
+            .into());
+        }
+        check_capacity(
+            &snapshot,
+            Some(&previous),
+            self.workers.len(),
+            &self.shared.wasm,
+        )?;
 
         // Bind every new listener before anything changes, so a bind failure changes nothing.
         let mut fresh = Vec::new();
@@ -404,7 +472,12 @@ impl Server {
             }
         }
         self.shared.publish(Arc::new(snapshot));
+        drop(previous);
         metrics.config_version.set(version as i64);
+        // Modules only the configurations before the last one used are let go.
+        crate::wasm::module::evict_unused();
+        let loaded = crate::wasm::module::loaded_count();
+        self.shared.wasm.stats.modules_loaded.set(loaded as i64);
         for i in gone.into_iter().rev() {
             let b = self.bound.remove(i);
             for w in &self.workers {
@@ -441,11 +514,13 @@ impl Server {
             tokio::select! {
                 _ = tls_poll.tick() => self.shared.snapshot().refresh_tls(false),
                 Some(update) = updates.recv() => {
-                    let crate::control::Update { version, config, answer } = update;
+                    let crate::control::Update { version, config, answer, modules } = update;
                     let result = self
                         .apply_remote(version, config)
                         .map(|_| ())
                         .map_err(|e| e.to_string());
+                    // Applied (its filters hold them now) or refused: evictable from here on.
+                    drop(modules);
                     match &result {
                         Ok(()) => tracing::info!(version, "control plane snapshot applied"),
                         Err(e) => tracing::error!(version, "control plane snapshot refused, the previous configuration keeps serving: {e}"),

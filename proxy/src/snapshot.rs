@@ -160,11 +160,32 @@ impl Snapshot {
     ) -> Result<Snapshot, ConfigErrors> {
         let metrics = env.metrics;
         let mut errors = Vec::new();
+        if let Some(n) = config.wasm.pool_instances
+            && !(2..=100_000).contains(&n)
+        {
+            errors.push(ConfigError::new(
+                "wasm.pool_instances",
+                format!("{n} is out of range (2..=100000)"),
+            ));
+        }
 
         let admin = config
             .admin
             .as_ref()
             .and_then(|a| parse_addr("admin.address", &a.address, &mut errors));
+        if let (Some(addr), Some(a)) = (admin, &config.admin)
+            && !addr.ip().is_loopback()
+            && !a.allow_remote
+        {
+            errors.push(ConfigError::new(
+                "admin.address",
+                format!(
+                    "{addr} is not a loopback address: the admin listener shows the running \
+                     configuration and metrics; set admin.allow_remote: true to serve it to \
+                     other hosts"
+                ),
+            ));
+        }
 
         // Clusters first: routes refer to them.
         let mut clusters = Vec::with_capacity(config.clusters.len());
@@ -378,6 +399,15 @@ impl Snapshot {
             clusters,
             filters,
         })
+    }
+
+    /// The VMs a worker runs for this snapshot: one per distinct VM key of the filters its
+    /// listeners use.
+    pub fn vm_keys(&self) -> std::collections::HashSet<&crate::wasm::VmKey> {
+        self.listeners
+            .values()
+            .flat_map(|l| l.filters.iter().map(|f| &f.key))
+            .collect()
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {

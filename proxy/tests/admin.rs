@@ -116,3 +116,99 @@ clusters:
 
     assert_eq!(weft.admin_get("/nothing-here").0, 404);
 }
+
+fn secret_config(b: &Backend, admin: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0"{admin} }}
+listeners:
+  - {{ name: edge, address: "127.0.0.1:0", routes: main }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+      request_headers: {{ set: {{ authorization: "Bearer s3cret-token" }} }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        b.endpoint()
+    )
+}
+
+/// `/config` hides header-edit values and filter configurations unless asked to show them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_config_is_shown_without_its_secrets() {
+    let b = Backend::start("b").await;
+    let weft = Weft::start(WEFT, &secret_config(&b, ""));
+    let (status, config) = weft.admin_get("/config");
+    assert_eq!(status, 200);
+    assert!(!config.contains("s3cret-token"), "{config}");
+    assert!(
+        config.contains("authorization") && config.contains("<redacted>"),
+        "{config}"
+    );
+    let weft = Weft::start(WEFT, &secret_config(&b, ", show_secrets: true"));
+    assert!(weft.admin_get("/config").1.contains("Bearer s3cret-token"));
+}
+
+#[test]
+fn a_remote_admin_address_must_be_allowed_explicitly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let validate = |yaml: &str| {
+        let path = dir.path().join("weft.yaml");
+        std::fs::write(&path, yaml).expect("write");
+        let out = std::process::Command::new(WEFT)
+            .args(["validate", "--config"])
+            .arg(&path)
+            .output()
+            .expect("validate runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = validate("admin: { address: \"0.0.0.0:9901\" }\n");
+    assert!(!ok);
+    assert!(
+        err.contains("admin.address: 0.0.0.0:9901 is not a loopback address"),
+        "{err}"
+    );
+    let (ok, err) = validate("admin: { address: \"0.0.0.0:9901\", allow_remote: true }\n");
+    assert!(ok, "{err}");
+    let (ok, err) = validate("admin: { address: \"[::1]:9901\" }\n");
+    assert!(ok, "{err}");
+}
+
+/// Idle clients cannot take every admin connection: past the cap new ones are closed, and a
+/// slot comes back when one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_capped() {
+    use std::io::Read;
+    let b = Backend::start("b").await;
+    let weft = Weft::start(WEFT, &secret_config(&b, ""));
+    let admin = weft.admin;
+    tokio::task::spawn_blocking(move || {
+        let idle: Vec<std::net::TcpStream> = (0..64)
+            .map(|_| std::net::TcpStream::connect(admin).expect("connect"))
+            .collect();
+        // The 65th is closed without an answer (weft accepts it, then drops it).
+        weft_testkit::eventually(
+            std::time::Duration::from_secs(10),
+            "a connection past the cap is closed",
+            || {
+                let mut s = std::net::TcpStream::connect(admin).expect("connect");
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut buf = [0u8; 16];
+                matches!(s.read(&mut buf), Ok(0) | Err(_))
+            },
+        );
+        drop(idle);
+        weft_testkit::eventually(
+            std::time::Duration::from_secs(10),
+            "the admin listener serves again",
+            || matches!(weft_testkit::http_get(admin, "/ready"), Ok((200, _))),
+        );
+    })
+    .await
+    .expect("blocking");
+}

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod wasm_guests;
+
 use weft_testkit::filters::builtin;
 use weft_testkit::{Backend, Weft, client, eventually};
 
@@ -404,4 +406,27 @@ spec: {{ name: main, address: "127.0.0.1:0", routes: main }}
     assert!(failed.is_empty(), "failed during the change: {failed:?}");
     assert!(ok > 20, "{ok} requests");
     assert_eq!(last, "v2", "traffic moved to v2");
+}
+
+/// weft-cp runs a pushed module's start-up to validate it, with the proxy's bounded host: a
+/// module that floods standard output with aliased iovecs cannot take it down.
+#[test]
+fn a_hostile_module_push_is_validated_with_bounded_memory() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cp = Cp::start(&dir.path().join("store.json"), "127.0.0.1:0");
+    let module = wasm_guests::write(dir.path(), "flood", &wasm_guests::stdout_flood());
+    let out = cp.ctl(&["filter", "push", "flood", "--module", &module]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", cp.child.id()))
+        .expect("weft-cp is running");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM");
+    assert!(
+        peak_kib < 300 * 1024,
+        "weft-cp peaked at {} MiB",
+        peak_kib / 1024
+    );
 }

@@ -223,6 +223,35 @@ async fn mtls_refuses_clients_without_a_certificate_and_forwards_the_identity() 
     assert!(!out.contains("forged"), "{out}");
     assert!(out.contains(client_id), "{out}");
 
+    // Naming the identity (and the other fields weft sets) in `Connection` does not strip
+    // them: the upstream still learns who the client proved to be.
+    let (ok, out, err) = curl_https(
+        &weft,
+        &path(&pki.ca),
+        &[
+            "--cert",
+            &path(&good.cert),
+            "--key",
+            &path(&good.key),
+            "-H",
+            "Connection: x-forwarded-client-cert, x-forwarded-for, x-forwarded-proto, x-request-id",
+        ],
+        "/",
+    );
+    assert!(ok, "{err}");
+    let seen: serde_json::Value = serde_json::from_str(&out).expect("backend JSON");
+    let xfcc = seen["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(xfcc.contains(client_id), "{out}");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https", "{out}");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1", "{out}");
+    assert_eq!(
+        seen["headers"]["x-request-id"].as_str().map(str::len),
+        Some(36),
+        "{out}"
+    );
+
     // Refused handshakes are counted when weft reads the end of them (maybe after the client
     // gave up).
     eventually(

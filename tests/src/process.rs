@@ -17,6 +17,8 @@ pub struct Weft {
     config_path: PathBuf,
     _dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
+    /// While set, nobody reads the process's standard error (see [`Weft::stall_log`]).
+    log_stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Polls `cond` every 20 ms until it holds or `within` passes; panics with `what` then.
@@ -90,12 +92,17 @@ impl Weft {
             .spawn()
             .expect("weft starts");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let log_stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
+        let stalled = log_stalled.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[weft] {line}");
                 sink.lock().expect("log lock").push(line);
+                while stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
         });
 
@@ -129,6 +136,7 @@ impl Weft {
             config_path,
             _dir: dir,
             log,
+            log_stalled,
         };
         eventually(Duration::from_secs(30), "weft becomes ready", || {
             matches!(http_get(admin, "/ready"), Ok((200, _)))
@@ -254,6 +262,18 @@ impl Weft {
 
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// Stops reading the process's standard error (after the line being read), as a terminal
+    /// that stopped scrolling or a log pipe nobody drains; [`Weft::resume_log`] reads again.
+    pub fn stall_log(&self) {
+        self.log_stalled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn resume_log(&self) {
+        self.log_stalled
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

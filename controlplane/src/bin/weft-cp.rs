@@ -28,14 +28,9 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The same logger as weft's: a bounded queue, its own writer thread, drops counted. A
+    // pushed module's start-up runs here (validation) and may log.
+    let logs = weft_proxy::logging::init("info");
     let cli = Cli::parse();
     let token = std::env::var("WEFT_CP_TOKEN")
         .ok()
@@ -46,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     let path = (cli.store != "memory").then(|| PathBuf::from(&cli.store));
     let store = Store::open(path.as_deref())?;
     let cp = ControlPlane::new(store, token).map_err(|e| anyhow::anyhow!(e))?;
+    cp.metrics.export_log_drops(logs.dropped());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

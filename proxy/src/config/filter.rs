@@ -56,6 +56,34 @@ pub struct FilterLimits {
     /// request, 500 for a response.
     #[serde(default = "defaults::body_buffer")]
     pub body_buffer: ByteSize,
+    /// Longest log message the filter may write (`proxy_log`, standard output and error):
+    /// longer ones are cut, with a note saying how much was dropped.
+    #[serde(default = "defaults::log_line")]
+    pub log_line: ByteSize,
+    /// Most bytes of keys and values in the shared data of the filter's `vm_id`; a write past
+    /// it fails (`INTERNAL_FAILURE`) and changes nothing.
+    #[serde(default = "defaults::shared_data")]
+    pub shared_data: ByteSize,
+    /// Most keys in the shared data of the filter's `vm_id`.
+    #[serde(default = "defaults::shared_data_keys")]
+    pub shared_data_keys: u32,
+    /// Most items waiting in a shared queue the filter registers; an enqueue past it (or past
+    /// `queue_bytes`) fails and changes nothing.
+    #[serde(default = "defaults::queue_depth")]
+    pub queue_depth: u32,
+    /// Most bytes waiting in a shared queue the filter registers.
+    #[serde(default = "defaults::queue_bytes")]
+    pub queue_bytes: ByteSize,
+    /// Most HTTP and gRPC callouts (streams included) in flight at once per VM.
+    #[serde(default = "defaults::callouts")]
+    pub callouts: u32,
+    /// The timeout of a callout made with timeout 0.
+    #[serde(default = "defaults::callout_timeout")]
+    pub callout_timeout: Dur,
+    /// Largest callout body either way: an HTTP call's request and response bodies, a gRPC
+    /// message, and what a gRPC stream may have queued for sending.
+    #[serde(default = "defaults::callout_body")]
+    pub callout_body: ByteSize,
 }
 
 impl Default for FilterLimits {
@@ -64,6 +92,14 @@ impl Default for FilterLimits {
             memory: defaults::memory(),
             cpu_per_call: defaults::cpu_per_call(),
             body_buffer: defaults::body_buffer(),
+            log_line: defaults::log_line(),
+            shared_data: defaults::shared_data(),
+            shared_data_keys: defaults::shared_data_keys(),
+            queue_depth: defaults::queue_depth(),
+            queue_bytes: defaults::queue_bytes(),
+            callouts: defaults::callouts(),
+            callout_timeout: defaults::callout_timeout(),
+            callout_body: defaults::callout_body(),
         }
     }
 }
@@ -79,6 +115,30 @@ mod defaults {
         Dur(Duration::from_millis(100))
     }
     pub fn body_buffer() -> ByteSize {
+        ByteSize(1024 * 1024)
+    }
+    pub fn log_line() -> ByteSize {
+        ByteSize(16 * 1024)
+    }
+    pub fn shared_data() -> ByteSize {
+        ByteSize(16 * 1024 * 1024)
+    }
+    pub fn shared_data_keys() -> u32 {
+        100_000
+    }
+    pub fn queue_depth() -> u32 {
+        10_000
+    }
+    pub fn queue_bytes() -> ByteSize {
+        ByteSize(16 * 1024 * 1024)
+    }
+    pub fn callouts() -> u32 {
+        64
+    }
+    pub fn callout_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn callout_body() -> ByteSize {
         ByteSize(1024 * 1024)
     }
 }

@@ -46,13 +46,41 @@ pub struct Config {
     /// How the proxy stops.
     #[serde(default)]
     pub drain: Drain,
+    /// The Wasm runtime's capacity.
+    #[serde(default, skip_serializing_if = "WasmOptions::is_default")]
+    pub wasm: WasmOptions,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmOptions {
+    /// Filter VMs that can exist at once (each worker runs one VM per filter, and a reload
+    /// briefly keeps the old ones); fixed at start. Default: planned from the configuration
+    /// at start, at least 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_instances: Option<u32>,
+}
+
+impl WasmOptions {
+    fn is_default(&self) -> bool {
+        *self == WasmOptions::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
-    /// `IP:port` of the admin listener; port 0 picks a free port (logged at start).
+    /// `IP:port` of the admin listener; port 0 picks a free port (logged at start). It must be
+    /// a loopback address unless `allow_remote` says otherwise.
     pub address: String,
+    /// Serve the admin listener on an address other hosts can reach (it shows the running
+    /// configuration and metrics, and says when the proxy drains).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_remote: bool,
+    /// `/config` shows filter configurations and header-edit values as they are, instead of
+    /// `<redacted>` (they may hold keys and tokens).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub show_secrets: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -156,8 +156,12 @@ pub enum CalloutBody {
         data: Option<Bytes>,
         trailers: Option<http::HeaderMap>,
     },
-    /// A gRPC stream: framed messages as the filter sends them; closed channel = end.
-    Channel(tokio::sync::mpsc::UnboundedReceiver<Bytes>),
+    /// A gRPC stream: framed messages as the filter sends them; closed channel = end. The
+    /// counter holds the bytes sent to the channel and not yet taken from it.
+    Channel(
+        tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ),
 }
 
 impl CalloutBody {
@@ -169,7 +173,12 @@ impl CalloutBody {
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            CalloutBody::Channel(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
+            CalloutBody::Channel(rx, queued) => rx.poll_recv(cx).map(|m| {
+                m.map(|b| {
+                    queued.fetch_sub(b.len(), std::sync::atomic::Ordering::Relaxed);
+                    Ok(Frame::data(b))
+                })
+            }),
         }
     }
 
@@ -242,7 +251,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Callout(CalloutBody::Full { data, .. }) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            UpstreamBody::Callout(CalloutBody::Channel(_)) => SizeHint::default(),
+            UpstreamBody::Callout(CalloutBody::Channel(..)) => SizeHint::default(),
         }
     }
 }

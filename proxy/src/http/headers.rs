@@ -27,6 +27,17 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Fields the proxy sets or checks itself: a `Connection` header naming one does not remove it
+/// (or the proxy's own value would go with it).
+fn is_protected(name: &HeaderName) -> bool {
+    *name == header::HOST
+        || *name == header::CONTENT_LENGTH
+        || *name == X_FORWARDED_FOR
+        || *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_CLIENT_CERT
+        || *name == X_REQUEST_ID
+}
+
 /// Whether `name` is a connection-specific field we always drop (RFC 9110 §7.6.1).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == header::CONNECTION
@@ -63,8 +74,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                     && !t.eq_ignore_ascii_case("upgrade")
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            // The proxy sets these itself; a client naming them must not strip them.
-            .filter(|h| *h != header::HOST && *h != header::CONTENT_LENGTH)
+            // The proxy sets (or vouches for) these itself; naming them in `Connection` must
+            // not strip them.
+            .filter(|h| !is_protected(h))
             .collect();
         for h in listed {
             headers.remove(h);
@@ -117,24 +129,41 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'st
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// `x-forwarded-client-cert` for a verified client certificate, in Envoy's format:
-/// `Hash=<sha256 hex>;URI=<uri SAN>` (one `URI=` per URI SAN), else `DNS=` per DNS SAN, and the
-/// subject.
+/// `Hash=<sha256 hex>;URI=<uri SAN>` (one `URI=` per URI SAN), `DNS=` per DNS SAN, and the
+/// subject. As Envoy does, the subject is always quoted, and any other value holding `,`, `;`,
+/// `=` or `"` is quoted too (with `"` and `\` escaped): a certificate whose SAN is
+/// `spiffe://a;URI=spiffe://admin` cannot add an element.
 pub fn client_cert_value(peer: &crate::tls::PeerIdentity) -> Option<HeaderValue> {
     let mut v = format!("Hash={}", peer.sha256);
     for u in &peer.uris {
         v.push_str(";URI=");
-        v.push_str(u);
+        push_xfcc_value(&mut v, u, false);
     }
     for d in &peer.dns {
         v.push_str(";DNS=");
-        v.push_str(d);
+        push_xfcc_value(&mut v, d, false);
     }
     if !peer.subject.is_empty() {
-        v.push_str(";Subject=\"");
-        v.push_str(&peer.subject.replace('"', "\\\""));
-        v.push('"');
+        v.push_str(";Subject=");
+        push_xfcc_value(&mut v, &peer.subject, true);
     }
     HeaderValue::from_str(&v).ok()
+}
+
+fn push_xfcc_value(out: &mut String, value: &str, always_quote: bool) {
+    let quote = always_quote || value.contains([',', ';', '=', '"', '\\']);
+    if !quote {
+        out.push_str(value);
+        return;
+    }
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// Removes any `x-forwarded-client-cert` the client sent, and sets weft's own for a client that
@@ -150,9 +179,26 @@ pub fn set_client_cert(headers: &mut HeaderMap, value: Option<&HeaderValue>) {
     }
 }
 
-/// Sets `x-request-id` to a fresh UUID v4 unless the request carries one.
+/// Most bytes of a client's `x-request-id` kept.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a client's `x-request-id` is one to keep: one value of 1 to 128 characters from
+/// `A-Z a-z 0-9 - _ . : +` (UUIDs, trace ids, ULIDs…), nothing that could break a log line or
+/// a downstream parser.
+fn well_formed_request_id(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(&X_REQUEST_ID).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let b = v.as_bytes();
+    (1..=MAX_REQUEST_ID).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'+'))
+}
+
+/// Sets `x-request-id` to a fresh UUID v4 unless the request carries a well-formed one.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
-    if headers.get(&X_REQUEST_ID).is_some_and(|v| !v.is_empty()) {
+    if well_formed_request_id(headers) {
         return;
     }
     headers.insert(&X_REQUEST_ID, new_request_id());
@@ -255,6 +301,73 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn connection_cannot_strip_what_the_proxy_sets() {
+        let mut h = map(&[
+            (
+                "connection",
+                "close, x-forwarded-for, X-Forwarded-Proto, x-request-id, x-forwarded-client-cert, x-other",
+            ),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-request-id", "abc"),
+            ("x-forwarded-client-cert", "Hash=proxy-set"),
+            ("x-other", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(h["x-request-id"], "abc");
+        assert_eq!(h["x-forwarded-client-cert"], "Hash=proxy-set");
+        assert!(!h.contains_key("x-other"));
+    }
+
+    #[test]
+    fn only_well_formed_request_ids_are_kept() {
+        for (given, kept) in [
+            ("5f0c6a0e-2a6b-4b8e-9a36-7f1d2c3b4a59", true),
+            ("01HZX3Y9ZK5Q8B7N6M4P2R1T0V", true),
+            ("trace:abc.def_1+2", true),
+            ("", false),
+            ("has space", false),
+            ("<script>", false),
+            ("a\u{7f}b", false),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(given) {
+                h.insert(&X_REQUEST_ID, v);
+            }
+            ensure_request_id(&mut h);
+            assert_eq!(h[&X_REQUEST_ID] == given, kept, "{given:?}");
+        }
+        let mut h = map(&[("x-request-id", &"a".repeat(129))]);
+        ensure_request_id(&mut h);
+        assert_eq!(h["x-request-id"].len(), 36, "too long: replaced");
+        let mut h = map(&[("x-request-id", "one"), ("x-request-id", "two")]);
+        ensure_request_id(&mut h);
+        assert_eq!(
+            h.get_all("x-request-id").iter().count(),
+            1,
+            "two: replaced by one"
+        );
+    }
+
+    #[test]
+    fn xfcc_values_cannot_add_elements() {
+        let peer = crate::tls::PeerIdentity {
+            sha256: "ab12".into(),
+            uris: vec![
+                "spiffe://td/ns/a/sa/b".into(),
+                "spiffe://x;URI=spiffe://admin".into(),
+            ],
+            dns: vec!["a.example".into()],
+            subject: "CN=a \"quoted\", O=x".into(),
+        };
+        let v = client_cert_value(&peer).expect("value");
+        assert_eq!(
+            v.to_str().expect("text"),
+            "Hash=ab12;URI=spiffe://td/ns/a/sa/b;URI=\"spiffe://x;URI=spiffe://admin\";DNS=a.example;Subject=\"CN=a \\\"quoted\\\", O=x\""
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -21,12 +22,10 @@ use weft_abi::{Status, grpc_status};
 
 use super::state::{CalloutData, Headers};
 use super::vm::Vm;
+use super::worker::CalloutSlot;
 use crate::http::body::{CalloutBody, UpstreamBody};
 use crate::upstream::pool::{self, Wire};
 use crate::upstream::{Cluster, Outcome, PickArgs, Pools};
-
-/// Most bytes of a callout response body kept.
-const MAX_CALLOUT_BODY: usize = 16 * 1024 * 1024;
 
 /// An HTTP call a guest made.
 #[derive(Debug)]
@@ -37,7 +36,9 @@ pub struct HttpCallout {
     pub headers: Headers,
     pub body: Bytes,
     pub trailers: Headers,
-    pub timeout: Option<Duration>,
+    pub timeout: Duration,
+    /// Most response body bytes kept: past it the call fails.
+    pub max_body: usize,
 }
 
 /// Where a gRPC call or stream goes.
@@ -47,6 +48,8 @@ pub struct GrpcTarget {
     /// `/service/method`.
     pub path: String,
     pub metadata: Headers,
+    /// Largest message either way, and most bytes a stream may have queued for sending.
+    pub max_message: usize,
 }
 
 /// A gRPC call or stream in flight, as the VM holds it.
@@ -54,16 +57,32 @@ pub struct GrpcTarget {
 pub struct GrpcHandle {
     abort: AbortHandle,
     sender: Option<mpsc::UnboundedSender<Bytes>>,
+    /// Bytes sent to the stream and not yet taken by its connection.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+}
+
+/// Why a message could not be sent on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The stream is closed for sending.
+    Closed,
+    /// Its queue is full (`limits.callout_body`): the peer is not reading fast enough.
+    Full,
 }
 
 impl GrpcHandle {
-    /// Sends a message on a stream (`end` half-closes after it); false when the stream can
-    /// no longer send.
-    pub fn send(&mut self, msg: Bytes, end: bool) -> bool {
-        let sent = self
-            .sender
-            .as_ref()
-            .is_some_and(|tx| tx.send(frame(&msg)).is_ok());
+    /// Sends a message on a stream (`end` half-closes after it).
+    pub fn send(&mut self, msg: Bytes, end: bool) -> Result<(), SendError> {
+        let Some(tx) = &self.sender else {
+            return Err(SendError::Closed);
+        };
+        let framed = frame(&msg);
+        if self.queued.load(Ordering::Relaxed) + framed.len() > self.max_queued {
+            return Err(SendError::Full);
+        }
+        self.queued.fetch_add(framed.len(), Ordering::Relaxed);
+        let sent = tx.send(framed).map_err(|_| SendError::Closed);
         if end {
             self.sender = None;
         }
@@ -143,6 +162,7 @@ async fn exchange(
     cluster: &Cluster,
     wire: Wire,
     req: Request<UpstreamBody>,
+    max_body: usize,
 ) -> Result<(u16, HeaderMap, Bytes, HeaderMap), crate::errors::ProxyError> {
     use crate::errors::ProxyError;
     let endpoint = cluster
@@ -179,7 +199,7 @@ async fn exchange(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(ProxyError::UpstreamReset)?;
         if let Some(d) = frame.data_ref() {
-            if data.len() + d.len() > MAX_CALLOUT_BODY {
+            if data.len() + d.len() > max_body {
                 return Err(ProxyError::BadRequest("callout response body too large"));
             }
             data.extend_from_slice(d);
@@ -249,13 +269,10 @@ async fn http_exchange(
         Version::HTTP_11
     };
     *req.headers_mut() = headers;
-    let sent = exchange(pools, &call.cluster, wire, req);
-    let result = match call.timeout {
-        Some(t) => tokio::time::timeout(t, sent)
-            .await
-            .unwrap_or(Err(ProxyError::UpstreamTimeout(t))),
-        None => sent.await,
-    };
+    let sent = exchange(pools, &call.cluster, wire, req, call.max_body);
+    let result = tokio::time::timeout(call.timeout, sent)
+        .await
+        .unwrap_or(Err(ProxyError::UpstreamTimeout(call.timeout)));
     match result {
         Ok((status, map, body, trailers)) => Ok(CalloutData {
             headers: response_headers(status, map),
@@ -349,13 +366,15 @@ fn percent_decode(v: &[u8]) -> Vec<u8> {
 pub fn grpc_call(
     pools: Rc<RefCell<Pools>>,
     vm: Weak<Vm>,
-    root: u32,
-    token: u32,
+    (root, token): (u32, u32),
     target: GrpcTarget,
     message: Bytes,
-    timeout: Option<Duration>,
+    timeout: Duration,
+    slot: CalloutSlot,
 ) -> GrpcHandle {
+    let max_message = target.max_message;
     let task = tokio::task::spawn_local(async move {
+        let _slot = slot;
         let run = async {
             let req = grpc_request(
                 &target,
@@ -363,14 +382,15 @@ pub fn grpc_call(
                     data: Some(frame(&message)),
                     trailers: None,
                 }),
-                timeout,
+                Some(timeout),
             )
             .ok_or((
                 grpc_status::INTERNAL,
                 Bytes::from_static(b"invalid gRPC target"),
             ))?;
+            // The response body holds one framed message.
             let (status, headers, body, trailers) =
-                exchange(&pools, &target.cluster, Wire::Http2, req)
+                exchange(&pools, &target.cluster, Wire::Http2, req, max_message + 5)
                     .await
                     .map_err(|e| (grpc_status::UNAVAILABLE, Bytes::from(e.to_string())))?;
             let (code, msg) = grpc_outcome(status, &headers, &trailers);
@@ -380,13 +400,10 @@ pub fn grpc_call(
             let mut buf = BytesMut::from(&body[..]);
             Ok(messages(&mut buf).into_iter().next().unwrap_or_default())
         };
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, run).await.unwrap_or(Err((
-                grpc_status::DEADLINE_EXCEEDED,
-                Bytes::from_static(b"deadline exceeded"),
-            ))),
-            None => run.await,
-        };
+        let result = tokio::time::timeout(timeout, run).await.unwrap_or(Err((
+            grpc_status::DEADLINE_EXCEEDED,
+            Bytes::from_static(b"deadline exceeded"),
+        )));
         if let Some(vm) = vm.upgrade() {
             match result {
                 Ok(msg) => vm.deliver_grpc_message(root, token, msg, true),
@@ -397,6 +414,8 @@ pub fn grpc_call(
     GrpcHandle {
         abort: task.abort_handle(),
         sender: None,
+        queued: Arc::default(),
+        max_queued: max_message,
     }
 }
 
@@ -407,9 +426,14 @@ pub fn grpc_stream(
     root: u32,
     token: u32,
     target: GrpcTarget,
+    slot: CalloutSlot,
 ) -> GrpcHandle {
     let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let max_message = target.max_message;
+    let body_queued = queued.clone();
     let task = tokio::task::spawn_local(async move {
+        let _slot = slot;
         let close = |vm: &Weak<Vm>, code: u32, msg: Bytes| {
             if let Some(vm) = vm.upgrade() {
                 vm.deliver_grpc_close(root, token, code, msg);
@@ -417,7 +441,7 @@ pub fn grpc_stream(
         };
         let Some(req) = grpc_request(
             &target,
-            UpstreamBody::Callout(CalloutBody::Channel(rx)),
+            UpstreamBody::Callout(CalloutBody::Channel(rx, body_queued)),
             None,
         ) else {
             return close(
@@ -465,6 +489,19 @@ pub fn grpc_stream(
                 Ok(f) => {
                     if let Some(d) = f.data_ref() {
                         buf.extend_from_slice(d);
+                        // A message (or what is announced as one) larger than the limit ends
+                        // the stream instead of growing the buffer.
+                        let announced = (buf.len() >= 5)
+                            .then(|| u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]));
+                        if buf.len() > max_message + 5
+                            || announced.is_some_and(|n| n as usize > max_message)
+                        {
+                            return close(
+                                &vm,
+                                grpc_status::RESOURCE_EXHAUSTED,
+                                Bytes::from_static(b"message larger than limits.callout_body"),
+                            );
+                        }
                         for msg in messages(&mut buf) {
                             match vm.upgrade() {
                                 Some(v) => v.deliver_grpc_message(root, token, msg, false),
@@ -495,6 +532,8 @@ pub fn grpc_stream(
     GrpcHandle {
         abort: task.abort_handle(),
         sender: Some(tx),
+        queued,
+        max_queued: max_message,
     }
 }
 

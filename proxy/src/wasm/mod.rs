@@ -49,6 +49,7 @@ pub struct VmKey {
     pub vm_config: Bytes,
     pub memory: usize,
     pub cpu_per_call: Duration,
+    pub host: runtime::HostLimits,
 }
 
 /// Which optional callbacks a module exports: a body nobody can see is not wrapped.
@@ -184,6 +185,59 @@ fn check_limits(f: &Filter, at: &str, errors: &mut Vec<ConfigError>) -> bool {
             format!("{} bytes is out of range (1KiB..=1GiB)", l.body_buffer.0),
         ));
     }
+    let mut range = |field: &str, v: u64, lo: u64, hi: u64, shown: &str| {
+        if !(lo..=hi).contains(&v) {
+            errors.push(ConfigError::new(
+                format!("{at}.limits.{field}"),
+                format!("{v} is out of range ({shown})"),
+            ));
+        }
+    };
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+    range("log_line", l.log_line.0, 256, MIB, "256..=1MiB");
+    range("shared_data", l.shared_data.0, 0, 1024 * MIB, "0..=1GiB");
+    range(
+        "shared_data_keys",
+        l.shared_data_keys.into(),
+        0,
+        10_000_000,
+        "0..=10000000",
+    );
+    range(
+        "queue_depth",
+        l.queue_depth.into(),
+        1,
+        10_000_000,
+        "1..=10000000",
+    );
+    range(
+        "queue_bytes",
+        l.queue_bytes.0,
+        KIB,
+        1024 * MIB,
+        "1KiB..=1GiB",
+    );
+    range(
+        "callouts",
+        l.callouts.into(),
+        1,
+        runtime::caps::WORKER_CALLOUTS as u64,
+        "1..=1024",
+    );
+    range(
+        "callout_body",
+        l.callout_body.0,
+        KIB,
+        64 * MIB,
+        "1KiB..=64MiB",
+    );
+    if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&l.callout_timeout.0) {
+        errors.push(ConfigError::new(
+            format!("{at}.limits.callout_timeout"),
+            "out of range (1ms..=1h)",
+        ));
+    }
     errors.len() == before
 }
 
@@ -220,6 +274,7 @@ fn build_one(
         vm_config: vm_config.clone(),
         memory: f.limits.memory.0 as usize,
         cpu_per_call: f.limits.cpu_per_call.0,
+        host: runtime::HostLimits::of(&f.limits),
     };
     let plugin = Arc::new(PluginInfo {
         name: name.clone(),
@@ -247,6 +302,7 @@ fn build_one(
             vm_config,
             memory: f.limits.memory.0 as usize,
             cpu_per_call: f.limits.cpu_per_call.0,
+            host: key.host,
         },
         key,
         plugin,

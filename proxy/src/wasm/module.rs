@@ -55,15 +55,26 @@ pub fn by_digest(digest: &str) -> Option<Arc<LoadedModule>> {
         .cloned()
 }
 
+/// Forgets the loaded modules nothing holds but this cache (a snapshot's filters, a draining
+/// snapshot's VMs and a control-plane delivery not yet applied all hold theirs): a proxy that
+/// receives a new module on every push does not keep every module it ever ran. One forgotten
+/// and needed again is loaded again (from the disk cache).
+pub fn evict_unused() {
+    let mut loaded = loaded().lock().unwrap_or_else(|e| e.into_inner());
+    loaded.retain(|_, m| Arc::strong_count(m) > 1);
+    Runtime::global().retain_modules(&|d| loaded.contains_key(d));
+}
+
+/// Modules loaded now.
+pub fn loaded_count() -> usize {
+    loaded().lock().unwrap_or_else(|e| e.into_inner()).len()
+}
+
 /// Loads `bytes` (named `name` in messages).
 pub fn load(name: &str, bytes: &[u8]) -> Result<Arc<LoadedModule>, String> {
     let digest = digest(bytes);
-    if let Some(m) = loaded()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&digest)
-    {
-        return Ok(m.clone());
+    if let Some(m) = by_digest(&digest) {
+        return Ok(m);
     }
     let module = Runtime::global().module(&digest, bytes)?;
     let loaded_module = Arc::new(link(name, digest.clone(), &module)?);

@@ -21,12 +21,100 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// The largest memory any VM may have (per-filter limits are at most this).
 pub const MAX_VM_MEMORY: usize = 1 << 30;
 
-/// VMs that can exist at once in the process (pooling allocator slots).
-const POOL_INSTANCES: u32 = 512;
+/// VMs that can exist at once in the process (pooling allocator slots) when nothing planned
+/// the pool (`weft validate`, the control plane's validation).
+pub const DEFAULT_POOL_INSTANCES: u32 = 512;
+
+/// The pool size the process's engine is (or will be) created with.
+static POOL_INSTANCES: OnceLock<u32> = OnceLock::new();
+
+/// Sizes the VM pool, before the engine exists (the first module load creates it). Returns the
+/// size in effect: `instances`, or what was fixed before.
+pub fn plan_pool(instances: u32) -> u32 {
+    *POOL_INSTANCES.get_or_init(|| instances.max(1))
+}
+
+/// How many VMs can exist at once: the pool's size, or `None` when VMs are allocated on demand
+/// (the pooling allocator was refused its address space).
+pub fn pool_capacity() -> Option<u32> {
+    let runtime = Runtime::global();
+    runtime
+        .pooled
+        .then(|| *POOL_INSTANCES.get_or_init(|| DEFAULT_POOL_INSTANCES))
+}
+
+/// What a guest may make the host hold for it, beyond its own memory: every host-side buffer a
+/// guest can grow has a cap here, and going past it is an error status for the guest (the call
+/// changes nothing), never an abort of the proxy. Per VM, from its filter's `limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HostLimits {
+    /// Longest log message (`proxy_log`, standard output and error).
+    pub log_line: usize,
+    /// Bytes of keys and values in the shared data of the VM's `vm_id`.
+    pub shared_data: usize,
+    /// Keys in the shared data of the VM's `vm_id`.
+    pub shared_data_keys: usize,
+    /// Items and bytes waiting in a queue the VM registers.
+    pub queue_depth: usize,
+    pub queue_bytes: usize,
+    /// HTTP and gRPC callouts in flight at once.
+    pub callouts: usize,
+    /// The timeout of a callout made with timeout 0.
+    pub callout_timeout: Duration,
+    /// Largest callout body either way (HTTP bodies, gRPC messages, a stream's send queue).
+    pub callout_body: usize,
+    /// Most body bytes a filter may hold (what `proxy_set_buffer_bytes` may grow a body to).
+    pub body_buffer: usize,
+}
+
+impl HostLimits {
+    pub fn of(l: &crate::config::FilterLimits) -> HostLimits {
+        let size = |b: crate::config::ByteSize| usize::try_from(b.0).unwrap_or(usize::MAX);
+        HostLimits {
+            log_line: size(l.log_line),
+            shared_data: size(l.shared_data),
+            shared_data_keys: l.shared_data_keys as usize,
+            queue_depth: l.queue_depth as usize,
+            queue_bytes: size(l.queue_bytes),
+            callouts: l.callouts as usize,
+            callout_timeout: l.callout_timeout.0,
+            callout_body: size(l.callout_body),
+            body_buffer: size(l.body_buffer),
+        }
+    }
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        HostLimits::of(&crate::config::FilterLimits::default())
+    }
+}
+
+/// Fixed caps on what a guest can make the host hold (not worth a setting each).
+pub mod caps {
+    /// iovecs in one `fd_write` (POSIX's `IOV_MAX`).
+    pub const MAX_IOVECS: usize = 1024;
+    /// Queues one `vm_id` may register.
+    pub const MAX_QUEUES_PER_VM_ID: usize = 1024;
+    /// Longest queue name, shared-data key, metric name.
+    pub const MAX_NAME: usize = 4096;
+    /// Bytes of properties a stream's filters may set (`proxy_set_property`).
+    pub const MAX_FILTER_STATE: usize = 64 * 1024;
+    /// Actions (continue, close, local response) a stream may have waiting.
+    pub const MAX_STREAM_ACTIONS: usize = 64;
+    /// A header map a filter grows may not grow past this many bytes or entries (as
+    /// proxy-wasm-cpp-host's limits on serialized maps).
+    pub const MAX_HEADER_MAP_BYTES: usize = weft_abi::MAX_PAIRS_BYTES;
+    pub const MAX_HEADER_MAP_ENTRIES: usize = weft_abi::MAX_PAIRS;
+    /// Callouts in flight at once on one worker, all VMs together.
+    pub const WORKER_CALLOUTS: usize = 1024;
+}
 
 /// The process's Wasm engine and module cache.
 pub struct Runtime {
     engine: Engine,
+    /// VMs come from the pool (else: allocated on demand).
+    pooled: bool,
     modules: Mutex<HashMap<String, Module>>,
     cache_dir: Option<PathBuf>,
 }
@@ -39,17 +127,17 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-fn config(pooling: bool) -> Config {
+fn config(pooling: Option<u32>) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true)
         .cranelift_opt_level(OptLevel::Speed)
         .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(32))
         .max_wasm_stack(512 * 1024);
-    if pooling {
+    if let Some(instances) = pooling {
         let mut p = PoolingAllocationConfig::default();
-        p.total_core_instances(POOL_INSTANCES)
-            .total_memories(POOL_INSTANCES)
-            .total_tables(POOL_INSTANCES)
+        p.total_core_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances)
             .max_memories_per_module(1)
             .max_tables_per_module(2)
             .max_memory_size(MAX_VM_MEMORY)
@@ -72,15 +160,20 @@ impl Runtime {
             let cache_dir = cache_dir();
             // The pooling allocator reserves address space up front; where that is refused
             // (a small address-space limit), fall back to on-demand allocation.
-            let engine = Engine::new(&config(true))
-                .or_else(|e| {
+            let instances = *POOL_INSTANCES.get_or_init(|| DEFAULT_POOL_INSTANCES);
+            let (engine, pooled) = match Engine::new(&config(Some(instances))) {
+                Ok(e) => (e, true),
+                Err(e) => {
                     tracing::warn!(error = %e, "the pooling allocator is unavailable; allocating VMs on demand");
-                    Engine::new(&config(false))
-                })
-                .unwrap_or_else(|e| panic!("cannot create the Wasm engine: {e}"));
+                    let engine = Engine::new(&config(None))
+                        .unwrap_or_else(|e| panic!("cannot create the Wasm engine: {e}"));
+                    (engine, false)
+                }
+            };
             start_ticker(engine.clone());
             Runtime {
                 engine,
+                pooled,
                 modules: Mutex::new(HashMap::new()),
                 cache_dir,
             }
@@ -128,6 +221,15 @@ impl Runtime {
             .unwrap_or_else(|e| e.into_inner())
             .insert(digest.to_owned(), module.clone());
         Ok(module)
+    }
+
+    /// Forgets compiled modules whose digest `keep` does not hold (those in use stay alive
+    /// through their users; this drops the cache's hold).
+    pub fn retain_modules(&self, keep: &dyn Fn(&str) -> bool) {
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|d, _| keep(d));
     }
 
     fn cache_path(&self, digest: &str) -> Option<PathBuf> {
@@ -180,6 +282,33 @@ fn store_cached(path: &Path, module: &Module) {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_err() {
         let _ = std::fs::remove_file(&tmp);
+    }
+    if let Some(dir) = path.parent() {
+        prune_cache(dir, MAX_CACHED_MODULES);
+    }
+}
+
+/// Compiled modules kept on disk at most: the oldest go first (a proxy that gets a new module
+/// on every push does not fill its disk).
+const MAX_CACHED_MODULES: usize = 256;
+
+/// Removes the least recently written `.cwasm` files of `dir` beyond `keep`. (A process using
+/// one keeps its mapping; it is compiled again when next loaded.)
+fn prune_cache(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() <= keep {
+        return;
+    }
+    files.sort();
+    for (_, p) in &files[..files.len() - keep] {
+        let _ = std::fs::remove_file(p);
     }
 }
 
@@ -236,3 +365,30 @@ pub fn ticks(limit: Duration) -> u64 {
 
 /// Shared handle on the runtime.
 pub type SharedRuntime = Arc<Runtime>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_disk_cache_keeps_the_newest_modules() {
+        let dir = tempfile::tempdir().expect("dir");
+        for i in 0..5 {
+            let p = dir.path().join(format!("{i}.cwasm"));
+            std::fs::write(&p, b"x").expect("write");
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i);
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_modified(t))
+                .expect("mtime");
+        }
+        std::fs::write(dir.path().join("other.txt"), b"x").expect("write");
+        super::prune_cache(dir.path(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["3.cwasm", "4.cwasm", "other.txt"]);
+    }
+}

@@ -13,11 +13,16 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::mpsc::UnboundedSender;
 use weft_abi::{MetricType, Status};
 
+use super::runtime::caps;
 use crate::metrics::Metrics;
 
 /// Most distinct metrics one filter may define (label sets count separately); beyond it,
 /// definitions succeed but record nothing, and are counted as dropped.
 pub const MAX_METRICS_PER_FILTER: usize = 1000;
+
+/// The id of a metric defined past the cardinality cap (with its type in the low two bits):
+/// it records nothing, and nothing is kept for it.
+const DROPPED_METRIC: u32 = !3;
 
 /// A notification for the worker that consumes a queue.
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +34,11 @@ pub struct QueueReady {
 
 struct Queue {
     items: VecDeque<Bytes>,
+    /// Bytes of `items`.
+    bytes: usize,
+    /// Most items and bytes waiting (the registering VM's limits).
+    max_items: usize,
+    max_bytes: usize,
     /// The last root context to register the queue: its worker is told of new items.
     consumer: Option<(UnboundedSender<QueueReady>, u64, u32)>,
 }
@@ -37,13 +47,33 @@ struct Queue {
 struct Queues {
     by_name: HashMap<(Arc<str>, Vec<u8>), u32>,
     queues: HashMap<u32, Queue>,
+    /// Queues per `vm_id`.
+    per_vm_id: HashMap<Arc<str>, usize>,
     next: u32,
+}
+
+/// Limits on a queue, from the VM that registers it.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub items: usize,
+    pub bytes: usize,
+}
+
+/// Limits on one `vm_id`'s shared data, from the VM that writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct DataLimits {
+    pub bytes: usize,
+    pub keys: usize,
 }
 
 type LabelSet = Vec<(String, String)>;
 
-/// One `vm_id`'s shared data: key → (value, CAS).
-type SharedData = HashMap<Vec<u8>, (Bytes, u32)>;
+/// One `vm_id`'s shared data: key → (value, CAS), and the bytes of keys and values.
+#[derive(Default)]
+struct SharedData {
+    map: HashMap<Vec<u8>, (Bytes, u32)>,
+    bytes: usize,
+}
 type HistogramFamily = Family<LabelSet, Histogram, fn() -> Histogram>;
 
 fn guest_histogram() -> Histogram {
@@ -103,6 +133,11 @@ pub struct WasmStats {
     pub vm_starts: Family<FilterLabels, Counter>,
     pub call_time: Family<FilterLabels, Histogram, fn() -> Histogram>,
     pub metrics_dropped: Family<FilterLabels, Counter>,
+    /// Modules loaded (compiled and linked) now.
+    pub modules_loaded: Gauge,
+    /// VMs the pool holds, and VMs the running configuration may need at once.
+    pub pool_size: Gauge,
+    pub vms_needed: Gauge,
 }
 
 impl std::fmt::Debug for WasmStats {
@@ -164,6 +199,9 @@ impl SharedHost {
             vm_starts: Family::default(),
             call_time: Family::new_with_constructor(call_time_histogram),
             metrics_dropped: Family::default(),
+            modules_loaded: Gauge::default(),
+            pool_size: Gauge::default(),
+            vms_needed: Gauge::default(),
         };
         metrics.with_registry(|r| {
             r.register(
@@ -180,6 +218,21 @@ impl SharedHost {
                 "wasm_call_duration_seconds",
                 "Time spent inside a filter's VM per request",
                 stats.call_time.clone(),
+            );
+            r.register(
+                "wasm_modules_loaded",
+                "Wasm modules loaded (compiled and linked); those no configuration uses are evicted",
+                stats.modules_loaded.clone(),
+            );
+            r.register(
+                "wasm_vm_pool_size",
+                "Filter VMs that can exist at once (wasm.pool_instances)",
+                stats.pool_size.clone(),
+            );
+            r.register(
+                "wasm_vms_needed",
+                "Filter VMs the running configuration may need at once (workers x VMs, with a reload's)",
+                stats.vms_needed.clone(),
             );
             r.register(
                 "wasm_metrics_dropped",
@@ -209,33 +262,45 @@ impl SharedHost {
     /// `proxy_get_shared_data`: value and CAS.
     pub fn get(&self, vm_id: &Arc<str>, key: &[u8]) -> Option<(Bytes, u32)> {
         let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        data.get(vm_id)?.get(key).cloned()
+        data.get(vm_id)?.map.get(key).cloned()
     }
 
     /// `proxy_set_shared_data`: `cas` 0 writes unconditionally, otherwise it must be the
-    /// current CAS of an existing key. `None` removes the key.
+    /// current CAS of an existing key. `None` removes the key. A write that would take the
+    /// `vm_id`'s data past `limits` fails (`INTERNAL_FAILURE`) and changes nothing.
     pub fn set(
         &self,
         vm_id: &Arc<str>,
         key: &[u8],
         value: Option<Bytes>,
         cas: u32,
+        limits: DataLimits,
     ) -> Result<(), Status> {
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        let map = data.entry(vm_id.clone()).or_default();
+        let shared = data.entry(vm_id.clone()).or_default();
+        let current = shared.map.get(key);
         if cas != 0
-            && let Some((_, current)) = map.get(key)
-            && *current != cas
+            && let Some((_, c)) = current
+            && *c != cas
         {
             return Err(Status::CasMismatch);
         }
+        let old = current.map_or(0, |(v, _)| key.len() + v.len());
         match value {
             Some(v) => {
+                let bytes = shared.bytes - old + key.len() + v.len();
+                let keys = shared.map.len() + usize::from(current.is_none());
+                let grows = bytes > shared.bytes;
+                if (grows && bytes > limits.bytes) || (current.is_none() && keys > limits.keys) {
+                    return Err(Status::InternalFailure);
+                }
                 let c = self.next_cas();
-                map.insert(key.to_vec(), (v, c));
+                shared.bytes = bytes;
+                shared.map.insert(key.to_vec(), (v, c));
             }
             None => {
-                map.remove(key);
+                shared.bytes -= old;
+                shared.map.remove(key);
             }
         }
         Ok(())
@@ -243,17 +308,24 @@ impl SharedHost {
 
     /// `proxy_register_shared_queue`: create or open, and become its consumer (when
     /// `consumer` says where to notify: the worker, the VM's uid and the root context).
+    /// A `vm_id` may have at most [`caps::MAX_QUEUES_PER_VM_ID`] queues.
     pub fn register_queue(
         &self,
         vm_id: &Arc<str>,
         name: &[u8],
         consumer: Option<(UnboundedSender<QueueReady>, u64, u32)>,
-    ) -> u32 {
+        limits: QueueLimits,
+    ) -> Result<u32, Status> {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let key = (vm_id.clone(), name.to_vec());
         let id = match q.by_name.get(&key) {
             Some(id) => *id,
             None => {
+                let count = q.per_vm_id.entry(vm_id.clone()).or_insert(0);
+                if *count >= caps::MAX_QUEUES_PER_VM_ID {
+                    return Err(Status::InternalFailure);
+                }
+                *count += 1;
                 q.next += 1;
                 let id = q.next;
                 q.by_name.insert(key, id);
@@ -261,6 +333,9 @@ impl SharedHost {
                     id,
                     Queue {
                         items: VecDeque::new(),
+                        bytes: 0,
+                        max_items: limits.items,
+                        max_bytes: limits.bytes,
                         consumer: None,
                     },
                 );
@@ -271,8 +346,10 @@ impl SharedHost {
             && consumer.is_some()
         {
             queue.consumer = consumer;
+            queue.max_items = limits.items;
+            queue.max_bytes = limits.bytes;
         }
-        id
+        Ok(id)
     }
 
     /// `proxy_resolve_shared_queue`.
@@ -281,10 +358,15 @@ impl SharedHost {
         q.by_name.get(&(vm_id.clone(), name.to_vec())).copied()
     }
 
-    /// `proxy_enqueue_shared_queue`: the consumer's worker is told.
+    /// `proxy_enqueue_shared_queue`: the consumer's worker is told. A full queue (its depth
+    /// or bytes) refuses the item (`INTERNAL_FAILURE`).
     pub fn enqueue(&self, id: u32, value: Bytes) -> Result<(), Status> {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let queue = q.queues.get_mut(&id).ok_or(Status::NotFound)?;
+        if queue.items.len() >= queue.max_items || queue.bytes + value.len() > queue.max_bytes {
+            return Err(Status::InternalFailure);
+        }
+        queue.bytes += value.len();
         queue.items.push_back(value);
         if let Some((tx, vm, root)) = &queue.consumer {
             let _ = tx.send(QueueReady {
@@ -300,7 +382,9 @@ impl SharedHost {
     pub fn dequeue(&self, id: u32) -> Result<Bytes, Status> {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let queue = q.queues.get_mut(&id).ok_or(Status::NotFound)?;
-        queue.items.pop_front().ok_or(Status::Empty)
+        let item = queue.items.pop_front().ok_or(Status::Empty)?;
+        queue.bytes -= item.len();
+        Ok(item)
     }
 
     /// `proxy_define_metric`: the id of `name` (with its `{labels}`) for `filter`; defining it
@@ -319,7 +403,8 @@ impl SharedHost {
                     filter: filter.to_string(),
                 })
                 .inc();
-            GuestMetric::Dropped
+            // Nothing is kept for it: the one id of dropped metrics of this type.
+            return DROPPED_METRIC | t as u32;
         } else {
             *count += 1;
             let (name, mut labels) = parse_name(raw);
@@ -384,6 +469,9 @@ impl SharedHost {
     }
 
     fn metric(&self, id: u32) -> Option<(MetricType, GuestMetric)> {
+        if id & !3 == DROPPED_METRIC {
+            return Some((MetricType::from_u32(id & 3)?, GuestMetric::Dropped));
+        }
         let g = self.guest.lock().unwrap_or_else(|e| e.into_inner());
         g.metrics.get(((id >> 2) as usize).checked_sub(1)?).cloned()
     }
@@ -433,24 +521,102 @@ impl SharedHost {
 mod tests {
     use super::*;
 
+    const ANY: DataLimits = DataLimits {
+        bytes: usize::MAX,
+        keys: usize::MAX,
+    };
+    const QUEUE: QueueLimits = QueueLimits {
+        items: 3,
+        bytes: 10,
+    };
+
+    #[test]
+    fn shared_data_is_capped_per_vm_id_and_a_refused_write_changes_nothing() {
+        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let vm: Arc<str> = Arc::from("vm");
+        let small = DataLimits { bytes: 10, keys: 2 };
+        h.set(&vm, b"a", Some(Bytes::from_static(b"1234")), 0, small)
+            .expect("5 bytes");
+        assert_eq!(
+            h.set(&vm, b"b", Some(Bytes::from_static(b"123456")), 0, small),
+            Err(Status::InternalFailure),
+            "12 bytes in all"
+        );
+        assert!(h.get(&vm, b"b").is_none());
+        h.set(&vm, b"b", Some(Bytes::from_static(b"1234")), 0, small)
+            .expect("10 bytes");
+        assert_eq!(
+            h.set(&vm, b"c", Some(Bytes::new()), 0, small),
+            Err(Status::InternalFailure),
+            "a third key"
+        );
+        // Replacing with something smaller, or removing, always works; then there is room.
+        h.set(&vm, b"a", Some(Bytes::from_static(b"1")), 0, small)
+            .expect("smaller");
+        h.set(&vm, b"b", None, 0, small).expect("remove");
+        h.set(&vm, b"c", Some(Bytes::from_static(b"12")), 0, small)
+            .expect("room again");
+        // Another vm_id has its own room.
+        h.set(
+            &Arc::from("other"),
+            b"x",
+            Some(Bytes::from_static(b"123456789")),
+            0,
+            small,
+        )
+        .expect("other vm_id");
+    }
+
+    #[test]
+    fn queues_are_capped_in_items_bytes_and_number() {
+        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let vm: Arc<str> = Arc::from("vm");
+        let id = h.register_queue(&vm, b"q", None, QUEUE).expect("register");
+        for item in [&b"1234"[..], b"1234"] {
+            h.enqueue(id, Bytes::copy_from_slice(item)).expect("room");
+        }
+        assert_eq!(
+            h.enqueue(id, Bytes::from_static(b"123")),
+            Err(Status::InternalFailure),
+            "11 bytes"
+        );
+        h.enqueue(id, Bytes::from_static(b"12")).expect("10 bytes");
+        assert_eq!(
+            h.enqueue(id, Bytes::new()),
+            Err(Status::InternalFailure),
+            "a fourth item"
+        );
+        h.dequeue(id).expect("item");
+        h.enqueue(id, Bytes::from_static(b"1")).expect("room again");
+        for i in 1..caps::MAX_QUEUES_PER_VM_ID {
+            h.register_queue(&vm, format!("q{i}").as_bytes(), None, QUEUE)
+                .expect("within the cap");
+        }
+        assert_eq!(
+            h.register_queue(&vm, b"one too many", None, QUEUE),
+            Err(Status::InternalFailure)
+        );
+        assert_eq!(h.register_queue(&vm, b"q", None, QUEUE), Ok(id), "existing");
+    }
+
     #[test]
     fn cas_semantics() {
         let h = SharedHost::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         assert!(h.get(&vm, b"k").is_none());
-        h.set(&vm, b"k", Some(Bytes::from_static(b"1")), 12345)
+        h.set(&vm, b"k", Some(Bytes::from_static(b"1")), 12345, ANY)
             .expect("a missing key takes any cas");
         let (v, cas) = h.get(&vm, b"k").expect("set");
         assert_eq!(&v[..], b"1");
         assert_ne!(cas, 0);
-        h.set(&vm, b"k", Some(Bytes::from_static(b"2")), cas)
+        h.set(&vm, b"k", Some(Bytes::from_static(b"2")), cas, ANY)
             .expect("matching cas");
         assert_eq!(
-            h.set(&vm, b"k", Some(Bytes::from_static(b"3")), cas),
+            h.set(&vm, b"k", Some(Bytes::from_static(b"3")), cas, ANY),
             Err(Status::CasMismatch),
             "a stale cas loses"
         );
-        h.set(&vm, b"k", None, 0).expect("remove");
+        h.set(&vm, b"k", None, 0, ANY).expect("remove");
         assert!(h.get(&vm, b"k").is_none());
         assert!(
             h.get(&Arc::from("other"), b"k").is_none(),
@@ -463,7 +629,9 @@ mod tests {
         let h = SharedHost::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let id = h.register_queue(&vm, b"q", Some((tx, 7, 1)));
+        let id = h
+            .register_queue(&vm, b"q", Some((tx, 7, 1)), QUEUE)
+            .expect("register");
         assert_eq!(h.resolve_queue(&vm, b"q"), Some(id));
         assert_eq!(h.resolve_queue(&vm, b"nope"), None);
         h.enqueue(id, Bytes::from_static(b"a")).expect("enqueue");
@@ -509,6 +677,14 @@ mod tests {
         for i in 0..MAX_METRICS_PER_FILTER + 5 {
             h.define_metric(&f, MetricType::Counter, &format!("c{i}"));
         }
+        // Past the cap nothing more is kept, however many names a guest makes up.
+        let kept = h.guest.lock().expect("lock").ids.len();
+        for i in 0..10_000 {
+            let id = h.define_metric(&f, MetricType::Counter, &format!("more{i}"));
+            assert_eq!(h.record(id, 1), Ok(()));
+            assert_eq!(h.value(id), Ok(0));
+        }
+        assert_eq!(h.guest.lock().expect("lock").ids.len(), kept);
         assert!(
             m.encode()
                 .contains("weft_wasm_metrics_dropped_total{filter=\"telemetry\"}")

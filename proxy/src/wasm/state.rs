@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use wasmtime::{Memory, StoreLimits, TypedFunc};
 use weft_abi::{AbiVersion, LogLevel};
 
+use super::runtime::caps;
 use super::shared::SharedHost;
 use super::vm::Vm;
 use super::worker::WasmWorker;
@@ -297,6 +298,8 @@ pub struct StreamData {
     pub info: StreamInfo,
     /// Values from `proxy_set_property`, by path.
     pub filter_state: HashMap<Vec<u8>, Bytes>,
+    /// Bytes of paths and values in `filter_state`.
+    pub filter_state_bytes: usize,
     /// A local response was asked for; later ones are ignored (and logged).
     pub local_response_sent: bool,
 }
@@ -325,9 +328,23 @@ impl StreamData {
 
     /// Records an action and wakes the chain (which acts once the guest call has returned:
     /// nothing here calls back into a guest).
-    pub fn push(&mut self, index: usize, action: StreamAction) {
-        self.actions.push_back((index, action));
+    ///
+    /// The same continue or close asked for again while the first still waits is one action;
+    /// at most [`caps::MAX_STREAM_ACTIONS`] wait at once (false: refused).
+    pub fn push(&mut self, index: usize, action: StreamAction) -> bool {
+        let repeated = match (&action, self.actions.back()) {
+            (StreamAction::Continue(d), Some((i, StreamAction::Continue(e))))
+            | (StreamAction::Close(d), Some((i, StreamAction::Close(e)))) => *i == index && d == e,
+            _ => false,
+        };
+        if !repeated {
+            if self.actions.len() >= caps::MAX_STREAM_ACTIONS {
+                return false;
+            }
+            self.actions.push_back((index, action));
+        }
         self.wake_all();
+        true
     }
 
     pub fn wake_all(&mut self) {
@@ -403,6 +420,8 @@ impl Default for Call {
 /// A VM's store data.
 pub struct HostState {
     pub limits: StoreLimits,
+    /// What the guest may make the host hold for it (see [`super::runtime::HostLimits`]).
+    pub host_limits: super::runtime::HostLimits,
     /// The last warning or error the guest logged: said with a rejected configuration.
     pub last_complaint: Option<String>,
     pub abi: AbiVersion,

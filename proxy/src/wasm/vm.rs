@@ -75,6 +75,8 @@ pub struct VmSpec {
     pub vm_config: Bytes,
     pub memory: usize,
     pub cpu_per_call: Duration,
+    /// What the guest may make the host hold for it.
+    pub host: super::runtime::HostLimits,
 }
 
 enum HeadersFn {
@@ -242,6 +244,7 @@ impl Vm {
         let on_worker = worker.is_some();
         let state = HostState {
             limits,
+            host_limits: spec.host,
             abi: module.abi,
             vm_id: spec.vm_id.clone(),
             vm_config: spec.vm_config.clone(),

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::callout::{self, GrpcHandle, GrpcTarget, HttpCallout};
+use super::runtime::caps;
 use super::shared::{QueueReady, SharedHost};
 use super::state::IdHasher;
 use super::vm::{Failure, StartError, Vm};
@@ -65,6 +66,19 @@ pub struct WasmWorker {
     me: Weak<WasmWorker>,
     /// The snapshot version the cache was last pruned for.
     version: Cell<u64>,
+    /// Callouts in flight on this worker, all VMs together.
+    callouts: Rc<Cell<usize>>,
+}
+
+/// A callout's place among the worker's callouts in flight, given back when it is dropped
+/// (the callout completed, failed, or was cancelled).
+#[derive(Debug)]
+pub struct CalloutSlot(Rc<Cell<usize>>);
+
+impl Drop for CalloutSlot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 impl std::fmt::Debug for WasmWorker {
@@ -98,6 +112,7 @@ impl WasmWorker {
             queue_tx,
             me: me.clone(),
             version: Cell::new(version),
+            callouts: Rc::new(Cell::new(0)),
         });
         let weak = Rc::downgrade(&w);
         tokio::task::spawn_local(async move {
@@ -244,10 +259,26 @@ impl WasmWorker {
         self.queue_tx.clone()
     }
 
-    pub fn http_call(&self, vm: Weak<Vm>, call: HttpCallout) {
-        tokio::task::spawn_local(callout::http(self.pools.clone(), vm, call));
+    /// A place for one more callout, unless the worker has [`caps::WORKER_CALLOUTS`] in
+    /// flight.
+    pub fn callout_slot(&self) -> Option<CalloutSlot> {
+        let n = self.callouts.get();
+        if n >= caps::WORKER_CALLOUTS {
+            return None;
+        }
+        self.callouts.set(n + 1);
+        Some(CalloutSlot(self.callouts.clone()))
     }
 
+    pub fn http_call(&self, vm: Weak<Vm>, call: HttpCallout, slot: CalloutSlot) {
+        let pools = self.pools.clone();
+        tokio::task::spawn_local(async move {
+            callout::http(pools, vm, call).await;
+            drop(slot);
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn grpc_call(
         &self,
         vm: Weak<Vm>,
@@ -255,16 +286,17 @@ impl WasmWorker {
         token: u32,
         target: GrpcTarget,
         message: Bytes,
-        timeout: Option<Duration>,
+        timeout: Duration,
+        slot: CalloutSlot,
     ) -> GrpcHandle {
         callout::grpc_call(
             self.pools.clone(),
             vm,
-            root,
-            token,
+            (root, token),
             target,
             message,
             timeout,
+            slot,
         )
     }
 
@@ -274,7 +306,8 @@ impl WasmWorker {
         root: u32,
         token: u32,
         target: GrpcTarget,
+        slot: CalloutSlot,
     ) -> GrpcHandle {
-        callout::grpc_stream(self.pools.clone(), vm, root, token, target)
+        callout::grpc_stream(self.pools.clone(), vm, root, token, target, slot)
     }
 }

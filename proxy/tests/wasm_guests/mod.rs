@@ -1,6 +1,8 @@
 //! Hand-written guests (WAT) for what the SDKs cannot express: hostile modules (a loop that
 //! never ends, a memory bomb, an import weft does not provide) and a module that logs every
 //! callback it gets, for the order tests.
+// Each test binary that includes this module uses some of its guests.
+#![allow(dead_code)]
 
 use std::path::Path;
 
@@ -160,4 +162,179 @@ pub fn order_logger() -> String {
         "",
         1,
     )
+}
+
+/// The start of a guest that abuses the host: memory of 258 pages with a 15 MiB buffer of `a`
+/// at 128 KiB (filled by `$fill`), the imports the abuse needs, a bump allocator and `$say`.
+fn greedy_module(abuse_on_configure: bool, body: &str) -> String {
+    let configure = if abuse_on_configure {
+        "(call $fill) (call $flood_stdout) (call $flood_log) (i32.const 1)"
+    } else {
+        "(i32.const 1)"
+    };
+    format!(
+        r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $register_queue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define_metric (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_property" (func $set_property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $set_buffer (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 32768))
+  (data (i32.const 64) "x-greedy")
+  (data (i32.const 80) "app")
+  (data (i32.const 96) "greedy/q")
+  (data (i32.const 112) "refused:shared")
+  (data (i32.const 128) "refused:queue")
+  (data (i32.const 144) "refused:property")
+  (data (i32.const 176) "refused:header")
+  (data (i32.const 192) "refused:callout")
+  (data (i32.const 208) "refused:body")
+  (data (i32.const 224) "fd_write:ok")
+  (data (i32.const 240) "log:ok")
+  (data (i32.const 4096) "\03\00\00\00\07\00\00\00\03\00\00\00\05\00\00\00\01\00\00\00\0a\00\00\00\01\00\00\00:method\00GET\00:path\00/\00:authority\00x\00")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $at i32)
+    (local.set $at (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (i32.and (i32.add (local.get $size) (i32.const 7)) (i32.const -8))))
+    (local.get $at))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) {configure})
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32))
+  (func $say (param $at i32) (param $len i32)
+    (drop (call $log (i32.const 2) (local.get $at) (local.get $len))))
+  ;; 15 MiB of `a` at 128 KiB (grows memory to 258 pages once).
+  (func $fill
+    (if (i32.lt_u (memory.size) (i32.const 258))
+      (then (drop (memory.grow (i32.sub (i32.const 258) (memory.size))))))
+    (memory.fill (i32.const 131072) (i32.const 97) (i32.const 15728640)))
+  ;; 200 iovecs that all point at the same 15 MiB: 3 GB if the host copied each.
+  (func $flood_stdout
+    (local $i i32)
+    (loop $iov
+      (i32.store (i32.add (i32.const 1024) (i32.mul (local.get $i) (i32.const 8))) (i32.const 131072))
+      (i32.store (i32.add (i32.const 1028) (i32.mul (local.get $i) (i32.const 8))) (i32.const 15728640))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $iov (i32.lt_u (local.get $i) (i32.const 200))))
+    (if (i32.eqz (call $fd_write (i32.const 1) (i32.const 1024) (i32.const 200) (i32.const 0)))
+      (then (call $say (i32.const 224) (i32.const 11)))))
+  ;; One 15 MiB log message, ten times.
+  (func $flood_log
+    (local $i i32)
+    (loop $more
+      (drop (call $log (i32.const 2) (i32.const 131072) (i32.const 15728640)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 10))))
+    (call $say (i32.const 240) (i32.const 6)))
+  {body}
+)"#
+    )
+}
+
+/// `on_configure` writes 200 iovecs aliasing one 15 MiB buffer to standard output and logs
+/// 15 MiB messages: the start-up `weft validate` and the control plane run too.
+pub fn stdout_flood() -> String {
+    greedy_module(true, "")
+}
+
+/// On every request, grows everything a guest can make the host hold — standard output and
+/// log lines, shared data, a queue, metric definitions, properties, request headers, the
+/// request body and callouts in flight — until the host refuses, and logs `refused:<what>`
+/// for each refusal it got.
+pub fn greedy() -> String {
+    greedy_module(
+        false,
+        r#"(func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (local $i i32)
+    (call $fill)
+    (call $flood_stdout)
+    (call $flood_log)
+    ;; Shared data: 20,000 keys of 1 KiB.
+    (local.set $i (i32.const 0))
+    (block $done (loop $more
+      (i32.store (i32.const 16) (local.get $i))
+      (if (call $set_shared (i32.const 16) (i32.const 4) (i32.const 131072) (i32.const 1024) (i32.const 0))
+        (then (call $say (i32.const 112) (i32.const 14)) (br $done)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 20000)))))
+    ;; A queue: 20,000 items of 1 KiB.
+    (drop (call $register_queue (i32.const 96) (i32.const 8) (i32.const 0)))
+    (local.set $i (i32.const 0))
+    (block $done (loop $more
+      (if (call $enqueue (i32.load (i32.const 0)) (i32.const 131072) (i32.const 1024))
+        (then (call $say (i32.const 128) (i32.const 13)) (br $done)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 20000)))))
+    ;; 5,000 metric names.
+    (local.set $i (i32.const 0))
+    (loop $more
+      (i32.store8 (i32.const 32) (i32.const 109))
+      (i32.store8 (i32.const 33) (i32.add (i32.const 65) (i32.and (local.get $i) (i32.const 15))))
+      (i32.store8 (i32.const 34) (i32.add (i32.const 65) (i32.and (i32.shr_u (local.get $i) (i32.const 4)) (i32.const 15))))
+      (i32.store8 (i32.const 35) (i32.add (i32.const 65) (i32.and (i32.shr_u (local.get $i) (i32.const 8)) (i32.const 15))))
+      (i32.store8 (i32.const 36) (i32.add (i32.const 65) (i32.and (i32.shr_u (local.get $i) (i32.const 12)) (i32.const 15))))
+      (drop (call $define_metric (i32.const 0) (i32.const 32) (i32.const 5) (i32.const 8)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 5000))))
+    ;; Properties: 2,000 of 1 KiB.
+    (local.set $i (i32.const 0))
+    (block $done (loop $more
+      (i32.store (i32.const 16) (local.get $i))
+      (if (call $set_property (i32.const 16) (i32.const 4) (i32.const 131072) (i32.const 1024))
+        (then (call $say (i32.const 144) (i32.const 16)) (br $done)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 2000)))))
+    ;; Request headers: 5,000 values of 1 KiB.
+    (local.set $i (i32.const 0))
+    (block $done (loop $more
+      (if (call $add_header (i32.const 0) (i32.const 64) (i32.const 8) (i32.const 131072) (i32.const 1024))
+        (then (call $say (i32.const 176) (i32.const 14)) (br $done)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 5000)))))
+    ;; The request body: 1 MiB appended 200 times.
+    (local.set $i (i32.const 0))
+    (block $done (loop $more
+      (if (call $set_buffer (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 131072) (i32.const 1048576))
+        (then (call $say (i32.const 208) (i32.const 12)) (br $done)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 200)))))
+    ;; Callouts: 5,000 with 64 KiB bodies, none of which can complete during this call.
+    (local.set $i (i32.const 0))
+    (block $done (loop $more
+      (if (call $http_call (i32.const 80) (i32.const 3) (i32.const 4096) (i32.const 61)
+                           (i32.const 131072) (i32.const 65536) (i32.const 0) (i32.const 0)
+                           (i32.const 0) (i32.const 8))
+        (then (call $say (i32.const 192) (i32.const 15)) (br $done)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 5000)))))
+    (i32.const 0))"#,
+    )
+}
+
+/// Logs ten 16 KiB lines per request (at info).
+pub fn chatty() -> String {
+    module(
+        "",
+        "",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $i i32)
+    (memory.fill (i32.const 65536) (i32.const 98) (i32.const 16384))
+    (loop $more
+      (drop (call $log (i32.const 2) (i32.const 65536) (i32.const 16384)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 10))))
+    (i32.const 0))"#,
+    )
+}
+
+/// A module that does nothing, made distinct (another digest) by `n`.
+pub fn numbered(n: u32) -> String {
+    module("", &format!("(data (i32.const 1024) \"module {n}\")"), "")
 }

@@ -87,6 +87,10 @@ pub fn set_buffer_bytes(
     len: i32,
 ) -> i32 {
     status((|| {
+        let limit = caller.data().host_limits.body_buffer;
+        if len as u32 as usize > limit {
+            return Err(Status::BadArgument);
+        }
         let data = read(&mut caller, ptr, len)?;
         let t = buffer_type(t)?;
         let (stream, index) = caller.data().stream_at().ok_or(Status::NotFound)?;
@@ -96,11 +100,17 @@ pub fn set_buffer_bytes(
             BufferType::HttpResponseBody => Direction::Response,
             _ => return Err(Status::BadArgument),
         };
-        s.body_modified[d as usize] = true;
         let body = s.body_mut(d, index);
         let start = (start as u32 as usize).min(body.len());
         let end = start.saturating_add(size as u32 as usize).min(body.len());
+        // A body a filter grows may not grow past the filter's `body_buffer` (one it receives
+        // larger may shrink or stay as it is).
+        let new_len = body.len() - (end - start) + data.len();
+        if new_len > body.len() && new_len > limit {
+            return Err(Status::BadArgument);
+        }
         body.splice(start..end, data);
+        s.body_modified[d as usize] = true;
         Ok(())
     })())
 }

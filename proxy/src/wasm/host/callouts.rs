@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use wasmtime::Caller;
-use weft_abi::{Status, deserialize_pairs};
+use weft_abi::{MAX_PAIRS_BYTES, Status, deserialize_pairs};
 
 use super::memory::{HostResult, read, status, write_u32};
-use crate::wasm::callout::{GrpcTarget, HttpCallout};
+use crate::wasm::callout::{GrpcTarget, HttpCallout, SendError};
+use crate::wasm::runtime::caps;
 use crate::wasm::state::{Headers, HostState};
+use crate::wasm::worker::{CalloutSlot, WasmWorker};
 
 /// Token kinds (low two bits), so the three kinds never collide.
 pub const HTTP: u32 = 0;
@@ -34,6 +36,38 @@ fn check_out(caller: &mut Caller<'_, HostState>, ret_token: i32) -> HostResult {
     write_u32(caller, ret_token, 0)
 }
 
+/// Room for one more callout: within the VM's `limits.callouts` and the worker's cap
+/// (`INTERNAL_FAILURE` past either: the SDKs report it as an error).
+fn admit(state: &HostState, worker: &WasmWorker) -> Result<CalloutSlot, Status> {
+    if state.callouts.len() >= state.host_limits.callouts {
+        return Err(Status::InternalFailure);
+    }
+    worker.callout_slot().ok_or(Status::InternalFailure)
+}
+
+/// The guest's timeout; 0 means the filter's `limits.callout_timeout`, not forever.
+fn timeout(state: &HostState, timeout_ms: i32) -> Result<Duration, Status> {
+    match timeout_ms {
+        ..0 => Err(Status::BadArgument),
+        0 => Ok(state.host_limits.callout_timeout),
+        ms => Ok(Duration::from_millis(ms as u64)),
+    }
+}
+
+/// Reads `len` bytes of guest memory, refusing more than `max` before copying anything.
+fn read_at_most(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    max: usize,
+    refusal: Status,
+) -> Result<Vec<u8>, Status> {
+    if len as u32 as usize > max {
+        return Err(refusal);
+    }
+    read(caller, ptr, len)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn http_call(
     mut caller: Caller<'_, HostState>,
@@ -49,13 +83,37 @@ pub fn http_call(
     ret_token: i32,
 ) -> i32 {
     status((|| {
-        let upstream = text(read(&mut caller, upstream_ptr, upstream_len)?)?;
-        let headers = pairs(&read(&mut caller, headers_ptr, headers_len)?)?;
-        let body = Bytes::from(read(&mut caller, body_ptr, body_len)?);
-        let trailers = pairs(&read(&mut caller, trailers_ptr, trailers_len)?)?;
-        if timeout_ms < 0 {
-            return Err(Status::BadArgument);
-        }
+        let max_body = caller.data().host_limits.callout_body;
+        let bad = Status::BadArgument;
+        let upstream = text(read_at_most(
+            &mut caller,
+            upstream_ptr,
+            upstream_len,
+            caps::MAX_NAME,
+            bad,
+        )?)?;
+        let headers = pairs(&read_at_most(
+            &mut caller,
+            headers_ptr,
+            headers_len,
+            MAX_PAIRS_BYTES,
+            bad,
+        )?)?;
+        let body = Bytes::from(read_at_most(
+            &mut caller,
+            body_ptr,
+            body_len,
+            max_body,
+            bad,
+        )?);
+        let trailers = pairs(&read_at_most(
+            &mut caller,
+            trailers_ptr,
+            trailers_len,
+            MAX_PAIRS_BYTES,
+            bad,
+        )?)?;
+        let timeout = timeout(caller.data(), timeout_ms)?;
         for required in [&b":method"[..], b":path", b":authority"] {
             if headers.get(required).is_none_or(<[u8]>::is_empty) {
                 return Err(Status::BadArgument);
@@ -72,6 +130,7 @@ pub fn http_call(
             .and_then(|w| w.upgrade())
             .ok_or(Status::InternalFailure)?;
         let cluster = worker.cluster(&upstream).ok_or(Status::BadArgument)?;
+        let slot = admit(state, &worker)?;
         let token = state.token(HTTP);
         state.callouts.insert(token, root);
         worker.http_call(
@@ -83,8 +142,10 @@ pub fn http_call(
                 headers,
                 body,
                 trailers,
-                timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64)),
+                timeout,
+                max_body,
             },
+            slot,
         );
         write_u32(&mut caller, ret_token, token)
     })())
@@ -97,10 +158,30 @@ fn grpc_target(
     method: (i32, i32),
     metadata: (i32, i32),
 ) -> Result<GrpcTarget, Status> {
-    let upstream = text(read(caller, upstream.0, upstream.1)?).map_err(|_| Status::ParseFailure)?;
-    let service = text(read(caller, service.0, service.1)?)?;
-    let method = text(read(caller, method.0, method.1)?)?;
-    let metadata = pairs(&read(caller, metadata.0, metadata.1)?)?;
+    let bad = Status::BadArgument;
+    let upstream = read_at_most(caller, upstream.0, upstream.1, caps::MAX_NAME, bad)?;
+    let upstream = text(upstream).map_err(|_| Status::ParseFailure)?;
+    let service = text(read_at_most(
+        caller,
+        service.0,
+        service.1,
+        caps::MAX_NAME,
+        bad,
+    )?)?;
+    let method = text(read_at_most(
+        caller,
+        method.0,
+        method.1,
+        caps::MAX_NAME,
+        bad,
+    )?)?;
+    let metadata = pairs(&read_at_most(
+        caller,
+        metadata.0,
+        metadata.1,
+        MAX_PAIRS_BYTES,
+        bad,
+    )?)?;
     let worker = caller
         .data()
         .worker
@@ -116,6 +197,7 @@ fn grpc_target(
         cluster,
         path: format!("/{service}/{method}"),
         metadata,
+        max_message: caller.data().host_limits.callout_body,
     })
 }
 
@@ -143,10 +225,16 @@ pub fn grpc_call(
             (method_ptr, method_len),
             (metadata_ptr, metadata_len),
         )?;
-        let message = Bytes::from(read(&mut caller, message_ptr, message_len)?);
-        if timeout_ms < 0 {
-            return Err(Status::BadArgument);
-        }
+        // The SDKs take INTERNAL_FAILURE and PARSE_FAILURE as errors here, nothing else.
+        let message = read_at_most(
+            &mut caller,
+            message_ptr,
+            message_len,
+            target.max_message,
+            Status::InternalFailure,
+        )?;
+        let message = Bytes::from(message);
+        let timeout = timeout(caller.data(), timeout_ms).map_err(|_| Status::InternalFailure)?;
         check_out(&mut caller, ret_token)?;
         let state = caller.data_mut();
         let root = state
@@ -157,10 +245,18 @@ pub fn grpc_call(
             .as_ref()
             .and_then(|w| w.upgrade())
             .ok_or(Status::InternalFailure)?;
+        let slot = admit(state, &worker)?;
         let token = state.token(GRPC_CALL);
         state.callouts.insert(token, root);
-        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
-        let handle = worker.grpc_call(state.vm.clone(), root, token, target, message, timeout);
+        let handle = worker.grpc_call(
+            state.vm.clone(),
+            root,
+            token,
+            target,
+            message,
+            timeout,
+            slot,
+        );
         state.grpc.insert(token, handle);
         write_u32(&mut caller, ret_token, token)
     })())
@@ -197,9 +293,10 @@ pub fn grpc_stream(
             .as_ref()
             .and_then(|w| w.upgrade())
             .ok_or(Status::InternalFailure)?;
+        let slot = admit(state, &worker)?;
         let token = state.token(GRPC_STREAM);
         state.callouts.insert(token, root);
-        let handle = worker.grpc_stream(state.vm.clone(), root, token, target);
+        let handle = worker.grpc_stream(state.vm.clone(), root, token, target, slot);
         state.grpc.insert(token, handle);
         write_u32(&mut caller, ret_token, token)
     })())
@@ -213,7 +310,14 @@ pub fn grpc_send(
     end_stream: i32,
 ) -> i32 {
     status((|| {
-        let msg = Bytes::from(read(&mut caller, msg_ptr, msg_len)?);
+        let max = caller.data().host_limits.callout_body;
+        let msg = Bytes::from(read_at_most(
+            &mut caller,
+            msg_ptr,
+            msg_len,
+            max,
+            Status::BadArgument,
+        )?);
         let token = token as u32;
         if token & 3 != GRPC_STREAM {
             return Err(Status::BadArgument);
@@ -223,10 +327,11 @@ pub fn grpc_send(
             .grpc
             .get_mut(&token)
             .ok_or(Status::NotFound)?;
-        if handle.send(msg, end_stream != 0) {
-            Ok(())
-        } else {
-            Err(Status::NotFound)
+        match handle.send(msg, end_stream != 0) {
+            Ok(()) => Ok(()),
+            Err(SendError::Closed) => Err(Status::NotFound),
+            // The peer does not read fast enough: the guest may try again later.
+            Err(SendError::Full) => Err(Status::BadArgument),
         }
     })())
 }

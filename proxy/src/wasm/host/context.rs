@@ -36,6 +36,8 @@ pub fn set_tick_period_milliseconds(mut caller: Caller<'_, HostState>, period: i
     let state = caller.data_mut();
     match state.root_of(state.call.effective) {
         Some(root) => {
+            // The last period set in a call wins: one change per root context.
+            state.tick_changes.retain(|(r, _)| *r != root);
             state
                 .tick_changes
                 .push((root, Duration::from_millis(u64::from(period as u32))));

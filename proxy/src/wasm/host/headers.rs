@@ -15,6 +15,7 @@ use wasmtime::Caller;
 use weft_abi::{MapType, Status, deserialize_pairs};
 
 use super::memory::{HostResult, give, read, status, with_bytes, write_u32};
+use crate::wasm::runtime::caps;
 use crate::wasm::state::{Headers, HostState, Phase, StreamData};
 
 /// Applies `f` to map `map` for reading.
@@ -145,6 +146,9 @@ pub fn set_header_map_pairs(
     len: i32,
 ) -> i32 {
     status((|| {
+        if len as u32 as usize > weft_abi::MAX_PAIRS_BYTES {
+            return Err(Status::BadArgument);
+        }
         let bytes = read(&mut caller, ptr, len)?;
         let pairs = deserialize_pairs(&bytes).map_err(|_| Status::BadArgument)?;
         edit(&mut caller, map, |h| {
@@ -199,9 +203,21 @@ pub fn add_header_map_value(
         let key = read(&mut caller, key_ptr, key_len)?;
         let value = read(&mut caller, value_ptr, value_len)?;
         edit(&mut caller, map, |h| {
+            room_for(h, key.len() + value.len(), 1)?;
             h.add(&key, &value).map_err(|_| Status::BadArgument)
         })
     })())
+}
+
+/// Whether a map may grow by `bytes` and `entries`: a filter cannot grow a header map past
+/// proxy-wasm-cpp-host's limits on maps (1 MiB, 1024 entries).
+fn room_for(h: &Headers, bytes: usize, entries: usize) -> HostResult {
+    if h.len() + entries > caps::MAX_HEADER_MAP_ENTRIES
+        || h.byte_size() + bytes > caps::MAX_HEADER_MAP_BYTES
+    {
+        return Err(Status::BadArgument);
+    }
+    Ok(())
 }
 
 pub fn replace_header_map_value(
@@ -216,6 +232,10 @@ pub fn replace_header_map_value(
         let key = read(&mut caller, key_ptr, key_len)?;
         let value = read(&mut caller, value_ptr, value_len)?;
         edit(&mut caller, map, |h| {
+            // What it replaces leaves room (`get` is the first value; the others go too).
+            let old = h.get(&key).map(|v| key.len() + v.len());
+            let added = (key.len() + value.len()).saturating_sub(old.unwrap_or(0));
+            room_for(h, added, usize::from(old.is_none()))?;
             h.replace(&key, &value).map_err(|_| Status::BadArgument)
         })
     })())

@@ -41,6 +41,25 @@ pub fn sanitize(msg: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Marks a message that was cut to the filter's `log_line` limit.
+pub fn note_cut(msg: &mut String, dropped: u64) {
+    use std::fmt::Write;
+    let _ = write!(msg, " … ({dropped} more bytes dropped: limits.log_line)");
+}
+
+/// `msg` cut to at most `cap` bytes (on a character boundary), and how many bytes were dropped.
+fn cut(msg: &[u8], cap: usize) -> (&[u8], u64) {
+    if msg.len() <= cap {
+        return (msg, 0);
+    }
+    let mut end = cap;
+    // Back to the start of a UTF-8 character (continuation bytes are 10xxxxxx).
+    while end > 0 && msg[end] & 0xc0 == 0x80 {
+        end -= 1;
+    }
+    (&msg[..end], (msg.len() - end) as u64)
+}
+
 /// The guest level the host's logging lets through.
 pub fn current_level() -> LogLevel {
     use tracing::level_filters::LevelFilter;
@@ -57,8 +76,12 @@ pub fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) ->
     status((|| {
         let level = LogLevel::from_u32(level as u32).ok_or(Status::BadArgument)?;
         with_bytes(&mut caller, ptr, len, |msg, state| {
+            let (msg, dropped) = cut(msg, state.host_limits.log_line);
             let msg = String::from_utf8_lossy(msg);
-            let msg = sanitize(&msg);
+            let mut msg = sanitize(&msg);
+            if dropped > 0 {
+                note_cut(msg.to_mut(), dropped);
+            }
             let filter = state.log_name();
             if level >= LogLevel::Warn {
                 state.last_complaint = Some(msg.chars().take(500).collect());
@@ -92,6 +115,14 @@ pub fn get_current_time_nanoseconds(mut caller: Caller<'_, HostState>, ret: i32)
 #[cfg(test)]
 mod tests {
     use super::sanitize;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        assert_eq!(super::cut(b"short", 10), (&b"short"[..], 0));
+        let text = "ab\u{e9}cd".as_bytes(); // é is two bytes, at 2..4
+        assert_eq!(super::cut(text, 3), (&b"ab"[..], 4));
+        assert_eq!(super::cut(text, 4), (&text[..4], 2));
+    }
 
     #[test]
     fn guest_messages_cannot_forge_lines_or_drive_terminals() {

@@ -16,6 +16,9 @@ pub fn define_metric(
 ) -> i32 {
     status((|| {
         let t = MetricType::from_u32(t as u32).ok_or(Status::BadArgument)?;
+        if name_len as u32 as usize > crate::wasm::runtime::caps::MAX_NAME {
+            return Err(Status::BadArgument);
+        }
         let name = read(&mut caller, name_ptr, name_len)?;
         let name = String::from_utf8(name).map_err(|_| Status::BadArgument)?;
         if name.is_empty() {

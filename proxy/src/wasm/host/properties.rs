@@ -285,10 +285,25 @@ pub fn set_property(
     value_len: i32,
 ) -> i32 {
     status((|| {
+        let limit = crate::wasm::runtime::caps::MAX_FILTER_STATE;
+        if (path_len as u32 as usize).saturating_add(value_len as u32 as usize) > limit {
+            return Err(Status::BadArgument);
+        }
         let path = read(&mut caller, path_ptr, path_len)?;
         let value = read(&mut caller, value_ptr, value_len)?;
         let stream = caller.data().stream().ok_or(Status::NotFound)?;
-        stream.borrow_mut().filter_state.insert(path, value.into());
+        let mut s = stream.borrow_mut();
+        // What the stream's filters have set, with this value instead of the one it replaces.
+        let replaced = s
+            .filter_state
+            .get(&path)
+            .map_or(0, |v| path.len() + v.len());
+        let held = s.filter_state_bytes - replaced + path.len() + value.len();
+        if held > limit {
+            return Err(Status::BadArgument);
+        }
+        s.filter_state_bytes = held;
+        s.filter_state.insert(path, value.into());
         Ok(())
     })())
 }

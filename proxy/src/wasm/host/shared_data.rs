@@ -8,6 +8,8 @@ use wasmtime::Caller;
 use weft_abi::Status;
 
 use super::memory::{give, read, status, write_u32};
+use crate::wasm::runtime::caps;
+use crate::wasm::shared::{DataLimits, QueueLimits};
 use crate::wasm::state::HostState;
 
 pub fn get_shared_data(
@@ -47,7 +49,13 @@ pub fn set_shared_data(
             Some(Bytes::from(read(&mut caller, value_ptr, value_len)?))
         };
         let state = caller.data();
-        state.shared.set(&state.vm_id, &key, value, cas as u32)
+        let limits = DataLimits {
+            bytes: state.host_limits.shared_data,
+            keys: state.host_limits.shared_data_keys,
+        };
+        state
+            .shared
+            .set(&state.vm_id, &key, value, cas as u32, limits)
     })())
 }
 
@@ -58,6 +66,9 @@ pub fn register_shared_queue(
     ret_id: i32,
 ) -> i32 {
     status((|| {
+        if name_len as u32 as usize > caps::MAX_NAME {
+            return Err(Status::BadArgument);
+        }
         let name = read(&mut caller, name_ptr, name_len)?;
         let state = caller.data();
         let root = state
@@ -75,7 +86,13 @@ pub fn register_shared_queue(
                     .upgrade()
                     .map(|vm| (w.queue_sender(), vm.uid(), root))
             });
-        let id = state.shared.register_queue(&state.vm_id, &name, consumer);
+        let limits = QueueLimits {
+            items: state.host_limits.queue_depth,
+            bytes: state.host_limits.queue_bytes,
+        };
+        let id = state
+            .shared
+            .register_queue(&state.vm_id, &name, consumer, limits)?;
         write_u32(&mut caller, ret_id, id)
     })())
 }

@@ -25,7 +25,11 @@ fn act(
         StreamType::Downstream | StreamType::Upstream => return Ok(()),
     };
     match caller.data().stream_at() {
-        Some((stream, index)) => stream.borrow_mut().push(index, make(direction)),
+        Some((stream, index)) => {
+            if !stream.borrow_mut().push(index, make(direction)) {
+                return Err(Status::BadArgument);
+            }
+        }
         // A root context has no stream; the SDKs only accept OK, so this is a logged no-op.
         None => {
             tracing::debug!(filter = %caller.data().log_name(), "stream action outside a stream context ignored")
@@ -78,6 +82,9 @@ pub fn send_local_response(
     status((|| {
         let details = read(&mut caller, details_ptr, details_len)?;
         let body = read(&mut caller, body_ptr, body_len)?;
+        if headers_len as u32 as usize > weft_abi::MAX_PAIRS_BYTES {
+            return Err(Status::BadArgument);
+        }
         let raw = read(&mut caller, headers_ptr, headers_len)?;
         let headers = deserialize_pairs(&raw)
             .map_err(|_| Status::BadArgument)?
@@ -101,7 +108,7 @@ pub fn send_local_response(
             return Ok(());
         }
         s.local_response_sent = true;
-        s.push(
+        let pushed = s.push(
             index,
             StreamAction::LocalResponse(LocalResponse {
                 status: code as u16,
@@ -113,6 +120,10 @@ pub fn send_local_response(
                     .then_some(grpc_status as u32),
             }),
         );
+        if !pushed {
+            s.local_response_sent = false;
+            return Err(Status::BadArgument);
+        }
         Ok(())
     })())
 }

@@ -9,9 +9,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, FuncType, Val, ValType};
 use weft_abi::errno;
 
-use super::memory::{read, write, write_u32, write_u64};
+use super::memory::{read, with_bytes, write, write_u32, write_u64};
+use crate::wasm::runtime::caps;
 use crate::wasm::state::HostState;
 
+/// Standard output and error go to the log. At most `limits.log_line` bytes of one call are
+/// copied (iovecs may all point at the same large buffer: their lengths are summed first, and
+/// nothing past the cap is read); the guest is told everything was written, as a terminal that
+/// drops what it cannot show.
 fn fd_write(
     mut caller: Caller<'_, HostState>,
     fd: i32,
@@ -22,21 +27,38 @@ fn fd_write(
     if fd != 1 && fd != 2 {
         return errno::BADF as i32;
     }
-    let Ok(vec) = read(&mut caller, iovs, iovs_len.saturating_mul(8)) else {
+    let count = iovs_len as u32 as usize;
+    if count > caps::MAX_IOVECS {
+        return errno::INVAL as i32;
+    }
+    let Ok(vec) = read(&mut caller, iovs, (count * 8) as i32) else {
         return errno::FAULT as i32;
     };
+    let cap = caller.data().host_limits.log_line;
+    let mut total: u64 = 0;
     let mut text = Vec::new();
     for iov in vec.chunks_exact(8) {
         let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
-        let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-        match read(&mut caller, ptr, len) {
-            Ok(b) => text.extend_from_slice(&b),
-            Err(_) => return errno::FAULT as i32,
+        let len = u32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+        total += u64::from(len);
+        let room = cap.saturating_sub(text.len()).min(len as usize);
+        // Every iovec must lie in memory, whether or not its bytes are copied.
+        let copied = with_bytes(&mut caller, ptr, len as i32, |b, _| {
+            text.extend_from_slice(&b[..room]);
+        });
+        if copied.is_err() {
+            return errno::FAULT as i32;
         }
     }
+    let Ok(written) = u32::try_from(total) else {
+        return errno::INVAL as i32;
+    };
     let name = caller.data().log_name();
     let msg = String::from_utf8_lossy(&text);
-    let msg = super::log::sanitize(msg.trim_end_matches('\n'));
+    let mut msg = super::log::sanitize(msg.trim_end_matches('\n')).into_owned();
+    if total > text.len() as u64 {
+        super::log::note_cut(&mut msg, total - text.len() as u64);
+    }
     if !msg.is_empty() {
         if fd == 1 {
             tracing::info!(target: "weft::wasm", filter = %name, "{msg}");
@@ -44,7 +66,7 @@ fn fd_write(
             tracing::error!(target: "weft::wasm", filter = %name, "{msg}");
         }
     }
-    match write_u32(&mut caller, ret_written, text.len() as u32) {
+    match write_u32(&mut caller, ret_written, written) {
         Ok(()) => errno::SUCCESS as i32,
         Err(_) => errno::FAULT as i32,
     }
