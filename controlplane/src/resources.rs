@@ -170,9 +170,14 @@ impl Resource {
 }
 
 /// Parses YAML documents (`---` separated); every error, located by document.
+///
+/// A kind and name identify one resource: two documents naming the same one (two listeners
+/// called `edge` with different selectors, say) are refused with both documents' places —
+/// keeping the last would drop the other silently.
 pub fn parse_documents(text: &str) -> Result<Vec<Resource>, Vec<String>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
+    let mut seen: std::collections::HashMap<(Kind, String), usize> = Default::default();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml_ng::Value::deserialize(doc) {
             Ok(serde_yaml_ng::Value::Null) => continue,
@@ -187,7 +192,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, Vec<String>> {
             .and_then(|json| serde_json::from_value::<Document>(json).map_err(|e| e.to_string()))
             .and_then(Resource::from_document);
         match parsed {
-            Ok(r) => out.push(r),
+            Ok(r) => {
+                let (kind, name) = r.key();
+                match seen.get(&(kind, name.clone())) {
+                    Some(first) => errors.push(format!(
+                        "document {}: {}/{name} is also defined by document {first}: a kind \
+                         and name identify one resource (merge them, or name them apart)",
+                        i + 1,
+                        kind.as_str()
+                    )),
+                    None => {
+                        seen.insert((kind, name), i + 1);
+                        out.push(r);
+                    }
+                }
+            }
             Err(e) => errors.push(format!("document {}: {e}", i + 1)),
         }
     }

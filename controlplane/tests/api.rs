@@ -112,3 +112,48 @@ async fn concurrent_applies_both_land_and_refusals_change_nothing() {
         e.message()
     );
 }
+
+/// Two documents of one kind and name in one apply (a listener per app, both called `edge`)
+/// are refused with both places; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_documents_are_refused_and_change_nothing() {
+    let cp =
+        ControlPlane::new(Store::open(None).expect("store"), Some("t0ken".into())).expect("cp");
+    let api = ControlService(cp);
+    api.apply(authed(cluster("app", 9000)))
+        .await
+        .expect("applied");
+    let yaml = r#"
+kind: routes
+spec: { name: main, routes: [ { to: [ { cluster: app } ] } ] }
+---
+kind: listener
+selector: { app: web }
+spec: { name: edge, address: "127.0.0.1:0", routes: main }
+---
+kind: listener
+selector: { app: api }
+spec: { name: edge, address: "127.0.0.1:0", routes: main }
+"#;
+    let e = api
+        .apply(authed(v1::ApplyRequest { yaml: yaml.into() }))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("document 3: listener/edge is also defined by document 2"),
+        "{}",
+        e.message()
+    );
+    let got = api
+        .get(authed(v1::GetRequest {
+            kind: String::new(),
+            name: String::new(),
+        }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.version, 1, "nothing stored");
+    assert!(!got.yaml.contains("name: main"), "{}", got.yaml);
+}

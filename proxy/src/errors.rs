@@ -75,6 +75,10 @@ pub enum ProxyError {
     ResponseBodyTooLarge(Arc<str>),
     #[error("the filters left an invalid request: {0}")]
     FilterOutput(&'static str),
+    #[error(
+        "cluster {0:?} speaks HTTP/1.1 and gRPC needs HTTP/2: set `protocol: http2` on the cluster"
+    )]
+    GrpcNeedsHttp2(Arc<str>),
 }
 
 /// A stream a filter closed: the downstream sees a reset (HTTP/2) or a closed connection
@@ -105,6 +109,7 @@ impl ProxyError {
             ProxyError::FilterFailed(_)
             | ProxyError::ResponseBodyTooLarge(_)
             | ProxyError::FilterOutput(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::GrpcNeedsHttp2(_) => StatusCode::BAD_GATEWAY,
             ProxyError::FilterTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
@@ -134,6 +139,7 @@ impl ProxyError {
             ProxyError::RequestBodyTooLarge(_) => "request_body_too_large",
             ProxyError::ResponseBodyTooLarge(_) => "response_body_too_large",
             ProxyError::FilterOutput(_) => "filter_invalid_request",
+            ProxyError::GrpcNeedsHttp2(_) => "upstream_protocol_mismatch",
         }
     }
 
@@ -146,7 +152,9 @@ impl ProxyError {
             ProxyError::TooManyHeaders(_) => 8,                             // RESOURCE_EXHAUSTED
             ProxyError::UpstreamTimeout(_) | ProxyError::FilterTimeout(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::RequestBodyTooLarge(_) | ProxyError::ResponseBodyTooLarge(_) => 8, // RESOURCE_EXHAUSTED
-            ProxyError::FilterFailed(_) | ProxyError::FilterOutput(_) => 13, // INTERNAL
+            ProxyError::FilterFailed(_)
+            | ProxyError::FilterOutput(_)
+            | ProxyError::GrpcNeedsHttp2(_) => 13, // INTERNAL
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout(_)

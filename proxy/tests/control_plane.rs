@@ -430,3 +430,59 @@ fn a_hostile_module_push_is_validated_with_bounded_memory() {
         peak_kib / 1024
     );
 }
+
+/// weft-cp drains on SIGTERM as on SIGINT, and stops within its grace period even with proxy
+/// streams open; its proxies keep serving. Its metrics endpoint is HTTP done properly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_cp_stops_on_sigterm_and_its_proxies_keep_serving() {
+    let backend = Backend::start("b").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cp = Cp::start(&dir.path().join("store.json"), "127.0.0.1:0");
+    let (status, body) = weft_testkit::http_get(cp.metrics, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("weft_cp_connected_proxies"), "{body}");
+    assert!(body.contains("weft_cp_log_lines_dropped_total 0"), "{body}");
+    assert_eq!(
+        weft_testkit::http_get(cp.metrics, "/nope").expect("404").0,
+        404
+    );
+
+    let mut p = proxy(&cp, "p1", &[], dir.path());
+    let out = cp.ctl(&[
+        "apply",
+        "-f",
+        &write(dir.path(), "mesh.yaml", &mesh(&backend, 0)),
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    p.refresh_listeners();
+    let url = p.url("main", "/");
+    assert_eq!(
+        client::get(&client::http1(), &url)
+            .await
+            .expect("served")
+            .status,
+        200
+    );
+
+    // SAFETY: kill(2) on our own child with a valid signal.
+    assert_eq!(
+        unsafe { libc::kill(cp.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = cp.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "weft-cp did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        client::get(&client::http1(), &url)
+            .await
+            .expect("served")
+            .status,
+        200
+    );
+}

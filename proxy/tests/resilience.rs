@@ -386,12 +386,13 @@ async fn tcp_health_checks_notice_a_closed_port() {
 async fn timeouts_fire_where_configured() {
     let a = Backend::start("a").await;
 
-    // Per try: each try gets 150 ms, two tries, then 504.
+    // Per try: each try gets 150 ms, two tries, then 504. (HTTP/2 to the backend: the gRPC
+    // request below needs it.)
     let weft = Weft::start(
         WEFT,
         &config(
             &[a.endpoint()],
-            "",
+            "    protocol: http2",
             "      timeout: 10s\n      retries: { attempts: 1, on: [reset], per_try_timeout: 150ms, backoff: { base: 1ms, max: 1ms } }",
         ),
     );

@@ -321,7 +321,8 @@ clusters:
         .expect("by name");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["backend"], "secure");
-    assert_eq!(r.json()["version"], "HTTP/1.1");
+    // By default a TLS cluster speaks what ALPN settles: this backend offers h2.
+    assert_eq!(r.json()["version"], "HTTP/2.0");
     let r = client::get(&c, &weft.url("main", "/san/x"))
         .await
         .expect("by SAN");

@@ -143,9 +143,14 @@ impl RequestMatch {
                 Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_owned(),
                 _ => a,
             };
-            let ok = self.hosts.iter().any(|h| match h.strip_prefix("*.") {
-                Some(suffix) => host.ends_with(&format!(".{}", suffix.to_ascii_lowercase())),
-                None => h.eq_ignore_ascii_case(&host),
+            // Hosts are matched as hosts: case aside, `a.test.` is `a.test`.
+            let host = host.strip_suffix('.').unwrap_or(&host);
+            let ok = self.hosts.iter().any(|h| {
+                let h = h.strip_suffix('.').unwrap_or(h);
+                match h.strip_prefix("*.") {
+                    Some(suffix) => host.ends_with(&format!(".{}", suffix.to_ascii_lowercase())),
+                    None => h.eq_ignore_ascii_case(host),
+                }
             });
             if !ok {
                 return false;

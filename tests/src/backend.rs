@@ -148,20 +148,34 @@ impl Backend {
 
     /// Starts a backend on a given address (to bring a "killed" endpoint back).
     pub async fn start_on(addr: SocketAddr, name: &str) -> Backend {
-        Self::start_inner(addr, name, None).await
+        Self::start_inner(addr, name, None, false).await
+    }
+
+    /// Starts a backend that speaks HTTP/1.1 only (as most application servers do): an
+    /// HTTP/2 preface gets nowhere.
+    pub async fn start_http1_only(name: &str) -> Backend {
+        let addr = "127.0.0.1:0".parse().expect("address");
+        Self::start_inner(addr, name, None, true).await
     }
 
     /// Starts a backend on `127.0.0.1:0` that speaks TLS with `config` (see
     /// [`crate::tls::server_config`]); ALPN picks HTTP/2 or HTTP/1.1.
     pub async fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> Backend {
         let addr = "127.0.0.1:0".parse().expect("address");
-        Self::start_inner(addr, name, Some(tokio_rustls::TlsAcceptor::from(config))).await
+        Self::start_inner(
+            addr,
+            name,
+            Some(tokio_rustls::TlsAcceptor::from(config)),
+            false,
+        )
+        .await
     }
 
     async fn start_inner(
         addr: SocketAddr,
         name: &str,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        http1_only: bool,
     ) -> Backend {
         let listener = TcpListener::bind(addr).await.expect("backend binds");
         let addr = listener.local_addr().expect("local address");
@@ -184,7 +198,10 @@ impl Backend {
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| respond(state.clone(), req));
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if http1_only {
+                        builder = builder.http1_only();
+                    }
                     let serve = async {
                         match tls {
                             None => {

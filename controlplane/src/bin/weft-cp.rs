@@ -27,6 +27,9 @@ struct Cli {
     metrics: Option<SocketAddr>,
 }
 
+/// How long open streams get after SIGTERM or SIGINT.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> anyhow::Result<()> {
     // The same logger as weft's: a bounded queue, its own writer thread, drops counted. A
     // pushed module's start-up runs here (validation) and may log.
@@ -56,7 +59,8 @@ fn main() -> anyhow::Result<()> {
         }
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let max = weft_wire::MAX_MESSAGE;
-        tonic::transport::Server::builder()
+        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let server = tonic::transport::Server::builder()
             .add_service(
                 DistributionServer::new(DistributionService(cp.clone()))
                     .max_decoding_message_size(max)
@@ -67,47 +71,103 @@ fn main() -> anyhow::Result<()> {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            .serve_with_incoming_shutdown(incoming, async move {
+                stop_signal().await;
+                tracing::info!(
+                    "draining: no new streams; proxies move to another replica or reconnect"
+                );
+                let _ = stopping_tx.send(true);
+            });
+        // Proxies' subscriptions never end by themselves: past the grace period they are
+        // closed (proxies keep serving their configuration and reconnect).
+        let grace = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        };
+        tokio::select! {
+            r = server => r?,
+            () = grace => tracing::info!("grace period over: closing the streams still open"),
+        }
+        tracing::info!("weft-cp stopped");
         anyhow::Ok(())
     })
 }
 
-/// A minimal HTTP/1.1 endpoint: `GET /metrics` answers the metrics, anything else 404.
+/// Metrics connections served at once; more are closed at once.
+const METRICS_CONNECTIONS: usize = 64;
+
+/// `GET /metrics` answers the metrics, anything else 404 — with hyper, at most
+/// [`METRICS_CONNECTIONS`] at once, each with a head deadline and a bounded life; a failing
+/// accept (out of descriptors) backs off instead of spinning.
 async fn serve_metrics(l: tokio::net::TcpListener, cp: std::sync::Arc<ControlPlane>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::time::Duration;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let Ok((mut s, _)) = l.accept().await else {
+        let stream = match l.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let cp = cp.clone();
         tokio::spawn(async move {
-            // Read the whole request head (unread bytes at close would reset the connection).
-            let mut buf = Vec::with_capacity(1024);
-            let read = async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+            let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                let cp = cp.clone();
+                async move {
+                    let (status, body, kind) =
+                        if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+                            (
+                                http::StatusCode::OK,
+                                cp.metrics.encode(),
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )
+                        } else {
+                            (
+                                http::StatusCode::NOT_FOUND,
+                                "not found; try GET /metrics\n".to_owned(),
+                                "text/plain; charset=utf-8",
+                            )
+                        };
+                    let mut resp =
+                        http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(kind),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
                 }
-            };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-            let head = String::from_utf8_lossy(&buf);
-            let (status, body) = if head.starts_with("GET /metrics ") {
-                ("200 OK", cp.metrics.encode())
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.shutdown().await;
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            drop(slot);
         });
+    }
+}
+
+/// SIGTERM or SIGINT: time to drain.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -286,3 +286,39 @@ fn bad_configurations_are_refused() {
         assert!(e.contains(why), "{c}: {e}");
     }
 }
+
+/// Hosts are matched as hosts: any case, with or without the trailing dot of a fully
+/// qualified name, with or without a port.
+#[test]
+fn every_spelling_of_a_host_is_matched() {
+    let t = FilterTest::new::<Policy>(&config(
+        json!([
+            { "name": "blocked", "action": "deny", "when": { "hosts": ["blocked.test"] } },
+            { "name": "fqdn", "action": "deny", "when": { "hosts": ["*.fqdn.test."] } },
+        ]),
+        "allow",
+    ))
+    .expect("configures");
+    for authority in [
+        "blocked.test",
+        "Blocked.TEST",
+        "blocked.test.",
+        "BLOCKED.test.:8080",
+        "a.fqdn.test",
+        "A.FQDN.test.:443",
+    ] {
+        let h = [
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", authority),
+        ];
+        let (_, status, _) = run(&t, &h[..]);
+        assert_eq!(status, Some(403), "{authority}");
+    }
+    let h = [
+        (":method", "GET"),
+        (":path", "/"),
+        (":authority", "other.test."),
+    ];
+    assert_eq!(run(&t, &h[..]).1, None);
+}

@@ -119,10 +119,14 @@ pub struct HashKey {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
+    /// HTTP/1.1 to plain-text endpoints; over TLS, what ALPN settles (`h2` or `http/1.1`), as
+    /// Envoy's and nginx's defaults work with any HTTP/1.1 backend. gRPC needs `http2` (or a
+    /// TLS endpoint that offers `h2`).
+    #[default]
+    Auto,
     Http1,
     Http2,
-    /// The version the downstream request arrived with (gRPC over h2 stays h2).
-    #[default]
+    /// The version the downstream request arrived with.
     Downstream,
 }
 

@@ -174,10 +174,11 @@ pub enum EscapedSlashes {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnderscoreAction {
-    #[default]
     Allow,
     /// Answer 400.
     Reject,
-    /// Remove such headers before routing and forwarding.
+    /// Remove such headers before filters, routing and forwarding (as nginx does): a backend
+    /// that reads `x_user` as `x-user` cannot be fed a value the proxy never checked.
+    #[default]
     Drop,
 }

@@ -148,7 +148,10 @@ impl Forward<'_> {
         // The common HTTP/1.1 case (origin-form URI, own Host header, nothing rewritten) is
         // forwarded without rebuilding the URI or the Host header.
         let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
-        let keep_as_is = wire == Wire::Http1
+        // A negotiated request is prepared for HTTP/1.1 (and turned into HTTP/2 when the
+        // endpoint speaks it).
+        let h1_form = wire != Wire::Http2;
+        let keep_as_is = h1_form
             && origin_form
             && self.path_unchanged
             && self.route.host_rewrite.is_none()
@@ -161,7 +164,7 @@ impl Forward<'_> {
             };
             let mut target =
                 String::with_capacity(self.path.len() + self.query.map_or(0, |q| q.len() + 1) + 32);
-            if wire == Wire::Http2 {
+            if !h1_form {
                 target.push_str("http://");
                 target.push_str(authority.to_str().unwrap_or_default());
             }
@@ -172,18 +175,16 @@ impl Forward<'_> {
             }
             parts.uri = Uri::try_from(target)
                 .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-            match wire {
-                Wire::Http1 => {
-                    parts.headers.insert(header::HOST, authority);
-                }
-                Wire::Http2 => {
-                    parts.headers.remove(header::HOST);
-                }
+            if h1_form {
+                parts.headers.insert(header::HOST, authority);
+            } else {
+                parts.headers.remove(header::HOST);
             }
         }
-        parts.version = match wire {
-            Wire::Http1 => Version::HTTP_11,
-            Wire::Http2 => Version::HTTP_2,
+        parts.version = if h1_form {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
         };
         Ok(())
     }
@@ -201,7 +202,14 @@ impl Forward<'_> {
             UpstreamProtocol::Http2 => Wire::Http2,
             UpstreamProtocol::Downstream if parts.version == Version::HTTP_2 => Wire::Http2,
             UpstreamProtocol::Downstream => Wire::Http1,
+            // An upgrade is an HTTP/1.1 affair (ALPN offers only http/1.1 for it).
+            UpstreamProtocol::Auto if cluster.tls.is_none() || upgrade => Wire::Http1,
+            UpstreamProtocol::Auto => Wire::Negotiated,
         };
+        // Said at once, not found out as a hang or a reset: gRPC cannot go over HTTP/1.1.
+        if wire == Wire::Http1 && crate::errors::is_grpc(&parts.headers) {
+            return Err(ProxyError::GrpcNeedsHttp2(cluster.name.clone()));
+        }
         if upgrade && wire == Wire::Http2 {
             return Err(ProxyError::UpgradeNotSupported(
                 "the cluster speaks HTTP/2 only",

@@ -215,6 +215,18 @@ pub(crate) fn check(
     if parts.headers.len() > listener.http.max_headers as usize {
         return Err(ProxyError::TooManyHeaders(parts.headers.len()));
     }
+    // HTTP/2 field values with leading or trailing whitespace are malformed (RFC 9113
+    // §8.2.1); an HTTP/1.1 parser trims it.
+    if parts.version == Version::HTTP_2
+        && parts.headers.values().any(|v| {
+            let b = v.as_bytes();
+            matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+        })
+    {
+        return Err(ProxyError::BadRequest(
+            "field value with leading or trailing whitespace",
+        ));
+    }
     crate::http::upgrade::screen(&listener.http, parts)?;
     match listener.http.headers_with_underscores {
         crate::config::UnderscoreAction::Allow => {}
@@ -250,6 +262,15 @@ pub(crate) fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if let Some(a) = parts.uri.authority() {
+        // HTTP/2: a `host` field naming another authority than `:authority` makes the request
+        // malformed (RFC 9113 §8.3.1): which one would a backend believe? (HTTP/1.1's
+        // absolute-form target wins over `Host`, RFC 9112 §3.2.2.)
+        if parts.version == Version::HTTP_2
+            && let Some(h) = host
+            && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+        {
+            return Err(ProxyError::BadRequest("host differs from :authority"));
+        }
         return Ok(Cow::Borrowed(a.as_str()));
     }
     match host {
@@ -270,7 +291,8 @@ pub(crate) fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
     }
 }
 
-/// Splits `host[:port]` (with `[v6]` literals), lower-casing the host.
+/// Splits `host[:port]` (with `[v6]` literals), lower-casing the host and dropping one
+/// trailing dot (`Example.COM.` is `example.com`): hosts are matched as hosts.
 pub(crate) fn split_host_port(authority: &str) -> (String, Option<u16>) {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         match rest.split_once(']') {
@@ -283,6 +305,7 @@ pub(crate) fn split_host_port(authority: &str) -> (String, Option<u16>) {
             None => (authority, None),
         }
     };
+    let host = host.strip_suffix('.').unwrap_or(host);
     (host.to_ascii_lowercase(), port.and_then(|p| p.parse().ok()))
 }
 
@@ -436,5 +459,13 @@ mod tests {
         assert_eq!(split_host_port("example.com"), ("example.com".into(), None));
         assert_eq!(split_host_port("[::1]:80"), ("[::1]".into(), Some(80)));
         assert_eq!(split_host_port("[::1]"), ("[::1]".into(), None));
+        assert_eq!(
+            split_host_port("Blocked.Test.:8080"),
+            ("blocked.test".into(), Some(8080))
+        );
+        assert_eq!(
+            split_host_port("blocked.test."),
+            ("blocked.test".into(), None)
+        );
     }
 }

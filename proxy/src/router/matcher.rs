@@ -141,6 +141,8 @@ fn compile_host(path: &str, h: &str, errors: &mut Vec<ConfigError>) -> Option<Ho
         Some(rest) => (true, rest),
         None => (false, h.as_str()),
     };
+    // A fully qualified name (one trailing dot) is the same host, as a request's is.
+    let name = name.strip_suffix('.').unwrap_or(name);
     let valid = !name.is_empty()
         && name.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')

@@ -109,6 +109,8 @@ pub enum Alpn {
     None,
     Http1,
     Http2,
+    /// `h2` and `http/1.1`: the server chooses.
+    Either,
 }
 
 /// One client config per ALPN choice.
@@ -117,6 +119,7 @@ struct Configs {
     none: Arc<ClientConfig>,
     h1: Arc<ClientConfig>,
     h2: Arc<ClientConfig>,
+    either: Arc<ClientConfig>,
 }
 
 /// A cluster's TLS.
@@ -129,6 +132,10 @@ pub struct TlsClient {
     current: ArcSwap<Configs>,
     watched: Mutex<Watched>,
     metrics: TlsMetrics,
+    /// A digest of the settings (and where relative paths start): pooled connections are kept
+    /// apart by it, so a reload that changes the TLS settings never reuses a connection made
+    /// with the old ones (an address could be reused by a new object; the content cannot).
+    pub key: u64,
 }
 
 impl TlsClient {
@@ -158,7 +165,16 @@ impl TlsClient {
                 return Err(errors);
             }
         };
+        let key = crate::upstream::hash64(
+            format!(
+                "{}|{}",
+                serde_json::to_string(settings).unwrap_or_default(),
+                base.display()
+            )
+            .as_bytes(),
+        );
         let client = TlsClient {
+            key,
             cluster: Arc::from(cluster),
             settings: settings.clone(),
             base: base.to_owned(),
@@ -232,6 +248,7 @@ impl TlsClient {
             Alpn::None => &configs.none,
             Alpn::Http1 => &configs.h1,
             Alpn::Http2 => &configs.h2,
+            Alpn::Either => &configs.either,
         };
         let connector = tokio_rustls::TlsConnector::from(config.clone());
         let name = self.server_name(hostname, addr);
@@ -325,7 +342,38 @@ fn build_configs(settings: &ClusterTls, base: &Path) -> Result<Built, Vec<(Strin
         none: make(&[])?,
         h1: make(&[b"http/1.1"])?,
         h2: make(&[b"h2"])?,
+        either: make(&[b"h2", b"http/1.1"])?,
     };
     let expiry = pair.map(|(file, p)| (file, p.names.not_after));
     Ok((configs, expiry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pooled connections are told apart by the content of the TLS settings: the same settings
+    /// give the same key (a reload that keeps them keeps its connections), any change another.
+    #[test]
+    fn the_pool_key_follows_the_settings() {
+        let pki = weft_testkit::tls::Pki::new("key");
+        let ca = pki.ca.to_string_lossy().into_owned();
+        let settings = |sans: &[&str]| ClusterTls {
+            sni: Some("backend.test".into()),
+            ca: Some(ca.clone()),
+            certificate: None,
+            subject_alt_names: sans.iter().map(|s| s.to_string()).collect(),
+            min_version: Default::default(),
+        };
+        let metrics = TlsMetrics::default();
+        let key = |s: &ClusterTls| {
+            TlsClient::build("c", s, Path::new("/"), &metrics)
+                .expect("builds")
+                .key
+        };
+        let a = settings(&["spiffe://td/ns/a/sa/b"]);
+        assert_eq!(key(&a), key(&a.clone()));
+        assert_ne!(key(&a), key(&settings(&["spiffe://td/ns/a/sa/other"])));
+        assert_ne!(key(&a), key(&settings(&[])));
+    }
 }

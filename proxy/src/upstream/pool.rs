@@ -32,15 +32,19 @@ use crate::worker::LocalExec;
 pub enum Wire {
     Http1,
     Http2,
+    /// A TLS endpoint's choice by ALPN: a connection already open to it says which, else a new
+    /// one offers both. The request comes prepared for HTTP/1.1 and is turned into its HTTP/2
+    /// form when the endpoint speaks HTTP/2.
+    Negotiated,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     cluster: Arc<str>,
     addr: SocketAddr,
-    /// The cluster's TLS context (its address; 0 for plain text): connections made with other
+    /// A digest of the cluster's TLS settings (0 for plain text): connections made with other
     /// TLS settings are not reused after a reload changed them.
-    tls: usize,
+    tls: u64,
 }
 
 /// How often [`Pools::sweep`] runs; idle ages are counted in these ticks (no clock is read on
@@ -260,6 +264,14 @@ async fn connect_h1(
     endpoint: &Arc<Endpoint>,
 ) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
     let (stream, guard) = connect(cluster, endpoint, Alpn::Http1).await?;
+    handshake_h1(stream, guard, endpoint).await
+}
+
+async fn handshake_h1(
+    stream: ClientIo,
+    guard: ConnGuard,
+    endpoint: &Arc<Endpoint>,
+) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
     let (tx, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -281,6 +293,14 @@ async fn connect_h2(
     endpoint: &Arc<Endpoint>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ProxyError> {
     let (stream, guard) = connect(cluster, endpoint, Alpn::Http2).await?;
+    handshake_h2(stream, guard, endpoint).await
+}
+
+async fn handshake_h2(
+    stream: ClientIo,
+    guard: ConnGuard,
+    endpoint: &Arc<Endpoint>,
+) -> Result<http2::SendRequest<UpstreamBody>, ProxyError> {
     let (tx, conn) = http2::Builder::new(LocalExec)
         .timer(TokioTimer::new())
         .initial_stream_window_size(1024 * 1024)
@@ -334,9 +354,28 @@ pub async fn send(
     let key = PoolKey {
         cluster: cluster.name.clone(),
         addr: endpoint.address,
-        tls: cluster.tls.as_ref().map_or(0, |t| Arc::as_ptr(t) as usize),
+        tls: cluster.tls.as_ref().map_or(0, |t| t.key),
     };
     cluster.stats.requests.inc();
+    let wire = match wire {
+        Wire::Negotiated => match negotiate(pools, cluster, endpoint, &key).await {
+            Ok(Wire::Http2) => {
+                if let Err(e) = into_h2_form(&mut req) {
+                    return Err(unsent(e, req));
+                }
+                Wire::Http2
+            }
+            Ok(_) if crate::errors::is_grpc(req.headers()) => {
+                return Err(unsent(
+                    ProxyError::GrpcNeedsHttp2(cluster.name.clone()),
+                    req,
+                ));
+            }
+            Ok(w) => w,
+            Err(e) => return Err(unsent(e, req)),
+        },
+        w => w,
+    };
     let mut stale_retried = false;
     match wire {
         Wire::Http1 => loop {
@@ -392,6 +431,8 @@ pub async fn send(
                 },
             }
         },
+        // Settled above.
+        Wire::Negotiated => Err(ProxyError::BadRequest("no protocol negotiated").into()),
         Wire::Http2 => {
             // A shared connection that refuses the request unsent (going away) gets one more
             // try on a fresh connection.
@@ -430,6 +471,63 @@ pub async fn send(
             }
         }
     }
+}
+
+/// The protocol a TLS endpoint speaks: that of a connection already open to it, else that of
+/// a new one (offering both by ALPN), which joins the pool for the request to take.
+async fn negotiate(
+    pools: &Rc<RefCell<Pools>>,
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+    key: &PoolKey,
+) -> Result<Wire, ProxyError> {
+    {
+        let p = pools.borrow();
+        if let Some(pool) = p.map.get(key) {
+            if !pool.h2.is_empty() {
+                return Ok(Wire::Http2);
+            }
+            if !pool.idle.is_empty() {
+                return Ok(Wire::Http1);
+            }
+        }
+    }
+    let (stream, guard) = Box::pin(connect(cluster, endpoint, Alpn::Either)).await?;
+    let h2 = match &stream {
+        MaybeTls::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        MaybeTls::Plain(_) => false,
+    };
+    if h2 {
+        let tx = Box::pin(handshake_h2(stream, guard, endpoint)).await?;
+        pools.borrow_mut().add_h2(key.clone(), tx);
+        Ok(Wire::Http2)
+    } else {
+        let tx = Box::pin(handshake_h1(stream, guard, endpoint)).await?;
+        pools
+            .borrow_mut()
+            .put_idle(key.clone(), tx, cluster.max_idle_per_endpoint.max(1));
+        Ok(Wire::Http1)
+    }
+}
+
+/// Turns a request prepared for HTTP/1.1 (origin-form target, `Host`) into its HTTP/2 form
+/// (`https://authority/path`, no `Host`).
+fn into_h2_form(req: &mut Request<UpstreamBody>) -> Result<(), ProxyError> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .ok_or(ProxyError::BadRequest("no authority for an HTTP/2 request"))?
+            .to_owned(),
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = http::Uri::try_from(format!("https://{authority}{target}"))
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    req.headers_mut().remove(http::header::HOST);
+    *req.version_mut() = http::Version::HTTP_2;
+    Ok(())
 }
 
 /// Whether a request may be sent again after a connection closed under it: an idempotent

@@ -144,7 +144,8 @@ fn synthesized(status: u16, body: &'static str) -> CalloutData {
 
 fn target_uri(wire: Wire, scheme: &[u8], authority: &[u8], path: &[u8]) -> Option<Uri> {
     match wire {
-        Wire::Http1 => Uri::try_from(path).ok(),
+        // A negotiated request goes in HTTP/1.1 form (the pool turns it into HTTP/2's).
+        Wire::Http1 | Wire::Negotiated => Uri::try_from(path).ok(),
         Wire::Http2 => {
             let mut s = Vec::with_capacity(scheme.len() + authority.len() + path.len() + 3);
             s.extend_from_slice(scheme);
@@ -229,6 +230,7 @@ async fn http_exchange(
     let h = &call.headers;
     let wire = match call.cluster.protocol {
         crate::config::UpstreamProtocol::Http2 => Wire::Http2,
+        crate::config::UpstreamProtocol::Auto if call.cluster.tls.is_some() => Wire::Negotiated,
         _ => Wire::Http1,
     };
     let method = Method::from_bytes(h.get(b":method").unwrap_or(b"GET")).map_err(|_| {
@@ -249,7 +251,7 @@ async fn http_exchange(
         Bytes::from_static(b"invalid :path"),
     ))?;
     let mut headers = h.map.clone();
-    if wire == Wire::Http1
+    if wire != Wire::Http2
         && let Ok(v) = HeaderValue::from_bytes(authority)
     {
         headers.insert(header::HOST, v);
