@@ -226,12 +226,35 @@ impl Server {
         server.restart_maintenance();
 
         if let Some(addr) = admin_addr {
-            let l = TcpListener::bind(addr)
-                .await
+            let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("admin.address: cannot bind {addr}"))?;
+            l.set_nonblocking(true)?;
             let local = l.local_addr()?;
             let state = Arc::new(AdminState::new(shared.clone()));
-            tokio::spawn(admin::serve(l, state.clone()));
+            // A thread of its own: the control thread builds snapshots (compiling modules), and
+            // `/ready` or `/metrics` must answer while it does.
+            let admin_state = state.clone();
+            std::thread::Builder::new()
+                .name("weft-admin".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the admin listener's runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => admin::serve(l, admin_state).await,
+                            Err(e) => tracing::error!(error = %e, "cannot serve the admin listener"),
+                        }
+                    });
+                })
+                .context("cannot start the admin thread")?;
             tracing::info!(address = %local, "admin listening");
             server.admin = Some(state);
         }

@@ -1,6 +1,8 @@
 //! The admin listener: readiness, metrics with their documented names, the running config with
 //! its version, clusters with live endpoint stats.
 
+mod wasm_guests;
+
 use weft_testkit::client;
 use weft_testkit::{Backend, Weft};
 
@@ -211,4 +213,57 @@ async fn admin_connections_are_capped() {
     })
     .await
     .expect("blocking");
+}
+
+/// The admin listener answers while a reload is busy validating (a filter that takes seconds
+/// to configure): a readiness probe during a reload must not time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_answers_while_a_reload_is_validated() {
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let module = wasm_guests::write(dir.path(), "slow", &wasm_guests::slow_configure(6000));
+    let plain = format!(
+        r#"
+listeners:
+  - {{ name: edge, address: "127.0.0.1:0", routes: main }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        b.endpoint()
+    );
+    let weft = Weft::start(WEFT, &plain);
+    let slow = format!(
+        "{plain}filters:\n  - {{ name: slow, module: \"{module}\", limits: {{ cpu_per_call: 30s }} }}\n"
+    );
+    weft.write_config_and_hup(&slow);
+    weft_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "the reload validates the slow filter",
+        || weft.log_contains("configuring"),
+    );
+    // The control thread is busy in the filter for seconds: the admin answers meanwhile.
+    let admin = weft.admin;
+    let answered = tokio::task::spawn_blocking(move || {
+        (
+            weft_testkit::http_get(admin, "/ready"),
+            weft_testkit::http_get(admin, "/config"),
+        )
+    })
+    .await
+    .expect("blocking");
+    assert!(matches!(answered.0, Ok((200, _))), "{:?}", answered.0);
+    let config = answered.1.expect("/config").1;
+    assert!(config.contains("\"version\": 1"), "{config}");
+    assert!(
+        !weft.log_contains("configuration applied"),
+        "the reload ended before the admin was asked"
+    );
+    weft_testkit::eventually(
+        std::time::Duration::from_secs(60),
+        "the reload is applied",
+        || weft.version() == 2,
+    );
 }

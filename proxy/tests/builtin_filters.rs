@@ -54,20 +54,35 @@ async fn fault_delays_and_aborts_in_a_real_proxy() {
     let took = started.elapsed();
     assert_eq!(r.status, 200);
     assert!(took >= Duration::from_millis(290), "delayed only {took:?}");
-    assert!(took < Duration::from_secs(3), "delayed {took:?}");
+    // A bound against a hang, not a timing: a loaded machine may add seconds.
+    assert!(took < Duration::from_secs(30), "delayed {took:?}");
 
-    // Delays do not block the worker: a fast request is served meanwhile.
+    // Delays do not block the worker: a fast request is served while a slow one (3 s) waits
+    // — shown by order, not by a stopwatch.
+    // One worker: the fast request is served by the same event loop the delay runs on.
+    let weft_slow = Weft::start_with(
+        WEFT,
+        &with_filter(
+            &app,
+            &format!(
+                "  - name: f\n    module: \"{module}\"\n    config: {{ rules: [ {{ match: {{ path: {{ prefix: /slow }} }}, delay: {{ fixed: 3s }} }} ] }}\n"
+            ),
+        ),
+        &["--workers", "1"],
+    );
     let slow = tokio::spawn({
-        let url = weft.url("main", "/slow");
+        let url = weft_slow.url("main", "/slow");
         async move { client::get(&client::http1(), &url).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    let fast = client::get(&c, &weft.url("main", "/fast"))
+    let fast = client::get(&c, &weft_slow.url("main", "/fast"))
         .await
         .expect("fast");
     assert_eq!(fast.status, 200);
-    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before the fast one"
+    );
     assert_eq!(slow.await.expect("task").expect("slow").status, 200);
 
     let r = client::get(&c, &weft.url("main", "/broken"))
@@ -100,7 +115,7 @@ async fn fault_delays_and_aborts_in_a_real_proxy() {
     assert!(
         metrics
             .lines()
-            .any(|l| l == r#"weft_wasm_fault_delays_total{filter="f",rule="slow"} 2"#)
+            .any(|l| l == r#"weft_wasm_fault_delays_total{filter="f",rule="slow"} 1"#)
     );
 
     // A bad configuration is refused, located, before anything is served.

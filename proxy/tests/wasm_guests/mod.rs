@@ -338,3 +338,30 @@ pub fn chatty() -> String {
 pub fn numbered(n: u32) -> String {
     module("", &format!("(data (i32.const 1024) \"module {n}\")"), "")
 }
+
+/// `on_configure` logs `configuring`, then keeps the CPU busy for `ms` milliseconds (a module
+/// that takes its time to start: the validation of a reload runs it).
+pub fn slow_configure(ms: u64) -> String {
+    format!(
+        r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_current_time_nanoseconds" (func $now (param i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 64) "configuring")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 32768))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (local $until i64)
+    (drop (call $log (i32.const 2) (i32.const 64) (i32.const 11)))
+    (drop (call $now (i32.const 0)))
+    (local.set $until (i64.add (i64.load (i32.const 0)) (i64.const {ns})))
+    (loop $spin
+      (drop (call $now (i32.const 0)))
+      (br_if $spin (i64.lt_u (i64.load (i32.const 0)) (local.get $until))))
+    (i32.const 1))
+)"#,
+        ns = ms * 1_000_000
+    )
+}
