@@ -9,6 +9,8 @@
 #
 #   bench/core.sh                 # defaults: 3 rounds × 10 s, 64 connections
 #   ROUNDS=5 DURATION=20 bench/core.sh
+#   BEFORE=/path/to/older/weft bench/core.sh   # also measures an older build, same run
+#                                              # (same pinning), and prints after/before
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,9 @@ NGINX_H1=$((BASE_PORT + 1))
 NGINX_H2=$((BASE_PORT + 2))
 WEFT_PORT=$((BASE_PORT + 3))
 ADMIN=$((BASE_PORT + 4))
+BEFORE_PORT=$((BASE_PORT + 5))
+BEFORE_ADMIN=$((BASE_PORT + 6))
+BEFORE=${BEFORE:-}
 
 cat >"$work/proxy.conf" <<EOF
 worker_processes 1;
@@ -68,10 +73,19 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 EOF
 
+if [ -n "$BEFORE" ]; then
+  sed -e "s/$WEFT_PORT/$BEFORE_PORT/" -e "s/$ADMIN/$BEFORE_ADMIN/" "$work/weft.yaml" >"$work/before.yaml"
+fi
+
 start_backend "$BACKEND"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
+if [ -n "$BEFORE" ]; then
+  taskset -c "$PROXY_CPU" "$BEFORE" run --config "$work/before.yaml" --workers 1 2>"$work/before.log" & pids+=($!)
+  BEFORE_PID=$!
+  wait_port "$BEFORE_PORT"
+fi
 for p in $BACKEND $NGINX_H1 $NGINX_H2 $WEFT_PORT; do wait_port "$p"; done
 sleep 0.5
 NGINX_WORKER=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
@@ -86,13 +100,19 @@ for round in $(seq "$ROUNDS"); do
   R[h1_weft]+="$(run_wrk "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID" "$CONNS")"$'\n'
   R[h2_nginx]+="$(run_h2 "http://127.0.0.1:$NGINX_H2/" "$NGINX_WORKER")"$'\n'
   R[h2_weft]+="$(run_h2 "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID")"$'\n'
+  if [ -n "$BEFORE" ]; then
+    R[h1_before]+="$(run_wrk "http://127.0.0.1:$BEFORE_PORT/" "$BEFORE_PID" "$CONNS")"$'\n'
+    R[h2_before]+="$(run_h2 "http://127.0.0.1:$BEFORE_PORT/" "$BEFORE_PID")"$'\n'
+  fi
 done
 LOADED_RSS=$(awk '/VmRSS/ {print $2}' "/proc/$WEFT_PID/status")
 
 printf '\nCore proxy benchmark: %s rounds, medians. Proxies: 1 worker on CPU %s; wrk/h2load + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss; h2load: %s requests, %s clients x %s streams.\n\n' "$CONNS" "$DURATION" "$H2_REQUESTS" "$H2_CLIENTS" "$H2_STREAMS"
 printf '%-16s %10s %9s %9s %14s\n' "target" "req/s" "p50 µs" "p99 µs" "proxy CPU µs/req"
-for k in h1_direct h1_nginx h1_weft h2_nginx h2_weft; do
+targets=(h1_direct h1_nginx h1_weft h2_nginx h2_weft)
+[ -n "$BEFORE" ] && targets+=(h1_before h2_before)
+for k in "${targets[@]}"; do
   cpu=$(col "$k" 4)
   [ "$k" = h1_direct ] && cpu="(backend) $cpu"
   printf '%-16s %10s %9s %9s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu"
@@ -104,3 +124,6 @@ echo "HTTP/1.1 CPU/request weft/nginx: $(ratio "$(col h1_weft 4)" "$(col h1_ngin
 echo "h2c throughput weft/nginx:       $(ratio "$(col h2_weft 1)" "$(col h2_nginx 1)")   (target >= 1.00)"
 echo "h2c CPU/request weft/nginx:      $(ratio "$(col h2_weft 4)" "$(col h2_nginx 4)")"
 echo "weft RSS: idle $((IDLE_RSS / 1024)) MiB ($IDLE_RSS KiB), after load $((LOADED_RSS / 1024)) MiB   (idle target <= 15 MiB)"
+if [ -n "$BEFORE" ]; then
+  echo "after/before ($BEFORE): HTTP/1.1 throughput $(ratio "$(col h1_weft 1)" "$(col h1_before 1)"), CPU/request $(ratio "$(col h1_weft 4)" "$(col h1_before 4)"); h2c throughput $(ratio "$(col h2_weft 1)" "$(col h2_before 1)"), CPU/request $(ratio "$(col h2_weft 4)" "$(col h2_before 4)")"
+fi

@@ -317,3 +317,44 @@ async fn tunnels_are_closed_on_drain() {
     let status = weft.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status}");
 }
+
+/// CONNECT over HTTP/2 (a stream becomes the tunnel), with the h2 crate as the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_over_http2_tunnels_a_stream() {
+    let backend = Backend::start("b").await;
+    let echo = echo_server();
+    let weft = Weft::start(
+        WEFT,
+        &config(
+            &backend.endpoint(),
+            "http: { upgrades: [CONNECT] }",
+            Some(echo),
+        ),
+    );
+    let tcp = tokio::net::TcpStream::connect(weft.addr("main"))
+        .await
+        .expect("connect");
+    let (h2, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.expect("ready");
+    let req = http::Request::connect("echo.internal:443")
+        .body(())
+        .expect("request");
+    let (resp, mut send) = h2.send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    send.send_data(bytes::Bytes::from_static(b"over h2"), false)
+        .expect("data");
+    let mut got = Vec::new();
+    while got.len() < 7 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("echoed in time")
+            .expect("more data")
+            .expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(&got, b"over h2");
+}

@@ -107,6 +107,12 @@ fn frame(msg: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// Whether the message at the front of `buf` is (or announces itself as) larger than `max`.
+fn oversized(buf: &[u8], max: usize) -> bool {
+    let announced = (buf.len() >= 5).then(|| u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]));
+    buf.len() > max + 5 || announced.is_some_and(|n| n as usize > max)
+}
+
 /// Takes every complete message off the front of `buf`.
 fn messages(buf: &mut BytesMut) -> Vec<Bytes> {
     let mut out = Vec::new();
@@ -493,11 +499,7 @@ pub fn grpc_stream(
                         buf.extend_from_slice(d);
                         // A message (or what is announced as one) larger than the limit ends
                         // the stream instead of growing the buffer.
-                        let announced = (buf.len() >= 5)
-                            .then(|| u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]));
-                        if buf.len() > max_message + 5
-                            || announced.is_some_and(|n| n as usize > max_message)
-                        {
+                        if oversized(&buf, max_message) {
                             return close(
                                 &vm,
                                 grpc_status::RESOURCE_EXHAUSTED,
@@ -552,6 +554,45 @@ mod tests {
         let got = messages(&mut buf);
         assert_eq!(got, [Bytes::from_static(b"one"), Bytes::new()]);
         assert_eq!(buf.len(), 4, "an incomplete frame waits");
+    }
+
+    #[test]
+    fn an_oversized_message_is_seen_from_its_announced_length() {
+        assert!(!oversized(&frame(&[0; 10]), 10));
+        assert!(oversized(&frame(&[0; 11]), 10));
+        // Announced as 4 GiB: refused before any of it arrives.
+        assert!(oversized(&[0, 0xff, 0xff, 0xff, 0xff], 1 << 20));
+        assert!(!oversized(&[0, 0], 10));
+    }
+
+    #[tokio::test]
+    async fn a_stream_refuses_to_queue_past_its_limit_until_the_peer_reads() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(std::future::pending::<()>());
+        let mut h = GrpcHandle {
+            abort: task.abort_handle(),
+            sender: Some(tx),
+            queued: queued.clone(),
+            max_queued: 20,
+        };
+        // Each message is framed (5 bytes more): two of 5 bytes fit in 20, a third does not.
+        h.send(Bytes::from_static(b"12345"), false).expect("room");
+        h.send(Bytes::from_static(b"12345"), false).expect("room");
+        assert_eq!(
+            h.send(Bytes::from_static(b"1"), false),
+            Err(SendError::Full)
+        );
+        // The connection takes one (what `CalloutBody::Channel` does): room again.
+        let taken = rx.recv().await.expect("a message");
+        queued.fetch_sub(taken.len(), Ordering::Relaxed);
+        h.send(Bytes::from_static(b"1"), true).expect("room again");
+        assert_eq!(
+            h.send(Bytes::from_static(b"1"), false),
+            Err(SendError::Closed),
+            "half-closed"
+        );
+        task.abort();
     }
 
     #[test]
