@@ -35,7 +35,14 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(5);
     let bin = std::env::var("WEFT_CP_BIN").unwrap_or_else(|_| "target/release/weft-cp".into());
     let mut child = Command::new(&bin)
-        .args(["--listen", "127.0.0.1:0", "--store", "memory"])
+        // Distribution is measured, not enrollment: the plaintext link.
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--insecure-plaintext",
+        ])
         .env("RUST_LOG", "warn,weft_cp=info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -85,6 +92,7 @@ fn main() -> anyhow::Result<()> {
                     labels: [("app".to_owned(), "sim".to_owned())].into(),
                     proxy_version: "bench".into(),
                     applied_version: 0,
+                    bundle_generation: 0,
                 })),
             })
             .await?;
@@ -96,7 +104,10 @@ fn main() -> anyhow::Result<()> {
                     return;
                 };
                 let mut s = resp.into_inner();
-                while let Ok(Some(snap)) = s.message().await {
+                while let Ok(Some(push)) = s.message().await {
+                    let Some(v1::push::Kind::Snapshot(snap)) = push.kind else {
+                        continue;
+                    };
                     let ack = v1::ProxyMessage {
                         kind: Some(v1::proxy_message::Kind::Ack(v1::Ack {
                             version: snap.version,

@@ -2,6 +2,9 @@
 //! selecting proxies by label — validated, versioned and stored ([`store`]), and distributed
 //! to every proxy.
 
+pub mod ca;
+pub mod link;
+pub mod registry;
 pub mod resources;
 pub mod server;
 pub mod store;

@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_proxy::config::Config;
 use weft_wire::v1::{self, control_server::Control, distribution_server::Distribution};
 
+use crate::ca::Ca;
+use crate::link::LinkPeer;
+use crate::registry::Registry;
 use crate::resources::{Kind, Resource, assemble, parse_documents};
 use crate::store::{State, Store, digest, write_atomically};
 
@@ -30,6 +33,53 @@ pub struct ProxyState {
     pub nacked: u64,
     pub reason: String,
     pub since: Instant,
+    /// Module digests the proxy's snapshots named: the only ones it may fetch (TLS link).
+    modules: std::collections::HashSet<String>,
+    /// The trust bundle generation it acknowledged.
+    pub bundle_generation: u64,
+}
+
+/// The mesh's identity side: the CA, the registry, and whether the control link is TLS.
+pub struct Security {
+    pub ca: Arc<Ca>,
+    pub registry: Mutex<Registry>,
+    /// Lifetime of the certificates issued to proxies.
+    pub lifetime: Duration,
+    /// `false` (`--insecure-plaintext`): proxies say who they are and authenticate, if at
+    /// all, with the token; no enrollment.
+    pub tls: bool,
+}
+
+impl Security {
+    /// In memory, plaintext: in-process tests and benchmarks.
+    pub fn insecure_in_memory() -> Result<Security, String> {
+        Ok(Security {
+            ca: Arc::new(Ca::open("cluster.local", None)?),
+            registry: Mutex::new(Registry::open(None)?),
+            lifetime: crate::ca::DEFAULT_LIFETIME,
+            tls: false,
+        })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Who is calling, from the link's certificate or the token.
+#[derive(Debug, Clone)]
+enum Caller {
+    /// An operator: an admin certificate, or the token.
+    Operator,
+    /// An enrolled proxy, by its certificate.
+    Proxy {
+        node: String,
+        id: String,
+        labels: BTreeMap<String, String>,
+    },
+    /// A certificate the registry does not know (removed node, unknown kind of identity).
+    Unknown,
+    Nobody,
 }
 
 struct Inner {
@@ -125,6 +175,37 @@ pub struct ControlPlane {
     token: Option<String>,
     modules: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     modules_dir: Option<PathBuf>,
+    pub security: Security,
+    /// Validation builds `tls: mesh` settings with a stand-in identity.
+    placeholder: Option<Arc<weft_proxy::identity::Identity>>,
+    /// The trust bundle's generation, for the subscription tasks.
+    trust: watch::Sender<u64>,
+    /// The CA changed (a rotation moved on): the control plane's own certificate follows.
+    pub ca_changed: Notify,
+    /// Certificates issued (`kind`: enroll, renew) and requests refused (`reason`).
+    issued: prometheus_client::metrics::family::Family<
+        KindLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    csr_failures: prometheus_client::metrics::family::Family<
+        ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// When each node's certificate expires (Unix seconds).
+    expiry: prometheus_client::metrics::family::Family<
+        NodeLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -133,10 +214,9 @@ impl std::fmt::Debug for ControlPlane {
     }
 }
 
-fn check_token<T>(token: &Option<String>, req: &Request<T>) -> Result<(), Status> {
-    let Some(want) = token else {
-        return Ok(());
-    };
+/// Whether `req` carries the operator token (`None`: no token is configured).
+fn token_matches<T>(token: &Option<String>, req: &Request<T>) -> Option<bool> {
+    let want = token.as_ref()?;
     let got = req
         .metadata()
         .get("authorization")
@@ -150,17 +230,20 @@ fn check_token<T>(token: &Option<String>, req: &Request<T>) -> Result<(), Status
                 .fold(0, |acc, (a, b)| acc | (a ^ b))
                 == 0
     });
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated(
-            "a valid `authorization: Bearer <token>` is required",
-        ))
-    }
+    Some(ok)
 }
 
 impl ControlPlane {
+    /// A plaintext control plane with an in-memory CA (in-process tests, benchmarks).
     pub fn new(store: Store, token: Option<String>) -> Result<Arc<ControlPlane>, String> {
+        ControlPlane::with_security(store, token, Security::insecure_in_memory()?)
+    }
+
+    pub fn with_security(
+        store: Store,
+        token: Option<String>,
+        security: Security,
+    ) -> Result<Arc<ControlPlane>, String> {
         let modules_dir = store.modules_dir();
         let mut modules = HashMap::new();
         if let Some(dir) = &modules_dir
@@ -184,6 +267,28 @@ impl ControlPlane {
         let version = store.current().number;
         let metrics = CpMetrics::new();
         metrics.version.set(version as i64);
+        let issued = prometheus_client::metrics::family::Family::default();
+        let csr_failures = prometheus_client::metrics::family::Family::default();
+        let expiry = prometheus_client::metrics::family::Family::default();
+        {
+            let mut r = metrics.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register(
+                "certificates_issued",
+                "Certificates issued to proxies, by kind (enroll, renew)",
+                issued.clone(),
+            );
+            r.register(
+                "csr_failures",
+                "Enrollments and renewals refused, by reason",
+                csr_failures.clone(),
+            );
+            r.register(
+                "certificate_expiry_timestamp_seconds",
+                "When each node's last issued certificate expires (Unix time)",
+                expiry.clone(),
+            );
+        }
+        let generation = security.ca.bundle().0;
         Ok(Arc::new(ControlPlane {
             metrics,
             changing: Mutex::new(()),
@@ -197,7 +302,64 @@ impl ControlPlane {
             token,
             modules: Mutex::new(modules),
             modules_dir,
+            security,
+            placeholder: weft_proxy::identity::svid::placeholder().ok(),
+            trust: watch::channel(generation).0,
+            ca_changed: Notify::new(),
+            issued,
+            csr_failures,
+            expiry,
         }))
+    }
+
+    /// Who is calling.
+    fn caller<T>(&self, req: &Request<T>) -> Caller {
+        let peer = req.extensions().get::<LinkPeer>();
+        if let Some(LinkPeer {
+            tls: true,
+            id: Some(id),
+            common_name,
+            ..
+        }) = peer
+        {
+            if id.trust_domain() != self.security.ca.trust_domain() {
+                return Caller::Unknown;
+            }
+            if id.path().starts_with(weft_proxy::identity::ADMIN_PATH) {
+                return Caller::Operator;
+            }
+            let registry = self.security.registry();
+            return match common_name.as_deref().and_then(|n| registry.node(n)) {
+                Some(node) if node.identity == id.to_string() => Caller::Proxy {
+                    node: node.id.clone(),
+                    id: node.identity.clone(),
+                    labels: node.labels.clone(),
+                },
+                _ => Caller::Unknown,
+            };
+        }
+        match token_matches(&self.token, req) {
+            Some(true) => Caller::Operator,
+            // Plaintext without a token: every caller is trusted (loopback development).
+            None if !self.security.tls => Caller::Operator,
+            _ => Caller::Nobody,
+        }
+    }
+
+    /// Operators only: a proxy's certificate is refused, nothing changes.
+    fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.caller(req) {
+            Caller::Operator => Ok(()),
+            Caller::Proxy { node, .. } => Err(Status::permission_denied(format!(
+                "node {node} is a proxy: proxies may only subscribe and fetch their modules"
+            ))),
+            Caller::Unknown => Err(Status::permission_denied(
+                "the certificate names no registered node or operator",
+            )),
+            Caller::Nobody => Err(Status::unauthenticated(
+                "an operator certificate or a valid `authorization: Bearer <token>` is required",
+            )),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -260,6 +422,7 @@ impl ControlPlane {
                 metrics: &metrics,
                 wasm: &wasm,
                 base_dir: std::path::Path::new("/nonexistent"),
+                identity: self.placeholder.as_ref(),
             };
             if let Err(e) = weft_proxy::snapshot::Snapshot::build(config, 1, None, env) {
                 let who = if labels.is_empty() {
@@ -320,12 +483,47 @@ impl ControlPlane {
         })
     }
 
+    fn trust_push(&self, node: &str) -> v1::Push {
+        v1::Push {
+            kind: Some(v1::push::Kind::Trust(self.trust_bundle(Some(node)))),
+        }
+    }
+
+    /// The trust bundle; `renew` is set for a node whose certificate is not from the issuing
+    /// root while a rotation reissues.
+    fn trust_bundle(&self, node: Option<&str>) -> v1::TrustBundle {
+        let (generation, roots) = self.security.ca.bundle();
+        let status = self.security.ca.status();
+        let renew = node.is_some_and(|n| {
+            status.phase == crate::ca::Phase::Reissuing
+                && self
+                    .security
+                    .registry()
+                    .node(n)
+                    .is_some_and(|x| x.root != status.issuing)
+        });
+        v1::TrustBundle {
+            generation,
+            roots,
+            renew,
+        }
+    }
+
     fn statuses(&self) -> (u64, Vec<v1::ProxyStatus>) {
+        let certs: HashMap<String, (String, i64)> = self
+            .security
+            .registry()
+            .nodes()
+            .map(|n| (n.id.clone(), (n.identity.clone(), n.not_after)))
+            .collect();
         let inner = self.lock();
         let list = inner
             .proxies
             .iter()
             .map(|(id, p)| v1::ProxyStatus {
+                spiffe_id: certs.get(id).map(|c| c.0.clone()).unwrap_or_default(),
+                certificate_not_after: certs.get(id).map_or(0, |c| c.1),
+                bundle_generation: p.bundle_generation,
                 node_id: id.clone(),
                 labels: p.labels.clone().into_iter().collect(),
                 connected: p.connected,
@@ -360,7 +558,7 @@ pub struct DistributionService(pub Arc<ControlPlane>);
 
 #[tonic::async_trait]
 impl Distribution for DistributionService {
-    type SubscribeStream = Boxed<v1::Snapshot>;
+    type SubscribeStream = Boxed<v1::Push>;
     type FetchModuleStream = Boxed<v1::ModuleChunk>;
 
     async fn subscribe(
@@ -368,7 +566,27 @@ impl Distribution for DistributionService {
         req: Request<Streaming<v1::ProxyMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let cp = self.0.clone();
-        check_token(&cp.token, &req)?;
+        // On the TLS link the certificate says who the proxy is; what it says in its hello
+        // cannot widen what it receives.
+        let registered = match cp.caller(&req) {
+            Caller::Proxy { node, id, labels } => Some((node, id, labels)),
+            Caller::Operator if !cp.security.tls => None,
+            Caller::Operator => {
+                return Err(Status::permission_denied(
+                    "subscribing needs a proxy's certificate (an enrolled node)",
+                ));
+            }
+            Caller::Unknown => {
+                return Err(Status::permission_denied(
+                    "the certificate names no registered node",
+                ));
+            }
+            Caller::Nobody => {
+                return Err(Status::unauthenticated(
+                    "a proxy certificate (or, on the plaintext link, the token) is required",
+                ));
+            }
+        };
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -381,11 +599,22 @@ impl Distribution for DistributionService {
                 "the first message must be a hello",
             ));
         };
-        if hello.node_id.is_empty() {
-            return Err(Status::invalid_argument("hello.node_id must not be empty"));
-        }
-        let node = hello.node_id.clone();
-        let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let claimed: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let (node, labels) = match registered {
+            Some((node, id, labels)) => {
+                if (!hello.node_id.is_empty() && hello.node_id != node) || claimed != labels {
+                    tracing::info!(node = %node, identity = %id, claimed_node = %hello.node_id, ?claimed,
+                        "the proxy's hello claims another node id or labels: its registration decides");
+                }
+                (node, labels)
+            }
+            None => {
+                if hello.node_id.is_empty() {
+                    return Err(Status::invalid_argument("hello.node_id must not be empty"));
+                }
+                (hello.node_id.clone(), claimed)
+            }
+        };
         let stream_id = {
             let mut inner = cp.lock();
             inner.next_stream += 1;
@@ -400,8 +629,10 @@ impl Distribution for DistributionService {
                     applied: hello.applied_version,
                     sent: hello.applied_version,
                     nacked: prev.as_ref().map_or(0, |p| p.nacked),
-                    reason: prev.map(|p| p.reason).unwrap_or_default(),
+                    reason: prev.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
                     since: Instant::now(),
+                    modules: prev.map(|p| p.modules).unwrap_or_default(),
+                    bundle_generation: hello.bundle_generation,
                 },
             );
             id
@@ -410,11 +641,22 @@ impl Distribution for DistributionService {
         cp.metrics.connected.inc();
         tracing::info!(node = %node, ?labels, applied = hello.applied_version, "proxy connected");
 
-        let (tx, rx) = mpsc::channel::<Result<v1::Snapshot, Status>>(4);
+        let (tx, rx) = mpsc::channel::<Result<v1::Push, Status>>(4);
         let mut versions = cp.version.subscribe();
+        let mut trust = cp.trust.subscribe();
+        let tls = cp.security.tls;
         tokio::spawn(async move {
             let mut sent = hello.applied_version;
+            let mut sent_trust = hello.bundle_generation;
             loop {
+                let generation = *trust.borrow_and_update();
+                if tls && generation != sent_trust {
+                    let push = cp.trust_push(&node);
+                    if tx.send(Ok(push)).await.is_err() {
+                        break;
+                    }
+                    sent_trust = generation;
+                }
                 let current = *versions.borrow_and_update();
                 if current != sent {
                     let snapshot = {
@@ -424,7 +666,13 @@ impl Distribution for DistributionService {
                         cp.snapshot_for(&state, current, &labels)
                     };
                     let bytes = snapshot.config_json.len() as u64;
-                    if tx.send(Ok(snapshot)).await.is_err() {
+                    let digests: Vec<String> =
+                        snapshot.modules.iter().map(|m| m.digest.clone()).collect();
+                    cp.update(&node, stream_id, |p| p.modules.extend(digests));
+                    let push = v1::Push {
+                        kind: Some(v1::push::Kind::Snapshot(snapshot)),
+                    };
+                    if tx.send(Ok(push)).await.is_err() {
                         break;
                     }
                     cp.metrics.sent_bytes.inc_by(bytes);
@@ -433,6 +681,7 @@ impl Distribution for DistributionService {
                 }
                 tokio::select! {
                     changed = versions.changed() => if changed.is_err() { break },
+                    changed = trust.changed() => if changed.is_err() { break },
                     msg = inbound.message() => match msg {
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Ack(a)) })) => {
                             let created = cp.lock().store.get(a.version).map(|v| v.at_ms);
@@ -461,6 +710,9 @@ impl Distribution for DistributionService {
                                 p.reason = n.reason.clone();
                             });
                         }
+                        Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::TrustAck(t)) })) => {
+                            cp.update(&node, stream_id, |p| p.bundle_generation = t.generation);
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,
                     },
@@ -479,8 +731,33 @@ impl Distribution for DistributionService {
         &self,
         req: Request<v1::ModuleRequest>,
     ) -> Result<Response<Self::FetchModuleStream>, Status> {
-        check_token(&self.0.token, &req)?;
-        let d = req.into_inner().digest;
+        let d = req.get_ref().digest.clone();
+        match self.0.caller(&req) {
+            Caller::Operator => {}
+            Caller::Proxy { node, .. } => {
+                let sent = self
+                    .0
+                    .lock()
+                    .proxies
+                    .get(&node)
+                    .is_some_and(|p| p.modules.contains(&d));
+                if !sent {
+                    return Err(Status::permission_denied(format!(
+                        "module {d} was never sent to node {node}"
+                    )));
+                }
+            }
+            Caller::Unknown => {
+                return Err(Status::permission_denied(
+                    "the certificate names no registered node",
+                ));
+            }
+            Caller::Nobody => {
+                return Err(Status::unauthenticated(
+                    "a proxy certificate (or, on the plaintext link, the token) is required",
+                ));
+            }
+        }
         let bytes = self
             .0
             .modules
@@ -510,7 +787,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ChangeResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let docs = parse_documents(&req.into_inner().yaml)
             .map_err(|e| Status::invalid_argument(e.join("\n")))?;
         if docs.is_empty() {
@@ -537,7 +814,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::ChangeResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let d = req.into_inner();
         let kind = Kind::parse(&d.kind)
             .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}", d.kind)))?;
@@ -561,7 +838,7 @@ impl Control for ControlService {
     }
 
     async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let g = req.into_inner();
         let kind =
             if g.kind.is_empty() {
@@ -590,7 +867,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::UploadModuleRequest>,
     ) -> Result<Response<v1::UploadModuleResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let bytes = req.into_inner().module;
         let d = digest(&bytes);
         let size = bytes.len() as u64;
@@ -618,7 +895,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let (version, proxies) = self.0.statuses();
         Ok(Response::new(v1::StatusResponse { version, proxies }))
     }
@@ -627,7 +904,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::RolloutRequest>,
     ) -> Result<Response<Self::RolloutStream>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let r = req.into_inner();
         let timeout = match r.timeout_ms {
             0 => Duration::from_secs(30),
@@ -685,7 +962,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::HistoryRequest>,
     ) -> Result<Response<v1::HistoryResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let inner = self.0.lock();
         let entries = inner
             .store
@@ -704,7 +981,7 @@ impl Control for ControlService {
         &self,
         req: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ChangeResponse>, Status> {
-        check_token(&self.0.token, &req)?;
+        self.0.operator(&req)?;
         let to = req.into_inner().version;
         let state = self
             .0
@@ -720,5 +997,336 @@ impl Control for ControlService {
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(r))
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<v1::AddNodeRequest>,
+    ) -> Result<Response<v1::AddNodeResponse>, Status> {
+        self.0.operator(&req)?;
+        let r = req.into_inner();
+        let ttl = match r.ttl_ms {
+            0 => Duration::from_secs(3600),
+            ms => Duration::from_millis(ms),
+        };
+        let ca = &self.0.security.ca;
+        let secret = self
+            .0
+            .security
+            .registry()
+            .add(
+                &r.name,
+                &r.namespace,
+                &r.service_account,
+                r.labels.into_iter().collect(),
+                r.reusable,
+                ttl,
+                ca.trust_domain(),
+            )
+            .map_err(Status::invalid_argument)?;
+        let token = crate::registry::JoinToken {
+            registration: r.name.clone(),
+            secret,
+            pin: ca.serving_pin(),
+        };
+        let expires = self
+            .0
+            .security
+            .registry()
+            .registration(&r.name)
+            .map_or(0, |g| g.expires_ms);
+        let id = weft_proxy::identity::SpiffeId::workload(
+            ca.trust_domain(),
+            &r.namespace,
+            &r.service_account,
+        )
+        .map_err(Status::invalid_argument)?;
+        tracing::info!(registration = %r.name, identity = %id, reusable = r.reusable, "node registered");
+        Ok(Response::new(v1::AddNodeResponse {
+            token: token.to_string(),
+            spiffe_id: id.to_string(),
+            expires_at_ms: expires,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.0.operator(&req)?;
+        let td = self.0.security.ca.trust_domain().to_owned();
+        let registry = self.0.security.registry();
+        let registrations = registry
+            .registrations()
+            .map(|r| v1::RegistrationInfo {
+                name: r.name.clone(),
+                spiffe_id: format!("spiffe://{td}/ns/{}/sa/{}", r.namespace, r.account),
+                labels: r.labels.clone().into_iter().collect(),
+                reusable: r.reusable,
+                expires_at_ms: r.expires_ms,
+                uses: r.uses,
+            })
+            .collect();
+        let nodes = registry
+            .nodes()
+            .map(|n| v1::NodeInfo {
+                node_id: n.id.clone(),
+                registration: n.registration.clone(),
+                spiffe_id: n.identity.clone(),
+                labels: n.labels.clone().into_iter().collect(),
+                certificate_not_after: n.not_after,
+                root: n.root.clone(),
+                renewals: n.renewals,
+            })
+            .collect();
+        Ok(Response::new(v1::ListNodesResponse {
+            registrations,
+            nodes,
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<v1::RemoveNodeRequest>,
+    ) -> Result<Response<v1::RemoveNodeResponse>, Status> {
+        self.0.operator(&req)?;
+        let name = req.into_inner().name;
+        let nodes = self
+            .0
+            .security
+            .registry()
+            .remove(&name)
+            .map_err(Status::not_found)?;
+        for n in &nodes {
+            self.0.expiry.remove(&NodeLabels { node: n.clone() });
+        }
+        tracing::info!(registration = %name, ?nodes, "registration removed");
+        Ok(Response::new(v1::RemoveNodeResponse { nodes }))
+    }
+
+    async fn ca_status(
+        &self,
+        req: Request<v1::CaStatusRequest>,
+    ) -> Result<Response<v1::CaStatusResponse>, Status> {
+        self.0.operator(&req)?;
+        Ok(Response::new(self.0.ca_status()))
+    }
+
+    async fn rotate_ca(
+        &self,
+        req: Request<v1::RotateCaRequest>,
+    ) -> Result<Response<v1::CaStatusResponse>, Status> {
+        self.0.operator(&req)?;
+        self.0
+            .security
+            .ca
+            .begin_rotation()
+            .map_err(Status::failed_precondition)?;
+        tracing::info!("root rotation started: the new root joins every trust bundle");
+        self.0.trust_changed();
+        Ok(Response::new(self.0.ca_status()))
+    }
+}
+
+impl ControlPlane {
+    fn csr_failure(&self, reason: &str) {
+        self.csr_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Issues a certificate for `grant`'s node and records it.
+    fn issue_for(
+        &self,
+        grant: &crate::registry::Grant,
+        registration: &str,
+        csr: &[u8],
+        kind: &'static str,
+    ) -> Result<v1::IssuedCertificate, Status> {
+        let ca = &self.security.ca;
+        let id = weft_proxy::identity::SpiffeId::workload(
+            ca.trust_domain(),
+            &grant.namespace,
+            &grant.account,
+        )
+        .map_err(Status::internal)?;
+        let issued = ca
+            .issue(csr, &id, &grant.node, self.security.lifetime, &[])
+            .map_err(|e| {
+                self.csr_failure(e.reason());
+                Status::invalid_argument(e.to_string())
+            })?;
+        self.security
+            .registry()
+            .record(grant, registration, &id.to_string(), &issued)
+            .map_err(Status::internal)?;
+        self.issued.get_or_create(&KindLabels { kind }).inc();
+        self.expiry
+            .get_or_create(&NodeLabels {
+                node: grant.node.clone(),
+            })
+            .set(issued.not_after);
+        tracing::info!(node = %grant.node, identity = %id, kind, not_after = issued.not_after, root = %issued.root, "certificate issued");
+        Ok(v1::IssuedCertificate {
+            chain: issued.chain,
+            trust: Some(self.trust_bundle(None)),
+            node_id: grant.node.clone(),
+            labels: grant.labels.clone().into_iter().collect(),
+            spiffe_id: id.to_string(),
+        })
+    }
+}
+
+/// The `Identity` service: enrollment by join token, renewal by certificate.
+#[derive(Debug, Clone)]
+pub struct IdentityService(pub Arc<ControlPlane>);
+
+#[tonic::async_trait]
+impl weft_wire::v1::identity_server::Identity for IdentityService {
+    async fn enroll(
+        &self,
+        req: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::IssuedCertificate>, Status> {
+        let cp = &self.0;
+        if !cp.security.tls {
+            return Err(Status::failed_precondition(
+                "enrollment needs the TLS control link (weft-cp runs with --insecure-plaintext)",
+            ));
+        }
+        let r = req.into_inner();
+        let token = crate::registry::JoinToken::parse(&r.token).map_err(|e| {
+            cp.csr_failure(e.reason());
+            Status::invalid_argument(e.to_string())
+        })?;
+        // The request is checked before the token is spent: a bad request keeps the token.
+        crate::ca::check_csr(&r.csr).map_err(|e| {
+            cp.csr_failure(e.reason());
+            Status::invalid_argument(e.to_string())
+        })?;
+        let grant = cp.security.registry().enroll(&token).map_err(|e| {
+            cp.csr_failure(e.reason());
+            tracing::warn!(registration = %token.registration, reason = e.reason(), "enrollment refused");
+            Status::permission_denied(e.to_string())
+        })?;
+        let issued = cp.issue_for(&grant, &token.registration, &r.csr, "enroll")?;
+        Ok(Response::new(issued))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<v1::RenewRequest>,
+    ) -> Result<Response<v1::IssuedCertificate>, Status> {
+        let cp = &self.0;
+        let node = match cp.caller(&req) {
+            Caller::Proxy { node, .. } => node,
+            Caller::Operator | Caller::Unknown => {
+                cp.csr_failure("not_a_node");
+                return Err(Status::permission_denied(
+                    "renewal needs the certificate of an enrolled node",
+                ));
+            }
+            Caller::Nobody => {
+                cp.csr_failure("no_certificate");
+                return Err(Status::unauthenticated(
+                    "renewal needs the node's current certificate on the TLS link",
+                ));
+            }
+        };
+        let (grant, registration) = {
+            let registry = cp.security.registry();
+            let n = registry
+                .node(&node)
+                .ok_or_else(|| Status::permission_denied("the node was removed"))?;
+            let reg = registry
+                .registration(&n.registration)
+                .ok_or_else(|| Status::permission_denied("the node's registration was removed"))?;
+            (
+                crate::registry::Grant {
+                    node: node.clone(),
+                    namespace: reg.namespace.clone(),
+                    account: reg.account.clone(),
+                    labels: n.labels.clone(),
+                },
+                n.registration.clone(),
+            )
+        };
+        let csr = req.into_inner().csr;
+        let issued = cp.issue_for(&grant, &registration, &csr, "renew")?;
+        Ok(Response::new(issued))
+    }
+}
+
+impl ControlPlane {
+    /// Tells every subscription the trust bundle changed.
+    pub fn trust_changed(&self) {
+        self.trust.send_replace(self.security.ca.bundle().0);
+        self.ca_changed.notify_waiters();
+        self.proxy_event.notify_waiters();
+    }
+
+    pub fn ca_status(&self) -> v1::CaStatusResponse {
+        let st = self.security.ca.status();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let waiting_for = match st.phase {
+            crate::ca::Phase::Stable => Vec::new(),
+            crate::ca::Phase::Distributing => {
+                let inner = self.lock();
+                inner
+                    .proxies
+                    .iter()
+                    .filter(|(_, p)| p.connected && p.bundle_generation < st.generation)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            }
+            crate::ca::Phase::Reissuing => self
+                .security
+                .registry()
+                .nodes()
+                .filter(|n| n.root != st.issuing && n.not_after > now)
+                .map(|n| n.id.clone())
+                .collect(),
+        };
+        v1::CaStatusResponse {
+            trust_domain: st.trust_domain,
+            roots: st
+                .roots
+                .into_iter()
+                .map(|(id, not_after)| v1::CaRoot { id, not_after })
+                .collect(),
+            issuing: st.issuing,
+            generation: st.generation,
+            phase: format!("{:?}", st.phase).to_ascii_lowercase(),
+            waiting_for,
+            operator_ca: st.operator,
+        }
+    }
+
+    /// Moves a root rotation on when nothing waits: every connected proxy holds the bundle
+    /// with the new root (then issuing switches to it and proxies are asked to renew), then
+    /// every node's certificate is from the new root or has expired (then the old root
+    /// leaves the bundle). Returns whether the CA changed.
+    pub fn advance_rotation(&self) -> Result<bool, String> {
+        let phase = self.security.ca.phase();
+        if phase == crate::ca::Phase::Stable || !self.ca_status().waiting_for.is_empty() {
+            return Ok(false);
+        }
+        match phase {
+            crate::ca::Phase::Distributing => {
+                self.security.ca.switch_issuing()?;
+                tracing::info!("every proxy trusts the new root: issuing from it, proxies renew");
+            }
+            _ => {
+                self.security.ca.retire_old_roots()?;
+                tracing::info!(
+                    "every node holds a certificate from the new root: the old root is retired"
+                );
+            }
+        }
+        self.trust_changed();
+        Ok(true)
     }
 }

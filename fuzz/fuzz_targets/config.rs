@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
         metrics,
         wasm,
         base_dir: dir.path(),
+        identity: None,
     };
     match Snapshot::build(config.clone(), 1, None, env) {
         Ok(s) => {

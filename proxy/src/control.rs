@@ -14,19 +14,40 @@ use tokio::sync::{mpsc, oneshot};
 use weft_wire::v1;
 
 use crate::config::Config;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
+
+pub mod identity;
+pub mod link;
 
 /// `weft run --control-plane …`.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
-    /// `http://host:port` of weft-cp.
+    /// `https://host:port` of weft-cp (`http://` with `insecure`).
     pub url: String,
+    /// On the plaintext link, the node id and labels the proxy claims; on the TLS link its
+    /// registration decides them.
     pub node_id: String,
     pub labels: BTreeMap<String, String>,
-    /// Sent as `authorization: Bearer <token>`.
+    /// Sent as `authorization: Bearer <token>` (plaintext link).
     pub token: Option<String>,
-    /// The last good snapshot and the module cache.
+    /// The last good snapshot, the module cache and the identity.
     pub state_dir: PathBuf,
+    /// `--insecure-plaintext`: no TLS, no identity.
+    pub insecure: bool,
+    /// The join token, used when no valid identity is saved.
+    pub join_token: Option<String>,
+    /// The proxy's identity on the TLS link (set by [`identity::establish`] at start).
+    pub identity: Option<Arc<Identity>>,
+}
+
+impl ControlOptions {
+    fn security(&self) -> link::LinkSecurity {
+        match &self.identity {
+            Some(i) => link::LinkSecurity::Mesh(i.clone()),
+            None => link::LinkSecurity::Plain,
+        }
+    }
 }
 
 /// A snapshot for the server to apply; it answers on `answer`.
@@ -202,11 +223,25 @@ pub fn spawn(
             last_update.clone(),
         );
     });
+    let renew_now = Arc::new(tokio::sync::Notify::new());
+    if let Some(id) = &o.identity {
+        let m = identity::IdentityMetrics::register(&metrics, id);
+        identity::spawn_renewal(o.clone(), id.clone(), m, renew_now.clone());
+    }
     tokio::spawn(async move {
         let mut applied = applied;
         let mut backoff = Duration::from_millis(100);
         loop {
-            match session(&o, &mut applied, &updates, &connected, &last_update).await {
+            match session(
+                &o,
+                &mut applied,
+                &updates,
+                &connected,
+                &last_update,
+                &renew_now,
+            )
+            .await
+            {
                 Ok(()) => tracing::info!("control plane closed the stream"),
                 Err(e) => tracing::warn!(url = %o.url, "control plane: {e}"),
             }
@@ -227,13 +262,9 @@ async fn session(
     updates: &mpsc::Sender<Update>,
     connected: &Gauge<i64, std::sync::atomic::AtomicI64>,
     last_update: &Gauge<i64, std::sync::atomic::AtomicI64>,
+    renew_now: &tokio::sync::Notify,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(o.url.clone())
-        .map_err(|e| format!("invalid URL: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+    let channel = link::connect(&o.url, &o.security()).await?;
     let mut client = Client::new(channel)
         .max_decoding_message_size(weft_wire::MAX_MESSAGE)
         .max_encoding_message_size(weft_wire::MAX_MESSAGE);
@@ -244,6 +275,10 @@ async fn session(
             labels: o.labels.clone().into_iter().collect(),
             proxy_version: env!("CARGO_PKG_VERSION").into(),
             applied_version: *applied,
+            bundle_generation: o
+                .identity
+                .as_ref()
+                .map_or(0, |i| i.current().bundle.generation),
         })),
     };
     out.send(hello).await.map_err(|e| e.to_string())?;
@@ -257,11 +292,39 @@ async fn session(
         .into_inner();
     connected.set(1);
     tracing::info!(url = %o.url, node = %o.node_id, "connected to the control plane");
-    while let Some(s) = snapshots
+    while let Some(push) = snapshots
         .message()
         .await
         .map_err(|e| e.message().to_owned())?
     {
+        let s = match push.kind {
+            Some(v1::push::Kind::Snapshot(s)) => s,
+            Some(v1::push::Kind::Trust(t)) => {
+                let Some(id) = &o.identity else { continue };
+                let renew = t.renew;
+                match identity::apply_trust(o, id, t).await {
+                    Ok(generation) => {
+                        out.send(v1::ProxyMessage {
+                            kind: Some(v1::proxy_message::Kind::TrustAck(v1::TrustAck {
+                                generation,
+                            })),
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        if renew {
+                            renew_now.notify_one();
+                        }
+                    }
+                    Err(e) => {
+                        // Neither the bundle nor a renewal took: the stream restarts (and
+                        // the bundle is sent again).
+                        return Err(format!("trust bundle not applied: {e}"));
+                    }
+                }
+                continue;
+            }
+            None => continue,
+        };
         let version = s.version;
         let result = match ensure_modules(o, &mut client, &s.modules).await {
             Err(e) => Err(e),

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod errors;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -58,18 +58,27 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         workers: usize,
         /// Take listeners, routes, clusters and filters from this weft-cp too
-        /// (`http://host:port`); the config file then holds the static parts.
+        /// (`https://host:port`); the config file then holds the static parts. The first start
+        /// enrolls with a join token (WEFT_JOIN_TOKEN or --join-token-file).
         #[arg(long, value_name = "URL")]
         control_plane: Option<String>,
-        /// This proxy's id at the control plane (default: the host name).
+        /// With --insecure-plaintext: this proxy's id at the control plane (default: the host
+        /// name). On the TLS link the registration decides it.
         #[arg(long, requires = "control_plane")]
         node_id: Option<String>,
-        /// A label resources select this proxy by (`--label app=reviews`; repeatable).
+        /// With --insecure-plaintext: a label resources select this proxy by
+        /// (`--label app=reviews`; repeatable). On the TLS link the registration decides them.
         #[arg(long = "label", value_name = "KEY=VALUE", requires = "control_plane")]
         labels: Vec<String>,
-        /// Where the last good snapshot and fetched modules are kept.
+        /// Where the last good snapshot, fetched modules and the identity are kept.
         #[arg(long, default_value = "weft-state", requires = "control_plane")]
         state_dir: PathBuf,
+        /// A file holding the join token `weftctl node add` printed (WEFT_JOIN_TOKEN works too).
+        #[arg(long, value_name = "FILE", requires = "control_plane")]
+        join_token_file: Option<PathBuf>,
+        /// Talk to the control plane without TLS (an http:// URL): development only.
+        #[arg(long, requires = "control_plane")]
+        insecure_plaintext: bool,
     },
     /// Check a configuration file: exit 0 if valid, else print every error and exit 1.
     Validate {
@@ -85,7 +94,22 @@ fn control_options(
     node_id: Option<String>,
     labels: Vec<String>,
     state_dir: PathBuf,
+    join_token_file: Option<PathBuf>,
+    insecure: bool,
 ) -> Result<weft_proxy::control::ControlOptions, String> {
+    weft_proxy::control::link::split_url(&url, insecure)?;
+    let join_token = match join_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(&f)
+                .map_err(|e| format!("--join-token-file {}: {e}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("WEFT_JOIN_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned()),
+    }
+    .filter(|t| !t.is_empty());
     let mut map = std::collections::BTreeMap::new();
     for l in labels {
         let (k, v) = l
@@ -110,6 +134,9 @@ fn control_options(
             .ok()
             .filter(|t| !t.is_empty()),
         state_dir,
+        insecure,
+        join_token,
+        identity: None,
     })
 }
 
@@ -118,7 +145,9 @@ fn validate(
 ) -> Result<weft_proxy::snapshot::Snapshot, weft_proxy::config::ConfigErrors> {
     let metrics = std::sync::Arc::new(Metrics::new());
     let wasm = weft_proxy::wasm::SharedHost::new(metrics.clone());
-    server::load(config, 1, None, &metrics, &wasm)
+    // A configuration for mesh proxies (`tls: mesh`) is checked with a stand-in identity.
+    let identity = weft_proxy::identity::svid::placeholder().ok();
+    server::load(config, 1, None, &metrics, &wasm, identity.as_ref())
 }
 
 fn main() -> ExitCode {
@@ -156,10 +185,19 @@ fn main() -> ExitCode {
             node_id,
             labels,
             state_dir,
+            join_token_file,
+            insecure_plaintext,
         } => {
             let control = match control_plane {
                 None => None,
-                Some(url) => match control_options(url, node_id, labels, state_dir) {
+                Some(url) => match control_options(
+                    url,
+                    node_id,
+                    labels,
+                    state_dir,
+                    join_token_file,
+                    insecure_plaintext,
+                ) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         eprintln!("{e}");

@@ -86,16 +86,28 @@ pub fn load(
     previous: Option<&Snapshot>,
     metrics: &Metrics,
     wasm: &Arc<SharedHost>,
+    identity: Option<&Arc<crate::identity::Identity>>,
 ) -> Result<Snapshot, ConfigErrors> {
     let config = Config::from_file(path)?;
-    Snapshot::build(config, version, previous, env(path, metrics, wasm))
+    Snapshot::build(
+        config,
+        version,
+        previous,
+        env(path, metrics, wasm, identity),
+    )
 }
 
-fn env<'a>(path: &'a Path, metrics: &'a Metrics, wasm: &'a Arc<SharedHost>) -> BuildEnv<'a> {
+fn env<'a>(
+    path: &'a Path,
+    metrics: &'a Metrics,
+    wasm: &'a Arc<SharedHost>,
+    identity: Option<&'a Arc<crate::identity::Identity>>,
+) -> BuildEnv<'a> {
     BuildEnv {
         metrics,
         wasm,
         base_dir: path.parent().unwrap_or(Path::new(".")),
+        identity,
     }
 }
 
@@ -166,14 +178,27 @@ impl Server {
         wasm.stats.pool_size.set(i64::from(pool));
         // With a control plane: the last snapshot it gave, kept on disk, serves until it is
         // reachable again.
-        let mut remote = opts.control.as_ref().and_then(crate::control::last_good);
+        // On the TLS control link the proxy needs its identity first: the saved one, or one
+        // enrolled now with the join token. Without it, start fails with why.
+        let mut control = opts.control.clone();
+        if let Some(c) = &mut control {
+            c.identity = crate::control::identity::establish(c)
+                .await
+                .map_err(|e| anyhow::anyhow!("control plane: {e}"))?;
+        }
+        let mut remote = control.as_ref().and_then(crate::control::last_good);
         let snapshot = match &remote {
             Some((v, r)) => {
                 let built = Snapshot::build(
                     merge(&bootstrap, Some(r)),
                     1,
                     None,
-                    env(&opts.config_path, &metrics, &wasm),
+                    env(
+                        &opts.config_path,
+                        &metrics,
+                        &wasm,
+                        control.as_ref().and_then(|c| c.identity.as_ref()),
+                    ),
                 );
                 match built {
                     Ok(s) => {
@@ -199,7 +224,12 @@ impl Server {
                     bootstrap.clone(),
                     1,
                     None,
-                    env(&opts.config_path, &metrics, &wasm),
+                    env(
+                        &opts.config_path,
+                        &metrics,
+                        &wasm,
+                        control.as_ref().and_then(|c| c.identity.as_ref()),
+                    ),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?
             }
@@ -214,7 +244,7 @@ impl Server {
             config_path: opts.config_path.clone(),
             bootstrap,
             remote,
-            control: opts.control.clone(),
+            control,
             admin: None,
             admin_addr,
             workers: Vec::new(),
@@ -416,7 +446,12 @@ impl Server {
             config,
             version,
             Some(&previous),
-            env(&self.config_path, metrics, &self.shared.wasm),
+            env(
+                &self.config_path,
+                metrics,
+                &self.shared.wasm,
+                self.control.as_ref().and_then(|c| c.identity.as_ref()),
+            ),
         )?;
         if unchanged
             && snapshot.filters.len() == previous.filters.len()

@@ -42,6 +42,8 @@ pub struct BuildEnv<'a> {
     pub wasm: &'a Arc<SharedHost>,
     /// Relative paths in the configuration (filter modules) are relative to this.
     pub base_dir: &'a std::path::Path,
+    /// The proxy's mesh identity (`tls: mesh`), when it has one.
+    pub identity: Option<&'a Arc<crate::identity::Identity>>,
 }
 
 /// One listener's runtime: its settings, route table and pre-resolved metric handles.
@@ -199,7 +201,7 @@ impl Snapshot {
                 if let Some(old) = kept {
                     return Some(old.clone());
                 }
-                match TlsClient::build(&c.name, t, env.base_dir, &metrics.tls) {
+                match TlsClient::build(&c.name, t, env.base_dir, &metrics.tls, env.identity) {
                     Ok(client) => Some(Arc::new(client)),
                     Err(errs) => {
                         for (at, e) in errs {
@@ -343,7 +345,7 @@ impl Snapshot {
                     ListenerProtocol::Http => &["h2", "http/1.1"],
                     ListenerProtocol::Tcp => &[],
                 };
-                match TlsServer::build(&l.name, t, alpn, env.base_dir, &metrics.tls) {
+                match TlsServer::build(&l.name, t, alpn, env.base_dir, &metrics.tls, env.identity) {
                     Ok(server) => Some(Arc::new(server)),
                     Err(errs) => {
                         for (at_tls, e) in errs {
@@ -482,8 +484,102 @@ mod tests {
             metrics: &metrics,
             wasm: &wasm,
             base_dir: std::path::Path::new("."),
+            identity: None,
         };
         Snapshot::build(config, 1, None, env)
+    }
+
+    fn build_with(
+        yaml: &str,
+        identity: Option<&Arc<crate::identity::Identity>>,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let config = Config::from_yaml(yaml)?;
+        let metrics = Metrics::new();
+        let wasm = SharedHost::new(Arc::new(Metrics::new()));
+        let env = BuildEnv {
+            metrics: &metrics,
+            wasm: &wasm,
+            base_dir: std::path::Path::new("."),
+            identity,
+        };
+        Snapshot::build(config, 1, None, env)
+    }
+
+    /// `tls: mesh` needs an identity, takes nothing from files, and its identities are SPIFFE
+    /// IDs; every misuse is located.
+    #[test]
+    fn mesh_tls_is_checked() {
+        let id = crate::identity::svid::placeholder().expect("placeholder");
+        let ok = r#"
+listeners:
+  - { name: main, address: "127.0.0.1:0", routes: main, tls: mesh }
+  - name: strict
+    address: "127.0.0.1:0"
+    routes: main
+    tls: { mode: mesh, identities: ["spiffe://cluster.local/ns/a/sa/b"] }
+routes:
+  main:
+    - to: [{ cluster: peer }]
+clusters:
+  - { name: peer, endpoints: ["127.0.0.1:1"], tls: mesh }
+"#;
+        build_with(ok, Some(&id)).expect("valid with an identity");
+        let text = build_with(ok, None).expect_err("no identity").to_string();
+        assert!(
+            text.contains("clusters[0].tls.mode: `mesh` needs the proxy's mesh identity"),
+            "{text}"
+        );
+        assert!(
+            text.contains("listeners[0].tls.mode: `mesh` needs"),
+            "{text}"
+        );
+        for (yaml, want) in [
+            (
+                r#"{ name: main, address: "127.0.0.1:0", routes: main, tls: { mode: mesh, cert: a.pem, key: a.key } }"#,
+                "listeners[0].tls.cert: not with `mode: mesh`",
+            ),
+            (
+                r#"{ name: main, address: "127.0.0.1:0", routes: main, tls: { mode: mesh, identities: ["spiffe://TD/x"] } }"#,
+                "listeners[0].tls.identities: [0]",
+            ),
+            (
+                r#"{ name: main, address: "127.0.0.1:0", routes: main, tls: { cert: a.pem, key: a.key, identities: ["spiffe://td/x"] } }"#,
+                "listeners[0].tls.identities: only with `mode: mesh`",
+            ),
+        ] {
+            let config = format!(
+                "listeners:\n  - {yaml}\nroutes:\n  main:\n    - to: [{{ cluster: peer }}]\nclusters:\n  - {{ name: peer, endpoints: [\"127.0.0.1:1\"] }}\n"
+            );
+            let text = build_with(&config, Some(&id)).expect_err(want).to_string();
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        let cluster = |tls: &str| {
+            format!(
+                "listeners: []\nroutes: {{}}\nclusters:\n  - {{ name: peer, endpoints: [\"127.0.0.1:1\"], tls: {tls} }}\n"
+            )
+        };
+        for (tls, want) in [
+            (
+                "{ mode: mesh, sni: x.test }",
+                "clusters[0].tls.sni: not with `mode: mesh`",
+            ),
+            (
+                "{ mode: mesh, identities: [nope] }",
+                "clusters[0].tls.identities",
+            ),
+            (
+                "{ ca: ca.pem, identities: [\"spiffe://td/x\"] }",
+                "clusters[0].tls.identities: only with",
+            ),
+        ] {
+            let text = build_with(&cluster(tls), Some(&id))
+                .expect_err(want)
+                .to_string();
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        // Another word than `mesh` is a parse error, not a silent plain-text cluster.
+        assert!(build_with(&cluster("meshy"), Some(&id)).is_err());
+        assert!(build_with(&cluster("MESH"), Some(&id)).is_err());
     }
 
     #[test]

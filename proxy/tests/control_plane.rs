@@ -2,129 +2,22 @@
 //! weftctl drives it. Pushes reach the proxies a selector picks, a NACK shows in `status` while
 //! the old configuration keeps serving, rollback, restarts of either side, and auth.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod cp;
 mod wasm_guests;
 
+use cp::{Cp, TOKEN, WEFT, stdout, write};
 use weft_testkit::filters::builtin;
 use weft_testkit::{Backend, Weft, client, eventually};
 
-const WEFT: &str = env!("CARGO_BIN_EXE_weft");
-const TOKEN: &str = "test-token-1234";
 /// The static parts (the test kit adds an admin listener).
 const BOOTSTRAP: &str = "drain: { grace_period: 1s }\n";
 
-/// A binary of the control-plane crate, built next to `weft` by `cargo test --workspace`.
-fn sibling(name: &str) -> PathBuf {
-    let p = Path::new(WEFT).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build -p weft-controlplane`; `cargo test --workspace` does)",
-        p.display()
-    );
-    p
-}
-
-struct Cp {
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Drop for Cp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Cp {
-    fn start(store: &Path, listen: &str) -> Cp {
-        let mut child = Command::new(sibling("weft-cp"))
-            .args(["--listen", listen, "--metrics", "127.0.0.1:0", "--store"])
-            .arg(store)
-            .env("WEFT_CP_TOKEN", TOKEN)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("weft-cp starts");
-        let log = Arc::new(Mutex::new(Vec::<String>::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[weft-cp] {line}");
-                sink.lock().expect("log").push(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let find = |what: &str| -> Option<SocketAddr> {
-            log.lock()
-                .expect("log")
-                .iter()
-                .find(|l| l.contains(what))
-                .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|a| a.split_whitespace().next())
-                .and_then(|a| a.parse().ok())
-        };
-        let (addr, metrics) = loop {
-            if let (Some(a), Some(m)) = (find("weft-cp listening"), find("metrics listening")) {
-                break (a, m);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("weft-cp did not start: {:?}", log.lock().expect("log"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Cp {
-            child,
-            addr,
-            metrics,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        self.ctl_with_token(args, Some(TOKEN))
-    }
-
-    fn ctl_with_token(&self, args: &[&str], token: Option<&str>) -> Output {
-        let mut c = Command::new(sibling("weftctl"));
-        c.arg("--server")
-            .arg(self.url())
-            .args(["--wait", "20s"])
-            .args(args);
-        match token {
-            Some(t) => c.env("WEFT_CP_TOKEN", t),
-            None => c.env_remove("WEFT_CP_TOKEN"),
-        };
-        let out = c.output().expect("weftctl runs");
-        eprintln!(
-            "[weftctl {args:?}] {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn proxy(cp: &Cp, id: &str, labels: &[&str], state: &Path) -> Weft {
-    let mut args = vec!["--workers", "2", "--control-plane"];
+    let mut args = vec!["--workers", "2", "--insecure-plaintext", "--control-plane"];
     let url = cp.url();
     args.push(&url);
     args.extend(["--node-id", id]);
@@ -152,12 +45,6 @@ spec: {{ name: main, address: "127.0.0.1:{listener_port}", routes: main }}
 "#,
         backend.endpoint()
     )
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write");
-    p.to_string_lossy().into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,6 +201,7 @@ async fn pushes_reach_the_selected_proxies_and_failures_show() {
         WEFT,
         BOOTSTRAP,
         &[
+            "--insecure-plaintext",
             "--control-plane",
             &format!("http://{addr}"),
             "--node-id",

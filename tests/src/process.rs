@@ -166,6 +166,11 @@ impl Weft {
             .collect();
     }
 
+    /// The address listener `name` is bound to, if it is.
+    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.get(name).copied()
+    }
+
     /// The address listener `name` is bound to.
     pub fn addr(&self, name: &str) -> SocketAddr {
         *self

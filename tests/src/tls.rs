@@ -115,7 +115,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn load(issued: &Issued) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {

@@ -1,17 +1,27 @@
-//! `weft-cp`: the control plane. Serves proxies (`Distribution`) and weftctl (`Control`) on one
-//! gRPC port; state in one file (`--store`), modules next to it.
+//! `weft-cp`: the control plane. Serves proxies (`Distribution`, `Identity`) and weftctl
+//! (`Control`) on one gRPC port over TLS (mTLS for proxies and operators); state in one file
+//! (`--store`), modules, the CA and the registry next to it.
 //!
 //! ```sh
-//! WEFT_CP_TOKEN=secret weft-cp --listen 127.0.0.1:18000 --store weft-cp.json
+//! weft-cp --store weft-cp.json --init-admin ./admin     # once: an operator credential
+//! weft-cp --listen 0.0.0.0:18000 --store weft-cp.json --server-name cp.example
 //! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use weft_controlplane::server::{ControlPlane, ControlService, DistributionService};
+use weft_controlplane::ca::Ca;
+use weft_controlplane::link::{LinkTls, incoming, own_material};
+use weft_controlplane::registry::Registry;
+use weft_controlplane::server::{
+    ControlPlane, ControlService, DistributionService, IdentityService, Security,
+};
 use weft_controlplane::store::Store;
-use weft_wire::v1::{control_server::ControlServer, distribution_server::DistributionServer};
+use weft_wire::v1::{
+    control_server::ControlServer, distribution_server::DistributionServer,
+    identity_server::IdentityServer,
+};
 
 #[derive(Parser)]
 #[command(name = "weft-cp", version, about = "Weft's control plane")]
@@ -25,6 +35,106 @@ struct Cli {
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The mesh's trust domain: identities are `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Issue from an operator's intermediate CA (PEM: the intermediate first, then what is
+    /// above it) instead of a root of weft-cp's own.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of `--ca-cert` (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The root of `--ca-cert`, when the file does not end with it (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_bundle: Option<PathBuf>,
+    /// Lifetime of the certificates issued to proxies (at least 2 s; they renew at half).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_lifetime: std::time::Duration,
+    /// DNS names and addresses the control plane's own certificate also carries (proxies check
+    /// its identity, not a name; other TLS clients may want one). Repeatable.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Serve the control link without TLS: only on a loopback address, for development.
+    /// Proxies then say who they are (no enrollment) and the token, if set, is the only check.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Write an operator credential (admin.pem, admin.key, ca.pem) to this directory and exit.
+    #[arg(long, value_name = "DIR")]
+    init_admin: Option<PathBuf>,
+    /// The operator's name in the credential `--init-admin` writes.
+    #[arg(long, default_value = "admin")]
+    admin_name: String,
+}
+
+/// How long an operator credential from `--init-admin` works.
+const ADMIN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// The file next to the store named `<store><suffix>` (None for an in-memory store).
+fn beside(store: &Option<PathBuf>, suffix: &str) -> Option<PathBuf> {
+    store.as_ref().map(|p| {
+        let mut s = p.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    })
+}
+
+fn open_ca(cli: &Cli, store: &Option<PathBuf>) -> anyhow::Result<Ca> {
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    match (&cli.ca_cert, &cli.ca_key) {
+        (Some(cert), Some(key)) => {
+            let bundle = cli.ca_bundle.as_ref().map(read).transpose()?;
+            Ok(Ca::operator(
+                &cli.trust_domain,
+                &read(cert)?,
+                &read(key)?,
+                bundle.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?)
+        }
+        _ => Ok(
+            Ca::open(&cli.trust_domain, beside(store, ".ca.json").as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?,
+        ),
+    }
+}
+
+/// `--init-admin DIR`: a key made here and a certificate for `spiffe://<td>/weft/admin/<name>`,
+/// with the trust bundle to verify weft-cp by.
+fn init_admin(ca: &Ca, dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let id = weft_proxy::identity::SpiffeId::with_path(ca.trust_domain(), &["weft", "admin", name])
+        .map_err(|e| anyhow::anyhow!("--admin-name: {e}"))?;
+    let key = weft_proxy::identity::svid::new_key().map_err(|e| anyhow::anyhow!(e))?;
+    let csr = weft_proxy::identity::svid::csr(&key).map_err(|e| anyhow::anyhow!(e))?;
+    let issued = ca
+        .issue(&csr, &id, name, ADMIN_LIFETIME, &[])
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let chain: String = issued
+        .chain
+        .iter()
+        .map(|c| weft_controlplane::ca::cert_pem(c))
+        .collect();
+    let bundle: String = ca
+        .bundle()
+        .1
+        .iter()
+        .map(|c| weft_controlplane::ca::cert_pem(c))
+        .collect();
+    use weft_controlplane::ca::write_private;
+    write_private(&dir.join("admin.key"), key.serialize_pem().as_bytes())?;
+    write_private(&dir.join("admin.pem"), chain.as_bytes())?;
+    write_private(&dir.join("ca.pem"), bundle.as_bytes())?;
+    println!(
+        "wrote {}/admin.pem, admin.key and ca.pem for {id} (until {}); weftctl reads them with --credentials {}",
+        dir.display(),
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued.not_after.max(0) as u64)
+        ),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// How long open streams get after SIGTERM or SIGINT.
@@ -42,9 +152,46 @@ fn main() -> anyhow::Result<()> {
         tracing::warn!("WEFT_CP_TOKEN is not set: the control plane accepts every caller");
     }
     let path = (cli.store != "memory").then(|| PathBuf::from(&cli.store));
+    let ca = std::sync::Arc::new(open_ca(&cli, &path)?);
+    if let Some(dir) = &cli.init_admin {
+        return init_admin(&ca, dir, &cli.admin_name);
+    }
+    if cli.cert_lifetime < std::time::Duration::from_secs(2) {
+        anyhow::bail!("--cert-lifetime must be at least 2s");
+    }
+    if cli.insecure_plaintext {
+        if !cli.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "--insecure-plaintext serves only on a loopback address, not {}",
+                cli.listen
+            );
+        }
+        tracing::warn!(
+            "--insecure-plaintext: the control link has no TLS; proxies are trusted to say who they are"
+        );
+    }
     let store = Store::open(path.as_deref())?;
-    let cp = ControlPlane::new(store, token).map_err(|e| anyhow::anyhow!(e))?;
+    let registry = Registry::open(beside(&path, ".registry.json").as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let security = Security {
+        ca: ca.clone(),
+        registry: std::sync::Mutex::new(registry),
+        lifetime: cli.cert_lifetime,
+        tls: !cli.insecure_plaintext,
+    };
+    let cp = ControlPlane::with_security(store, token, security).map_err(|e| anyhow::anyhow!(e))?;
     cp.metrics.export_log_drops(logs.dropped());
+    let mut names = cli.server_names.clone();
+    names.extend(["localhost".to_owned(), cli.listen.ip().to_string()]);
+    names.dedup();
+    let link = if cli.insecure_plaintext {
+        None
+    } else {
+        Some(
+            LinkTls::new(own_material(&ca, &names).map_err(|e| anyhow::anyhow!(e))?)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        )
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -57,12 +204,31 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(addr = %l.local_addr()?, "metrics listening");
             tokio::spawn(serve_metrics(l, cp.clone()));
         }
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Some(link) = &link {
+            tokio::spawn(keep_identity(
+                cp.clone(),
+                link.clone(),
+                ca.clone(),
+                names.clone(),
+            ));
+            tracing::info!(
+                identity = %link.identity.id(),
+                pin = %ca.serving_pin(),
+                "control link: TLS 1.3, proxies and operators by certificate"
+            );
+        }
+        tokio::spawn(advance_rotations(cp.clone()));
+        let incoming = incoming(listener, link.clone());
         let max = weft_wire::MAX_MESSAGE;
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         let server = tonic::transport::Server::builder()
             .add_service(
                 DistributionServer::new(DistributionService(cp.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                IdentityServer::new(IdentityService(cp.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -91,6 +257,54 @@ fn main() -> anyhow::Result<()> {
         tracing::info!("weft-cp stopped");
         anyhow::Ok(())
     })
+}
+
+/// Renews the control plane's own certificate at half its life, and follows the trust bundle
+/// (a rotation adds and retires roots).
+async fn keep_identity(
+    cp: std::sync::Arc<ControlPlane>,
+    link: std::sync::Arc<LinkTls>,
+    ca: std::sync::Arc<Ca>,
+    names: Vec<String>,
+) {
+    let mut served_generation = ca.bundle().0;
+    let mut served_anchor = ca.serving_anchor();
+    loop {
+        let changed = cp.ca_changed.notified();
+        let m = link.identity.current();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let (generation, _) = ca.bundle();
+        let due = now >= m.svid.renew_at()
+            || generation != served_generation
+            || ca.serving_anchor() != served_anchor;
+        if due {
+            match own_material(&ca, &names) {
+                Ok(m) => {
+                    link.set(m);
+                    served_generation = generation;
+                    served_anchor = ca.serving_anchor();
+                    tracing::info!("control plane certificate renewed");
+                }
+                Err(e) => tracing::error!("cannot renew the control plane's certificate: {e}"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = changed => {}
+        }
+    }
+}
+
+/// Moves root rotations on as proxies catch up.
+async fn advance_rotations(cp: std::sync::Arc<ControlPlane>) {
+    loop {
+        if let Err(e) = cp.advance_rotation() {
+            tracing::error!("root rotation: {e}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// Metrics connections served at once; more are closed at once.

@@ -1,7 +1,9 @@
-//! `weftctl`: the control plane's CLI. The server is `--server` (or `WEFT_CP`), the token
-//! `WEFT_CP_TOKEN`.
+//! `weftctl`: the control plane's CLI. The server is `--server` (or `WEFT_CP`); the caller is an
+//! operator by the credential `weft-cp --init-admin DIR` wrote (`--credentials DIR` or
+//! `WEFT_CREDENTIALS`), or by the token `WEFT_CP_TOKEN` with the CA to trust (`--ca FILE`).
 //!
 //! ```sh
+//! weftctl node add web-1 --identity shop/web --label app=web   # prints a join token
 //! weftctl apply -f mesh.yaml                 # waits until every proxy ACKed or NACKed
 //! weftctl filter push quota --module quota.wasm --config '{"limits": []}' --select app=web
 //! weftctl status
@@ -14,6 +16,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use weft_proxy::control::link::LinkSecurity;
+use weft_proxy::identity::Material;
 use weft_wire::v1::{self, control_client::ControlClient};
 
 #[derive(Parser)]
@@ -26,10 +30,16 @@ struct Cli {
     #[arg(
         long,
         env = "WEFT_CP",
-        default_value = "http://127.0.0.1:18000",
+        default_value = "https://127.0.0.1:18000",
         global = true
     )]
     server: String,
+    /// The directory `weft-cp --init-admin` wrote (admin.pem, admin.key, ca.pem).
+    #[arg(long, env = "WEFT_CREDENTIALS", global = true, value_name = "DIR")]
+    credentials: Option<PathBuf>,
+    /// The CA to verify weft-cp by (PEM), when the token is the credential.
+    #[arg(long, env = "WEFT_CP_CA", global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// How long a change may take to reach every proxy.
     #[arg(long, default_value = "30s", global = true, value_parser = humantime::parse_duration)]
     wait: Duration,
@@ -62,6 +72,51 @@ enum Cmd {
     History,
     /// Make a past version's state current again (as a new version).
     Rollback { version: u64 },
+    /// Workload registrations and the nodes they enrolled.
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
+    /// The mesh's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Register a workload identity and labels; prints a join token for `weft run`.
+    Add {
+        name: String,
+        /// `NAMESPACE/SERVICE-ACCOUNT`: the certificate says
+        /// `spiffe://<trust-domain>/ns/NAMESPACE/sa/SERVICE-ACCOUNT`.
+        #[arg(long)]
+        identity: String,
+        /// A label resources select the node by (`app=web`; repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// One token for a class of workloads: it enrolls any number of proxies (node ids
+        /// `NAME-<random>`) until it expires.
+        #[arg(long)]
+        reusable: bool,
+        /// How long the token works.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Registrations and enrolled nodes, with their certificates.
+    List,
+    /// Remove a registration and the nodes it enrolled.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Roots, the issuing one, and where a rotation stands.
+    Status,
+    /// Rotate the root: a new root joins every trust bundle, issuing switches to it, the old
+    /// one is retired once every proxy holds a certificate from the new one.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -177,10 +232,52 @@ async fn changed(
     follow(client, r.version, wait).await
 }
 
+/// How weftctl proves itself and checks weft-cp: the operator credential, else the token with
+/// the CA named; `http://` is the plaintext link.
+fn link_security(cli: &Cli) -> anyhow::Result<LinkSecurity> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    if cli.server.starts_with("http://") {
+        return Ok(LinkSecurity::Plain);
+    }
+    let certs = |p: &std::path::Path| -> anyhow::Result<Vec<Vec<u8>>> {
+        let v = CertificateDer::pem_file_iter(p)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            .map(|c| c.map(|c| c.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        if v.is_empty() {
+            anyhow::bail!("{}: no certificate", p.display());
+        }
+        Ok(v)
+    };
+    if let Some(dir) = &cli.credentials {
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("admin.key"))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("admin.key").display()))?;
+        let key = match key {
+            rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+            _ => anyhow::bail!("{}: expected a PKCS#8 key", dir.join("admin.key").display()),
+        };
+        let m = Material::new(
+            key,
+            certs(&dir.join("admin.pem"))?,
+            certs(&dir.join("ca.pem"))?,
+            0,
+        )
+        .map_err(|e| anyhow::anyhow!("--credentials {}: {e}", dir.display()))?;
+        return Ok(LinkSecurity::Mesh(weft_proxy::identity::Identity::new(m)));
+    }
+    match &cli.ca {
+        Some(ca) => Ok(LinkSecurity::Trusted(certs(ca)?)),
+        None => anyhow::bail!(
+            "no credential: give --credentials DIR (from `weft-cp --init-admin DIR`), or WEFT_CP_TOKEN with --ca FILE; http:// URLs are the plaintext link"
+        ),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let channel = tonic::transport::Endpoint::from_shared(cli.server.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    let security = link_security(&cli)?;
+    let channel = weft_proxy::control::link::connect(&cli.server, &security)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", cli.server))?;
     let mut client = Client::new(channel)
@@ -259,8 +356,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .into_inner();
             println!("version {}", r.version);
             println!(
-                "{:<20} {:<10} {:>8} {:>4} {:<24} last NACK",
-                "proxy", "state", "applied", "lag", "labels"
+                "{:<20} {:<10} {:>8} {:>4} {:<24} {:<40} {:<20} last NACK",
+                "proxy", "state", "applied", "lag", "labels", "identity", "certificate expires"
             );
             for p in r.proxies {
                 let labels: Vec<String> =
@@ -273,13 +370,151 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     "-".into()
                 };
                 println!(
-                    "{:<20} {:<10} {:>8} {:>4} {:<24} {}",
+                    "{:<20} {:<10} {:>8} {:>4} {:<24} {:<40} {:<20} {}",
                     p.node_id,
                     if p.connected { "connected" } else { "gone" },
                     p.applied_version,
                     r.version.saturating_sub(p.applied_version),
                     labels.join(","),
+                    if p.spiffe_id.is_empty() {
+                        "-"
+                    } else {
+                        &p.spiffe_id
+                    },
+                    when(p.certificate_not_after),
                     nack
+                );
+            }
+            Ok(true)
+        }
+        Cmd::Node {
+            command:
+                NodeCmd::Add {
+                    name,
+                    identity,
+                    labels: l,
+                    reusable,
+                    ttl,
+                },
+        } => {
+            let (namespace, account) = identity.split_once('/').ok_or_else(|| {
+                anyhow::anyhow!("--identity {identity:?}: expected NAMESPACE/SERVICE-ACCOUNT")
+            })?;
+            let r = client
+                .add_node(request(v1::AddNodeRequest {
+                    name,
+                    namespace: namespace.to_owned(),
+                    service_account: account.to_owned(),
+                    labels: labels(&l)?.into_iter().collect(),
+                    reusable,
+                    ttl_ms: ttl.as_millis() as u64,
+                }))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            eprintln!(
+                "registered {} until {}; start the proxy with WEFT_JOIN_TOKEN set to:",
+                r.spiffe_id,
+                when((r.expires_at_ms / 1000) as i64)
+            );
+            println!("{}", r.token);
+            Ok(true)
+        }
+        Cmd::Node {
+            command: NodeCmd::List,
+        } => {
+            let r = client
+                .list_nodes(request(v1::ListNodesRequest {}))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{:<24} {:<48} {:<9} {:>5} {:<20} labels",
+                "registration", "identity", "reusable", "uses", "token expires"
+            );
+            for g in r.registrations {
+                let mut l: Vec<String> = g.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                l.sort();
+                println!(
+                    "{:<24} {:<48} {:<9} {:>5} {:<20} {}",
+                    g.name,
+                    g.spiffe_id,
+                    g.reusable,
+                    g.uses,
+                    when((g.expires_at_ms / 1000) as i64),
+                    l.join(",")
+                );
+            }
+            println!();
+            println!(
+                "{:<24} {:<48} {:<20} {:<16} {:>8}",
+                "node", "identity", "certificate expires", "root", "renewals"
+            );
+            for n in r.nodes {
+                println!(
+                    "{:<24} {:<48} {:<20} {:<16} {:>8}",
+                    n.node_id,
+                    n.spiffe_id,
+                    when(n.certificate_not_after),
+                    n.root,
+                    n.renewals
+                );
+            }
+            Ok(true)
+        }
+        Cmd::Node {
+            command: NodeCmd::Remove { name },
+        } => {
+            let r = client
+                .remove_node(request(v1::RemoveNodeRequest { name: name.clone() }))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "removed {name} and its nodes: {}",
+                if r.nodes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.nodes.join(", ")
+                }
+            );
+            Ok(true)
+        }
+        Cmd::Ca { command } => {
+            let r = match command {
+                CaCmd::Status => client.ca_status(request(v1::CaStatusRequest {})).await,
+                CaCmd::Rotate => client.rotate_ca(request(v1::RotateCaRequest {})).await,
+            }
+            .map_err(status_error)?
+            .into_inner();
+            println!(
+                "trust domain {}{}",
+                r.trust_domain,
+                if r.operator_ca {
+                    " (operator's intermediate)"
+                } else {
+                    ""
+                }
+            );
+            for root in &r.roots {
+                println!(
+                    "  root {} until {}{}",
+                    root.id,
+                    when(root.not_after),
+                    if root.id == r.issuing {
+                        "  (issuing)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            println!("bundle generation {}, rotation: {}", r.generation, r.phase);
+            if !r.waiting_for.is_empty() {
+                println!("  waiting for: {}", r.waiting_for.join(", "));
+            }
+            if r.phase != "stable" {
+                println!(
+                    "  when it is stable, write new operator credentials (weft-cp --init-admin DIR) and join tokens: the old root is retired"
                 );
             }
             Ok(true)
@@ -304,6 +539,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             changed(&mut client, r, cli.wait).await
         }
     }
+}
+
+/// Unix seconds as RFC 3339 (UTC); `-` for none.
+fn when(unix: i64) -> String {
+    if unix <= 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix as u64))
+        .to_string()
 }
 
 fn main() -> ExitCode {

@@ -44,7 +44,11 @@ pub struct Cluster {
     #[serde(default)]
     pub retry_budget: RetryBudget,
     /// TLS to the endpoints; none: plain text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::tls::tls_or_mesh"
+    )]
     pub tls: Option<super::ClusterTls>,
 }
 

@@ -18,7 +18,11 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub routes: String,
     /// TLS termination; none: plain text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::tls::tls_or_mesh"
+    )]
     pub tls: Option<super::ListenerTls>,
     /// Where a `tcp` listener sends its connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,6 +5,66 @@ use serde::{Deserialize, Serialize};
 
 use super::Dur;
 
+/// Where a TLS context's certificates and trust come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// PEM files named in the configuration.
+    #[default]
+    Files,
+    /// The proxy's mesh identity from the control plane: its SVID is presented, the peer's
+    /// SVID is required and verified against the trust bundle (TLS 1.3). `tls: mesh` is short
+    /// for `tls: { mode: mesh }`.
+    Mesh,
+}
+
+impl TlsMode {
+    fn is_files(&self) -> bool {
+        *self == TlsMode::Files
+    }
+}
+
+/// A TLS setting that may be written as the word `mesh`.
+pub trait MeshShorthand {
+    fn mesh() -> Self;
+}
+
+/// Deserializes `tls: mesh` or `tls: { … }`.
+pub(super) fn tls_or_mesh<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + MeshShorthand,
+{
+    use serde::de::{self, Visitor};
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de> + MeshShorthand> Visitor<'de> for V<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("`mesh` or a map of TLS settings")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v == "mesh" {
+                Ok(Some(T::mesh()))
+            } else {
+                Err(E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
+}
+
 /// A certificate chain and its private key, as PEM files (relative to the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +123,29 @@ pub struct ListenerTls {
     /// Time a client gets to complete the handshake.
     #[serde(default = "defaults::handshake_timeout")]
     pub handshake_timeout: Dur,
+    #[serde(default, skip_serializing_if = "TlsMode::is_files")]
+    pub mode: TlsMode,
+    /// With `mode: mesh`: the client identities (`spiffe://…`) accepted; empty: any identity of
+    /// the trust domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+}
+
+impl MeshShorthand for ListenerTls {
+    fn mesh() -> Self {
+        ListenerTls {
+            cert: None,
+            key: None,
+            certificates: Vec::new(),
+            client_ca: None,
+            client_certificate: ClientCertificate::Required,
+            alpn: None,
+            min_version: TlsVersion::Tls13,
+            handshake_timeout: defaults::handshake_timeout(),
+            mode: TlsMode::Mesh,
+            identities: Vec::new(),
+        }
+    }
 }
 
 impl ListenerTls {
@@ -103,6 +186,26 @@ pub struct ClusterTls {
     pub subject_alt_names: Vec<String>,
     #[serde(default)]
     pub min_version: TlsVersion,
+    #[serde(default, skip_serializing_if = "TlsMode::is_files")]
+    pub mode: TlsMode,
+    /// With `mode: mesh`: the server identities (`spiffe://…`) accepted; empty: any identity
+    /// of the trust domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+}
+
+impl MeshShorthand for ClusterTls {
+    fn mesh() -> Self {
+        ClusterTls {
+            sni: None,
+            ca: None,
+            certificate: None,
+            subject_alt_names: Vec::new(),
+            min_version: TlsVersion::Tls13,
+            mode: TlsMode::Mesh,
+            identities: Vec::new(),
+        }
+    }
 }
 
 /// A TCP listener's routing.

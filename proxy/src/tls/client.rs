@@ -16,7 +16,8 @@ use tokio_rustls::client::TlsStream;
 
 use super::files::{self, Watched, name_matches};
 use super::{TlsMetrics, provider};
-use crate::config::ClusterTls;
+use crate::config::{ClusterTls, TlsMode};
+use crate::identity::Identity;
 
 /// Verifies the server's chain against the cluster's roots, then its identity: one of the
 /// expected SANs when the cluster lists them (a mesh identity, `spiffe://…`), else the server
@@ -144,8 +145,28 @@ impl TlsClient {
         settings: &ClusterTls,
         base: &Path,
         metrics: &TlsMetrics,
+        identity: Option<&Arc<Identity>>,
     ) -> Result<TlsClient, Vec<(String, String)>> {
         let mut errors = Vec::new();
+        if settings.mode == TlsMode::Mesh {
+            let mut no = |set: bool, at: &str| {
+                if set {
+                    errors.push((
+                        at.to_owned(),
+                        "not with `mode: mesh`: the proxy's mesh certificate and trust bundle are used".to_owned(),
+                    ));
+                }
+            };
+            no(settings.sni.is_some(), "sni");
+            no(settings.ca.is_some(), "ca");
+            no(settings.certificate.is_some(), "certificate");
+            no(!settings.subject_alt_names.is_empty(), "subject_alt_names");
+        } else if !settings.identities.is_empty() {
+            errors.push((
+                "identities".to_owned(),
+                "only with `mode: mesh` (subject_alt_names checks file-based servers)".to_owned(),
+            ));
+        }
         let sni = match &settings.sni {
             None => None,
             Some(s) => match ServerName::try_from(s.clone()) {
@@ -156,7 +177,10 @@ impl TlsClient {
                 }
             },
         };
-        let built = build_configs(settings, base);
+        let built = match settings.mode {
+            TlsMode::Files => build_configs(settings, base),
+            TlsMode::Mesh => mesh_configs(settings, identity),
+        };
         let (configs, expiry) = match built {
             Ok(c) if errors.is_empty() => c,
             Ok(_) => return Err(errors),
@@ -206,6 +230,9 @@ impl TlsClient {
 
     /// As [`super::server::TlsServer::refresh`].
     pub fn refresh(&self, force: bool) -> Result<bool, String> {
+        if self.settings.mode == TlsMode::Mesh {
+            return Ok(false);
+        }
         super::reload(
             &self.watched,
             force,
@@ -282,7 +309,41 @@ impl TlsClient {
     }
 }
 
+/// `tls: mesh`: the proxy's SVID presented, the server's SVID verified (TLS 1.3).
+fn mesh_configs(
+    settings: &ClusterTls,
+    identity: Option<&Arc<Identity>>,
+) -> Result<Built, Vec<(String, String)>> {
+    let allowed = crate::identity::mesh::parse_identities(&settings.identities)
+        .map_err(|e| vec![("identities".to_owned(), e)])?;
+    let identity = identity.ok_or_else(|| {
+        vec![(
+            "mode".to_owned(),
+            "`mesh` needs the proxy's mesh identity: run weft with --control-plane https://… (enrolled with a join token)".to_owned(),
+        )]
+    })?;
+    let policy = crate::identity::mesh::PeerPolicy {
+        identity: identity.clone(),
+        allowed,
+    };
+    let make = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, Vec<(String, String)>> {
+        crate::identity::mesh::client_config(policy.clone(), alpn)
+            .map(Arc::new)
+            .map_err(|e| vec![("mode".to_owned(), e.to_string())])
+    };
+    let configs = Configs {
+        none: make(&[])?,
+        h1: make(&[b"http/1.1"])?,
+        h2: make(&[b"h2"])?,
+        either: make(&[b"h2", b"http/1.1"])?,
+    };
+    Ok((configs, None))
+}
+
 fn paths(settings: &ClusterTls, base: &Path) -> Vec<PathBuf> {
+    if settings.mode == TlsMode::Mesh {
+        return Vec::new();
+    }
     let mut v: Vec<PathBuf> = settings.ca.iter().map(|c| base.join(c)).collect();
     if let Some(c) = &settings.certificate {
         v.push(base.join(&c.cert));
@@ -364,10 +425,12 @@ mod tests {
             certificate: None,
             subject_alt_names: sans.iter().map(|s| s.to_string()).collect(),
             min_version: Default::default(),
+            mode: Default::default(),
+            identities: Vec::new(),
         };
         let metrics = TlsMetrics::default();
         let key = |s: &ClusterTls| {
-            TlsClient::build("c", s, Path::new("/"), &metrics)
+            TlsClient::build("c", s, Path::new("/"), &metrics, None)
                 .expect("builds")
                 .key
         };

@@ -25,11 +25,12 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::TlsVersion;
 
-/// The crypto every TLS context of the proxy uses (ring).
+/// The crypto every TLS context of the proxy uses: aws-lc-rs, whose key exchange offers the hybrid
+/// post-quantum X25519MLKEM768 first.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .clone()
 }
 
@@ -81,12 +82,13 @@ impl PeerIdentity {
             uris: names.uris,
             dns: names.dns,
             subject: names.subject,
-            sha256: hex(&sha2::Sha256::digest(der.as_ref())),
+            sha256: hex_digest(&sha2::Sha256::digest(der.as_ref())),
         })
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes` (digests, fingerprints).
+pub fn hex_digest(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");

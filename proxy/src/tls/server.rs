@@ -14,7 +14,8 @@ use tokio_rustls::server::TlsStream;
 
 use super::files::{self, CertNames, Watched, name_matches};
 use super::{PeerIdentity, TlsInfo, TlsMetrics};
-use crate::config::{ClientCertificate, ListenerTls};
+use crate::config::{ClientCertificate, ListenerTls, TlsMode};
+use crate::identity::Identity;
 
 /// Certificates by the names they cover; the first is the default.
 #[derive(Debug)]
@@ -62,12 +63,22 @@ impl TlsServer {
         default_alpn: &[&str],
         base: &Path,
         metrics: &TlsMetrics,
+        identity: Option<&Arc<Identity>>,
     ) -> Result<TlsServer, Vec<(String, String)>> {
         let alpn: Vec<Vec<u8>> = match &settings.alpn {
             Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
             None => default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
         };
+        if settings.mode == TlsMode::Mesh {
+            return Self::build_mesh(listener, settings, alpn, base, metrics, identity);
+        }
         let mut errors = Vec::new();
+        if !settings.identities.is_empty() {
+            errors.push((
+                "identities".to_owned(),
+                "only with `mode: mesh` (client_ca verifies file-based clients)".to_owned(),
+            ));
+        }
         match settings.all_certificates() {
             Err((at, e)) => errors.push((at.to_owned(), e.to_owned())),
             Ok(all) if all.is_empty() => errors.push((
@@ -112,6 +123,62 @@ impl TlsServer {
         Ok(server)
     }
 
+    /// `tls: mesh`: the proxy's SVID, clients' SVIDs required (TLS 1.3), from the identity
+    /// the control plane issued; renewals and new bundles apply to new handshakes by
+    /// themselves.
+    fn build_mesh(
+        listener: &str,
+        settings: &ListenerTls,
+        alpn: Vec<Vec<u8>>,
+        base: &Path,
+        metrics: &TlsMetrics,
+        identity: Option<&Arc<Identity>>,
+    ) -> Result<TlsServer, Vec<(String, String)>> {
+        let mut errors = mesh_conflicts(settings);
+        let allowed = crate::identity::mesh::parse_identities(&settings.identities)
+            .map_err(|e| vec![("identities".to_owned(), e)]);
+        let allowed = match allowed {
+            Ok(a) => a,
+            Err(e) => {
+                errors.extend(e);
+                Vec::new()
+            }
+        };
+        if settings.handshake_timeout.0.is_zero() {
+            errors.push((
+                "handshake_timeout".to_owned(),
+                "must be greater than 0".to_owned(),
+            ));
+        }
+        let Some(identity) = identity else {
+            errors.push((
+                "mode".to_owned(),
+                "`mesh` needs the proxy's mesh identity: run weft with --control-plane https://… (enrolled with a join token)".to_owned(),
+            ));
+            return Err(errors);
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let policy = crate::identity::mesh::PeerPolicy {
+            identity: identity.clone(),
+            allowed,
+        };
+        let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+        let config = crate::identity::mesh::server_config(policy, true, &alpn_refs)
+            .map_err(|e| vec![("mode".to_owned(), e.to_string())])?;
+        Ok(TlsServer {
+            listener: Arc::from(listener),
+            settings: settings.clone(),
+            base: base.to_owned(),
+            alpn,
+            handshake_timeout: settings.handshake_timeout.0,
+            current: ArcSwap::from_pointee(config),
+            watched: Mutex::new(Watched::new(Vec::new())),
+            metrics: metrics.clone(),
+        })
+    }
+
     /// Whether this was built from the same settings (so a reload can keep it).
     pub fn same_settings(&self, settings: &ListenerTls, base: &Path) -> bool {
         self.settings == *settings && self.base == base
@@ -133,6 +200,9 @@ impl TlsServer {
     /// Re-reads the files if they changed (or always, when `force`): applies the new material
     /// if it loads, else keeps the old and reports why. Returns whether it applied new material.
     pub fn refresh(&self, force: bool) -> Result<bool, String> {
+        if self.settings.mode == TlsMode::Mesh {
+            return Ok(false);
+        }
         super::reload(
             &self.watched,
             force,
@@ -183,6 +253,29 @@ impl TlsServer {
         );
         Some((tls, info))
     }
+}
+
+/// What `mode: mesh` takes from the identity and must not be set.
+fn mesh_conflicts(settings: &ListenerTls) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let mut no = |set: bool, at: &str| {
+        if set {
+            errors.push((
+                at.to_owned(),
+                "not with `mode: mesh`: the proxy's mesh certificate and trust bundle are used"
+                    .to_owned(),
+            ));
+        }
+    };
+    no(settings.cert.is_some(), "cert");
+    no(settings.key.is_some(), "key");
+    no(!settings.certificates.is_empty(), "certificates");
+    no(settings.client_ca.is_some(), "client_ca");
+    no(
+        settings.client_certificate == ClientCertificate::Optional,
+        "client_certificate",
+    );
+    errors
 }
 
 fn paths(settings: &ListenerTls, base: &Path) -> Vec<PathBuf> {
