@@ -182,6 +182,8 @@ pub struct ControlPlane {
     trust: watch::Sender<u64>,
     /// The CA changed (a rotation moved on): the control plane's own certificate follows.
     pub ca_changed: Notify,
+    /// Counts registration removals: subscriptions of removed nodes end.
+    removals: watch::Sender<u64>,
     /// Certificates issued (`kind`: enroll, renew) and requests refused (`reason`).
     issued: prometheus_client::metrics::family::Family<
         KindLabels,
@@ -306,6 +308,7 @@ impl ControlPlane {
             placeholder: weft_proxy::identity::svid::placeholder().ok(),
             trust: watch::channel(generation).0,
             ca_changed: Notify::new(),
+            removals: watch::channel(0).0,
             issued,
             csr_failures,
             expiry,
@@ -550,6 +553,11 @@ impl ControlPlane {
     }
 }
 
+/// Whether `node` is an enrolled node of the registry (a stream on the TLS link).
+fn registered_node(cp: &ControlPlane, node: &str) -> bool {
+    cp.security.tls && cp.security.registry().node(node).is_some()
+}
+
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The `Distribution` service.
@@ -644,6 +652,8 @@ impl Distribution for DistributionService {
         let (tx, rx) = mpsc::channel::<Result<v1::Push, Status>>(4);
         let mut versions = cp.version.subscribe();
         let mut trust = cp.trust.subscribe();
+        let mut removals = cp.removals.subscribe();
+        let registered = registered_node(&cp, &node);
         let tls = cp.security.tls;
         tokio::spawn(async move {
             let mut sent = hello.applied_version;
@@ -682,6 +692,17 @@ impl Distribution for DistributionService {
                 tokio::select! {
                     changed = versions.changed() => if changed.is_err() { break },
                     changed = trust.changed() => if changed.is_err() { break },
+                    changed = removals.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        // A removed node's stream ends: its certificate no longer counts.
+                        if registered && !registered_node(&cp, &node) {
+                            tracing::info!(node = %node, "node removed: its stream is closed");
+                            let _ = tx.send(Err(Status::permission_denied("the node was removed"))).await;
+                            break;
+                        }
+                    }
                     msg = inbound.message() => match msg {
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Ack(a)) })) => {
                             let created = cp.lock().store.get(a.version).map(|v| v.at_ms);
@@ -1100,6 +1121,7 @@ impl Control for ControlService {
         for n in &nodes {
             self.0.expiry.remove(&NodeLabels { node: n.clone() });
         }
+        self.0.removals.send_modify(|n| *n += 1);
         tracing::info!(registration = %name, ?nodes, "registration removed");
         Ok(Response::new(v1::RemoveNodeResponse { nodes }))
     }

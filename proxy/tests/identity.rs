@@ -368,6 +368,31 @@ async fn a_proxy_certificate_cannot_act_as_an_operator_or_another_node() {
 
     // Nothing changed.
     assert_eq!(stdout(&cp.ctl(&["get"])), before);
+
+    // Removing the node closes its stream and keeps it out; it serves what it has.
+    assert!(cp.ctl(&["node", "remove", "web-1"]).status.success());
+    eventually(
+        Duration::from_secs(20),
+        "the removed node is cut off",
+        || {
+            let (_, m) = weft_testkit::http_get(p.admin, "/metrics").expect("metrics");
+            metric(&m, "weft_control_plane_connected") == 0.0
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, m) = weft_testkit::http_get(p.admin, "/metrics").expect("metrics");
+    assert_eq!(
+        metric(&m, "weft_control_plane_connected"),
+        0.0,
+        "it got back in"
+    );
+    let status = stdout(&cp.ctl(&["status"]));
+    assert!(
+        !status
+            .lines()
+            .any(|l| l.starts_with("web-1") && l.contains("connected")),
+        "{status}"
+    );
     drop(p);
 
     // Operators: without a credential weftctl says what it needs; a token over TLS with the CA
