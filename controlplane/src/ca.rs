@@ -651,7 +651,8 @@ fn read_saved(path: &Path) -> Result<Option<Saved>, String> {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+/// PEM of `der` under `label`, 64 columns.
+pub fn pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

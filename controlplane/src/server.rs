@@ -48,6 +48,8 @@ pub struct Security {
     /// `false` (`--insecure-plaintext`): proxies say who they are and authenticate, if at
     /// all, with the token; no enrollment.
     pub tls: bool,
+    /// Keys filter modules must be signed by (`--module-trust`); empty: not required.
+    pub module_keys: Vec<weft_proxy::wasm::signing::PublicKey>,
 }
 
 impl Security {
@@ -58,6 +60,7 @@ impl Security {
             registry: Mutex::new(Registry::open(None)?),
             lifetime: crate::ca::DEFAULT_LIFETIME,
             tls: false,
+            module_keys: Vec::new(),
         })
     }
 
@@ -291,6 +294,8 @@ impl ControlPlane {
             );
         }
         let generation = security.ca.bundle().0;
+        let placeholder =
+            weft_proxy::identity::svid::placeholder_trusting(security.module_keys.clone()).ok();
         Ok(Arc::new(ControlPlane {
             metrics,
             changing: Mutex::new(()),
@@ -305,7 +310,7 @@ impl ControlPlane {
             modules: Mutex::new(modules),
             modules_dir,
             security,
-            placeholder: weft_proxy::identity::svid::placeholder().ok(),
+            placeholder,
             trust: watch::channel(generation).0,
             ca_changed: Notify::new(),
             removals: watch::channel(0).0,
@@ -1197,6 +1202,12 @@ impl ControlPlane {
             node_id: grant.node.clone(),
             labels: grant.labels.clone().into_iter().collect(),
             spiffe_id: id.to_string(),
+            module_keys: self
+                .security
+                .module_keys
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
         })
     }
 }

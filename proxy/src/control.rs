@@ -39,9 +39,20 @@ pub struct ControlOptions {
     pub join_token: Option<String>,
     /// The proxy's identity on the TLS link (set by [`identity::establish`] at start).
     pub identity: Option<Arc<Identity>>,
+    /// The bootstrap configuration's `module_trust` (set at start).
+    pub module_trust: Vec<crate::wasm::signing::PublicKey>,
 }
 
 impl ControlOptions {
+    /// Keys delivered modules must be signed by: the bootstrap's and the control plane's.
+    fn trusted_keys(&self) -> Vec<crate::wasm::signing::PublicKey> {
+        let mut keys = self.module_trust.clone();
+        if let Some(id) = &self.identity {
+            keys.extend(id.current().module_keys.iter().cloned());
+        }
+        keys
+    }
+
     fn security(&self) -> link::LinkSecurity {
         match &self.identity {
             Some(i) => link::LinkSecurity::Mesh(i.clone()),
@@ -326,25 +337,39 @@ async fn session(
             None => continue,
         };
         let version = s.version;
-        let result = match ensure_modules(o, &mut client, &s.modules).await {
-            Err(e) => Err(e),
-            Ok(modules) => match serde_json::from_slice::<Config>(&s.config_json) {
-                Err(e) => Err(format!("the snapshot does not parse: {e}")),
-                Ok(config) => {
-                    let (answer, rx) = oneshot::channel();
-                    updates
-                        .send(Update {
-                            version,
-                            config,
-                            answer,
-                            modules,
-                        })
-                        .await
-                        .map_err(|_| "the proxy is stopping".to_owned())?;
-                    rx.await
-                        .unwrap_or_else(|_| Err("the proxy is stopping".into()))
+        // Signatures are checked before a module is fetched or compiled.
+        let parsed = serde_json::from_slice::<Config>(&s.config_json)
+            .map_err(|e| format!("the snapshot does not parse: {e}"))
+            .and_then(|config| {
+                let errors = crate::wasm::signing::check_delivered(&config, &o.trusted_keys());
+                if errors.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(errors.join("\n"))
                 }
-            },
+            });
+        let fetched = match parsed {
+            Ok(config) => ensure_modules(o, &mut client, &s.modules)
+                .await
+                .map(|modules| (config, modules)),
+            Err(e) => Err(e),
+        };
+        let result = match fetched {
+            Err(e) => Err(e),
+            Ok((config, modules)) => {
+                let (answer, rx) = oneshot::channel();
+                updates
+                    .send(Update {
+                        version,
+                        config,
+                        answer,
+                        modules,
+                    })
+                    .await
+                    .map_err(|_| "the proxy is stopping".to_owned())?;
+                rx.await
+                    .unwrap_or_else(|_| Err("the proxy is stopping".into()))
+            }
         };
         let kind = match result {
             Ok(()) => {

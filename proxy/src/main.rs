@@ -137,6 +137,7 @@ fn control_options(
         insecure,
         join_token,
         identity: None,
+        module_trust: Vec::new(),
     })
 }
 

@@ -182,6 +182,15 @@ impl Server {
         // enrolled now with the join token. Without it, start fails with why.
         let mut control = opts.control.clone();
         if let Some(c) = &mut control {
+            c.module_trust = crate::wasm::signing::trusted_keys(&bootstrap).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}",
+                    e.iter()
+                        .map(|(at, e)| format!("{at}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })?;
             c.identity = crate::control::identity::establish(c)
                 .await
                 .map_err(|e| anyhow::anyhow!("control plane: {e}"))?;

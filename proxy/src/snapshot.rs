@@ -240,11 +240,22 @@ impl Snapshot {
             .collect();
 
         let empty = HashMap::new();
+        let mut trusted = match crate::wasm::signing::trusted_keys(&config) {
+            Ok(k) => k,
+            Err(e) => {
+                errors.extend(e.into_iter().map(|(at, e)| ConfigError::new(at, e)));
+                Vec::new()
+            }
+        };
+        if let Some(id) = env.identity {
+            trusted.extend(id.current().module_keys.iter().cloned());
+        }
         let filters = crate::wasm::build_filters(
             &config.filters,
             env.base_dir,
             env.wasm,
             previous.map_or(&empty, |p| &p.filters),
+            &trusted,
             &mut errors,
         );
 

@@ -101,6 +101,20 @@ fn proxy_fails(cp: &Cp, state: &Path, token: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Applies `mesh`, registers web-1 (shop/web, app=web) and starts it: its state directory, the
+/// proxy, and the token it used.
+fn apply_and_enroll_web(cp: &Cp, dir: &Path, mesh: &str) -> (std::path::PathBuf, Weft, String) {
+    assert!(
+        cp.ctl(&["apply", "-f", &write(dir, "mesh.yaml", mesh)])
+            .status
+            .success()
+    );
+    let token = cp.add_node("web-1", "shop/web", &["app=web"], &[]);
+    let state = dir.join("web-1");
+    let p = proxy(cp, &state, Some(&token), &[]);
+    (state, p, token)
+}
+
 fn identity_of(state: &Path) -> std::sync::Arc<Identity> {
     Identity::new(
         Material::load(state)
@@ -262,14 +276,7 @@ async fn a_proxy_certificate_cannot_act_as_an_operator_or_another_node() {
         config_for("web", &web, free_port()),
         config_for("api", &api, free_port())
     );
-    assert!(
-        cp.ctl(&["apply", "-f", &write(dir.path(), "mesh.yaml", &mesh)])
-            .status
-            .success()
-    );
-    let token = cp.add_node("web-1", "shop/web", &["app=web"], &[]);
-    let state = dir.path().join("web-1");
-    let p = proxy(&cp, &state, Some(&token), &[]);
+    let (state, p, token) = apply_and_enroll_web(&cp, dir.path(), &mesh);
     let before = stdout(&cp.ctl(&["get"]));
 
     let channel = connect(&cp.url(), &LinkSecurity::Mesh(identity_of(&state)))
@@ -711,4 +718,154 @@ spec: {{ name: front, address: "127.0.0.1:0", routes: front }}
     assert!(ok > 50, "only {ok} requests");
     assert_eq!(failed, 0, "{failed} of {} failed: {why:?}", ok + failed);
     drop((db_proxy, web, other));
+}
+
+/// The signature of `module` (a file) for the filter `name`, with the key `weftctl keys
+/// generate` wrote.
+fn signature_of(key: &Path, name: &str, module: &str) -> weft_proxy::config::ModuleSignature {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(key).expect("key");
+    let digest = weft_proxy::wasm::runtime::digest(&std::fs::read(module).expect("module"));
+    weft_proxy::wasm::signing::sign(key.secret_pkcs8_der(), name, &digest).expect("signs")
+}
+
+/// Signed modules: weft-cp requires them from trusted keys, proxies enrolled there trust the
+/// same keys and check them themselves; a module changed after signing, an unsigned one and one
+/// signed by another key are refused, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_modules_are_required_and_checked_by_weft_cp_and_the_proxy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).expect("dir");
+    for k in ["signer", "other"] {
+        let out = Command::new(cp::sibling("weftctl"))
+            .args(["keys", "generate"])
+            .arg(keys.join(k))
+            .output()
+            .expect("weftctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let signer_pub = keys.join("signer.pub").to_string_lossy().into_owned();
+    let cp = Cp::start_tls(
+        &dir.path().join("cp.json"),
+        "127.0.0.1:0",
+        &["--module-trust", &signer_pub],
+    );
+    let web = Backend::start("web").await;
+    let mesh = config_for("web", &web, free_port());
+    let (state, p, _) = apply_and_enroll_web(&cp, dir.path(), &mesh);
+    assert_eq!(identity_of(&state).current().module_keys.len(), 1);
+
+    let policy = weft_testkit::filters::builtin("policy");
+    let fault = weft_testkit::filters::builtin("fault");
+    let config = r#"{"default": "allow", "rules": []}"#;
+    let push = |module: &str, sign: Option<&str>| {
+        let mut args = vec![
+            "filter", "push", "authz", "--module", module, "--config", config, "--select",
+            "app=web",
+        ];
+        let key;
+        if let Some(k) = sign {
+            key = keys.join(format!("{k}.key")).to_string_lossy().into_owned();
+            args.extend(["--sign", &key]);
+        }
+        cp.ctl(&args)
+    };
+    let refused = |out: std::process::Output, why: &str| {
+        assert!(!out.status.success(), "accepted");
+        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(e.contains(why), "{why}: {e}");
+    };
+    refused(push(&policy, None), "not signed");
+    refused(push(&policy, Some("other")), "not trusted");
+    assert!(!stdout(&cp.ctl(&["get", "filter"])).contains("authz"));
+    let out = push(&policy, Some("signer"));
+    assert!(out.status.success(), "the signed module was refused");
+    assert!(
+        stdout(&out).contains("1/1 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Another module with the first one's signature: refused by weft-cp, nothing changes.
+    let sig = signature_of(&keys.join("signer.key"), "authz", &policy);
+    let up = cp.ctl(&[
+        "filter", "push", "other", "--module", &fault, "--select", "app=none",
+    ]);
+    assert!(!up.status.success(), "unsigned, refused at apply");
+    let fault_digest = weft_proxy::wasm::runtime::digest(&std::fs::read(&fault).expect("fault"));
+    let forged = format!(
+        "kind: filter\nselector: {{ app: web }}\nspec: {{ name: authz, module: \"{fault_digest}\", signature: {{ key: {}, value: \"{}\" }} }}\n",
+        sig.key, sig.value
+    );
+    let before = stdout(&cp.ctl(&["get", "filter"]));
+    refused(
+        cp.ctl(&["apply", "-f", &write(dir.path(), "forged.yaml", &forged)]),
+        "does not match",
+    );
+    assert_eq!(stdout(&cp.ctl(&["get", "filter"])), before);
+    drop(p);
+
+    // The proxy checks by itself: its saved snapshot, changed to name another module, no
+    // longer loads; and weft validate refuses what module_trust does not cover.
+    let snapshot = state.join("snapshot.json");
+    let text = std::fs::read_to_string(&snapshot).expect("snapshot");
+    let policy_digest = weft_proxy::wasm::runtime::digest(&std::fs::read(&policy).expect("policy"));
+    assert!(text.contains(&policy_digest));
+    std::fs::write(
+        state.join("modules").join(format!(
+            "{}.wasm",
+            fault_digest.trim_start_matches("sha256:")
+        )),
+        std::fs::read(&fault).expect("fault"),
+    )
+    .expect("plant");
+    std::fs::write(&snapshot, text.replace(&policy_digest, &fault_digest)).expect("tamper");
+    let public = std::fs::read_to_string(&signer_pub).expect("pub");
+    let check = |sig: Option<&weft_proxy::config::ModuleSignature>| {
+        let sig = sig.map_or(String::new(), |s| {
+            format!(", signature: {{ key: {}, value: \"{}\" }}", s.key, s.value)
+        });
+        let yaml = format!(
+            "module_trust: [\"{}\"]\nfilters:\n  - {{ name: authz, module: {policy}{sig} }}\n",
+            public.trim()
+        );
+        Command::new(WEFT)
+            .args(["validate", "--config", &write(dir.path(), "v.yaml", &yaml)])
+            .output()
+            .expect("validate")
+    };
+    let out = check(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("filters[0].signature"));
+    assert!(check(Some(&sig)).status.success());
+    let other = signature_of(&keys.join("other.key"), "authz", &policy);
+    assert!(!check(Some(&other)).status.success());
+    // Restarted with the control plane gone, the proxy refuses the tampered snapshot.
+    drop(cp);
+    let p = proxy_from_disk(&state);
+    assert!(
+        p.log_contains("the saved snapshot no longer loads"),
+        "the tampered snapshot was served"
+    );
+}
+
+/// A proxy started with its saved identity while the control plane is down.
+fn proxy_from_disk(state: &Path) -> Weft {
+    let state = state.to_string_lossy().into_owned();
+    Weft::start_env(
+        WEFT,
+        BOOTSTRAP,
+        &[
+            "--control-plane",
+            "https://127.0.0.1:1",
+            "--state-dir",
+            &state,
+        ],
+        &[],
+    )
 }

@@ -62,6 +62,11 @@ struct Cli {
     /// Write an operator credential (admin.pem, admin.key, ca.pem) to this directory and exit.
     #[arg(long, value_name = "DIR")]
     init_admin: Option<PathBuf>,
+    /// A file of public keys (`ed25519:<base64>`, one per line; `weftctl keys generate` writes
+    /// them) filter modules must be signed by; repeatable. Without it signatures are not
+    /// required. Proxies enrolled here trust these keys too.
+    #[arg(long = "module-trust", value_name = "FILE")]
+    module_trust: Vec<PathBuf>,
     /// The operator's name in the credential `--init-admin` writes.
     #[arg(long, default_value = "admin")]
     admin_name: String,
@@ -173,11 +178,31 @@ fn main() -> anyhow::Result<()> {
     let store = Store::open(path.as_deref())?;
     let registry = Registry::open(beside(&path, ".registry.json").as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
+    let mut module_keys = Vec::new();
+    for f in &cli.module_trust {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("--module-trust {}: {e}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            module_keys.push(
+                weft_proxy::wasm::signing::PublicKey::parse(line).map_err(|e| {
+                    anyhow::anyhow!("--module-trust {}:{}: {e}", f.display(), n + 1)
+                })?,
+            );
+        }
+    }
+    if !cli.module_trust.is_empty() && module_keys.is_empty() {
+        anyhow::bail!("--module-trust: no key in the files given");
+    }
     let security = Security {
         ca: ca.clone(),
         registry: std::sync::Mutex::new(registry),
         lifetime: cli.cert_lifetime,
         tls: !cli.insecure_plaintext,
+        module_keys,
     };
     let cp = ControlPlane::with_security(store, token, security).map_err(|e| anyhow::anyhow!(e))?;
     cp.metrics.export_log_drops(logs.dropped());

@@ -82,6 +82,18 @@ enum Cmd {
         #[command(subcommand)]
         command: CaCmd,
     },
+    /// Module signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Make an Ed25519 signing key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub (for
+    /// weft-cp --module-trust and proxies' module_trust).
+    Generate { prefix: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +146,10 @@ enum FilterCmd {
         /// `closed` (default) or `open`.
         #[arg(long)]
         fail: Option<String>,
+        /// Sign the module (its digest and the filter's name) with this key (PREFIX.key from
+        /// `weftctl keys generate`).
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
     },
 }
 
@@ -275,7 +291,32 @@ fn link_security(cli: &Cli) -> anyhow::Result<LinkSecurity> {
     }
 }
 
+/// `weftctl keys generate`: local, no server needed.
+fn generate_keys(prefix: PathBuf) -> anyhow::Result<bool> {
+    let (secret, public) = weft_proxy::wasm::signing::generate().map_err(|e| anyhow::anyhow!(e))?;
+    let mut key = prefix.clone().into_os_string();
+    key.push(".key");
+    let mut public_file = prefix.into_os_string();
+    public_file.push(".pub");
+    let pem = weft_controlplane::ca::pem("PRIVATE KEY", &secret);
+    weft_controlplane::ca::write_private(std::path::Path::new(&key), pem.as_bytes())?;
+    std::fs::write(&public_file, format!("{public}\n"))?;
+    println!(
+        "wrote {} (secret) and {}: {public} (id {})",
+        std::path::Path::new(&key).display(),
+        std::path::Path::new(&public_file).display(),
+        public.id()
+    );
+    Ok(true)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<bool> {
+    if let Cmd::Keys {
+        command: KeysCmd::Generate { prefix },
+    } = cli.command
+    {
+        return generate_keys(prefix);
+    }
     let security = link_security(&cli)?;
     let channel = weft_proxy::control::link::connect(&cli.server, &security)
         .await
@@ -317,10 +358,25 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     config,
                     select,
                     fail,
+                    sign,
                 },
         } => {
             let bytes =
                 std::fs::read(&module).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
+            // Signed before anything is sent: a bad key changes nothing.
+            let signature = match &sign {
+                None => None,
+                Some(path) => {
+                    use rustls::pki_types::pem::PemObject;
+                    let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
+                        .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?;
+                    let digest = weft_proxy::wasm::runtime::digest(&bytes);
+                    Some(
+                        weft_proxy::wasm::signing::sign(key.secret_pkcs8_der(), &name, &digest)
+                            .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?,
+                    )
+                }
+            };
             let up = client
                 .upload_module(request(v1::UploadModuleRequest { module: bytes }))
                 .await
@@ -339,6 +395,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             if let Some(f) = fail {
                 spec["fail"] = serde_json::Value::String(f);
+            }
+            if let Some(sig) = signature {
+                spec["signature"] = serde_json::to_value(sig)?;
             }
             let doc = serde_json::json!({
                 "kind": "filter",
@@ -519,6 +578,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        Cmd::Keys { .. } => unreachable!("handled before connecting"),
         Cmd::History => {
             let r = client
                 .history(request(v1::HistoryRequest {}))

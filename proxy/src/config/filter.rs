@@ -32,6 +32,19 @@ pub struct Filter {
     pub fail: FailMode,
     #[serde(default)]
     pub limits: FilterLimits,
+    /// An Ed25519 signature over the module's digest and this filter's name (`weftctl filter
+    /// push --sign`); required when the proxy trusts module keys (`module_trust`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<ModuleSignature>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleSignature {
+    /// The signing key's id (first 16 hex digits of its SHA-256).
+    pub key: String,
+    /// The signature, base64.
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

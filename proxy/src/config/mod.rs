@@ -49,6 +49,11 @@ pub struct Config {
     /// The Wasm runtime's capacity.
     #[serde(default, skip_serializing_if = "WasmOptions::is_default")]
     pub wasm: WasmOptions,
+    /// Public keys (`ed25519:<base64>`) filter modules must be signed by; empty: signatures
+    /// are not required. A proxy enrolled with a control plane that requires signatures also
+    /// trusts that control plane's keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub module_trust: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

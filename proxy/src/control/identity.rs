@@ -51,7 +51,13 @@ fn material(key: &rcgen::KeyPair, issued: v1::IssuedCertificate) -> Result<Mater
             "the certificate does not name the node and identity the control plane said".into(),
         );
     }
-    Ok(m)
+    let keys = issued
+        .module_keys
+        .iter()
+        .map(|k| crate::wasm::signing::PublicKey::parse(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the control plane's module keys: {e}"))?;
+    Ok(m.with_module_keys(keys))
 }
 
 /// The identity to use on the TLS link: the saved one while it is valid, else a new one

@@ -165,11 +165,13 @@ pub fn verify_chain(
     .map_err(|e| format!("the certificate does not verify against the trust bundle: {e}"))
 }
 
-/// The proxy's current identity: an issued certificate and the bundle, swapped whole.
+/// The proxy's current identity: an issued certificate and the bundle, swapped whole; and the
+/// module signing keys its control plane requires (trusted as `module_trust` is).
 #[derive(Debug)]
 pub struct Material {
     pub svid: Svid,
     pub bundle: Bundle,
+    pub module_keys: Vec<crate::wasm::signing::PublicKey>,
 }
 
 /// Where the proxy keeps its identity: one file, mode 0600 (it holds the key).
@@ -183,6 +185,8 @@ struct Saved {
     chain: Vec<String>,
     bundle: Vec<String>,
     bundle_generation: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    module_keys: Vec<String>,
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -206,7 +210,17 @@ impl Material {
     ) -> Result<Material, String> {
         let bundle = Bundle::new(bundle, generation)?;
         let svid = Svid::new(key_der, chain, &bundle)?;
-        Ok(Material { svid, bundle })
+        Ok(Material {
+            svid,
+            bundle,
+            module_keys: Vec::new(),
+        })
+    }
+
+    /// The same, trusting these module signing keys.
+    pub fn with_module_keys(mut self, keys: Vec<crate::wasm::signing::PublicKey>) -> Material {
+        self.module_keys = keys;
+        self
     }
 
     /// The same certificate under a new bundle: it must chain to one of its roots (checked
@@ -223,7 +237,11 @@ impl Material {
             Some(at),
         )?;
         svid.received = self.svid.received;
-        Ok(Material { svid, bundle })
+        Ok(Material {
+            svid,
+            bundle,
+            module_keys: self.module_keys.clone(),
+        })
     }
 
     /// Saves it (temporary file, synced, renamed; mode 0600).
@@ -235,6 +253,7 @@ impl Material {
             chain: self.svid.chain.iter().map(|c| b64(c)).collect(),
             bundle: self.bundle.roots.iter().map(|c| b64(c)).collect(),
             bundle_generation: self.bundle.generation,
+            module_keys: self.module_keys.iter().map(|k| k.to_string()).collect(),
         };
         std::fs::create_dir_all(state_dir)?;
         let path = identity_file(state_dir);
@@ -261,13 +280,19 @@ impl Material {
         let damaged = |e: String| format!("{} is damaged: {e}", path.display());
         let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
         let list = |v: &[String]| v.iter().map(|s| unb64(s)).collect::<Result<Vec<_>, _>>();
+        let keys = saved
+            .module_keys
+            .iter()
+            .map(|k| crate::wasm::signing::PublicKey::parse(k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(damaged)?;
         Material::new(
             unb64(&saved.key_pkcs8).map_err(damaged)?,
             list(&saved.chain).map_err(damaged)?,
             list(&saved.bundle).map_err(damaged)?,
             saved.bundle_generation,
         )
-        .map(Some)
+        .map(|m| Some(m.with_module_keys(keys)))
         .map_err(|e| format!("{}: {e}", path.display()))
     }
 }
@@ -322,6 +347,13 @@ pub fn key_der(key: &rcgen::KeyPair) -> Vec<u8> {
 /// to check configurations that use `tls: mesh` where no real identity exists: `weft validate`
 /// and the control plane's validation. Never used for a handshake.
 pub fn placeholder() -> Result<Arc<Identity>, String> {
+    placeholder_trusting(Vec::new())
+}
+
+/// As [`placeholder`], trusting module signing keys (the control plane validates with its own).
+pub fn placeholder_trusting(
+    module_keys: Vec<crate::wasm::signing::PublicKey>,
+) -> Result<Arc<Identity>, String> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, SanType};
     let err = |e: rcgen::Error| e.to_string();
     let root_key = new_key()?;
@@ -346,5 +378,5 @@ pub fn placeholder() -> Result<Arc<Identity>, String> {
         vec![root_cert.der().to_vec()],
         0,
     )?;
-    Ok(Identity::new(m))
+    Ok(Identity::new(m.with_module_keys(module_keys)))
 }

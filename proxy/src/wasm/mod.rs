@@ -24,6 +24,7 @@ pub mod host;
 pub mod module;
 pub mod runtime;
 pub mod shared;
+pub mod signing;
 pub mod state;
 pub mod vm;
 pub mod worker;
@@ -140,6 +141,7 @@ pub fn build_filters(
     base_dir: &Path,
     host: &Arc<SharedHost>,
     previous: &HashMap<String, Arc<FilterSpec>>,
+    trusted: &[signing::PublicKey],
     errors: &mut Vec<ConfigError>,
 ) -> HashMap<String, Arc<FilterSpec>> {
     let mut out = HashMap::new();
@@ -157,7 +159,7 @@ pub fn build_filters(
             ));
             continue;
         }
-        if let Some(spec) = build_one(f, &at, base_dir, host, previous, errors) {
+        if let Some(spec) = build_one(f, &at, base_dir, host, previous, trusted, errors) {
             out.insert(f.name.clone(), spec);
         }
     }
@@ -247,12 +249,32 @@ fn build_one(
     base_dir: &Path,
     host: &Arc<SharedHost>,
     previous: &HashMap<String, Arc<FilterSpec>>,
+    trusted: &[signing::PublicKey],
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<FilterSpec>> {
     let limits_ok = check_limits(f, at, errors);
+    // The signature is checked against the bytes' digest before they are compiled.
+    let signed = |digest: &str| {
+        if trusted.is_empty() {
+            return Ok(());
+        }
+        signing::verify(trusted, &f.name, digest, f.signature.as_ref())
+    };
     let module = match module_bytes(&f.module, base_dir) {
-        Ok((name, ModuleSource::Bytes(b))) => module::load(&name, &b),
-        Ok((_, ModuleSource::Loaded(m))) => Ok(m),
+        Ok((name, ModuleSource::Bytes(b))) => match signed(&runtime::digest(&b)) {
+            Ok(()) => module::load(&name, &b),
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{at}.signature"), e));
+                return None;
+            }
+        },
+        Ok((_, ModuleSource::Loaded(m))) => match signed(&m.digest) {
+            Ok(()) => Ok(m),
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{at}.signature"), e));
+                return None;
+            }
+        },
         Err(e) => Err(e),
     };
     let module = match module {
