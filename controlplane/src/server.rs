@@ -187,6 +187,8 @@ pub struct ControlPlane {
     pub ca_changed: Notify,
     /// Counts registration removals: subscriptions of removed nodes end.
     removals: watch::Sender<u64>,
+    /// When each node last renewed: a node renews at most once per [`MIN_RENEWAL_GAP`].
+    renewed: Mutex<HashMap<String, Instant>>,
     /// Certificates issued (`kind`: enroll, renew) and requests refused (`reason`).
     issued: prometheus_client::metrics::family::Family<
         KindLabels,
@@ -314,6 +316,7 @@ impl ControlPlane {
             trust: watch::channel(generation).0,
             ca_changed: Notify::new(),
             removals: watch::channel(0).0,
+            renewed: Mutex::default(),
             issued,
             csr_failures,
             expiry,
@@ -557,6 +560,10 @@ impl ControlPlane {
         self.proxy_event.notify_waiters();
     }
 }
+
+/// A node may renew at most this often (a proxy renews at half its certificate's life; one
+/// that asks in a loop is refused instead of making the store write for each request).
+const MIN_RENEWAL_GAP: Duration = Duration::from_millis(500);
 
 /// Whether `node` is an enrolled node of the registry (a stream on the TLS link).
 fn registered_node(cp: &ControlPlane, node: &str) -> bool {
@@ -1267,6 +1274,23 @@ impl weft_wire::v1::identity_server::Identity for IdentityService {
                 ));
             }
         };
+        {
+            let mut renewed = cp.renewed.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if renewed
+                .get(&node)
+                .is_some_and(|t| now.duration_since(*t) < MIN_RENEWAL_GAP)
+            {
+                cp.csr_failure("too_often");
+                return Err(Status::resource_exhausted(
+                    "renewing again so soon: a certificate renews at half its life",
+                ));
+            }
+            if renewed.len() > 100_000 {
+                renewed.retain(|_, t| now.duration_since(*t) < MIN_RENEWAL_GAP);
+            }
+            renewed.insert(node.clone(), now);
+        }
         let (grant, registration) = {
             let registry = cp.security.registry();
             let n = registry

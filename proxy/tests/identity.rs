@@ -364,6 +364,20 @@ async fn a_proxy_certificate_cannot_act_as_an_operator_or_another_node() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     // Enrolling again with the proxy's own certificate is no way in either.
     let mut identity = v1::identity_client::IdentityClient::new(channel);
+    // Renewing in a loop is refused, not served.
+    let csr = || {
+        let key = weft_proxy::identity::svid::new_key().expect("key");
+        weft_proxy::identity::svid::csr(&key).expect("csr")
+    };
+    identity
+        .renew(v1::RenewRequest { csr: csr() })
+        .await
+        .expect("a renewal");
+    let e = identity
+        .renew(v1::RenewRequest { csr: csr() })
+        .await
+        .expect_err("a renewal right after");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     let e = identity
         .enroll(v1::EnrollRequest {
             token: token.clone(),
