@@ -467,47 +467,49 @@ impl Ca {
             return Err("the CA is an operator's intermediate: rotate it by restarting weft-cp with a new --ca-cert and --ca-key".into());
         }
         let root = new_root(&self.trust_domain)?;
-        {
-            let mut s = self.lock();
-            if s.phase != Phase::Stable {
-                return Err(format!("a rotation is running ({:?})", s.phase));
-            }
-            s.signers.push(root);
-            s.generation += 1;
-            s.phase = Phase::Distributing;
+        if self.transition(Phase::Stable, Phase::Distributing, |s| s.signers.push(root))? {
+            Ok(())
+        } else {
+            Err(format!("a rotation is running ({:?})", self.phase()))
         }
-        self.save()
     }
 
     /// Every proxy holds the new bundle: issue from the new root.
     pub fn switch_issuing(&self) -> Result<(), String> {
-        {
-            let mut s = self.lock();
-            if s.phase != Phase::Distributing {
-                return Ok(());
-            }
+        self.transition(Phase::Distributing, Phase::Reissuing, |s| {
             s.issuing = s.signers.len() - 1;
-            s.generation += 1;
-            s.phase = Phase::Reissuing;
-        }
-        self.save()
+        })
+        .map(drop)
     }
 
     /// Every proxy holds a certificate from the new root: the old roots leave the bundle.
     pub fn retire_old_roots(&self) -> Result<(), String> {
-        {
-            let mut s = self.lock();
-            if s.phase != Phase::Reissuing {
-                return Ok(());
-            }
-            let issuing = s.issuing;
-            let keep = s.signers.remove(issuing);
+        self.transition(Phase::Reissuing, Phase::Stable, |s| {
+            let keep = s.signers.remove(s.issuing);
             s.signers = vec![keep];
             s.issuing = 0;
+        })
+        .map(drop)
+    }
+
+    /// Moves a rotation from `from` to `to` with `change`, as a new bundle generation, and
+    /// saves it; answers whether it moved (not at `from`: nothing changes).
+    fn transition(
+        &self,
+        from: Phase,
+        to: Phase,
+        change: impl FnOnce(&mut State),
+    ) -> Result<bool, String> {
+        {
+            let mut s = self.lock();
+            if s.phase != from {
+                return Ok(false);
+            }
+            change(&mut s);
             s.generation += 1;
-            s.phase = Phase::Stable;
+            s.phase = to;
         }
-        self.save()
+        self.save().map(|()| true)
     }
 
     /// The pin of the root the control plane's own certificate chains to.
@@ -669,24 +671,7 @@ pub fn cert_pem(der: &[u8]) -> String {
     pem("CERTIFICATE", der)
 }
 
-/// Writes a file only its owner can read, through a synced temporary file and a rename.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+pub use weft_proxy::identity::svid::write_private;
 
 #[cfg(test)]
 mod tests {

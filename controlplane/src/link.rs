@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use weft_proxy::identity::mesh::{PeerPolicy, server_config};
 use weft_proxy::identity::{CONTROL_PLANE_NS, CONTROL_PLANE_SA, Identity, Material, SpiffeId};
+use weft_proxy::tls::io::MaybeTls;
 
 use crate::ca::Ca;
 
@@ -34,18 +35,16 @@ pub struct LinkPeer {
     pub tls: bool,
 }
 
-/// One control-link connection.
-pub enum LinkConn {
-    Plain(TcpStream, LinkPeer),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, LinkPeer),
+/// One control-link connection, with who its peer proved to be.
+pub struct LinkConn {
+    io: weft_proxy::tls::io::ServerIo,
+    peer: LinkPeer,
 }
 
 impl tonic::transport::server::Connected for LinkConn {
     type ConnectInfo = LinkPeer;
     fn connect_info(&self) -> LinkPeer {
-        match self {
-            LinkConn::Plain(_, p) | LinkConn::Tls(_, p) => p.clone(),
-        }
+        self.peer.clone()
     }
 }
 
@@ -55,10 +54,7 @@ impl AsyncRead for LinkConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LinkConn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
-            LinkConn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -68,24 +64,15 @@ impl AsyncWrite for LinkConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LinkConn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
-            LinkConn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LinkConn::Plain(s, _) => Pin::new(s).poll_flush(cx),
-            LinkConn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LinkConn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
-            LinkConn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -93,17 +80,11 @@ impl AsyncWrite for LinkConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LinkConn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            LinkConn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            LinkConn::Plain(s, _) => s.is_write_vectored(),
-            LinkConn::Tls(s, _) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 }
 
@@ -189,13 +170,13 @@ pub fn incoming(
             let tls = tls.clone();
             tokio::spawn(async move {
                 let conn = match tls {
-                    None => LinkConn::Plain(
-                        stream,
-                        LinkPeer {
+                    None => LinkConn {
+                        io: MaybeTls::Plain(stream),
+                        peer: LinkPeer {
                             remote: Some(remote),
                             ..LinkPeer::default()
                         },
-                    ),
+                    },
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
                         let s = match tokio::time::timeout(
@@ -223,7 +204,10 @@ pub fn incoming(
                             peer.id = names.uris.first().and_then(|u| SpiffeId::parse(u).ok());
                             peer.common_name = names.common_name;
                         }
-                        LinkConn::Tls(Box::new(s), peer)
+                        LinkConn {
+                            io: MaybeTls::Tls(Box::new(s)),
+                            peer,
+                        }
                     }
                 };
                 drop(slot);

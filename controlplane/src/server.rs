@@ -561,6 +561,14 @@ impl ControlPlane {
     }
 }
 
+/// A duration given in milliseconds on the wire, `0` meaning `default`.
+fn millis_or(ms: u64, default: Duration) -> Duration {
+    match ms {
+        0 => default,
+        ms => Duration::from_millis(ms),
+    }
+}
+
 /// A node may renew at most this often (a proxy renews at half its certificate's life; one
 /// that asks in a loop is refused instead of making the store write for each request).
 const MIN_RENEWAL_GAP: Duration = Duration::from_millis(500);
@@ -939,10 +947,7 @@ impl Control for ControlService {
     ) -> Result<Response<Self::RolloutStream>, Status> {
         self.0.operator(&req)?;
         let r = req.into_inner();
-        let timeout = match r.timeout_ms {
-            0 => Duration::from_secs(30),
-            ms => Duration::from_millis(ms),
-        };
+        let timeout = millis_or(r.timeout_ms, Duration::from_secs(30));
         let cp = self.0.clone();
         // Progress is timed from the version's creation.
         let created_ms = cp.lock().store.get(r.version).map(|v| v.at_ms);
@@ -1038,10 +1043,7 @@ impl Control for ControlService {
     ) -> Result<Response<v1::AddNodeResponse>, Status> {
         self.0.operator(&req)?;
         let r = req.into_inner();
-        let ttl = match r.ttl_ms {
-            0 => Duration::from_secs(3600),
-            ms => Duration::from_millis(ms),
-        };
+        let ttl = millis_or(r.ttl_ms, Duration::from_secs(3600));
         let ca = &self.0.security.ca;
         let secret = self
             .0

@@ -488,16 +488,7 @@ mod tests {
     use super::*;
 
     fn build(yaml: &str) -> Result<Snapshot, ConfigErrors> {
-        let config = Config::from_yaml(yaml).expect("parses");
-        let metrics = Metrics::new();
-        let wasm = SharedHost::new(Arc::new(Metrics::new()));
-        let env = BuildEnv {
-            metrics: &metrics,
-            wasm: &wasm,
-            base_dir: std::path::Path::new("."),
-            identity: None,
-        };
-        Snapshot::build(config, 1, None, env)
+        build_with(yaml, None)
     }
 
     fn build_with(

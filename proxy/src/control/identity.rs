@@ -73,14 +73,13 @@ pub async fn establish(o: &ControlOptions) -> Result<Option<Arc<Identity>>, Stri
             None
         }
     };
-    if let Some(m) = &saved
-        && m.svid.not_after > now() + 5
-    {
-        tracing::info!(identity = %m.svid.id, node = %m.svid.node, not_after = m.svid.not_after, "identity loaded");
-        // A join token given again is not needed: the saved identity serves.
-        let m = crate::identity::Material::load(&o.state_dir)?.ok_or("the identity vanished")?;
-        return Ok(Some(Identity::new(m)));
-    }
+    let saved = match saved {
+        Some(m) if m.svid.not_after > now() + 5 => {
+            tracing::info!(identity = %m.svid.id, node = %m.svid.node, not_after = m.svid.not_after, "identity loaded");
+            return Ok(Some(Identity::new(m)));
+        }
+        expired => expired,
+    };
     let Some(token) = &o.join_token else {
         return Err(match saved {
             Some(_) => format!(

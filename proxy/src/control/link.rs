@@ -110,7 +110,7 @@ impl ServerCertVerifier for PinVerifier {
         let bundle = Bundle::new(roots, 0).map_err(|e| bad(&e))?;
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
-        verify_chain(&chain, &bundle, now).map_err(|e| bad(&e))?;
+        verify_chain(&chain, &bundle, now).map_err(|e| bad(&e.to_string()))?;
         let names = cert_names(end_entity).map_err(|e| bad(&e))?;
         let ok = names
             .uris
@@ -129,12 +129,7 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &crate::tls::provider().signature_verification_algorithms,
-        )
+        crate::tls::verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -143,18 +138,11 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &crate::tls::provider().signature_verification_algorithms,
-        )
+        crate::tls::verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crate::tls::provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        crate::tls::signature_schemes()
     }
 }
 

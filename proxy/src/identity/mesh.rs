@@ -62,13 +62,8 @@ impl PeerPolicy {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
-        verify_chain(&chain, &material.bundle, now).map_err(|e| {
+        verify_chain(&chain, &material.bundle, now).inspect_err(|e| {
             tracing::debug!("peer certificate refused: {e}");
-            if e.contains("Expired") || e.contains("NotValidYet") {
-                rustls::Error::InvalidCertificate(CertificateError::Expired)
-            } else {
-                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-            }
         })?;
         let bad = || rustls::Error::InvalidCertificate(CertificateError::NotValidForName);
         let names = cert_names(end_entity).map_err(|_| bad())?;
@@ -84,38 +79,6 @@ impl PeerPolicy {
         }
         Ok(id)
     }
-}
-
-fn tls12(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls12_signature(
-        message,
-        cert,
-        dss,
-        &provider().signature_verification_algorithms,
-    )
-}
-
-fn tls13(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(
-        message,
-        cert,
-        dss,
-        &provider().signature_verification_algorithms,
-    )
-}
-
-fn schemes() -> Vec<SignatureScheme> {
-    provider()
-        .signature_verification_algorithms
-        .supported_schemes()
 }
 
 /// Verifies a server's SVID (the name dialed is not checked: the identity is).
@@ -141,7 +104,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12(message, cert, dss)
+        crate::tls::verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -150,11 +113,11 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13(message, cert, dss)
+        crate::tls::verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
+        crate::tls::signature_schemes()
     }
 }
 
@@ -196,7 +159,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12(message, cert, dss)
+        crate::tls::verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -205,13 +168,16 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13(message, cert, dss)
+        crate::tls::verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
+        crate::tls::signature_schemes()
     }
 }
+
+/// Why `tls: mesh` cannot be built without an identity.
+pub const NEEDS_IDENTITY: &str = "`mesh` needs the proxy's mesh identity: run weft with --control-plane https://… (enrolled with a join token)";
 
 /// Parses a list of allowed identities (`spiffe://…`), each exactly.
 pub fn parse_identities(list: &[String]) -> Result<Vec<SpiffeId>, String> {

@@ -118,7 +118,9 @@ impl Svid {
         certified
             .keys_match()
             .map_err(|_| "the certificate is not for this key".to_owned())?;
-        verify_chain(&chain, bundle, at.unwrap_or_else(UnixTime::now))?;
+        verify_chain(&chain, bundle, at.unwrap_or_else(UnixTime::now)).map_err(|e| {
+            format!("the certificate does not verify against the trust bundle: {e}")
+        })?;
         let not_before = x509_parser::parse_x509_certificate(chain[0].as_ref())
             .map(|(_, c)| c.validity().not_before.timestamp())
             .unwrap_or(0);
@@ -152,9 +154,11 @@ pub fn verify_chain(
     chain: &[CertificateDer<'_>],
     bundle: &Bundle,
     now: UnixTime,
-) -> Result<(), String> {
-    let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
-    let cert = rustls::server::ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
+) -> Result<(), rustls::Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let cert = rustls::server::ParsedCertificate::try_from(leaf)?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &cert,
         &bundle.store,
@@ -162,7 +166,6 @@ pub fn verify_chain(
         now,
         crate::tls::provider().signature_verification_algorithms.all,
     )
-    .map_err(|e| format!("the certificate does not verify against the trust bundle: {e}"))
 }
 
 /// The proxy's current identity: an issued certificate and the bundle, swapped whole; and the
@@ -172,6 +175,26 @@ pub struct Material {
     pub svid: Svid,
     pub bundle: Bundle,
     pub module_keys: Vec<crate::wasm::signing::PublicKey>,
+}
+
+/// Writes a file only its owner can read (keys, credentials), through a synced temporary file
+/// and a rename: a crash leaves the old file or the new one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Where the proxy keeps its identity: one file, mode 0600 (it holds the key).
@@ -246,8 +269,6 @@ impl Material {
 
     /// Saves it (temporary file, synced, renamed; mode 0600).
     pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let saved = Saved {
             key_pkcs8: b64(&self.svid.key_der),
             chain: self.svid.chain.iter().map(|c| b64(c)).collect(),
@@ -255,18 +276,8 @@ impl Material {
             bundle_generation: self.bundle.generation,
             module_keys: self.module_keys.iter().map(|k| k.to_string()).collect(),
         };
-        std::fs::create_dir_all(state_dir)?;
-        let path = identity_file(state_dir);
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(&saved).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        write_private(&identity_file(state_dir), &bytes)
     }
 
     /// The saved identity, if there is one; an error when it is there but unusable.

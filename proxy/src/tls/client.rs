@@ -75,12 +75,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        crate::tls::verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -89,18 +84,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        crate::tls::verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        crate::tls::signature_schemes()
     }
 }
 
@@ -319,7 +307,7 @@ fn mesh_configs(
     let identity = identity.ok_or_else(|| {
         vec![(
             "mode".to_owned(),
-            "`mesh` needs the proxy's mesh identity: run weft with --control-plane https://… (enrolled with a join token)".to_owned(),
+            crate::identity::mesh::NEEDS_IDENTITY.to_owned(),
         )]
     })?;
     let policy = crate::identity::mesh::PeerPolicy {

@@ -34,6 +34,41 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// The handshake signature checks of the verifiers weft writes (the provider's algorithms).
+pub fn verify_tls12_signature(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &rustls::DigitallySignedStruct,
+) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls12_signature(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
+}
+
+/// As [`verify_tls12_signature`], for TLS 1.3.
+pub fn verify_tls13_signature(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &rustls::DigitallySignedStruct,
+) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
+}
+
+/// The signature schemes those checks support.
+pub fn signature_schemes() -> Vec<rustls::SignatureScheme> {
+    provider()
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
 fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static BOTH: &[&rustls::SupportedProtocolVersion] =
         &[&rustls::version::TLS13, &rustls::version::TLS12];

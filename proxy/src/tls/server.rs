@@ -69,24 +69,7 @@ impl TlsServer {
             Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
             None => default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
         };
-        if settings.mode == TlsMode::Mesh {
-            return Self::build_mesh(listener, settings, alpn, base, metrics, identity);
-        }
         let mut errors = Vec::new();
-        if !settings.identities.is_empty() {
-            errors.push((
-                "identities".to_owned(),
-                "only with `mode: mesh` (client_ca verifies file-based clients)".to_owned(),
-            ));
-        }
-        match settings.all_certificates() {
-            Err((at, e)) => errors.push((at.to_owned(), e.to_owned())),
-            Ok(all) if all.is_empty() => errors.push((
-                "certificates".to_owned(),
-                "a TLS listener needs a certificate (cert and key, or certificates)".to_owned(),
-            )),
-            Ok(_) => {}
-        }
         if settings.handshake_timeout.0.is_zero() {
             errors.push((
                 "handshake_timeout".to_owned(),
@@ -99,7 +82,31 @@ impl TlsServer {
                 format!("invalid protocol name {:?}", String::from_utf8_lossy(p)),
             ));
         }
-        let config = match build_config(settings, base, &alpn) {
+        let built = match settings.mode {
+            TlsMode::Files => {
+                if !settings.identities.is_empty() {
+                    errors.push((
+                        "identities".to_owned(),
+                        "only with `mode: mesh` (client_ca verifies file-based clients)".to_owned(),
+                    ));
+                }
+                match settings.all_certificates() {
+                    Err((at, e)) => errors.push((at.to_owned(), e.to_owned())),
+                    Ok(all) if all.is_empty() => errors.push((
+                        "certificates".to_owned(),
+                        "a TLS listener needs a certificate (cert and key, or certificates)"
+                            .to_owned(),
+                    )),
+                    Ok(_) => {}
+                }
+                build_config(settings, base, &alpn)
+            }
+            TlsMode::Mesh => {
+                errors.extend(mesh_conflicts(settings));
+                mesh_config(settings, &alpn, identity)
+            }
+        };
+        let config = match built {
             Ok(c) => Some(c),
             Err(e) => {
                 errors.extend(e);
@@ -121,62 +128,6 @@ impl TlsServer {
         };
         server.set_expiries(&expiries);
         Ok(server)
-    }
-
-    /// `tls: mesh`: the proxy's SVID, clients' SVIDs required (TLS 1.3), from the identity
-    /// the control plane issued; renewals and new bundles apply to new handshakes by
-    /// themselves.
-    fn build_mesh(
-        listener: &str,
-        settings: &ListenerTls,
-        alpn: Vec<Vec<u8>>,
-        base: &Path,
-        metrics: &TlsMetrics,
-        identity: Option<&Arc<Identity>>,
-    ) -> Result<TlsServer, Vec<(String, String)>> {
-        let mut errors = mesh_conflicts(settings);
-        let allowed = crate::identity::mesh::parse_identities(&settings.identities)
-            .map_err(|e| vec![("identities".to_owned(), e)]);
-        let allowed = match allowed {
-            Ok(a) => a,
-            Err(e) => {
-                errors.extend(e);
-                Vec::new()
-            }
-        };
-        if settings.handshake_timeout.0.is_zero() {
-            errors.push((
-                "handshake_timeout".to_owned(),
-                "must be greater than 0".to_owned(),
-            ));
-        }
-        let Some(identity) = identity else {
-            errors.push((
-                "mode".to_owned(),
-                "`mesh` needs the proxy's mesh identity: run weft with --control-plane https://… (enrolled with a join token)".to_owned(),
-            ));
-            return Err(errors);
-        };
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let policy = crate::identity::mesh::PeerPolicy {
-            identity: identity.clone(),
-            allowed,
-        };
-        let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
-        let config = crate::identity::mesh::server_config(policy, true, &alpn_refs)
-            .map_err(|e| vec![("mode".to_owned(), e.to_string())])?;
-        Ok(TlsServer {
-            listener: Arc::from(listener),
-            settings: settings.clone(),
-            base: base.to_owned(),
-            alpn,
-            handshake_timeout: settings.handshake_timeout.0,
-            current: ArcSwap::from_pointee(config),
-            watched: Mutex::new(Watched::new(Vec::new())),
-            metrics: metrics.clone(),
-        })
     }
 
     /// Whether this was built from the same settings (so a reload can keep it).
@@ -278,7 +229,32 @@ fn mesh_conflicts(settings: &ListenerTls) -> Vec<(String, String)> {
     errors
 }
 
+/// `tls: mesh`: the proxy's SVID, clients' SVIDs required (TLS 1.3), from the identity the
+/// control plane issued; renewals and new bundles apply to new handshakes by themselves.
+fn mesh_config(
+    settings: &ListenerTls,
+    alpn: &[Vec<u8>],
+    identity: Option<&Arc<Identity>>,
+) -> Result<Built, Vec<(String, String)>> {
+    use crate::identity::mesh;
+    let allowed = mesh::parse_identities(&settings.identities)
+        .map_err(|e| vec![("identities".to_owned(), e)])?;
+    let identity =
+        identity.ok_or_else(|| vec![("mode".to_owned(), mesh::NEEDS_IDENTITY.to_owned())])?;
+    let policy = mesh::PeerPolicy {
+        identity: identity.clone(),
+        allowed,
+    };
+    let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+    mesh::server_config(policy, true, &alpn)
+        .map(|c| (c, Vec::new()))
+        .map_err(|e| vec![("mode".to_owned(), e.to_string())])
+}
+
 fn paths(settings: &ListenerTls, base: &Path) -> Vec<PathBuf> {
+    if settings.mode == TlsMode::Mesh {
+        return Vec::new();
+    }
     let mut v: Vec<PathBuf> = settings
         .all_certificates()
         .unwrap_or_default()
