@@ -585,5 +585,38 @@ mod tests {
             third.enroll(&token("web", &s)).expect_err("refused"),
             EnrollError::Used
         );
+        // A damaged registry is refused, not replaced by an empty one.
+        std::fs::write(&file, b"{\"registrations\": {").expect("damage");
+        assert!(Registry::open(Some(&file)).is_err());
+    }
+
+    #[test]
+    fn oversized_and_odd_tokens_are_malformed() {
+        let huge = format!(
+            "weft-join.{}.{}.{}",
+            "a".repeat(1 << 20),
+            "ab".repeat(32),
+            "cd".repeat(32)
+        );
+        assert_eq!(
+            JoinToken::parse(&huge).expect_err("refused"),
+            EnrollError::Malformed
+        );
+        let spaced = format!("weft-join.web .{}.{}", "ab".repeat(32), "cd".repeat(32));
+        assert_eq!(
+            JoinToken::parse(&spaced).expect_err("refused"),
+            EnrollError::Malformed
+        );
+        let doubled = format!(
+            "weft-join.weft-join.web.{}.{}",
+            "ab".repeat(32),
+            "cd".repeat(32)
+        );
+        // A registration may be named with dots; this one parses as `weft-join.web` and is
+        // simply unknown, never `web`.
+        assert_eq!(
+            JoinToken::parse(&doubled).expect("parses").registration,
+            "weft-join.web"
+        );
     }
 }

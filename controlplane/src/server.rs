@@ -752,7 +752,10 @@ impl Distribution for DistributionService {
                             });
                         }
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::TrustAck(t)) })) => {
-                            cp.update(&node, stream_id, |p| p.bundle_generation = t.generation);
+                            // A proxy cannot claim a bundle newer than exists (it would move
+                            // a rotation on without holding the new root).
+                            let held = t.generation.min(cp.security.ca.bundle().0);
+                            cp.update(&node, stream_id, |p| p.bundle_generation = held);
                         }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,

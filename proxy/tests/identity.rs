@@ -456,6 +456,20 @@ async fn plaintext_and_strangers_are_refused() {
         .expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    // A module trust file with a line that is not a key stops weft-cp at start, located.
+    let bad = write(dir.path(), "trust.pub", "ed25519:AAAA\n");
+    let out = Command::new(cp::sibling("weft-cp"))
+        .args([
+            "--store",
+            "memory",
+            "--insecure-plaintext",
+            "--module-trust",
+            &bad,
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trust.pub:1"));
     // weft wants https:// unless told otherwise.
     let out = Command::new(WEFT)
         .args(["run", "--control-plane", &plain])

@@ -391,3 +391,36 @@ pub fn placeholder_trusting(
     )?;
     Ok(Identity::new(m.with_module_keys(module_keys)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A saved identity round-trips; a damaged one is an error, never a half identity.
+    #[test]
+    fn a_damaged_identity_file_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let id = placeholder().expect("identity");
+        id.current().save(dir.path()).expect("saved");
+        let m = Material::load(dir.path()).expect("loads").expect("there");
+        assert_eq!(m.svid.id, id.id());
+        let file = identity_file(dir.path());
+        let text = std::fs::read_to_string(&file).expect("file");
+        for damaged in [
+            text[..text.len() / 2].to_owned(),
+            text.replacen("\"bundle\":[\"", "\"bundle\":[\"AAAA", 1),
+            text.replacen("\"key_pkcs8\":\"", "\"key_pkcs8\":\"AAAA", 1),
+            text.replacen(
+                "\"bundle_generation\"",
+                "\"module_keys\":[\"ed25519:xx\"],\"bundle_generation\"",
+                1,
+            ),
+            String::new(),
+        ] {
+            std::fs::write(&file, &damaged).expect("damage");
+            assert!(Material::load(dir.path()).is_err(), "{damaged}");
+        }
+        std::fs::remove_file(&file).expect("rm");
+        assert!(Material::load(dir.path()).expect("no file").is_none());
+    }
+}
