@@ -1,5 +1,5 @@
 //! Resources: what users apply. Each is one item of weft's configuration (a listener, a route
-//! table, a cluster, a filter) with the labels of the proxies it is for.
+//! table, a cluster, a filter, a service) with the labels of the proxies it is for.
 //!
 //! ```yaml
 //! kind: cluster
@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use weft_proxy::config::{Cluster, Config, Filter, Listener, Route};
+use weft_proxy::config::{Cluster, Config, Filter, Listener, Route, Service};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,6 +22,7 @@ pub enum Kind {
     Routes,
     Cluster,
     Filter,
+    Service,
 }
 
 impl Kind {
@@ -31,6 +32,7 @@ impl Kind {
             "routes" | "route" | "route_table" => Kind::Routes,
             "cluster" | "clusters" => Kind::Cluster,
             "filter" | "filters" => Kind::Filter,
+            "service" | "services" => Kind::Service,
             _ => return None,
         })
     }
@@ -41,6 +43,7 @@ impl Kind {
             Kind::Routes => "routes",
             Kind::Cluster => "cluster",
             Kind::Filter => "filter",
+            Kind::Service => "service",
         }
     }
 }
@@ -60,6 +63,7 @@ pub enum Spec {
     Routes(RouteTable),
     Cluster(Cluster),
     Filter(Filter),
+    Service(Service),
 }
 
 impl Spec {
@@ -69,6 +73,7 @@ impl Spec {
             Spec::Routes(_) => Kind::Routes,
             Spec::Cluster(_) => Kind::Cluster,
             Spec::Filter(_) => Kind::Filter,
+            Spec::Service(_) => Kind::Service,
         }
     }
 
@@ -78,6 +83,7 @@ impl Spec {
             Spec::Routes(r) => &r.name,
             Spec::Cluster(c) => &c.name,
             Spec::Filter(f) => &f.name,
+            Spec::Service(s) => &s.name,
         }
     }
 
@@ -87,6 +93,7 @@ impl Spec {
             Spec::Routes(x) => serde_json::to_value(x),
             Spec::Cluster(x) => serde_json::to_value(x),
             Spec::Filter(x) => serde_json::to_value(x),
+            Spec::Service(x) => serde_json::to_value(x),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -98,6 +105,7 @@ impl Spec {
             Kind::Routes => Spec::Routes(serde_json::from_value(v).map_err(e)?),
             Kind::Cluster => Spec::Cluster(serde_json::from_value(v).map_err(e)?),
             Kind::Filter => Spec::Filter(serde_json::from_value(v).map_err(e)?),
+            Kind::Service => Spec::Service(serde_json::from_value(v).map_err(e)?),
         })
     }
 }
@@ -145,7 +153,7 @@ impl Resource {
     fn from_document(d: Document) -> Result<Resource, String> {
         let kind = Kind::parse(&d.kind).ok_or_else(|| {
             format!(
-                "kind: unknown kind {:?} (listener, routes, cluster, filter)",
+                "kind: unknown kind {:?} (listener, routes, cluster, filter, service)",
                 d.kind
             )
         })?;
@@ -231,6 +239,7 @@ pub fn assemble<'a>(
             }
             Spec::Cluster(c) => config.clusters.push(c.clone()),
             Spec::Filter(f) => config.filters.push(f.clone()),
+            Spec::Service(s) => config.services.push(s.clone()),
         }
     }
     config

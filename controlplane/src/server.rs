@@ -386,13 +386,16 @@ impl ControlPlane {
     ) -> v1::Snapshot {
         let config = assemble(state.values(), labels);
         let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        let refs = config
-            .filters
-            .iter()
-            .filter_map(|f| f.module.strip_prefix("sha256:").map(|_| f.module.clone()))
+        let digests: std::collections::BTreeSet<&str> = config
+            .module_uses()
+            .filter(|u| u.module.starts_with("sha256:"))
+            .map(|u| u.module)
+            .collect();
+        let refs = digests
+            .into_iter()
             .map(|d| v1::ModuleRef {
-                size: modules.get(&d).map_or(0, |b| b.len() as u64),
-                digest: d,
+                size: modules.get(d).map_or(0, |b| b.len() as u64),
+                digest: d.to_owned(),
             })
             .collect();
         v1::Snapshot {
@@ -416,12 +419,14 @@ impl ControlPlane {
         label_sets.dedup();
         let mut errors = Vec::new();
         for r in state.values() {
-            if let crate::resources::Spec::Filter(f) = &r.spec
-                && !f.module.starts_with("sha256:")
-            {
+            let (kind, name, module) = match &r.spec {
+                crate::resources::Spec::Filter(f) => ("filter", &f.name, &f.module),
+                crate::resources::Spec::Service(s) => ("service", &s.name, &s.module),
+                _ => continue,
+            };
+            if !module.starts_with("sha256:") {
                 errors.push(format!(
-                    "filter/{}: module must be a digest (sha256:…) of an uploaded module; `weftctl filter push` uploads it",
-                    f.name
+                    "{kind}/{name}: module must be a digest (sha256:…) of an uploaded module; `weftctl {kind} push` uploads it"
                 ));
             }
         }

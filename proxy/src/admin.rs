@@ -214,11 +214,14 @@ async fn handle(
 /// What `/config` shows instead of a value that may be secret.
 const REDACTED: &str = "<redacted>";
 
-/// Hides what may hold keys and tokens: filter configurations (`config`, `vm_config`) and the
-/// values of routes' header edits (`set`, `add`). Names stay visible.
+/// Hides what may hold keys and tokens: filter and service configurations (`config`,
+/// `vm_config`) and the values of routes' header edits (`set`, `add`). Names stay visible.
 fn redact(config: &mut serde_json::Value) {
-    if let Some(filters) = config.get_mut("filters").and_then(|f| f.as_array_mut()) {
-        for f in filters {
+    for plugins in ["filters", "services"] {
+        let Some(list) = config.get_mut(plugins).and_then(|f| f.as_array_mut()) else {
+            continue;
+        };
+        for f in list {
             for field in ["config", "vm_config"] {
                 if let Some(v) = f.get_mut(field) {
                     *v = json!(REDACTED);
@@ -305,13 +308,23 @@ clusters:
   - { name: app, endpoints: ["127.0.0.1:9000"] }
 filters:
   - { name: auth, module: a.wasm, config: { jwks: "private" }, vm_config: "vm secret" }
+services:
+  - { name: reporter, module: r.wasm, config: "token=t0ken", vm_config: "vm key" }
 "#,
         )
         .expect("parses");
         let mut v = serde_json::to_value(&config).expect("json");
         redact(&mut v);
         let text = v.to_string();
-        for secret in ["s3cret", "k3y", "private", "vm secret", "weft\""] {
+        for secret in [
+            "s3cret",
+            "k3y",
+            "private",
+            "vm secret",
+            "weft\"",
+            "t0ken",
+            "vm key",
+        ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         for name in [
@@ -320,6 +333,7 @@ filters:
             "x-drop",
             "x-served-by",
             "\"auth\"",
+            "\"reporter\"",
         ] {
             assert!(text.contains(name), "{name} missing from {text}");
         }

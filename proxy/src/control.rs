@@ -98,9 +98,9 @@ pub fn last_good(o: &ControlOptions) -> Option<(u64, Config)> {
             return None;
         }
     };
-    for f in &saved.config.filters {
-        if f.module.starts_with("sha256:") && load_cached(o, &f.module).is_err() {
-            tracing::warn!(module = %f.module, "a module of the saved snapshot is missing from the cache");
+    for u in saved.config.module_uses() {
+        if u.module.starts_with("sha256:") && load_cached(o, u.module).is_err() {
+            tracing::warn!(module = %u.module, "a module of the saved snapshot is missing from the cache");
             return None;
         }
     }

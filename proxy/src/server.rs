@@ -75,6 +75,7 @@ fn merge(bootstrap: &Config, remote: Option<&Config>) -> Config {
             .extend(r.routes.iter().map(|(k, v)| (k.clone(), v.clone())));
         c.clusters.extend(r.clusters.iter().cloned());
         c.filters.extend(r.filters.iter().cloned());
+        c.services.extend(r.services.iter().cloned());
     }
     c
 }
@@ -124,7 +125,7 @@ fn worker_count(requested: usize) -> usize {
 /// 128 (a control plane may add filters later).
 fn plan_pool(config: &Config, workers: usize) -> u32 {
     let planned = config.wasm.pool_instances.unwrap_or_else(|| {
-        let vms = workers.saturating_mul(config.filters.len() + 1);
+        let vms = workers.saturating_mul(config.filters.len() + config.services.len() + 1);
         u32::try_from(vms.saturating_mul(2) + 1)
             .unwrap_or(u32::MAX)
             .max(128)
@@ -446,7 +447,7 @@ impl Server {
         let previous = self.shared.snapshot();
         // Filter modules are files of their own: an unchanged configuration may still name
         // changed code, so only one without filters is known unchanged without building it.
-        if config == *previous.config && config.filters.is_empty() {
+        if config == *previous.config && config.filters.is_empty() && config.services.is_empty() {
             return Ok(previous.version);
         }
         let version = previous.version + 1;
@@ -468,6 +469,11 @@ impl Server {
                 .filters
                 .iter()
                 .all(|(k, f)| previous.filters.get(k).is_some_and(|p| Arc::ptr_eq(p, f)))
+            && snapshot.services.len() == previous.services.len()
+            && snapshot
+                .services
+                .iter()
+                .all(|(k, s)| previous.services.get(k).is_some_and(|p| Arc::ptr_eq(p, s)))
         {
             return Ok(previous.version);
         }

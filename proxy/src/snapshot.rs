@@ -16,7 +16,7 @@ use crate::tcp::TcpRuntime;
 use crate::tls::client::TlsClient;
 use crate::tls::server::TlsServer;
 use crate::upstream::{Cluster, ClusterMap};
-use crate::wasm::{FilterSpec, SharedHost};
+use crate::wasm::{FilterSpec, ServiceSpec, SharedHost};
 
 /// Everything the proxy serves from, for one version of the configuration.
 #[derive(Debug)]
@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<Cluster>>,
     /// Wasm filters, by name.
     pub filters: HashMap<String, Arc<FilterSpec>>,
+    /// Wasm services, by name.
+    pub services: HashMap<String, Arc<ServiceSpec>>,
 }
 
 /// What building a snapshot needs besides the configuration.
@@ -258,6 +260,15 @@ impl Snapshot {
             &trusted,
             &mut errors,
         );
+        let services = crate::wasm::build_services(
+            &config.services,
+            &config.filters,
+            env.base_dir,
+            env.wasm,
+            previous.map_or(&HashMap::new(), |p| &p.services),
+            &trusted,
+            &mut errors,
+        );
 
         let empty_table = Arc::new(RouteTable::build("", &[], &by_name, &mut errors));
         let mut listeners = HashMap::new();
@@ -411,15 +422,17 @@ impl Snapshot {
             listeners,
             clusters,
             filters,
+            services,
         })
     }
 
     /// The VMs a worker runs for this snapshot: one per distinct VM key of the filters its
-    /// listeners use.
+    /// listeners use and of its services.
     pub fn vm_keys(&self) -> std::collections::HashSet<&crate::wasm::VmKey> {
         self.listeners
             .values()
             .flat_map(|l| l.filters.iter().map(|f| &f.key))
+            .chain(self.services.values().map(|s| &s.plugin.key))
             .collect()
     }
 

@@ -52,6 +52,9 @@ impl std::ops::Deref for LocalSnapshot {
 pub struct Shared {
     current: ArcSwap<Snapshot>,
     generation: AtomicU64,
+    /// The generation again, for what waits for a new snapshot instead of looking at each
+    /// request (Wasm services).
+    published: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
     /// What Wasm filters share across workers.
     pub wasm: Arc<SharedHost>,
@@ -62,6 +65,7 @@ impl Shared {
         Shared {
             current: ArcSwap::from_pointee(snapshot),
             generation: AtomicU64::new(0),
+            published: watch::Sender::new(0),
             metrics,
             wasm,
         }
@@ -74,7 +78,13 @@ impl Shared {
     /// Makes `snapshot` the one new requests use.
     pub fn publish(&self, snapshot: Arc<Snapshot>) {
         self.current.store(snapshot);
-        self.generation.fetch_add(1, Ordering::Release);
+        let generation = self.generation.fetch_add(1, Ordering::Release) + 1;
+        self.published.send_replace(generation);
+    }
+
+    /// Changes each time a snapshot is published.
+    pub fn published(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
     }
 }
 

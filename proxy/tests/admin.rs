@@ -154,20 +154,7 @@ async fn the_running_config_is_shown_without_its_secrets() {
 
 #[test]
 fn a_remote_admin_address_must_be_allowed_explicitly() {
-    let dir = tempfile::tempdir().expect("dir");
-    let validate = |yaml: &str| {
-        let path = dir.path().join("weft.yaml");
-        std::fs::write(&path, yaml).expect("write");
-        let out = std::process::Command::new(WEFT)
-            .args(["validate", "--config"])
-            .arg(&path)
-            .output()
-            .expect("validate runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let validate = |yaml: &str| weft_testkit::validate(WEFT, yaml);
     let (ok, err) = validate("admin: { address: \"0.0.0.0:9901\" }\n");
     assert!(!ok);
     assert!(
@@ -234,7 +221,13 @@ clusters:
 "#,
         b.endpoint()
     );
-    let weft = Weft::start(WEFT, &plain);
+    // The validation run's guest log lines are at debug level.
+    let weft = Weft::start_env(
+        WEFT,
+        &plain,
+        &["--workers", "2"],
+        &[("RUST_LOG", "info,weft::wasm=debug")],
+    );
     let slow = format!(
         "{plain}filters:\n  - {{ name: slow, module: \"{module}\", limits: {{ cpu_per_call: 30s }} }}\n"
     );

@@ -17,8 +17,13 @@ use weft_testkit::{Backend, Weft, client, eventually};
 const BOOTSTRAP: &str = "drain: { grace_period: 1s }\n";
 
 fn proxy(cp: &Cp, id: &str, labels: &[&str], state: &Path) -> Weft {
+    proxy_at(&cp.addr.to_string(), id, labels, state)
+}
+
+/// A proxy of the plaintext weft-cp at `addr` (which may be down).
+fn proxy_at(addr: &str, id: &str, labels: &[&str], state: &Path) -> Weft {
     let mut args = vec!["--workers", "2", "--insecure-plaintext", "--control-plane"];
-    let url = cp.url();
+    let url = format!("http://{addr}");
     args.push(&url);
     args.extend(["--node-id", id]);
     for l in labels {
@@ -373,4 +378,87 @@ async fn weft_cp_stops_on_sigterm_and_its_proxies_keep_serving() {
             .status,
         200
     );
+}
+
+/// A service pushed through the control plane starts on the proxies it selects with no request,
+/// restarts from the proxy's cache, and stops when deleted; a module a proxy cannot run as
+/// configured is refused at weft-cp and changes nothing.
+#[test]
+fn services_are_pushed_started_and_removed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cp = Cp::start(&dir.path().join("store.json"), "127.0.0.1:0");
+    let mut web = proxy(&cp, "web-1", &["app=web"], dir.path());
+    let api = proxy(&cp, "api-1", &["app=api"], dir.path());
+    let module = weft_testkit::filters::path("hello");
+    let greeting = "Hello, World!";
+
+    let bad = cp.ctl(&[
+        "service", "push", "hello", "--module", &module, "--config", "bogus",
+    ]);
+    assert!(!bad.status.success(), "{}", stdout(&bad));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("services[0].config"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let out = cp.ctl(&[
+        "service",
+        "push",
+        "hello",
+        "--module",
+        &module,
+        "--config",
+        "tick_ms=50",
+        "--placement",
+        "worker",
+        "--select",
+        "app=web",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("2/2 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    let starts = |w: &Weft| {
+        w.log_lines()
+            .iter()
+            .filter(|l| l.contains("service started"))
+            .count()
+    };
+    eventually(Duration::from_secs(20), "a service per worker", || {
+        starts(&web) == 2
+    });
+    eventually(Duration::from_secs(20), "it ticks", || {
+        web.log_contains("chance of rain")
+    });
+    assert!(!api.log_contains(greeting), "api-1 is not selected");
+
+    let got = cp.ctl(&["get", "service", "hello"]);
+    assert!(
+        stdout(&got).contains("placement: worker"),
+        "{}",
+        stdout(&got)
+    );
+
+    // The proxy restarts from its saved snapshot and module cache, with weft-cp away.
+    let addr = cp.addr.to_string();
+    drop(cp);
+    drop(web);
+    web = proxy_at(&addr, "web-1", &["app=web"], dir.path());
+    eventually(Duration::from_secs(20), "started from the cache", || {
+        starts(&web) == 2
+    });
+
+    let cp = Cp::start(&dir.path().join("store.json"), &addr);
+    let out = cp.ctl(&["delete", "service", "hello"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    eventually(Duration::from_secs(20), "the services stop", || {
+        web.log_lines()
+            .iter()
+            .filter(|l| l.contains("service stopped"))
+            .count()
+            == 2
+    });
 }

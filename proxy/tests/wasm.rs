@@ -50,18 +50,7 @@ async fn post(c: &client::Client, url: &str, body: impl Into<Bytes>) -> client::
 }
 
 fn validate(yaml: &str) -> (bool, String) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("weft.yaml");
-    std::fs::write(&path, yaml).expect("write");
-    let out = std::process::Command::new(WEFT)
-        .args(["validate", "--config"])
-        .arg(&path)
-        .output()
-        .expect("weft validate runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    weft_testkit::validate(WEFT, yaml)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

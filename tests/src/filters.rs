@@ -38,7 +38,7 @@ fn build() -> Result<PathBuf, String> {
 }
 
 /// The `.wasm` of behaviour filter `name` (`headers`, `body`, `local`, `callout`, `grpc`,
-/// `shared`, `queue`, `metrics`, `tick`, `properties`, `config`, `panic`, and for
+/// `shared`, `queue`, `metrics`, `tick`, `properties`, `config`, `panic`, the service `hello`, and for
 /// benchmarks `noop` and `add_header`).
 pub fn path(name: &str) -> String {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();

@@ -13,4 +13,4 @@ pub mod tls;
 
 pub use backend::Backend;
 pub use client::Reply;
-pub use process::{Weft, eventually, http_get};
+pub use process::{Weft, eventually, http_get, validate};

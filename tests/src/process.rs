@@ -30,6 +30,23 @@ pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// Runs `bin validate` on `yaml` (written to a fresh file): whether it passed, and its
+/// standard error.
+pub fn validate(bin: &str, yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("weft.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let out = Command::new(bin)
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .expect("weft validate runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A blocking `GET` over a fresh connection: (status, body). For admin endpoints.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -71,7 +88,8 @@ impl Weft {
         Self::start_env(bin, yaml, extra, &[])
     }
 
-    /// As [`Weft::start_with`], with environment variables for the process.
+    /// As [`Weft::start_with`], with environment variables for the process (`RUST_LOG` among
+    /// them replaces the test log level).
     pub fn start_env(bin: &str, yaml: &str, extra: &[&str], envs: &[(&str, &str)]) -> Weft {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("weft.yaml");
@@ -81,11 +99,11 @@ impl Weft {
             .arg("--config")
             .arg(&config_path)
             .args(extra)
-            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

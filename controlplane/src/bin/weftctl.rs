@@ -66,6 +66,11 @@ enum Cmd {
         #[command(subcommand)]
         command: FilterCmd,
     },
+    /// Upload a Wasm module and apply a service (a module that runs with no request).
+    Service {
+        #[command(subcommand)]
+        command: ServiceCmd,
+    },
     /// Every proxy: connected, labels, applied version, last NACK.
     Status,
     /// The versions kept, newest last.
@@ -131,25 +136,45 @@ enum CaCmd {
     Rotate,
 }
 
+/// What pushing a module as a filter or a service takes.
+#[derive(clap::Args)]
+struct PushArgs {
+    name: String,
+    #[arg(long)]
+    module: PathBuf,
+    /// The plugin configuration (JSON or YAML text).
+    #[arg(long)]
+    config: Option<String>,
+    /// Labels of the proxies it is for (`app=web`; repeatable).
+    #[arg(long = "select", value_name = "KEY=VALUE")]
+    select: Vec<String>,
+    /// Sign the module (its digest and the name) with this key (PREFIX.key from `weftctl
+    /// keys generate`).
+    #[arg(long, value_name = "KEY")]
+    sign: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum FilterCmd {
+    /// Upload a module and apply a filter that runs it.
     Push {
-        name: String,
-        #[arg(long)]
-        module: PathBuf,
-        /// The filter's configuration (JSON or YAML text).
-        #[arg(long)]
-        config: Option<String>,
-        /// Labels of the proxies it is for (`app=web`; repeatable).
-        #[arg(long = "select", value_name = "KEY=VALUE")]
-        select: Vec<String>,
+        #[command(flatten)]
+        push: PushArgs,
         /// `closed` (default) or `open`.
         #[arg(long)]
         fail: Option<String>,
-        /// Sign the module (its digest and the filter's name) with this key (PREFIX.key from
-        /// `weftctl keys generate`).
-        #[arg(long, value_name = "KEY")]
-        sign: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Upload a module and apply a service that runs it.
+    Push {
+        #[command(flatten)]
+        push: PushArgs,
+        /// `process` (default: one instance per proxy) or `worker` (one per worker).
+        #[arg(long)]
+        placement: Option<String>,
     },
 }
 
@@ -167,6 +192,64 @@ fn request<T>(msg: T) -> tonic::Request<T> {
 
 fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
+}
+
+/// Uploads a module (signed first, when asked: a bad key changes nothing) and applies the
+/// filter or service (`kind`) that runs it.
+async fn push(
+    client: &mut Client,
+    kind: &str,
+    args: PushArgs,
+    extra: Option<(&str, serde_json::Value)>,
+    wait: Duration,
+) -> anyhow::Result<bool> {
+    let PushArgs {
+        name,
+        module,
+        config,
+        select,
+        sign,
+    } = args;
+    let bytes = std::fs::read(&module).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
+    let signature = match &sign {
+        None => None,
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
+                .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?;
+            let digest = weft_proxy::wasm::runtime::digest(&bytes);
+            Some(
+                weft_proxy::wasm::signing::sign(key.secret_pkcs8_der(), &name, &digest)
+                    .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?,
+            )
+        }
+    };
+    let config: serde_json::Value = match config {
+        None => serde_json::Value::Null,
+        Some(text) => {
+            serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("--config: {e}"))?
+        }
+    };
+    let selector = labels(&select)?;
+    let up = client
+        .upload_module(request(v1::UploadModuleRequest { module: bytes }))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("module {} ({} bytes) uploaded", up.digest, up.size);
+    let mut spec = serde_json::json!({ "name": name, "module": up.digest });
+    if !config.is_null() {
+        spec["config"] = config;
+    }
+    if let Some((field, value)) = extra {
+        spec[field] = value;
+    }
+    if let Some(sig) = signature {
+        spec["signature"] = serde_json::to_value(sig)?;
+    }
+    let doc = serde_json::json!({ "kind": kind, "selector": selector, "spec": spec });
+    let yaml = serde_yaml_ng::to_string(&doc)?;
+    apply(client, yaml, wait).await
 }
 
 fn labels(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -351,61 +434,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             changed(&mut client, r, cli.wait).await
         }
         Cmd::Filter {
+            command: FilterCmd::Push { push: args, fail },
+        } => {
+            let extra = fail.map(|f| ("fail", serde_json::Value::String(f)));
+            push(&mut client, "filter", args, extra, cli.wait).await
+        }
+        Cmd::Service {
             command:
-                FilterCmd::Push {
-                    name,
-                    module,
-                    config,
-                    select,
-                    fail,
-                    sign,
+                ServiceCmd::Push {
+                    push: args,
+                    placement,
                 },
         } => {
-            let bytes =
-                std::fs::read(&module).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
-            // Signed before anything is sent: a bad key changes nothing.
-            let signature = match &sign {
-                None => None,
-                Some(path) => {
-                    use rustls::pki_types::pem::PemObject;
-                    let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
-                        .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?;
-                    let digest = weft_proxy::wasm::runtime::digest(&bytes);
-                    Some(
-                        weft_proxy::wasm::signing::sign(key.secret_pkcs8_der(), &name, &digest)
-                            .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?,
-                    )
-                }
-            };
-            let up = client
-                .upload_module(request(v1::UploadModuleRequest { module: bytes }))
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            println!("module {} ({} bytes) uploaded", up.digest, up.size);
-            let config: serde_json::Value = match config {
-                None => serde_json::Value::Null,
-                Some(text) => {
-                    serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("--config: {e}"))?
-                }
-            };
-            let mut spec = serde_json::json!({ "name": name, "module": up.digest });
-            if !config.is_null() {
-                spec["config"] = config;
-            }
-            if let Some(f) = fail {
-                spec["fail"] = serde_json::Value::String(f);
-            }
-            if let Some(sig) = signature {
-                spec["signature"] = serde_json::to_value(sig)?;
-            }
-            let doc = serde_json::json!({
-                "kind": "filter",
-                "selector": labels(&select)?,
-                "spec": spec,
-            });
-            let yaml = serde_yaml_ng::to_string(&doc)?;
-            apply(&mut client, yaml, cli.wait).await
+            let extra = placement.map(|p| ("placement", serde_json::Value::String(p)));
+            push(&mut client, "service", args, extra, cli.wait).await
         }
         Cmd::Status => {
             let r = client

@@ -38,6 +38,63 @@ pub struct Filter {
     pub signature: Option<ModuleSignature>,
 }
 
+/// A Wasm service: a module whose root context works on its own, with no request (Envoy's
+/// `WasmService`): ticks, shared-data aggregation, callouts on a timer. It is started with the
+/// configuration that names it, restarted when it fails, and stopped when a configuration no
+/// longer names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique among filters and services; the `plugin_name` property and the `filter` label
+    /// of its metrics.
+    pub name: String,
+    /// As a filter's `module`.
+    pub module: String,
+    #[serde(default)]
+    pub root_id: String,
+    /// As a filter's: a service and filters with the same `vm_id` share shared data and
+    /// queues (and, with the same module and `vm_config`, a VM on a worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub vm_config: serde_json::Value,
+    /// `process` (default): one instance in the proxy; `worker`: one on every worker.
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub limits: FilterLimits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<ModuleSignature>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    #[default]
+    Process,
+    Worker,
+}
+
+impl Service {
+    /// The service as the plugin it runs: what filters and services have in common is built
+    /// one way.
+    pub fn plugin(&self) -> Filter {
+        Filter {
+            name: self.name.clone(),
+            module: self.module.clone(),
+            root_id: self.root_id.clone(),
+            vm_id: self.vm_id.clone(),
+            config: self.config.clone(),
+            vm_config: self.vm_config.clone(),
+            fail: FailMode::Closed,
+            limits: self.limits.clone(),
+            signature: self.signature.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleSignature {

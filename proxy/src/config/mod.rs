@@ -43,6 +43,9 @@ pub struct Config {
     /// Wasm filters listeners may run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<Filter>,
+    /// Wasm services: modules that run on their own, with no request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
     /// How the proxy stops.
     #[serde(default)]
     pub drain: Drain,
@@ -54,6 +57,41 @@ pub struct Config {
     /// trusts that control plane's keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub module_trust: Vec<String>,
+}
+
+/// A module a configuration names, with where it is named (`filters[2]`, `services[0]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleUse<'a> {
+    pub at: &'a str,
+    pub index: usize,
+    pub name: &'a str,
+    pub module: &'a str,
+    pub signature: Option<&'a ModuleSignature>,
+}
+
+impl Config {
+    /// Every module use of the configuration: its filters', then its services'.
+    pub fn module_uses(&self) -> impl Iterator<Item = ModuleUse<'_>> {
+        let filters = self.filters.iter().enumerate().map(|(index, f)| ModuleUse {
+            at: "filters",
+            index,
+            name: &f.name,
+            module: &f.module,
+            signature: f.signature.as_ref(),
+        });
+        let services = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(index, s)| ModuleUse {
+                at: "services",
+                index,
+                name: &s.name,
+                module: &s.module,
+                signature: s.signature.as_ref(),
+            });
+        filters.chain(services)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::config::{ConfigError, FailMode, Filter};
+use crate::config::{ConfigError, FailMode, Filter, Placement, Service};
 pub use shared::SharedHost;
 use state::PluginInfo;
 use vm::{StartError, Vm, VmSpec};
@@ -85,6 +85,20 @@ impl FilterSpec {
             && self.plugin.config == other.plugin.config
             && self.plugin.fail_open == other.plugin.fail_open
             && self.plugin.body_buffer == other.plugin.body_buffer
+    }
+}
+
+/// A service ready to run: the plugin it is, and where.
+#[derive(Debug)]
+pub struct ServiceSpec {
+    pub plugin: Arc<FilterSpec>,
+    pub placement: Placement,
+}
+
+impl ServiceSpec {
+    /// Whether worker `id` runs an instance of it.
+    pub fn runs_on(&self, worker: usize) -> bool {
+        self.placement == Placement::Worker || worker == 0
     }
 }
 
@@ -162,6 +176,63 @@ pub fn build_filters(
         if let Some(spec) = build_one(f, &at, base_dir, host, previous, trusted, errors) {
             out.insert(f.name.clone(), spec);
         }
+    }
+    out
+}
+
+/// Builds every service of a configuration as [`build_filters`] builds filters; a service's
+/// name may not be a filter's too (they share the `filter` label of metrics and logs).
+#[allow(clippy::too_many_arguments)]
+pub fn build_services(
+    services: &[Service],
+    filters: &[Filter],
+    base_dir: &Path,
+    host: &Arc<SharedHost>,
+    previous: &HashMap<String, Arc<ServiceSpec>>,
+    trusted: &[signing::PublicKey],
+    errors: &mut Vec<ConfigError>,
+) -> HashMap<String, Arc<ServiceSpec>> {
+    let kept: HashMap<String, Arc<FilterSpec>> = previous
+        .iter()
+        .map(|(k, v)| (k.clone(), v.plugin.clone()))
+        .collect();
+    let mut out = HashMap::new();
+    for (i, s) in services.iter().enumerate() {
+        let at = format!("services[{i}]");
+        if s.name.is_empty() {
+            errors.push(ConfigError::new(format!("{at}.name"), "must not be empty"));
+            continue;
+        }
+        if out.contains_key(&s.name) {
+            errors.push(ConfigError::new(
+                format!("{at}.name"),
+                format!("duplicate service name {:?}", s.name),
+            ));
+            continue;
+        }
+        if filters.iter().any(|f| f.name == s.name) {
+            errors.push(ConfigError::new(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is also a filter's name: filters and services are told apart by \
+                     name in metrics and logs",
+                    s.name
+                ),
+            ));
+            continue;
+        }
+        let Some(plugin) = build_one(&s.plugin(), &at, base_dir, host, &kept, trusted, errors)
+        else {
+            continue;
+        };
+        let spec = match previous.get(&s.name) {
+            Some(p) if Arc::ptr_eq(&p.plugin, &plugin) && p.placement == s.placement => p.clone(),
+            _ => Arc::new(ServiceSpec {
+                plugin,
+                placement: s.placement,
+            }),
+        };
+        out.insert(s.name.clone(), spec);
     }
     out
 }

@@ -125,21 +125,19 @@ pub fn trusted_keys(config: &Config) -> Result<Vec<PublicKey>, Vec<(String, Stri
     }
 }
 
-/// Every filter naming a delivered module (`sha256:…`) is signed by a trusted key: checked
-/// before anything is fetched or compiled. Answers every failure, located.
+/// Every filter and service naming a delivered module (`sha256:…`) is signed by a trusted
+/// key: checked before anything is fetched or compiled. Answers every failure, located.
 pub fn check_delivered(config: &Config, trusted: &[PublicKey]) -> Vec<String> {
     if trusted.is_empty() {
         return Vec::new();
     }
     config
-        .filters
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| f.module.starts_with("sha256:"))
-        .filter_map(|(i, f)| {
-            verify(trusted, &f.name, &f.module, f.signature.as_ref())
+        .module_uses()
+        .filter(|u| u.module.starts_with("sha256:"))
+        .filter_map(|u| {
+            verify(trusted, u.name, u.module, u.signature)
                 .err()
-                .map(|e| format!("filters[{i}].signature: {e}"))
+                .map(|e| format!("{}[{}].signature: {e}", u.at, u.index))
         })
         .collect()
 }
@@ -192,5 +190,28 @@ mod tests {
             assert!(PublicKey::parse(bad).is_err(), "{bad:?}");
         }
         assert!(sign(b"not a key", "authz", &digest).is_err());
+    }
+
+    #[test]
+    fn delivered_services_are_checked_as_filters_are() {
+        let (secret, public) = generate().expect("key");
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let yaml = format!(
+            "filters:\n  - {{ name: f, module: \"{digest}\" }}\nservices:\n  - {{ name: s, module: \"{digest}\" }}\n  - {{ name: local, module: local.wasm }}\n"
+        );
+        let mut config: Config = serde_yaml_ng::from_str(&yaml).expect("parses");
+        let trusted = [public];
+        let errors = check_delivered(&config, &trusted);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("filters[0].signature: the module is not signed"));
+        assert!(errors[1].starts_with("services[0].signature: the module is not signed"));
+        config.filters[0].signature = Some(sign(&secret, "f", &digest).expect("signed"));
+        // A filter's signature does not vouch for a service of another name.
+        config.services[0].signature = config.filters[0].signature.clone();
+        let errors = check_delivered(&config, &trusted);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("services[0].signature"), "{errors:?}");
+        config.services[0].signature = Some(sign(&secret, "s", &digest).expect("signed"));
+        assert!(check_delivered(&config, &trusted).is_empty());
     }
 }

@@ -416,7 +416,15 @@ impl Vm {
             })
             .inc();
         let message = format!("{e:#}");
-        tracing::error!(filter = %filter, ?phase, kind, "filter VM failed: {message}");
+        tracing::error!(filter = %filter, ?phase, kind, "Wasm VM failed: {message}");
+        let worker = self
+            .store
+            .try_borrow()
+            .ok()
+            .and_then(|s| s.data().worker.as_ref().and_then(Weak::upgrade));
+        if let Some(w) = worker {
+            w.vm_failed();
+        }
         // Streams paused on this VM learn of it now, not when they time out.
         let streams: Vec<SharedStream> = match self.store.try_borrow() {
             Ok(store) => store

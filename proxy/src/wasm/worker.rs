@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::callout::{self, GrpcHandle, GrpcTarget, HttpCallout};
 use super::runtime::caps;
 use super::shared::{QueueReady, SharedHost};
 use super::state::IdHasher;
 use super::vm::{Failure, StartError, Vm};
-use super::{FilterSpec, VmKey};
+use super::{FilterSpec, ServiceSpec, VmKey};
 use crate::snapshot::Snapshot;
 use crate::upstream::{Cluster, Pools};
 use crate::worker::Shared;
@@ -37,7 +37,7 @@ pub enum Unavailable {
     Start(#[from] StartError),
     #[error("{0}")]
     Failed(#[from] Failure),
-    #[error("the filter's VM keeps failing; next start in {0:?}")]
+    #[error("the VM keeps failing; next start in {0:?}")]
     BackingOff(Duration),
 }
 
@@ -49,6 +49,20 @@ struct Restarts {
 
 /// A filter's spec (kept alive), its VM and its root context id, by the spec's address.
 type Instances = HashMap<usize, (Arc<FilterSpec>, Rc<Vm>, u32), BuildHasherDefault<IdHasher>>;
+
+/// A service running on this worker: its spec, VM and root context.
+struct Running {
+    spec: Arc<ServiceSpec>,
+    vm: Rc<Vm>,
+}
+
+/// Every plugin (filter or service) of a snapshot.
+fn plugins(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<FilterSpec>> {
+    snapshot
+        .filters
+        .values()
+        .chain(snapshot.services.values().map(|s| &s.plugin))
+}
 
 pub struct WasmWorker {
     pub id: usize,
@@ -68,6 +82,10 @@ pub struct WasmWorker {
     version: Cell<u64>,
     /// Callouts in flight on this worker, all VMs together.
     callouts: Rc<Cell<usize>>,
+    /// The services this worker runs, by name.
+    services: RefCell<HashMap<Arc<str>, Running>>,
+    /// Told when one of the worker's VMs fails (a service may need a restart).
+    failed: Rc<Notify>,
 }
 
 /// A callout's place among the worker's callouts in flight, given back when it is dropped
@@ -113,7 +131,10 @@ impl WasmWorker {
             me: me.clone(),
             version: Cell::new(version),
             callouts: Rc::new(Cell::new(0)),
+            services: RefCell::new(HashMap::new()),
+            failed: Rc::new(Notify::new()),
         });
+        tokio::task::spawn_local(supervise(Rc::downgrade(&w)));
         let weak = Rc::downgrade(&w);
         tokio::task::spawn_local(async move {
             while let Some(ready) = queue_rx.recv().await {
@@ -227,7 +248,7 @@ impl WasmWorker {
         let mut vms = self.vms.borrow_mut();
         let gone: Vec<VmKey> = vms
             .keys()
-            .filter(|k| !snapshot.filters.values().any(|f| &f.key == *k))
+            .filter(|k| !plugins(snapshot).any(|f| &f.key == *k))
             .cloned()
             .collect();
         for key in gone {
@@ -236,17 +257,85 @@ impl WasmWorker {
             }
         }
         for (key, vm) in vms.iter() {
-            let keep: Vec<_> = snapshot
-                .filters
-                .values()
+            let keep: Vec<_> = plugins(snapshot)
                 .filter(|f| &f.key == key)
                 .map(|f| f.plugin.clone())
                 .collect();
             vm.retire_roots_except(&keep);
         }
+        drop(vms);
         self.restarts
             .borrow_mut()
-            .retain(|k, _| snapshot.filters.values().any(|f| &f.key == k));
+            .retain(|k, _| plugins(snapshot).any(|f| &f.key == k));
+    }
+
+    /// A VM of this worker failed.
+    pub fn vm_failed(&self) {
+        self.failed.notify_one();
+    }
+
+    /// Starts the services of `snapshot` this worker runs that are not running (new, changed,
+    /// or failed), and lets go of those it no longer names. Answers when to try again, when a
+    /// service could not start.
+    fn run_services(&self, snapshot: &Snapshot) -> Option<Instant> {
+        let wanted: Vec<&Arc<ServiceSpec>> = snapshot
+            .services
+            .values()
+            .filter(|s| s.runs_on(self.id))
+            .collect();
+        let stopped: Vec<Running> = {
+            let mut running = self.services.borrow_mut();
+            let names: Vec<Arc<str>> = running
+                .iter()
+                .filter(|(_, r)| {
+                    !wanted
+                        .iter()
+                        .any(|w| Arc::ptr_eq(&w.plugin, &r.spec.plugin))
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.iter().filter_map(|n| running.remove(n)).collect()
+        };
+        for r in stopped {
+            tracing::info!(worker = self.id, service = %r.spec.plugin.name, "service stopped");
+        }
+        let mut retry: Option<Instant> = None;
+        for spec in wanted {
+            let name = &spec.plugin.name;
+            // A running instance of the same plugin carries on (a new placement, say).
+            if let Some(r) = self.services.borrow_mut().get_mut(name)
+                && !r.vm.failed()
+            {
+                r.spec = spec.clone();
+                continue;
+            }
+            let restart = self.services.borrow_mut().remove(name).is_some();
+            match self.find_or_start(&spec.plugin) {
+                Ok((vm, _root)) => {
+                    if restart {
+                        tracing::warn!(worker = self.id, service = %name, "service restarted after a failure");
+                    } else {
+                        tracing::info!(worker = self.id, service = %name, "service started");
+                    }
+                    self.services.borrow_mut().insert(
+                        name.clone(),
+                        Running {
+                            spec: spec.clone(),
+                            vm,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let at = match e {
+                        Unavailable::BackingOff(d) => Instant::now() + d,
+                        _ => Instant::now() + FIRST_BACKOFF,
+                    };
+                    tracing::warn!(worker = self.id, service = %name, error = %e, "service not running");
+                    retry = Some(retry.map_or(at, |r| r.min(at)));
+                }
+            }
+        }
+        retry
     }
 
     /// A cluster of the current configuration, for callouts.
@@ -309,5 +398,39 @@ impl WasmWorker {
         slot: CalloutSlot,
     ) -> GrpcHandle {
         callout::grpc_stream(self.pools.clone(), vm, root, token, target, slot)
+    }
+}
+
+/// Keeps a worker's services running: on each new snapshot, when one of the worker's VMs
+/// fails, and when a service that could not start may be tried again.
+async fn supervise(worker: Weak<WasmWorker>) {
+    let Some(mut published) = worker.upgrade().map(|w| w.proxy.published()) else {
+        return;
+    };
+    loop {
+        let Some(w) = worker.upgrade() else {
+            return;
+        };
+        let snapshot = w.proxy.snapshot();
+        w.refresh(&snapshot);
+        let retry = w.run_services(&snapshot);
+        drop(snapshot);
+        let failed = w.failed.clone();
+        drop(w);
+        let retry = async {
+            match retry {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = published.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = failed.notified() => {}
+            () = retry => {}
+        }
     }
 }

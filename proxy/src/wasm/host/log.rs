@@ -86,6 +86,12 @@ pub fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) ->
             if level >= LogLevel::Warn {
                 state.last_complaint = Some(msg.chars().take(500).collect());
             }
+            // The canary (a configuration's validation run) speaks at debug: a service's or
+            // filter's start-up lines are logged once, by the instance that serves.
+            if state.worker.is_none() {
+                tracing::debug!(target: "weft::wasm", %filter, canary = true, "{msg}");
+                return;
+            }
             match level {
                 LogLevel::Trace => tracing::trace!(target: "weft::wasm", %filter, "{msg}"),
                 LogLevel::Debug => tracing::debug!(target: "weft::wasm", %filter, "{msg}"),
