@@ -18,8 +18,11 @@ use weft_wire::v1::{self, control_server::Control, distribution_server::Distribu
 use crate::ca::Ca;
 use crate::link::LinkPeer;
 use crate::registry::Registry;
+
+mod rollouts;
 use crate::resources::{Kind, Resource, assemble, parse_documents};
 use crate::store::{State, Store, digest, write_atomically};
+pub use rollouts::spawn_driver as spawn_rollout_driver;
 
 /// What the control plane knows of one proxy.
 #[derive(Debug, Clone)]
@@ -203,6 +206,8 @@ pub struct ControlPlane {
         NodeLabels,
         prometheus_client::metrics::gauge::Gauge,
     >,
+    /// What proxies last reported of their filters, and where each rollout's step began.
+    rollout_figures: Mutex<rollouts::Reports>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -320,6 +325,7 @@ impl ControlPlane {
             issued,
             csr_failures,
             expiry,
+            rollout_figures: Mutex::default(),
         }))
     }
 
@@ -377,14 +383,16 @@ impl ControlPlane {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The snapshot of `version` for a proxy with `labels`.
+    /// The snapshot of `version` for proxy `node` with `labels`.
     fn snapshot_for(
         &self,
-        state: &State,
-        version: u64,
+        at: &crate::store::Version,
+        node: &str,
         labels: &BTreeMap<String, String>,
     ) -> v1::Snapshot {
-        let config = assemble(state.values(), labels);
+        let mut config = assemble(at.state.values(), labels);
+        crate::rollout::apply(&mut config, &at.rollouts, node);
+        let reporting = at.rollouts.values().any(|r| r.phase.active());
         let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         let digests: std::collections::BTreeSet<&str> = config
             .module_uses()
@@ -399,9 +407,14 @@ impl ControlPlane {
             })
             .collect();
         v1::Snapshot {
-            version,
+            version: at.number,
             config_json: serde_json::to_vec(&config).unwrap_or_default(),
             modules: refs,
+            report_interval_ms: if reporting {
+                rollouts::REPORT_INTERVAL_MS
+            } else {
+                0
+            },
         }
     }
 
@@ -475,14 +488,38 @@ impl ControlPlane {
         edit: impl FnOnce(&State) -> Result<(State, String), Status>,
     ) -> Result<v1::ChangeResponse, Status> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.lock().store.current().state.clone();
-        let (state, what) = edit(&current)?;
+        let at = self.lock().store.current().clone();
+        let (state, what) = edit(&at.state)?;
+        // A filter being rolled out changes through its rollout only.
+        for (name, r) in at.rollouts.iter().filter(|(_, r)| r.phase.active()) {
+            let key = (Kind::Filter, name.clone());
+            if state.get(&key) != at.state.get(&key) {
+                return Err(Status::failed_precondition(format!(
+                    "filter/{name} is being rolled out (step {} of {}, {}): it changes through \
+                     its rollout; abort it first (weftctl filter rollout {name} --abort)",
+                    r.step + 1,
+                    r.plan.steps.len(),
+                    r.phase.as_str()
+                )));
+            }
+        }
         self.validate(&state)
             .map_err(|e| Status::invalid_argument(e.join("\n")))?;
+        self.commit(state, (*at.rollouts).clone(), what)
+    }
+
+    /// Stores `state` and `rollouts` as a new version (unless nothing changed) and pushes it.
+    /// The caller holds `changing` and has validated `state`.
+    fn commit(
+        &self,
+        state: State,
+        rollouts: crate::rollout::Rollouts,
+        what: String,
+    ) -> Result<v1::ChangeResponse, Status> {
         let mut inner = self.lock();
         let version = inner
             .store
-            .commit(state, what)
+            .commit_with(state, rollouts, what)
             .map_err(|e| Status::internal(e.to_string()))?;
         let selected = inner.proxies.values().filter(|p| p.connected).count() as u32;
         let current = inner.store.current().number;
@@ -695,11 +732,11 @@ impl Distribution for DistributionService {
                 let current = *versions.borrow_and_update();
                 if current != sent {
                     let snapshot = {
-                        let inner = cp.lock();
-                        let state = inner.store.current().state.clone();
-                        drop(inner);
-                        cp.snapshot_for(&state, current, &labels)
+                        let at = cp.lock().store.current().clone();
+                        cp.snapshot_for(&at, &node, &labels)
                     };
+                    // The store may have moved past the version that woke us: that is sent.
+                    let current = snapshot.version;
                     let bytes = snapshot.config_json.len() as u64;
                     let digests: Vec<String> =
                         snapshot.modules.iter().map(|m| m.digest.clone()).collect();
@@ -755,6 +792,9 @@ impl Distribution for DistributionService {
                                 p.nacked = n.version;
                                 p.reason = n.reason.clone();
                             });
+                        }
+                        Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Report(r)) })) => {
+                            cp.record_figures(&node, r);
                         }
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::TrustAck(t)) })) => {
                             // A proxy cannot claim a bundle newer than exists (it would move
@@ -1002,6 +1042,34 @@ impl Control for ControlService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn start_filter_rollout(
+        &self,
+        req: Request<v1::StartFilterRolloutRequest>,
+    ) -> Result<Response<v1::FilterRolloutStatus>, Status> {
+        self.0.operator(&req)?;
+        rollouts::start(self.0.clone(), req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn change_filter_rollout(
+        &self,
+        req: Request<v1::ChangeFilterRolloutRequest>,
+    ) -> Result<Response<v1::FilterRolloutStatus>, Status> {
+        self.0.operator(&req)?;
+        rollouts::change(self.0.clone(), req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_filter_rollout(
+        &self,
+        req: Request<v1::GetFilterRolloutRequest>,
+    ) -> Result<Response<v1::FilterRolloutStatus>, Status> {
+        self.0.operator(&req)?;
+        rollouts::status(&self.0, &req.into_inner().name).map(Response::new)
     }
 
     async fn history(

@@ -1,4 +1,5 @@
-//! The embedded store: every version of the mesh's state (resources) with what changed, and
+//! The embedded store: every version of the mesh's state (resources and filter rollouts) with
+//! what changed, and
 //! the Wasm modules by digest. One JSON file (written to a temporary file, synced, renamed: a
 //! crash leaves the old file or the new one, never half of one) and a directory of modules next
 //! to it. The newest [`MAX_HISTORY`] versions are kept for rollback.
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::resources::{Kind, Resource};
+use crate::rollout::Rollouts;
 
 /// Versions kept for `history` and `rollback`.
 pub const MAX_HISTORY: usize = 100;
@@ -27,6 +29,8 @@ pub struct Version {
     /// What changed, in words (`apply cluster/ratings`, `rollback to 3`).
     pub change: String,
     pub state: Arc<State>,
+    /// Filter rollouts: running, paused, and how the last one of each filter ended.
+    pub rollouts: Arc<Rollouts>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,8 @@ struct FileVersion {
     at_ms: u64,
     change: String,
     resources: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Rollouts::is_empty")]
+    rollouts: Rollouts,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,6 +90,7 @@ impl Store {
                 at_ms: now_ms(),
                 change: "empty".into(),
                 state: Arc::new(State::new()),
+                rollouts: Arc::new(Rollouts::new()),
             }],
         };
         let Some(path) = path else {
@@ -120,6 +127,7 @@ impl Store {
                 at_ms: v.at_ms,
                 change: v.change,
                 state: Arc::new(state),
+                rollouts: Arc::new(v.rollouts),
             });
         }
         if !versions.is_empty() {
@@ -141,10 +149,21 @@ impl Store {
         self.versions.iter().find(|v| v.number == number)
     }
 
-    /// Makes `state` the new current version (unless it equals the current one) and writes the
-    /// store; on a write error nothing changes.
+    /// Makes `state` the new current version, with the current rollouts (unless it equals the
+    /// current one), and writes the store; on a write error nothing changes.
     pub fn commit(&mut self, state: State, change: String) -> Result<Option<u64>, StoreError> {
-        if state == *self.current().state {
+        let rollouts = (*self.current().rollouts).clone();
+        self.commit_with(state, rollouts, change)
+    }
+
+    /// As [`Store::commit`], with rollouts.
+    pub fn commit_with(
+        &mut self,
+        state: State,
+        rollouts: Rollouts,
+        change: String,
+    ) -> Result<Option<u64>, StoreError> {
+        if state == *self.current().state && rollouts == *self.current().rollouts {
             return Ok(None);
         }
         let number = self.current().number + 1;
@@ -153,6 +172,7 @@ impl Store {
             at_ms: now_ms(),
             change,
             state: Arc::new(state),
+            rollouts: Arc::new(rollouts),
         });
         let excess = self.versions.len().saturating_sub(MAX_HISTORY);
         let dropped: Vec<Version> = self.versions.drain(..excess).collect();
@@ -180,6 +200,7 @@ impl Store {
                     at_ms: v.at_ms,
                     change: v.change.clone(),
                     resources: v.state.values().map(Resource::to_json).collect(),
+                    rollouts: (*v.rollouts).clone(),
                 })
                 .collect(),
         };

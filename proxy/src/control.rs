@@ -213,12 +213,67 @@ async fn ensure_modules(
     Ok(modules)
 }
 
+/// What the proxy's filters did, by revision (see [`crate::wasm::figures`]).
+pub type FigureSource = Arc<dyn Fn() -> Vec<v1::FilterFigures> + Send + Sync>;
+
+/// The figures of every filter of `snapshot`.
+pub fn filter_figures(snapshot: &crate::snapshot::Snapshot) -> Vec<v1::FilterFigures> {
+    snapshot
+        .filters
+        .values()
+        .map(|f| {
+            let t = f.figures.totals();
+            v1::FilterFigures {
+                name: f.name.to_string(),
+                revision: f.revision.to_string(),
+                requests: t.requests,
+                errors: t.errors,
+                failed: t.failed,
+                skipped: t.skipped,
+                local_5xx: t.local_5xx,
+                latency: t.latency,
+            }
+        })
+        .collect()
+}
+
+/// Sends a [`v1::FilterReport`] every `every` milliseconds while it is not 0 (the control plane
+/// asks for reports while a staged rollout needs them).
+async fn report(
+    out: mpsc::Sender<v1::ProxyMessage>,
+    mut every: tokio::sync::watch::Receiver<u32>,
+    figures: FigureSource,
+) {
+    loop {
+        let ms = *every.borrow_and_update();
+        if ms == 0 {
+            if every.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(u64::from(ms.max(100)))).await;
+        if *every.borrow() == 0 {
+            continue;
+        }
+        let msg = v1::ProxyMessage {
+            kind: Some(v1::proxy_message::Kind::Report(v1::FilterReport {
+                filters: figures(),
+            })),
+        };
+        if out.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Starts the subscription task.
 pub fn spawn(
     o: ControlOptions,
     applied: u64,
     metrics: Arc<Metrics>,
     updates: mpsc::Sender<Update>,
+    figures: FigureSource,
 ) {
     let connected = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let last_update = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
@@ -239,25 +294,24 @@ pub fn spawn(
         let m = identity::IdentityMetrics::register(&metrics, id);
         identity::spawn_renewal(o.clone(), id.clone(), m, renew_now.clone());
     }
+    let ctx = SessionContext {
+        updates,
+        connected,
+        last_update,
+        renew_now,
+        figures,
+        report_every: tokio::sync::watch::Sender::new(0u32),
+    };
     tokio::spawn(async move {
         let mut applied = applied;
         let mut backoff = Duration::from_millis(100);
         loop {
-            match session(
-                &o,
-                &mut applied,
-                &updates,
-                &connected,
-                &last_update,
-                &renew_now,
-            )
-            .await
-            {
+            match session(&o, &mut applied, &ctx).await {
                 Ok(()) => tracing::info!("control plane closed the stream"),
                 Err(e) => tracing::warn!(url = %o.url, "control plane: {e}"),
             }
-            connected.set(0);
-            if updates.is_closed() {
+            ctx.connected.set(0);
+            if ctx.updates.is_closed() {
                 return;
             }
             let jitter = Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2));
@@ -267,14 +321,31 @@ pub fn spawn(
     });
 }
 
+/// What outlives one session with the control plane.
+struct SessionContext {
+    updates: mpsc::Sender<Update>,
+    connected: Gauge<i64, std::sync::atomic::AtomicI64>,
+    last_update: Gauge<i64, std::sync::atomic::AtomicI64>,
+    renew_now: Arc<tokio::sync::Notify>,
+    figures: FigureSource,
+    /// The report interval the last snapshot asked for: it holds across reconnections (a
+    /// control plane does not resend a snapshot the proxy has).
+    report_every: tokio::sync::watch::Sender<u32>,
+}
+
 async fn session(
     o: &ControlOptions,
     applied: &mut u64,
-    updates: &mpsc::Sender<Update>,
-    connected: &Gauge<i64, std::sync::atomic::AtomicI64>,
-    last_update: &Gauge<i64, std::sync::atomic::AtomicI64>,
-    renew_now: &tokio::sync::Notify,
+    ctx: &SessionContext,
 ) -> Result<(), String> {
+    let SessionContext {
+        updates,
+        connected,
+        last_update,
+        renew_now,
+        figures,
+        report_every,
+    } = ctx;
     let channel = link::connect(&o.url, &o.security()).await?;
     let mut client = Client::new(channel)
         .max_decoding_message_size(weft_wire::MAX_MESSAGE)
@@ -303,6 +374,13 @@ async fn session(
         .into_inner();
     connected.set(1);
     tracing::info!(url = %o.url, node = %o.node_id, "connected to the control plane");
+    let reporter = tokio::spawn(report(
+        out.clone(),
+        report_every.subscribe(),
+        figures.clone(),
+    ));
+    // The reporter ends with the session, however it ends.
+    let _reporter = AbortOnDrop(reporter);
     while let Some(push) = snapshots
         .message()
         .await
@@ -337,6 +415,7 @@ async fn session(
             None => continue,
         };
         let version = s.version;
+        report_every.send_replace(s.report_interval_ms);
         // Signatures are checked before a module is fetched or compiled.
         let parsed = serde_json::from_slice::<Config>(&s.config_json)
             .map_err(|e| format!("the snapshot does not parse: {e}"))
@@ -388,4 +467,13 @@ async fn session(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -576,11 +576,13 @@ impl Server {
         tls_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (updates_tx, mut updates) = tokio::sync::mpsc::channel(1);
         if let Some(c) = &self.control {
+            let shared = self.shared.clone();
             crate::control::spawn(
                 c.clone(),
                 self.remote_version(),
                 self.shared.metrics.clone(),
                 updates_tx,
+                Arc::new(move || crate::control::filter_figures(&shared.snapshot())),
             );
         }
         loop {

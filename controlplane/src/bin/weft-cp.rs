@@ -243,6 +243,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         tokio::spawn(advance_rotations(cp.clone()));
+        weft_controlplane::server::spawn_rollout_driver(cp.clone());
         let incoming = incoming(listener, link.clone());
         let max = weft_wire::MAX_MESSAGE;
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);

@@ -164,6 +164,59 @@ enum FilterCmd {
         #[arg(long)]
         fail: Option<String>,
     },
+    /// Roll a new revision of a running filter out in stages (`--module`, `--config`; the rest
+    /// of the filter as it runs), judged by what proxies report; or pause, resume or abort
+    /// the rollout under way.
+    Rollout {
+        name: String,
+        /// The new module.
+        #[arg(long, required_unless_present_any = ["pause", "resume", "abort"])]
+        module: Option<PathBuf>,
+        /// The new configuration (JSON or YAML text); default: the running one.
+        #[arg(long)]
+        config: Option<String>,
+        /// Sign the new module with this key (PREFIX.key).
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+        /// Percentages of the selected proxies per step, ending at 100.
+        #[arg(long, default_value = "5,25,100", value_delimiter = ',')]
+        steps: Vec<u32>,
+        /// How long each step runs before it is judged.
+        #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+        step_time: Duration,
+        /// Most the new revision's error rate may exceed the old one's (`1%`).
+        #[arg(long, default_value = "1%", value_parser = percentage)]
+        max_error_rate: f64,
+        /// Most the new revision's p99 time in the filter may exceed the old one's.
+        #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+        max_p99_increase: Duration,
+        /// Requests the new revision must serve in a step before it is judged.
+        #[arg(long, default_value_t = 100)]
+        min_requests: u64,
+        #[arg(long, conflicts_with_all = ["resume", "abort", "module"])]
+        pause: bool,
+        #[arg(long, conflicts_with_all = ["pause", "abort", "module"])]
+        resume: bool,
+        /// Every proxy back on the running revision.
+        #[arg(long, conflicts_with_all = ["pause", "resume", "module"])]
+        abort: bool,
+    },
+    /// Where a filter's rollout stands: its step, each cohort's figures, its decisions.
+    Status { name: String },
+}
+
+/// `1%`, `0.5 %` or `2` (percent) as a fraction.
+fn percentage(s: &str) -> Result<f64, String> {
+    let n: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a percentage (1%)"))?;
+    if !(0.0..=100.0).contains(&n) {
+        return Err(format!("{s:?}: 0% to 100%"));
+    }
+    Ok(n / 100.0)
 }
 
 #[derive(Subcommand)]
@@ -194,6 +247,104 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
+/// Uploads a module, signed first for `name` when a key is given (a bad key uploads nothing):
+/// its digest and signature.
+async fn upload(
+    client: &mut Client,
+    name: &str,
+    module: &std::path::Path,
+    sign: Option<&std::path::Path>,
+) -> anyhow::Result<(String, Option<weft_proxy::config::ModuleSignature>)> {
+    let bytes = std::fs::read(module).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
+    let signature = match sign {
+        None => None,
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
+                .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?;
+            let digest = weft_proxy::wasm::runtime::digest(&bytes);
+            Some(
+                weft_proxy::wasm::signing::sign(key.secret_pkcs8_der(), name, &digest)
+                    .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?,
+            )
+        }
+    };
+    let up = client
+        .upload_module(request(v1::UploadModuleRequest { module: bytes }))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("module {} ({} bytes) uploaded", up.digest, up.size);
+    Ok((up.digest, signature))
+}
+
+/// Prints where a filter's rollout stands.
+fn print_rollout(st: &v1::FilterRolloutStatus) {
+    let steps: Vec<String> = st.steps.iter().map(|s| format!("{s}%")).collect();
+    println!(
+        "filter/{} rollout: {}, step {} of {} ({}), {} of {} proxies on the new revision",
+        st.name,
+        st.phase,
+        st.step,
+        st.steps.len(),
+        steps.join(" → "),
+        st.canaries,
+        st.selected
+    );
+    println!(
+        "revision {} → {}; step time {} s ({} s in); limits: error rate +{:.2} %, p99 +{:.3} ms, at least {} requests",
+        st.from_revision,
+        st.to_revision,
+        st.step_time_ms / 1000,
+        st.step_elapsed_ms / 1000,
+        st.max_error_rate * 100.0,
+        st.max_p99_increase_us as f64 / 1000.0,
+        st.min_requests
+    );
+    println!(
+        "{:<6} {:<14} {:>7} {:>10} {:>8} {:>11} {:>7} {:>8} {:>10} {:>10}",
+        "cohort",
+        "revision",
+        "proxies",
+        "requests",
+        "errors",
+        "error rate",
+        "failed",
+        "local5xx",
+        "p50",
+        "p99"
+    );
+    for c in &st.cohorts {
+        let rate = if c.requests == 0 {
+            0.0
+        } else {
+            c.errors as f64 * 100.0 / c.requests as f64
+        };
+        println!(
+            "{:<6} {:<14} {:>7} {:>10} {:>8} {:>10.2}% {:>7} {:>8} {:>8.3}ms {:>8.3}ms",
+            c.cohort,
+            c.revision,
+            c.proxies,
+            c.requests,
+            c.errors,
+            rate,
+            c.failed,
+            c.local_5xx,
+            c.p50_us / 1000.0,
+            c.p99_us / 1000.0
+        );
+    }
+    for d in &st.decisions {
+        println!("{}  {}", when_ms(d.at_ms), d.text);
+    }
+}
+
+fn when_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
+}
+
 /// Uploads a module (signed first, when asked: a bad key changes nothing) and applies the
 /// filter or service (`kind`) that runs it.
 async fn push(
@@ -210,20 +361,6 @@ async fn push(
         select,
         sign,
     } = args;
-    let bytes = std::fs::read(&module).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
-    let signature = match &sign {
-        None => None,
-        Some(path) => {
-            use rustls::pki_types::pem::PemObject;
-            let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
-                .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?;
-            let digest = weft_proxy::wasm::runtime::digest(&bytes);
-            Some(
-                weft_proxy::wasm::signing::sign(key.secret_pkcs8_der(), &name, &digest)
-                    .map_err(|e| anyhow::anyhow!("--sign {}: {e}", path.display()))?,
-            )
-        }
-    };
     let config: serde_json::Value = match config {
         None => serde_json::Value::Null,
         Some(text) => {
@@ -231,13 +368,8 @@ async fn push(
         }
     };
     let selector = labels(&select)?;
-    let up = client
-        .upload_module(request(v1::UploadModuleRequest { module: bytes }))
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    println!("module {} ({} bytes) uploaded", up.digest, up.size);
-    let mut spec = serde_json::json!({ "name": name, "module": up.digest });
+    let (digest, signature) = upload(client, &name, &module, sign.as_deref()).await?;
+    let mut spec = serde_json::json!({ "name": name, "module": digest });
     if !config.is_null() {
         spec["config"] = config;
     }
@@ -438,6 +570,104 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => {
             let extra = fail.map(|f| ("fail", serde_json::Value::String(f)));
             push(&mut client, "filter", args, extra, cli.wait).await
+        }
+        Cmd::Filter {
+            command: FilterCmd::Status { name },
+        } => {
+            let st = client
+                .get_filter_rollout(request(v1::GetFilterRolloutRequest { name }))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_rollout(&st);
+            Ok(true)
+        }
+        Cmd::Filter {
+            command:
+                FilterCmd::Rollout {
+                    name,
+                    pause,
+                    resume,
+                    abort,
+                    ..
+                },
+        } if pause || resume || abort => {
+            let action = if pause {
+                "pause"
+            } else if resume {
+                "resume"
+            } else {
+                "abort"
+            };
+            let st = client
+                .change_filter_rollout(request(v1::ChangeFilterRolloutRequest {
+                    name,
+                    action: action.into(),
+                }))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_rollout(&st);
+            Ok(true)
+        }
+        Cmd::Filter {
+            command:
+                FilterCmd::Rollout {
+                    name,
+                    module,
+                    config,
+                    sign,
+                    steps,
+                    step_time,
+                    max_error_rate,
+                    max_p99_increase,
+                    min_requests,
+                    ..
+                },
+        } => {
+            let module = module.ok_or_else(|| anyhow::anyhow!("--module is required"))?;
+            let running = client
+                .get(request(v1::GetRequest {
+                    kind: "filter".into(),
+                    name: name.clone(),
+                }))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let doc: serde_json::Value = serde_yaml_ng::from_str(&running.yaml)
+                .map_err(|e| anyhow::anyhow!("filter/{name}: {e}"))?;
+            let mut spec = match doc.get("spec") {
+                Some(s) if s.is_object() => s.clone(),
+                _ => anyhow::bail!("no filter/{name}: a rollout changes a filter that runs"),
+            };
+            let (digest, signature) = upload(&mut client, &name, &module, sign.as_deref()).await?;
+            spec["module"] = serde_json::Value::String(digest);
+            if let Some(text) = config {
+                spec["config"] =
+                    serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("--config: {e}"))?;
+            }
+            match signature {
+                Some(sig) => spec["signature"] = serde_json::to_value(sig)?,
+                None => {
+                    if let Some(o) = spec.as_object_mut() {
+                        o.remove("signature");
+                    }
+                }
+            }
+            let st = client
+                .start_filter_rollout(request(v1::StartFilterRolloutRequest {
+                    filter_json: serde_json::to_vec(&spec)?,
+                    steps,
+                    step_time_ms: step_time.as_millis() as u64,
+                    max_error_rate,
+                    max_p99_increase_us: max_p99_increase.as_micros() as u64,
+                    min_requests,
+                }))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_rollout(&st);
+            Ok(true)
         }
         Cmd::Service {
             command:

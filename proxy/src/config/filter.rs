@@ -38,6 +38,18 @@ pub struct Filter {
     pub signature: Option<ModuleSignature>,
 }
 
+impl Filter {
+    /// What names this exact filter (module, configuration, limits, everything): the first 12
+    /// hex digits of the SHA-256 of its JSON. The proxy reports figures by revision and the
+    /// control plane compares a rollout's old and new revision with them.
+    pub fn revision(&self) -> String {
+        use sha2::Digest;
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let hash = sha2::Sha256::digest(&json);
+        hash.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// A Wasm service: a module whose root context works on its own, with no request (Envoy's
 /// `WasmService`): ticks, shared-data aggregation, callouts on a timer. It is started with the
 /// configuration that names it, restarted when it fails, and stopped when a configuration no

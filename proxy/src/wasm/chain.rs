@@ -109,6 +109,8 @@ struct Slot {
     run: Run,
     /// Time spent inside the VM for this stream.
     time: Duration,
+    /// The filter answered the stream itself with a 5xx.
+    local_5xx: bool,
 }
 
 /// Most filters on one listener (a chain's per-filter flags are bits of a `u64`).
@@ -280,6 +282,7 @@ impl Chain {
                 spec: spec.clone(),
                 run: Run::Idle,
                 time: Duration::ZERO,
+                local_5xx: false,
             })
             .collect();
         Rc::new(Chain {
@@ -598,6 +601,7 @@ impl ChainState {
                         tracing::warn!(filter = %self.slots[i].spec.name, "a local response after the response started: the stream is reset");
                         self.record(d, Stop::Reset);
                     } else {
+                        self.slots[i].local_5xx = lr.status >= 500;
                         self.local = Some((i, lr));
                         self.record(d, Stop::Local { filter: i, dir: d });
                     }
@@ -940,6 +944,14 @@ impl ChainState {
             }
             if !matches!(slot.run, Run::Idle) {
                 slot.spec.call_time.observe(slot.time.as_secs_f64());
+                slot.spec.figures.record(
+                    slot.time,
+                    super::figures::Outcome {
+                        failed: matches!(slot.run, Run::Failed | Run::Skipped),
+                        skipped: matches!(slot.run, Run::Skipped),
+                        local_5xx: slot.local_5xx,
+                    },
+                );
             }
         }
     }

@@ -16,10 +16,12 @@
 //! | [`shared`] | what VMs share across workers (data, queues, metrics) |
 //! | [`worker`] | a worker's VMs, callouts, timers and queues |
 //! | [`chain`] | one request through a listener's filters |
+//! | [`figures`] | what each filter revision did, for staged rollouts |
 //! | [`callout`] | HTTP and gRPC callouts |
 
 pub mod callout;
 pub mod chain;
+pub mod figures;
 pub mod host;
 pub mod module;
 pub mod runtime;
@@ -70,6 +72,10 @@ pub struct FilterSpec {
     pub wants: Wants,
     /// `weft_wasm_call_duration_seconds` of this filter.
     pub call_time: prometheus_client::metrics::histogram::Histogram,
+    /// [`Filter::revision`] of its configuration.
+    pub revision: Arc<str>,
+    /// What this revision did since it was built (kept across reloads that keep the spec).
+    pub figures: figures::Figures,
 }
 
 impl FilterSpec {
@@ -79,7 +85,8 @@ impl FilterSpec {
 
     /// Same VM and same plugin: a reload can keep it as it is.
     fn same_as(&self, other: &FilterSpec) -> bool {
-        self.key == other.key
+        self.revision == other.revision
+            && self.key == other.key
             && self.plugin.name == other.plugin.name
             && self.plugin.root_id == other.plugin.root_id
             && self.plugin.config == other.plugin.config
@@ -407,6 +414,8 @@ fn build_one(
                 filter: f.name.clone(),
             })
             .clone(),
+        revision: Arc::from(f.revision()),
+        figures: figures::Figures::default(),
     };
     if let Some(prev) = previous.get(&f.name)
         && prev.same_as(&spec)
