@@ -8,6 +8,7 @@
 #
 #   bench/wasm.sh                 # defaults: 3 rounds × 10 s, 64 connections
 #   ROUNDS=5 DURATION=20 bench/wasm.sh
+#   BEFORE=/path/to/old/weft bench/wasm.sh   # the same listeners on an older build, same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,20 +29,21 @@ cargo build --release -q -p weft-proxy
 WEFT=target/release/weft
 FILTERS=$PWD/tests/filters/target/wasm32-wasip1/release
 
+BEFORE=${BEFORE:-}
 BACKEND=$((BASE_PORT + 0))
-NONE=$((BASE_PORT + 1))
-NOOP=$((BASE_PORT + 2))
-ADD=$((BASE_PORT + 3))
-CHAIN=$((BASE_PORT + 4))
-ADMIN=$((BASE_PORT + 5))
+TARGETS=(none noop add-header chain-4)
 
-cat >"$work/weft.yaml" <<EOC
-admin: { address: "127.0.0.1:$ADMIN" }
+# The configuration of a weft whose listeners are on ports base+1.. (in TARGETS order) and
+# whose admin listener is on base+5.
+write_config() {
+  local b=$2
+  cat >"$1" <<EOC
+admin: { address: "127.0.0.1:$((b + 5))" }
 listeners:
-  - { name: none, address: "127.0.0.1:$NONE", routes: main }
-  - { name: noop, address: "127.0.0.1:$NOOP", routes: main, filters: [noop] }
-  - { name: add-header, address: "127.0.0.1:$ADD", routes: main, filters: [add-1] }
-  - { name: chain-4, address: "127.0.0.1:$CHAIN", routes: main, filters: [add-1, add-2, add-3, add-4] }
+  - { name: none, address: "127.0.0.1:$((b + 1))", routes: main }
+  - { name: noop, address: "127.0.0.1:$((b + 2))", routes: main, filters: [noop] }
+  - { name: add-header, address: "127.0.0.1:$((b + 3))", routes: main, filters: [add-1] }
+  - { name: chain-4, address: "127.0.0.1:$((b + 4))", routes: main, filters: [add-1, add-2, add-3, add-4] }
 routes:
   main:
     - to: [{ cluster: backend }]
@@ -54,23 +56,39 @@ filters:
   - { name: add-3, module: "$FILTERS/add_header.wasm", config: "x-wasm-3: 3" }
   - { name: add-4, module: "$FILTERS/add_header.wasm", config: "x-wasm-4: 4" }
 EOC
+}
+
+# Starts `$1` on the configuration for ports base `$2`; sets STARTED_PID.
+start_weft() {
+  write_config "$work/weft-$2.yaml" "$2"
+  taskset -c "$PROXY_CPU" "$1" run --config "$work/weft-$2.yaml" --workers 1 2>"$work/weft-$2.log" & pids+=($!)
+  STARTED_PID=$!
+  for i in 1 2 3 4; do wait_port $(($2 + i)); done
+  curl -s -o /dev/null -D - "http://127.0.0.1:$(($2 + 4))/" | grep -c '^x-wasm-' | grep -qx 4 || { echo "$1: the chain does not add its 4 headers" >&2; exit 1; }
+}
 
 start_backend "$BACKEND"
-taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
-WEFT_PID=$!
-for p in $BACKEND $NONE $NOOP $ADD $CHAIN; do wait_port "$p"; done
+wait_port "$BACKEND"
+start_weft "$WEFT" "$BASE_PORT"
+WEFT_PID=$STARTED_PID
+if [ -n "$BEFORE" ]; then
+  start_weft "$BEFORE" $((BASE_PORT + 10))
+  BEFORE_PID=$STARTED_PID
+fi
 sleep 0.5
 BACKEND_WORKER=$(backend_worker)
-curl -s -o /dev/null -D - "http://127.0.0.1:$CHAIN/" | grep -c '^x-wasm-' | grep -qx 4 || { echo "the chain does not add its 4 headers" >&2; exit 1; }
 
 declare -A R
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS..." >&2
   R[direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER" "$CONNS")"$'\n'
-  R[none]+="$(run_wrk "http://127.0.0.1:$NONE/" "$WEFT_PID" "$CONNS")"$'\n'
-  R[noop]+="$(run_wrk "http://127.0.0.1:$NOOP/" "$WEFT_PID" "$CONNS")"$'\n'
-  R[add-header]+="$(run_wrk "http://127.0.0.1:$ADD/" "$WEFT_PID" "$CONNS")"$'\n'
-  R[chain-4]+="$(run_wrk "http://127.0.0.1:$CHAIN/" "$WEFT_PID" "$CONNS")"$'\n'
+  for i in "${!TARGETS[@]}"; do
+    t=${TARGETS[$i]}
+    R[$t]+="$(run_wrk "http://127.0.0.1:$((BASE_PORT + i + 1))/" "$WEFT_PID" "$CONNS")"$'\n'
+    if [ -n "$BEFORE" ]; then
+      R[before-$t]+="$(run_wrk "http://127.0.0.1:$((BASE_PORT + 10 + i + 1))/" "$BEFORE_PID" "$CONNS")"$'\n'
+    fi
+  done
 done
 
 printf '\nWasm filter benchmark: %s rounds, medians. weft: 1 worker on CPU %s; wrk + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
@@ -85,6 +103,18 @@ for k in direct none noop add-header chain-4; do
     printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
   fi
 done
+if [ -n "$BEFORE" ]; then
+  before_rps=$(col before-none 1); before_cpu=$(col before-none 4)
+  for t in "${TARGETS[@]}"; do
+    k=before-$t
+    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$(col "$k" 4)" "$(ratio "$(col "$k" 1)" "$before_rps" 3)" "$(delta "$(col "$k" 4)" "$before_cpu")"
+  done
+  echo
+  echo "after/before ($BEFORE), same run:"
+  for t in "${TARGETS[@]}"; do
+    echo "  $t: throughput $(ratio "$(col "$t" 1)" "$(col "before-$t" 1)" 3), CPU µs/request $(delta "$(col "$t" 4)" "$(col "before-$t" 4)")"
+  done
+fi
 echo
 echo "one headers-only filter (add-header): throughput $(ratio "$(col add-header 1)" "$base_rps" 3) of weft without filters (target >= 0.90), CPU $(delta "$(col add-header 4)" "$base_cpu") µs/request (target <= +3)"
 echo "(direct: the backend alone; its CPU column is the backend's.)"
