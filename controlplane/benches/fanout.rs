@@ -93,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                     proxy_version: "bench".into(),
                     applied_version: 0,
                     bundle_generation: 0,
+                    applied_digest: String::new(),
                 })),
             })
             .await?;

@@ -452,6 +452,8 @@ impl ControlPlane {
                 wasm: &wasm,
                 base_dir: std::path::Path::new("/nonexistent"),
                 identity: self.placeholder.as_ref(),
+                // Names only the proxies can resolve are valid.
+                names: weft_proxy::upstream::Names::CheckOnly,
             };
             if let Err(e) = weft_proxy::snapshot::Snapshot::build(config, 1, None, env) {
                 let who = if labels.is_empty() {
@@ -717,8 +719,17 @@ impl Distribution for DistributionService {
         let mut removals = cp.removals.subscribe();
         let registered = registered_node(&cp, &node);
         let tls = cp.security.tls;
+        // A proxy that serves the current version, but not what it would be sent now (it
+        // restarted with other labels), gets the version again.
+        let stale = !hello.applied_digest.is_empty() && {
+            let at = cp.lock().store.current().clone();
+            at.number == hello.applied_version
+                && weft_proxy::control::config_digest(
+                    &cp.snapshot_for(&at, &node, &labels).config_json,
+                ) != hello.applied_digest
+        };
         tokio::spawn(async move {
-            let mut sent = hello.applied_version;
+            let mut sent = if stale { 0 } else { hello.applied_version };
             let mut sent_trust = hello.bundle_generation;
             loop {
                 let generation = *trust.borrow_and_update();

@@ -66,6 +66,8 @@ impl ControlOptions {
 pub struct Update {
     pub version: u64,
     pub config: Config,
+    /// [`config_digest`] of the configuration as sent.
+    pub digest: String,
     pub answer: oneshot::Sender<Result<(), String>>,
     /// The modules the snapshot names, held until it is applied (or refused): nothing evicts
     /// them meanwhile.
@@ -76,6 +78,11 @@ pub struct Update {
 struct Saved {
     version: u64,
     config: Config,
+    /// SHA-256 (hex) of the snapshot's configuration as the control plane sent it: told in
+    /// the hello, so a control plane that would now send something else (the proxy's labels
+    /// changed) sends it although the version is the same.
+    #[serde(default)]
+    digest: String,
 }
 
 fn snapshot_file(o: &ControlOptions) -> PathBuf {
@@ -107,11 +114,25 @@ pub fn last_good(o: &ControlOptions) -> Option<(u64, Config)> {
     Some((saved.version, saved.config))
 }
 
+/// The version and configuration digest of the saved snapshot.
+fn saved_digest(o: &ControlOptions) -> Option<(u64, String)> {
+    let bytes = std::fs::read(snapshot_file(o)).ok()?;
+    let saved: Saved = serde_json::from_slice(&bytes).ok()?;
+    Some((saved.version, saved.digest))
+}
+
+/// SHA-256 (hex) of a snapshot's configuration bytes.
+pub fn config_digest(config_json: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(config_json))
+}
+
 /// Writes the snapshot that was just applied.
-pub fn save_last_good(o: &ControlOptions, version: u64, config: &Config) {
+pub fn save_last_good(o: &ControlOptions, version: u64, config: &Config, digest: &str) {
     let saved = Saved {
         version,
         config: config.clone(),
+        digest: digest.to_owned(),
     };
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&o.state_dir)?;
@@ -339,12 +360,11 @@ async fn session(
     ctx: &SessionContext,
 ) -> Result<(), String> {
     let SessionContext {
-        updates,
         connected,
-        last_update,
         renew_now,
         figures,
         report_every,
+        ..
     } = ctx;
     let channel = link::connect(&o.url, &o.security()).await?;
     let mut client = Client::new(channel)
@@ -361,6 +381,10 @@ async fn session(
                 .identity
                 .as_ref()
                 .map_or(0, |i| i.current().bundle.generation),
+            applied_digest: saved_digest(o)
+                .filter(|(v, _)| v == applied)
+                .map(|(_, d)| d)
+                .unwrap_or_default(),
         })),
     };
     out.send(hello).await.map_err(|e| e.to_string())?;
@@ -381,11 +405,23 @@ async fn session(
     ));
     // The reporter ends with the session, however it ends.
     let _reporter = AbortOnDrop(reporter);
-    while let Some(push) = snapshots
-        .message()
-        .await
-        .map_err(|e| e.message().to_owned())?
-    {
+    // A snapshot whose modules could not be fetched is tried again, spaced out, until it
+    // applies or a newer one comes.
+    let mut retry: Option<(v1::Snapshot, Duration, tokio::time::Instant)> = None;
+    loop {
+        let due = retry.as_ref().map(|r| r.2);
+        let push = tokio::select! {
+            m = snapshots.message() => match m.map_err(|e| e.message().to_owned())? {
+                Some(p) => p,
+                None => break,
+            },
+            () = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
+                let Some((s, backoff, _)) = retry.take() else { continue };
+                tracing::info!(version = s.version, "trying the snapshot again");
+                retry = apply_snapshot(o, &mut client, ctx, &out, applied, s, backoff).await?;
+                continue;
+            }
+        };
         let s = match push.kind {
             Some(v1::push::Kind::Snapshot(s)) => s,
             Some(v1::push::Kind::Trust(t)) => {
@@ -414,59 +450,98 @@ async fn session(
             }
             None => continue,
         };
-        let version = s.version;
         report_every.send_replace(s.report_interval_ms);
-        // Signatures are checked before a module is fetched or compiled.
-        let parsed = serde_json::from_slice::<Config>(&s.config_json)
-            .map_err(|e| format!("the snapshot does not parse: {e}"))
-            .and_then(|config| {
-                let errors = crate::wasm::signing::check_delivered(&config, &o.trusted_keys());
-                if errors.is_empty() {
-                    Ok(config)
-                } else {
-                    Err(errors.join("\n"))
-                }
-            });
-        let fetched = match parsed {
-            Ok(config) => ensure_modules(o, &mut client, &s.modules)
-                .await
-                .map(|modules| (config, modules)),
-            Err(e) => Err(e),
-        };
-        let result = match fetched {
-            Err(e) => Err(e),
-            Ok((config, modules)) => {
-                let (answer, rx) = oneshot::channel();
-                updates
-                    .send(Update {
-                        version,
-                        config,
-                        answer,
-                        modules,
-                    })
-                    .await
-                    .map_err(|_| "the proxy is stopping".to_owned())?;
-                rx.await
-                    .unwrap_or_else(|_| Err("the proxy is stopping".into()))
-            }
-        };
-        let kind = match result {
-            Ok(()) => {
-                *applied = version;
-                last_update.set(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64),
-                );
-                v1::proxy_message::Kind::Ack(v1::Ack { version })
-            }
-            Err(reason) => v1::proxy_message::Kind::Nack(v1::Nack { version, reason }),
-        };
-        out.send(v1::ProxyMessage { kind: Some(kind) })
-            .await
-            .map_err(|e| e.to_string())?;
+        retry = apply_snapshot(o, &mut client, ctx, &out, applied, s, FIRST_RETRY).await?;
     }
     Ok(())
+}
+
+/// The first wait before a snapshot whose modules could not be fetched is tried again; it
+/// doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Checks, fetches and applies one snapshot, and answers ACK or NACK. A snapshot that failed
+/// for a reason that may pass (a module fetch) comes back to be tried again after `backoff`.
+async fn apply_snapshot(
+    o: &ControlOptions,
+    client: &mut Client,
+    ctx: &SessionContext,
+    out: &mpsc::Sender<v1::ProxyMessage>,
+    applied: &mut u64,
+    s: v1::Snapshot,
+    backoff: Duration,
+) -> Result<Option<(v1::Snapshot, Duration, tokio::time::Instant)>, String> {
+    let SessionContext {
+        updates,
+        last_update,
+        ..
+    } = ctx;
+    let version = s.version;
+    let digest = config_digest(&s.config_json);
+    // Signatures are checked before a module is fetched or compiled.
+    let parsed = serde_json::from_slice::<Config>(&s.config_json)
+        .map_err(|e| format!("the snapshot does not parse: {e}"))
+        .and_then(|config| {
+            let errors = crate::wasm::signing::check_delivered(&config, &o.trusted_keys());
+            if errors.is_empty() {
+                Ok(config)
+            } else {
+                Err(errors.join("\n"))
+            }
+        });
+    let mut transient = false;
+    let fetched = match parsed {
+        Ok(config) => ensure_modules(o, client, &s.modules)
+            .await
+            .map(|modules| (config, modules))
+            .inspect_err(|_| transient = true),
+        Err(e) => Err(e),
+    };
+    let result = match fetched {
+        Err(e) => Err(e),
+        Ok((config, modules)) => {
+            let (answer, rx) = oneshot::channel();
+            updates
+                .send(Update {
+                    version,
+                    config,
+                    digest: digest.clone(),
+                    answer,
+                    modules,
+                })
+                .await
+                .map_err(|_| "the proxy is stopping".to_owned())?;
+            rx.await
+                .unwrap_or_else(|_| Err("the proxy is stopping".into()))
+        }
+    };
+    let kind = match result {
+        Ok(()) => {
+            *applied = version;
+            last_update.set(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
+            );
+            v1::proxy_message::Kind::Ack(v1::Ack { version })
+        }
+        Err(reason) => v1::proxy_message::Kind::Nack(v1::Nack { version, reason }),
+    };
+    let nacked = matches!(kind, v1::proxy_message::Kind::Nack(_));
+    out.send(v1::ProxyMessage { kind: Some(kind) })
+        .await
+        .map_err(|e| e.to_string())?;
+    if nacked && transient {
+        let wait = backoff.min(MAX_RETRY);
+        tracing::warn!(version, retry_in = ?wait, "the snapshot's modules could not be fetched: trying again");
+        return Ok(Some((
+            s,
+            (wait * 2).min(MAX_RETRY),
+            tokio::time::Instant::now() + wait,
+        )));
+    }
+    Ok(None)
 }
 
 /// Aborts a task when dropped.

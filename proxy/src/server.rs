@@ -109,6 +109,7 @@ fn env<'a>(
         wasm,
         base_dir: path.parent().unwrap_or(Path::new(".")),
         identity,
+        names: crate::upstream::Names::Resolve,
     }
 }
 
@@ -424,14 +425,19 @@ impl Server {
 
     /// Applies the control plane's snapshot `version` (with the bootstrap's static parts), as a
     /// reload does; on success it is saved as the last good one.
-    pub fn apply_remote(&mut self, version: u64, config: Config) -> Result<u64, ConfigErrors> {
+    pub fn apply_remote(
+        &mut self,
+        version: u64,
+        config: Config,
+        digest: &str,
+    ) -> Result<u64, ConfigErrors> {
         let metrics = self.shared.metrics.clone();
         let merged = merge(&self.bootstrap, Some(&config));
         let result = self.apply(merged, &metrics);
         count_reload(&metrics, result.is_ok());
         if result.is_ok() {
             if let Some(c) = &self.control {
-                crate::control::save_last_good(c, version, &config);
+                crate::control::save_last_good(c, version, &config, digest);
             }
             self.remote = Some((version, config));
         }
@@ -589,9 +595,9 @@ impl Server {
             tokio::select! {
                 _ = tls_poll.tick() => self.shared.snapshot().refresh_tls(false),
                 Some(update) = updates.recv() => {
-                    let crate::control::Update { version, config, answer, modules } = update;
+                    let crate::control::Update { version, config, digest, answer, modules } = update;
                     let result = self
-                        .apply_remote(version, config)
+                        .apply_remote(version, config, &digest)
                         .map(|_| ())
                         .map_err(|e| e.to_string());
                     // Applied (its filters hold them now) or refused: evictable from here on.

@@ -46,6 +46,8 @@ pub struct BuildEnv<'a> {
     pub base_dir: &'a std::path::Path,
     /// The proxy's mesh identity (`tls: mesh`), when it has one.
     pub identity: Option<&'a Arc<crate::identity::Identity>>,
+    /// Whether endpoint host names are looked up or only checked.
+    pub names: crate::upstream::Names,
 }
 
 /// One listener's runtime: its settings, route table and pre-resolved metric handles.
@@ -219,6 +221,7 @@ impl Snapshot {
                 prev.map(|a| &**a),
                 tls,
                 metrics,
+                env.names,
                 &mut errors,
             ));
             if by_name.insert(c.name.clone(), cluster.clone()).is_some() {
@@ -516,6 +519,7 @@ mod tests {
             wasm: &wasm,
             base_dir: std::path::Path::new("."),
             identity,
+            names: crate::upstream::Names::Resolve,
         };
         Snapshot::build(config, 1, None, env)
     }

@@ -462,3 +462,110 @@ fn services_are_pushed_started_and_removed() {
             == 2
     });
 }
+
+/// weft-cp validates endpoint names by their form only (names only the proxies can resolve
+/// are valid); a proxy restarted with other labels gets the configuration of its labels now,
+/// not the one it saved, although the version is the same.
+#[test]
+fn names_stay_unresolved_at_weft_cp_and_a_relabelled_proxy_gets_its_labels_config() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cp = Cp::start(&dir.path().join("store.json"), "127.0.0.1:0");
+    let names = write(
+        dir.path(),
+        "names.yaml",
+        "kind: cluster\nspec: { name: db, endpoints: [\"db.mesh.invalid:5432\"] }\n",
+    );
+    let out = cp.ctl(&["apply", "-f", &names]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "kind: cluster\nspec: { name: db2, endpoints: [\"db.mesh.invalid:0\"] }\n",
+    );
+    let out = cp.ctl(&["apply", "-f", &bad]);
+    assert!(!out.status.success(), "a bad port is still refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("port"));
+    cp.ctl(&["delete", "cluster", "db"]);
+
+    let listeners = write(
+        dir.path(),
+        "listeners.yaml",
+        r#"
+kind: listener
+selector: { app: web }
+spec: { name: web, address: "127.0.0.1:0", routes: main }
+---
+kind: listener
+selector: { app: api }
+spec: { name: api, address: "127.0.0.1:0", routes: main }
+---
+kind: routes
+spec: { name: main, routes: [ { direct_response: { status: 200, body: "ok" } } ] }
+"#,
+    );
+    let mut p = proxy(&cp, "p1", &["app=web"], dir.path());
+    let out = cp.ctl(&["apply", "-f", &listeners]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    eventually(Duration::from_secs(20), "web", || {
+        p.refresh_listeners();
+        p.listener("web").is_some()
+    });
+    drop(p);
+    let mut p = proxy(&cp, "p1", &["app=api"], dir.path());
+    eventually(Duration::from_secs(20), "api instead of web", || {
+        p.refresh_listeners();
+        p.listener("api").is_some() && p.listener("web").is_none()
+    });
+}
+
+/// A snapshot whose module cannot be fetched (weft-cp lost it) is NACKed and tried again,
+/// spaced out: once the module is back, the proxy applies the same version, no new one needed.
+#[test]
+fn a_snapshot_whose_module_cannot_be_fetched_is_tried_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = dir.path().join("store.json");
+    let cp = Cp::start(&store, "127.0.0.1:0");
+    let module = weft_testkit::filters::path("add_header");
+    let push = [
+        "filter", "push", "m", "--module", &module, "--config", "'x-m: 1'",
+    ];
+    let out = cp.ctl(&push);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let listener = write(
+        dir.path(),
+        "listener.yaml",
+        r#"
+kind: listener
+spec: { name: main, address: "127.0.0.1:0", routes: main, filters: [m] }
+---
+kind: routes
+spec: { name: main, routes: [ { direct_response: { status: 200, body: "ok" } } ] }
+"#,
+    );
+    let out = cp.ctl(&["apply", "-f", &listener]);
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    // weft-cp loses the module.
+    let addr = cp.addr.to_string();
+    drop(cp);
+    let modules = dir.path().join("store.json.modules");
+    for f in std::fs::read_dir(&modules).expect("modules dir").flatten() {
+        std::fs::remove_file(f.path()).expect("remove");
+    }
+    let cp = Cp::start(&store, &addr);
+    let mut p = proxy(&cp, "p1", &[], dir.path());
+    eventually(Duration::from_secs(20), "a NACK", || {
+        stdout(&cp.ctl(&["status"])).contains("cannot")
+            || stdout(&cp.ctl(&["status"])).contains("module")
+    });
+    assert!(p.listener("main").is_none());
+
+    // Back: the same push changes nothing in the state, and the proxy catches up by itself.
+    let out = cp.ctl(&push);
+    assert!(stdout(&out).contains("unchanged"), "{}", stdout(&out));
+    eventually(Duration::from_secs(30), "applied on a retry", || {
+        p.refresh_listeners();
+        p.listener("main").is_some()
+    });
+    assert!(p.log_contains("trying the snapshot again"));
+}

@@ -269,14 +269,15 @@ impl Cluster {
         }
     }
 
-    /// Builds `clusters[index]`, resolving host names, and keeping the endpoints (and their
-    /// state) that `previous` had at the same address.
+    /// Builds `clusters[index]`, resolving host names (or only checking them, `names`), and
+    /// keeping the endpoints (and their state) that `previous` had at the same address.
     pub fn build(
         index: usize,
         c: &config::Cluster,
         previous: Option<&Cluster>,
         tls: Option<Arc<crate::tls::client::TlsClient>>,
         metrics: &Metrics,
+        names: Names,
         errors: &mut Vec<ConfigError>,
     ) -> Cluster {
         let at = format!("clusters[{index}]");
@@ -368,7 +369,15 @@ impl Cluster {
                 ));
                 continue;
             }
-            match resolve(e.address()) {
+            let found = match names {
+                Names::Resolve => resolve(e.address()),
+                // A name only the proxies can resolve is valid: checked, not looked up.
+                Names::CheckOnly => parse_endpoint(e.address()).map(|t| match t {
+                    Target::Address(a) => (vec![a], None),
+                    Target::Name(..) => (Vec::new(), Some(e.address().to_owned())),
+                }),
+            };
+            match found {
                 Ok((addrs, hostname)) => {
                     for address in addrs {
                         if specs.iter().any(|s| s.address == address) {
@@ -428,7 +437,15 @@ impl Cluster {
         }))
         .expect("cluster config");
         let mut errors = Vec::new();
-        Cluster::build(0, &c, None, None, &Metrics::new(), &mut errors)
+        Cluster::build(
+            0,
+            &c,
+            None,
+            None,
+            &Metrics::new(),
+            Names::Resolve,
+            &mut errors,
+        )
     }
 }
 
@@ -490,14 +507,29 @@ impl HashSource {
     }
 }
 
-/// Resolves `host:port`. A literal address is taken as is; a name is looked up, and its IPv4
-/// addresses are used when it has any (IPv6 otherwise), as Envoy's `V4_PREFERRED` does.
-pub fn resolve(text: &str) -> Result<(Vec<SocketAddr>, Option<String>), String> {
+/// What building a cluster does with endpoint host names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// Looks them up (a proxy, `weft validate`).
+    Resolve,
+    /// Checks their form only (the control plane: names only proxies can resolve are valid).
+    CheckOnly,
+}
+
+/// An endpoint as written: a literal address or a host name and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target<'a> {
+    Address(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// Parses `host:port` without looking anything up.
+pub fn parse_endpoint(text: &str) -> Result<Target<'_>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         if addr.port() == 0 {
             return Err(format!("invalid endpoint {text:?}: port 0"));
         }
-        return Ok((vec![addr], None));
+        return Ok(Target::Address(addr));
     }
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!("invalid endpoint {text:?}: expected host:port"));
@@ -509,6 +541,16 @@ pub fn resolve(text: &str) -> Result<(Vec<SocketAddr>, Option<String>), String> 
     if host.is_empty() || host.contains(['/', ' ', '@']) {
         return Err(format!("invalid endpoint {text:?}: bad host {host:?}"));
     }
+    Ok(Target::Name(host, port))
+}
+
+/// Resolves `host:port`. A literal address is taken as is; a name is looked up, and its IPv4
+/// addresses are used when it has any (IPv6 otherwise), as Envoy's `V4_PREFERRED` does.
+pub fn resolve(text: &str) -> Result<(Vec<SocketAddr>, Option<String>), String> {
+    let (host, port) = match parse_endpoint(text)? {
+        Target::Address(addr) => return Ok((vec![addr], None)),
+        Target::Name(host, port) => (host, port),
+    };
     let found: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
@@ -552,7 +594,15 @@ mod tests {
             "outlier_detection": { "max_ejection_percent": 50, "base_ejection_time": "1s" },
         }))
         .expect("config");
-        Cluster::build(0, &c, None, None, &Metrics::new(), &mut Vec::new())
+        Cluster::build(
+            0,
+            &c,
+            None,
+            None,
+            &Metrics::new(),
+            Names::Resolve,
+            &mut Vec::new(),
+        )
     }
 
     #[test]
