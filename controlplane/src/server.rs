@@ -168,6 +168,9 @@ impl CpMetrics {
     }
 }
 
+/// How long a disconnected proxy's labels count in validation, unless set otherwise.
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(600);
+
 /// The control plane.
 pub struct ControlPlane {
     pub metrics: CpMetrics,
@@ -208,6 +211,8 @@ pub struct ControlPlane {
     >,
     /// What proxies last reported of their filters, and where each rollout's step began.
     rollout_figures: Mutex<rollouts::Reports>,
+    /// How long a disconnected proxy's labels still count in validation (milliseconds).
+    forget_after_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -326,7 +331,19 @@ impl ControlPlane {
             csr_failures,
             expiry,
             rollout_figures: Mutex::default(),
+            forget_after_ms: std::sync::atomic::AtomicU64::new(
+                DEFAULT_FORGET_AFTER.as_millis() as u64
+            ),
         }))
+    }
+
+    /// How long a disconnected proxy's labels still count when changes are validated (a
+    /// proxy restarting comes back within it; one gone for good stops holding changes back).
+    pub fn set_forget_after(&self, d: Duration) {
+        self.forget_after_ms.store(
+            d.as_millis().min(u128::from(u64::MAX)) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Who is calling.
@@ -422,8 +439,15 @@ impl ControlPlane {
     /// resource's selector, and a proxy without labels.
     fn validate(&self, state: &State) -> Result<(), Vec<String>> {
         let mut label_sets: Vec<BTreeMap<String, String>> = vec![BTreeMap::new()];
+        // Proxies gone longer than `forget_after` no longer hold their label sets.
+        let forget = Duration::from_millis(
+            self.forget_after_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         for p in self.lock().proxies.values() {
-            label_sets.push(p.labels.clone());
+            if p.connected || p.since.elapsed() < forget {
+                label_sets.push(p.labels.clone());
+            }
         }
         for r in state.values() {
             label_sets.push(r.selector.clone());

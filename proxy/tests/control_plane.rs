@@ -569,3 +569,47 @@ spec: { name: main, routes: [ { direct_response: { status: 200, body: "ok" } } ]
     });
     assert!(p.log_contains("trying the snapshot again"));
 }
+
+/// The labels of a proxy gone for longer than `--forget-after` no longer hold changes back: a
+/// pair of listeners that would clash only on a proxy with both labels is refused while that
+/// proxy is there, and accepted once it is gone and forgotten.
+#[test]
+fn label_sets_of_proxies_gone_for_good_are_pruned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cp = Cp::spawn(
+        &dir.path().join("store.json"),
+        "127.0.0.1:0",
+        false,
+        &["--forget-after", "2s"],
+    );
+    let p = proxy(&cp, "both", &["app=x", "zone=a"], dir.path());
+    let clash = write(
+        dir.path(),
+        "clash.yaml",
+        r#"
+kind: listener
+selector: { app: x }
+spec: { name: one, address: "127.0.0.1:39001", routes: main }
+---
+kind: listener
+selector: { zone: a }
+spec: { name: two, address: "127.0.0.1:39001", routes: main }
+---
+kind: routes
+spec: { name: main, routes: [ { direct_response: { status: 200 } } ] }
+"#,
+    );
+    let out = cp.ctl(&["apply", "-f", &clash]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("app=x"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(p);
+    eventually(
+        Duration::from_secs(30),
+        "the gone proxy is forgotten",
+        || cp.ctl(&["apply", "-f", &clash]).status.success(),
+    );
+}

@@ -55,6 +55,9 @@ struct Cli {
     /// its identity, not a name; other TLS clients may want one). Repeatable.
     #[arg(long = "server-name")]
     server_names: Vec<String>,
+    /// How long a disconnected proxy's labels still count when changes are validated.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    forget_after: std::time::Duration,
     /// Serve the control link without TLS: only on a loopback address, for development.
     /// Proxies then say who they are (no enrollment) and the token, if set, is the only check.
     #[arg(long)]
@@ -206,6 +209,7 @@ fn main() -> anyhow::Result<()> {
     };
     let cp = ControlPlane::with_security(store, token, security).map_err(|e| anyhow::anyhow!(e))?;
     cp.metrics.export_log_drops(logs.dropped());
+    cp.set_forget_after(cli.forget_after);
     let mut names = cli.server_names.clone();
     names.extend(["localhost".to_owned(), cli.listen.ip().to_string()]);
     names.dedup();
