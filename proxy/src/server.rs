@@ -393,12 +393,15 @@ impl Server {
     }
 
     fn publish_listeners(&self) {
+        self.publish_listing(self.bound.iter());
+    }
+
+    /// Shows `bound` on the admin `/listeners`.
+    fn publish_listing<'a>(&self, bound: impl Iterator<Item = &'a BoundListener>) {
         if let Some(a) = &self.admin
             && let Ok(mut l) = a.listeners.lock()
         {
-            *l = self
-                .bound
-                .iter()
+            *l = bound
                 .map(|b| ListenerInfo {
                     name: b.name.clone(),
                     address: b.local,
@@ -550,6 +553,16 @@ impl Server {
                     .set_max(l.max_connections, l.max_connections_per_source_ip);
             }
         }
+        // The admin API shows the listeners of a version no later than the version itself: a
+        // client that sees the new version on /config finds its listeners on /listeners.
+        self.publish_listing(
+            self.bound
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !gone.contains(i))
+                .map(|(_, b)| b)
+                .chain(fresh.iter().map(|(b, _, _)| b)),
+        );
         self.shared.publish(Arc::new(snapshot));
         drop(previous);
         metrics.config_version.set(version as i64);
