@@ -4,7 +4,7 @@
 //! name) for certificate requests whose signature proves the key. The request names nothing
 //! that matters: every name in a certificate comes from the registration.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -114,8 +114,8 @@ struct State {
 /// The CA.
 pub struct Ca {
     trust_domain: String,
-    /// Where generated roots are kept (`None`: memory, or operator-provided).
-    file: Option<PathBuf>,
+    /// Where generated roots are kept (memory, a file, etcd); unused for an operator's.
+    blob: crate::blob::Blob,
     operator: bool,
     state: Mutex<State>,
 }
@@ -256,66 +256,65 @@ pub struct CaStatus {
 impl Ca {
     /// The CA kept in `file` (created with a new root when missing), or in memory.
     pub fn open(trust_domain: &str, file: Option<&Path>) -> Result<Ca, String> {
+        Ca::open_in(trust_domain, crate::blob::Blob::file(file))
+    }
+
+    /// The CA kept in `blob` (a file, or a key in etcd every replica shares): created with a
+    /// new root when there is none. Replicas starting together agree: the first root stored
+    /// is everyone's.
+    pub fn open_in(trust_domain: &str, mut blob: crate::blob::Blob) -> Result<Ca, String> {
         weft_proxy::identity::spiffe::check_trust_domain(trust_domain)
             .map_err(|e| format!("--trust-domain: {e}"))?;
-        if let Some(path) = file
-            && let Some(saved) = read_saved(path)?
-        {
-            if saved.trust_domain != trust_domain {
-                return Err(format!(
-                    "{} holds the CA of trust domain {:?}, not {trust_domain:?}: a trust domain cannot change under running proxies",
-                    path.display(),
-                    saved.trust_domain
-                ));
-            }
-            let mut signers = Vec::new();
-            for (i, r) in saved.roots.iter().enumerate() {
-                let certs = pem_certs(&r.cert_pem)?;
-                let cert = certs
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| format!("{}: root {i} has no certificate", path.display()))?;
-                let key = KeyPair::from_pem(&r.key_pem)
-                    .map_err(|e| format!("{}: root {i}'s key: {e}", path.display()))?;
-                signers.push(Signer {
-                    not_after: not_after_of(&cert)?,
-                    anchor: cert.clone(),
-                    cert,
-                    key,
-                    chain: Vec::new(),
+        for _ in 0..3 {
+            if let Some(bytes) = blob.read()? {
+                let state = restore(trust_domain, &blob, &bytes)?;
+                return Ok(Ca {
+                    trust_domain: trust_domain.to_owned(),
+                    blob,
+                    operator: false,
+                    state: Mutex::new(state),
                 });
             }
-            if signers.is_empty() || saved.issuing >= signers.len() {
-                return Err(format!("{} is damaged: no issuing root", path.display()));
-            }
-            return Ok(Ca {
+            let ca = Ca {
                 trust_domain: trust_domain.to_owned(),
-                file: Some(path.to_owned()),
+                blob,
                 operator: false,
                 state: Mutex::new(State {
-                    signers,
-                    issuing: saved.issuing,
-                    generation: saved.generation,
-                    phase: saved.phase,
+                    signers: vec![new_root(trust_domain)?],
+                    issuing: 0,
+                    generation: 1,
+                    phase: Phase::Stable,
                 }),
-            });
+            };
+            match ca.save() {
+                Ok(()) => {
+                    if !matches!(ca.blob, crate::blob::Blob::Memory) {
+                        tracing::info!(at = %ca.blob.describe(), trust_domain, "generated a new root CA");
+                    }
+                    return Ok(ca);
+                }
+                // Another replica stored its root first: that one is the mesh's.
+                Err(e) if e == crate::blob::CONFLICT => blob = ca.blob,
+                Err(e) => return Err(e),
+            }
         }
-        let ca = Ca {
-            trust_domain: trust_domain.to_owned(),
-            file: file.map(Path::to_owned),
-            operator: false,
-            state: Mutex::new(State {
-                signers: vec![new_root(trust_domain)?],
-                issuing: 0,
-                generation: 1,
-                phase: Phase::Stable,
-            }),
+        Err("the CA could not be read or created".into())
+    }
+
+    /// Takes what another replica stored (a rotation moving on), seen by a watch at
+    /// `revision`.
+    pub fn reload(&self, revision: i64, value: Vec<u8>) -> Result<bool, String> {
+        let Some(bytes) = self.blob.seen(revision, value) else {
+            return Ok(false);
         };
-        ca.save()?;
-        if let Some(p) = file {
-            tracing::info!(file = %p.display(), trust_domain, "generated a new root CA");
-        }
-        Ok(ca)
+        let state = restore(&self.trust_domain, &self.blob, &bytes)?;
+        *self.lock() = state;
+        Ok(true)
+    }
+
+    /// Where the CA is kept.
+    pub fn blob(&self) -> &crate::blob::Blob {
+        &self.blob
     }
 
     /// An operator's intermediate: `cert_pem` holds it first, then what is above it; the trust
@@ -382,7 +381,7 @@ impl Ca {
         // The chain must verify: issue a certificate and check it.
         let ca = Ca {
             trust_domain: trust_domain.to_owned(),
-            file: None,
+            blob: crate::blob::Blob::Memory,
             operator: true,
             state: Mutex::new(State {
                 signers: vec![signer],
@@ -418,9 +417,14 @@ impl Ca {
     }
 
     fn save(&self) -> Result<(), String> {
-        let Some(path) = &self.file else {
+        if matches!(self.blob, crate::blob::Blob::Memory) || self.operator {
             return Ok(());
-        };
+        }
+        self.blob.write(&self.saved_bytes()?)
+    }
+
+    /// The state as [`restore`] reads it.
+    fn saved_bytes(&self) -> Result<Vec<u8>, String> {
         let s = self.lock();
         let saved = Saved {
             trust_domain: self.trust_domain.clone(),
@@ -437,8 +441,7 @@ impl Ca {
             phase: s.phase,
         };
         drop(s);
-        let bytes = serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())?;
-        write_private(path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -500,6 +503,7 @@ impl Ca {
         to: Phase,
         change: impl FnOnce(&mut State),
     ) -> Result<bool, String> {
+        let before = self.saved_bytes()?;
         {
             let mut s = self.lock();
             if s.phase != from {
@@ -509,7 +513,13 @@ impl Ca {
             s.generation += 1;
             s.phase = to;
         }
-        self.save().map(|()| true)
+        if let Err(e) = self.save() {
+            // Not stored: nothing changed (a replica that lost the race takes the winner's
+            // state from its watch).
+            *self.lock() = restore(&self.trust_domain, &self.blob, &before)?;
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// The pin of the root the control plane's own certificate chains to.
@@ -643,14 +653,43 @@ impl Ca {
     }
 }
 
-fn read_saved(path: &Path) -> Result<Option<Saved>, String> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| format!("{} is damaged: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+/// The CA's state from what [`Ca::save`] wrote.
+fn restore(trust_domain: &str, blob: &crate::blob::Blob, bytes: &[u8]) -> Result<State, String> {
+    let at = blob.describe();
+    let saved: Saved =
+        serde_json::from_slice(bytes).map_err(|e| format!("{at} is damaged: {e}"))?;
+    if saved.trust_domain != trust_domain {
+        return Err(format!(
+            "{at} holds the CA of trust domain {:?}, not {trust_domain:?}: a trust domain cannot change under running proxies",
+            saved.trust_domain
+        ));
     }
+    let mut signers = Vec::new();
+    for (i, r) in saved.roots.iter().enumerate() {
+        let certs = pem_certs(&r.cert_pem)?;
+        let cert = certs
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{at}: root {i} has no certificate"))?;
+        let key =
+            KeyPair::from_pem(&r.key_pem).map_err(|e| format!("{at}: root {i}'s key: {e}"))?;
+        signers.push(Signer {
+            not_after: not_after_of(&cert)?,
+            anchor: cert.clone(),
+            cert,
+            key,
+            chain: Vec::new(),
+        });
+    }
+    if signers.is_empty() || saved.issuing >= signers.len() {
+        return Err(format!("{at} is damaged: no issuing root"));
+    }
+    Ok(State {
+        signers,
+        issuing: saved.issuing,
+        generation: saved.generation,
+        phase: saved.phase,
+    })
 }
 
 /// PEM of `der` under `label`, 64 columns.

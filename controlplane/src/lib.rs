@@ -2,7 +2,9 @@
 //! each selecting proxies by label — validated, versioned and stored ([`store`]), distributed
 //! to every proxy, and filters' new revisions rolled out in stages ([`rollout`]).
 
+pub mod blob;
 pub mod ca;
+pub mod etcd;
 pub mod link;
 pub mod registry;
 pub mod resources;

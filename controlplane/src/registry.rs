@@ -3,10 +3,10 @@
 //! through them, with the certificate each was last issued. A proxy's node id, labels and
 //! identity come from here, never from what it says of itself.
 //!
-//! Kept in one file next to the store (mode 0600; tokens only as SHA-256).
+//! Kept in one file next to the store (mode 0600), or in etcd with it (tokens only as SHA-256).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -59,6 +59,9 @@ pub enum EnrollError {
     Used,
     #[error("the registration has enrolled as many nodes as it may")]
     Exhausted,
+    /// The registry could not be kept (etcd away, another replica's change at the same time).
+    #[error("the registry: {0}")]
+    Store(String),
 }
 
 impl EnrollError {
@@ -69,8 +72,27 @@ impl EnrollError {
             EnrollError::Expired => "token_expired",
             EnrollError::Used => "token_used",
             EnrollError::Exhausted => "token_exhausted",
+            EnrollError::Store(_) => "store",
         }
     }
+}
+
+/// How often a change lost to another replica's is made again on the newer registry.
+const TRIES: u32 = 5;
+
+fn retrying<T>(mut attempt: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let mut tries = 0;
+    loop {
+        match attempt() {
+            Err(e) if e == crate::blob::CONFLICT && tries < TRIES => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+fn parse(blob: &crate::blob::Blob, bytes: &[u8]) -> Result<Saved, String> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| format!("the registry {} is damaged: {e}", blob.describe()))
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -82,7 +104,7 @@ struct Saved {
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
-    file: Option<PathBuf>,
+    blob: crate::blob::Blob,
     data: Saved,
 }
 
@@ -202,30 +224,47 @@ pub struct Grant {
 
 impl Registry {
     pub fn open(file: Option<&Path>) -> Result<Registry, String> {
-        let data = match file.map(std::fs::read) {
-            None => Saved::default(),
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
-            Some(Err(e)) => return Err(format!("cannot read the registry: {e}")),
-            Some(Ok(b)) => serde_json::from_slice(&b).map_err(|e| {
-                format!(
-                    "the registry {} is damaged: {e}",
-                    file.map(|p| p.display().to_string()).unwrap_or_default()
-                )
-            })?,
-        };
-        Ok(Registry {
-            file: file.map(Path::to_owned),
-            data,
-        })
+        Registry::open_in(crate::blob::Blob::file(file))
     }
 
-    fn save(&self) -> Result<(), String> {
-        let Some(path) = &self.file else {
-            return Ok(());
+    /// The registry kept in `blob` (a file, or a key in etcd shared by replicas).
+    pub fn open_in(blob: crate::blob::Blob) -> Result<Registry, String> {
+        let data = match blob.read().map_err(|e| format!("the registry: {e}"))? {
+            None => Saved::default(),
+            Some(b) => parse(&blob, &b)?,
         };
+        Ok(Registry { blob, data })
+    }
+
+    /// Where it is kept.
+    pub fn blob(&self) -> &crate::blob::Blob {
+        &self.blob
+    }
+
+    /// Takes what another replica wrote (seen by a watch, at `revision`).
+    pub fn reload(&mut self, revision: i64, value: Vec<u8>) -> Result<(), String> {
+        if let Some(b) = self.blob.seen(revision, value) {
+            self.data = parse(&self.blob, &b)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what another replica wrote since, before a change is made from it.
+    fn refresh(&mut self) -> Result<(), String> {
+        if let Some(b) = self.blob.changed()? {
+            self.data = parse(&self.blob, &b)?;
+        }
+        Ok(())
+    }
+
+    fn save(&mut self) -> Result<(), String> {
         let bytes = serde_json::to_vec_pretty(&self.data).map_err(|e| e.to_string())?;
-        crate::ca::write_private(path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        let r = self.blob.write(&bytes);
+        if r.is_err() && self.blob.shared() {
+            // What is kept is the truth: the change is undone by reading it again.
+            let _ = self.refresh();
+        }
+        r
     }
 
     /// Adds a registration; answers its token's secret. Refused (nothing changes): a bad name,
@@ -241,6 +280,31 @@ impl Registry {
         ttl: std::time::Duration,
         trust_domain: &str,
     ) -> Result<String, String> {
+        retrying(|| {
+            self.add_once(
+                name,
+                namespace,
+                account,
+                labels.clone(),
+                reusable,
+                ttl,
+                trust_domain,
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_once(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        account: &str,
+        labels: BTreeMap<String, String>,
+        reusable: bool,
+        ttl: std::time::Duration,
+        trust_domain: &str,
+    ) -> Result<String, String> {
+        self.refresh()?;
         check_name("name", name)?;
         weft_proxy::identity::SpiffeId::workload(trust_domain, namespace, account)
             .map_err(|e| format!("identity: {e}"))?;
@@ -277,7 +341,9 @@ impl Registry {
             },
         );
         if let Err(e) = self.save() {
-            self.data.registrations.remove(name);
+            if !self.blob.shared() {
+                self.data.registrations.remove(name);
+            }
             return Err(e);
         }
         Ok(secret)
@@ -286,6 +352,19 @@ impl Registry {
     /// Spends a token: the node it enrolls and what it is granted. The token is spent (saved)
     /// before anything is issued, so a crash can never let it work twice.
     pub fn enroll(&mut self, token: &JoinToken) -> Result<Grant, EnrollError> {
+        let mut tries = 0;
+        loop {
+            match self.enroll_once(token) {
+                Err(EnrollError::Store(e)) if e == crate::blob::CONFLICT && tries < TRIES => {
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn enroll_once(&mut self, token: &JoinToken) -> Result<Grant, EnrollError> {
+        self.refresh().map_err(EnrollError::Store)?;
         let reg = self
             .data
             .registrations
@@ -331,11 +410,13 @@ impl Registry {
         if let Some(r) = self.data.registrations.get_mut(&name) {
             r.uses += 1;
         }
-        if self.save().is_err() {
-            if let Some(r) = self.data.registrations.get_mut(&name) {
+        if let Err(e) = self.save() {
+            if !self.blob.shared()
+                && let Some(r) = self.data.registrations.get_mut(&name)
+            {
                 r.uses -= 1;
             }
-            return Err(EnrollError::Unknown);
+            return Err(EnrollError::Store(e));
         }
         Ok(grant)
     }
@@ -348,6 +429,17 @@ impl Registry {
         identity: &str,
         issued: &crate::ca::Issued,
     ) -> Result<(), String> {
+        retrying(|| self.record_once(grant, registration, identity, issued))
+    }
+
+    fn record_once(
+        &mut self,
+        grant: &Grant,
+        registration: &str,
+        identity: &str,
+        issued: &crate::ca::Issued,
+    ) -> Result<(), String> {
+        self.refresh()?;
         let renewals = self
             .data
             .nodes
@@ -389,6 +481,11 @@ impl Registry {
     /// longer accepted on the control link, and they get no configuration. Answers the nodes
     /// removed.
     pub fn remove(&mut self, name: &str) -> Result<Vec<String>, String> {
+        retrying(|| self.remove_once(name))
+    }
+
+    fn remove_once(&mut self, name: &str) -> Result<Vec<String>, String> {
+        self.refresh()?;
         let Some(reg) = self.data.registrations.remove(name) else {
             return Err(format!("no registration named {name:?}"));
         };
@@ -404,9 +501,11 @@ impl Registry {
             .filter_map(|id| self.data.nodes.remove(id))
             .collect();
         if let Err(e) = self.save() {
-            self.data.registrations.insert(name.to_owned(), reg);
-            for n in nodes {
-                self.data.nodes.insert(n.id.clone(), n);
+            if !self.blob.shared() {
+                self.data.registrations.insert(name.to_owned(), reg);
+                for n in nodes {
+                    self.data.nodes.insert(n.id.clone(), n);
+                }
             }
             return Err(e);
         }

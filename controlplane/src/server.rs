@@ -19,9 +19,12 @@ use crate::ca::Ca;
 use crate::link::LinkPeer;
 use crate::registry::Registry;
 
+mod replica;
 mod rollouts;
 use crate::resources::{Kind, Resource, assemble, parse_documents};
 use crate::store::{State, Store, digest, write_atomically};
+use replica::store_status;
+pub use replica::{IDENTITY, spawn_follower, spawn_identity_follower};
 pub use rollouts::spawn_driver as spawn_rollout_driver;
 
 /// What the control plane knows of one proxy.
@@ -67,7 +70,7 @@ impl Security {
         })
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+    pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -105,6 +108,8 @@ pub struct CpMetrics {
     >,
     sent_bytes: prometheus_client::metrics::counter::Counter,
     version: prometheus_client::metrics::gauge::Gauge,
+    /// 1 while the store (etcd) answers; always 1 for the file store.
+    store_up: prometheus_client::metrics::gauge::Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -124,8 +129,10 @@ impl CpMetrics {
             nacks: Default::default(),
             sent_bytes: Default::default(),
             version: Default::default(),
+            store_up: Default::default(),
             registry: Mutex::default(),
         };
+        m.store_up.set(1);
         registry.register(
             "connected_proxies",
             "Proxies with a stream open",
@@ -147,6 +154,11 @@ impl CpMetrics {
             m.sent_bytes.clone(),
         );
         registry.register("version", "The current version", m.version.clone());
+        registry.register(
+            "store_up",
+            "1 while the store (etcd) answers and changes are taken",
+            m.store_up.clone(),
+        );
         CpMetrics {
             registry: Mutex::new(registry),
             ..m
@@ -511,9 +523,16 @@ impl ControlPlane {
     /// version and pushes it. Changes are serialized: two applies at once cannot lose either.
     fn change(
         &self,
-        edit: impl FnOnce(&State) -> Result<(State, String), Status>,
+        edit: impl Fn(&State) -> Result<(State, String), Status>,
     ) -> Result<v1::ChangeResponse, Status> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.retrying(|| self.change_once(&edit))
+    }
+
+    fn change_once(
+        &self,
+        edit: &impl Fn(&State) -> Result<(State, String), Status>,
+    ) -> Result<v1::ChangeResponse, Status> {
         let at = self.lock().store.current().clone();
         let (state, what) = edit(&at.state)?;
         // A filter being rolled out changes through its rollout only.
@@ -529,24 +548,57 @@ impl ControlPlane {
                 )));
             }
         }
+        if let Some(etcd) = self.lock().store.etcd() {
+            // A version of another replica's (a rollback) may name modules not loaded here.
+            etcd.block(self.ensure_modules(&etcd, &replica::state_digests(&state)))?;
+        }
         self.validate(&state)
             .map_err(|e| Status::invalid_argument(e.join("\n")))?;
-        self.commit(state, (*at.rollouts).clone(), what)
+        self.commit(at.number, state, (*at.rollouts).clone(), what)
     }
 
     /// Stores `state` and `rollouts` as a new version (unless nothing changed) and pushes it.
-    /// The caller holds `changing` and has validated `state`.
+    /// The caller holds `changing`, has validated `state`, and derived it from version `base`.
     fn commit(
         &self,
+        base: u64,
         state: State,
         rollouts: crate::rollout::Rollouts,
         what: String,
     ) -> Result<v1::ChangeResponse, Status> {
         let mut inner = self.lock();
-        let version = inner
-            .store
-            .commit_with(state, rollouts, what)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let version = if let Some(etcd) = inner.store.etcd() {
+            // Derived from a version another replica's has replaced since: derive it again.
+            if inner.store.current().number != base {
+                return Err(store_status(crate::store::StoreError::Conflict));
+            }
+            // The write to etcd happens without the lock: subscriptions keep being served.
+            let prepared = inner
+                .store
+                .prepare_remote(state, rollouts, what)
+                .map_err(store_status)?;
+            drop(inner);
+            let stored = match prepared {
+                None => None,
+                Some(p) => {
+                    let revision = etcd
+                        .block(crate::store::Store::write_remote(&etcd, &p))
+                        .map_err(store_status)?;
+                    Some((p.version, revision))
+                }
+            };
+            inner = self.lock();
+            stored.map(|(v, revision)| {
+                let n = v.number;
+                inner.store.catch_up(vec![v], revision);
+                n
+            })
+        } else {
+            inner
+                .store
+                .commit_with(state, rollouts, what)
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
         let selected = inner.proxies.values().filter(|p| p.connected).count() as u32;
         let current = inner.store.current().number;
         drop(inner);
@@ -882,14 +934,15 @@ impl Distribution for DistributionService {
                 ));
             }
         }
-        let bytes = self
-            .0
-            .modules
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&d)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("no module {d}")))?;
+        let mut bytes = self.0.module(&d);
+        let etcd = self.0.lock().store.etcd();
+        if let (None, Some(etcd)) = (&bytes, etcd) {
+            self.0
+                .ensure_modules(&etcd, std::slice::from_ref(&d))
+                .await?;
+            bytes = self.0.module(&d);
+        }
+        let bytes = bytes.ok_or_else(|| Status::not_found(format!("no module {d}")))?;
         self.0.metrics.sent_bytes.inc_by(bytes.len() as u64);
         let chunks: Vec<Result<v1::ModuleChunk, Status>> = bytes
             .chunks(weft_wire::MODULE_CHUNK)
@@ -922,9 +975,9 @@ impl Control for ControlService {
             cp.change(|current| {
                 let mut state = current.clone();
                 let mut names = Vec::new();
-                for r in docs {
+                for r in &docs {
                     names.push(format!("{}/{}", r.spec.kind().as_str(), r.spec.name()));
-                    state.insert(r.key(), r);
+                    state.insert(r.key(), r.clone());
                 }
                 Ok((state, format!("apply {}", names.join(", "))))
             })
@@ -1006,6 +1059,13 @@ impl Control for ControlService {
             if !path.exists() {
                 write_atomically(&path, &bytes).map_err(|e| Status::internal(e.to_string()))?;
             }
+        }
+        let etcd = self.0.lock().store.etcd();
+        if let Some(etcd) = etcd {
+            // In etcd before it is used: every replica can load what a version names.
+            replica::store_module(&etcd, &d, &bytes)
+                .await
+                .map_err(|e| store_status(e.into()))?;
         }
         self.0
             .modules
@@ -1141,7 +1201,7 @@ impl Control for ControlService {
             .ok_or_else(|| Status::not_found(format!("no version {to} in the history")))?;
         let cp = self.0.clone();
         let r = tokio::task::spawn_blocking(move || {
-            cp.change(|_| Ok((state, format!("rollback to {to}"))))
+            cp.change(|_| Ok((state.clone(), format!("rollback to {to}"))))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
@@ -1361,7 +1421,10 @@ impl weft_wire::v1::identity_server::Identity for IdentityService {
         let grant = cp.security.registry().enroll(&token).map_err(|e| {
             cp.csr_failure(e.reason());
             tracing::warn!(registration = %token.registration, reason = e.reason(), "enrollment refused");
-            Status::permission_denied(e.to_string())
+            match e {
+                crate::registry::EnrollError::Store(_) => Status::unavailable(e.to_string()),
+                _ => Status::permission_denied(e.to_string()),
+            }
         })?;
         let issued = cp.issue_for(&grant, &token.registration, &r.csr, "enroll")?;
         Ok(Response::new(issued))

@@ -49,6 +49,25 @@ pub enum StoreError {
     },
     #[error("no version {0} in the history")]
     NoSuchVersion(u64),
+    /// Another replica stored a version first: catch up and derive the change again.
+    #[error("another replica changed the state at the same time")]
+    Conflict,
+    /// etcd could not be reached: nothing changed.
+    #[error("the store cannot be reached: {0}")]
+    Unavailable(String),
+    #[error("the store (etcd) refused the change: {0}")]
+    Refused(String),
+    #[error("the store (etcd) holds something unreadable at {key}: {why}")]
+    RemoteDamaged { key: String, why: String },
+}
+
+impl From<crate::etcd::EtcdError> for StoreError {
+    fn from(e: crate::etcd::EtcdError) -> StoreError {
+        match e {
+            crate::etcd::EtcdError::Unavailable { .. } => StoreError::Unavailable(e.to_string()),
+            crate::etcd::EtcdError::Refused(why) => StoreError::Refused(why),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -67,11 +86,94 @@ struct File {
     versions: Vec<FileVersion>,
 }
 
-/// The store. `path: None` keeps everything in memory (tests, `--store memory`).
+/// The store. `path: None` keeps everything in memory (tests, `--store memory`); `remote`:
+/// the versions live in etcd and `versions` is this replica's copy of the newest.
 #[derive(Debug)]
 pub struct Store {
     path: Option<PathBuf>,
     versions: Vec<Version>,
+    remote: Option<Remote>,
+}
+
+/// The etcd side of a store: where it is, and the revision of the head key this replica's copy
+/// is at (a change is stored only if the head is still there).
+#[derive(Debug)]
+struct Remote {
+    etcd: Arc<crate::etcd::Etcd>,
+    head_revision: i64,
+}
+
+/// A version this replica would store in etcd, and the transaction that stores it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub version: Version,
+    txn: crate::etcd::pb::TxnRequest,
+}
+
+/// etcd refuses requests larger than this by default (`--max-request-bytes`, 1.5 MiB); a
+/// version's state is one value, so it is refused here first, with a clear reason.
+pub const MAX_REMOTE_VERSION: usize = 1536 * 1024 - 8 * 1024;
+
+/// The key of the head (the newest version's number) and of each version, under the prefix.
+const HEAD: &str = "versions/head";
+const VERSIONS: &str = "versions/";
+
+fn version_key(n: u64) -> String {
+    format!("{VERSIONS}{n:020}")
+}
+
+#[derive(Serialize, Deserialize)]
+struct Head {
+    version: u64,
+}
+
+fn encode(v: &Version) -> Vec<u8> {
+    serde_json::to_vec(&file_version(v)).unwrap_or_default()
+}
+
+fn file_version(v: &Version) -> FileVersion {
+    FileVersion {
+        number: v.number,
+        at_ms: v.at_ms,
+        change: v.change.clone(),
+        resources: v.state.values().map(Resource::to_json).collect(),
+        rollouts: (*v.rollouts).clone(),
+    }
+}
+
+fn decode(v: FileVersion) -> Result<Version, String> {
+    let mut state = State::new();
+    for r in v.resources {
+        let r = Resource::from_json(r).map_err(|e| format!("version {}: {e}", v.number))?;
+        state.insert(r.key(), r);
+    }
+    Ok(Version {
+        number: v.number,
+        at_ms: v.at_ms,
+        change: v.change,
+        state: Arc::new(state),
+        rollouts: Arc::new(v.rollouts),
+    })
+}
+
+/// Decodes the value of version key `key`.
+pub fn decode_remote(key: &[u8], value: &[u8]) -> Result<Version, StoreError> {
+    let damaged = |why: String| StoreError::RemoteDamaged {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why,
+    };
+    let v: FileVersion = serde_json::from_slice(value).map_err(|e| damaged(e.to_string()))?;
+    decode(v).map_err(damaged)
+}
+
+/// Whether `key` (a full key) is the head key of `etcd`'s prefix.
+pub fn is_head(etcd: &crate::etcd::Etcd, key: &[u8]) -> bool {
+    key == etcd.key(HEAD).as_slice()
+}
+
+/// The prefix a replica watches: the head and every version.
+pub fn watched(etcd: &crate::etcd::Etcd) -> Vec<u8> {
+    etcd.key(VERSIONS)
 }
 
 fn now_ms() -> u64 {
@@ -85,6 +187,7 @@ impl Store {
     pub fn open(path: Option<&Path>) -> Result<Store, StoreError> {
         let mut store = Store {
             path: path.map(Path::to_owned),
+            remote: None,
             versions: vec![Version {
                 number: 0,
                 at_ms: now_ms(),
@@ -116,24 +219,115 @@ impl Store {
         }
         let mut versions = Vec::new();
         for v in file.versions {
-            let mut state = State::new();
-            for r in v.resources {
-                let r = Resource::from_json(r)
-                    .map_err(|e| damaged(format!("version {}: {e}", v.number)))?;
-                state.insert(r.key(), r);
-            }
-            versions.push(Version {
-                number: v.number,
-                at_ms: v.at_ms,
-                change: v.change,
-                state: Arc::new(state),
-                rollouts: Arc::new(v.rollouts),
-            });
+            versions.push(decode(v).map_err(damaged)?);
         }
         if !versions.is_empty() {
             store.versions = versions;
         }
         Ok(store)
+    }
+
+    /// Opens the store kept in etcd: this replica's copy of the newest [`MAX_HISTORY`]
+    /// versions. An empty prefix is version 0.
+    pub async fn open_etcd(etcd: Arc<crate::etcd::Etcd>) -> Result<Store, StoreError> {
+        let mut store = Store::open(None)?;
+        store.remote = Some(Remote {
+            etcd,
+            head_revision: 0,
+        });
+        let (versions, head_revision) = store.read_remote().await?;
+        store.catch_up(versions, head_revision);
+        Ok(store)
+    }
+
+    /// etcd, when the store is kept there.
+    pub fn etcd(&self) -> Option<Arc<crate::etcd::Etcd>> {
+        self.remote.as_ref().map(|r| r.etcd.clone())
+    }
+
+    /// Every version etcd holds, and the head's revision (0: no head yet).
+    pub async fn read_remote(&self) -> Result<(Vec<Version>, i64), StoreError> {
+        let Some(r) = &self.remote else {
+            return Ok((Vec::new(), 0));
+        };
+        read_remote(&r.etcd).await
+    }
+
+    /// Takes the versions newer than this copy's newest (from etcd), and the head's revision.
+    pub fn catch_up(&mut self, versions: Vec<Version>, head_revision: i64) {
+        for v in versions {
+            if v.number > self.current().number {
+                self.versions.push(v);
+            }
+        }
+        let excess = self.versions.len().saturating_sub(MAX_HISTORY);
+        self.versions.drain(..excess);
+        if let Some(r) = &mut self.remote {
+            r.head_revision = r.head_revision.max(head_revision);
+        }
+    }
+
+    /// The version `state` and `rollouts` would make, and the etcd transaction that stores it
+    /// only if no replica stored one since this copy's newest. `None`: nothing changed.
+    pub fn prepare_remote(
+        &self,
+        state: State,
+        rollouts: Rollouts,
+        change: String,
+    ) -> Result<Option<Prepared>, StoreError> {
+        use crate::etcd::{delete_op, put_op, unchanged_since};
+        let Some(r) = &self.remote else {
+            return Err(StoreError::Refused("not an etcd store".into()));
+        };
+        if state == *self.current().state && rollouts == *self.current().rollouts {
+            return Ok(None);
+        }
+        let number = self.current().number + 1;
+        let version = Version {
+            number,
+            at_ms: now_ms(),
+            change,
+            state: Arc::new(state),
+            rollouts: Arc::new(rollouts),
+        };
+        let value = encode(&version);
+        if value.len() > MAX_REMOTE_VERSION {
+            return Err(StoreError::Refused(format!(
+                "version {number} would be {} bytes: etcd takes at most {} in one request                  (its --max-request-bytes); nothing changed",
+                value.len(),
+                MAX_REMOTE_VERSION
+            )));
+        }
+        let head = serde_json::to_vec(&Head { version: number }).unwrap_or_default();
+        let mut success = vec![
+            put_op(r.etcd.key(HEAD), head),
+            put_op(r.etcd.key(&version_key(number)), value),
+        ];
+        // Versions past the history are deleted with the write that makes them so.
+        if number > MAX_HISTORY as u64 {
+            success.push(delete_op(
+                r.etcd.key(&version_key(0)),
+                r.etcd.key(&version_key(number - MAX_HISTORY as u64 + 1)),
+            ));
+        }
+        Ok(Some(Prepared {
+            version,
+            txn: crate::etcd::pb::TxnRequest {
+                compare: vec![unchanged_since(r.etcd.key(HEAD), r.head_revision)],
+                success,
+                failure: Vec::new(),
+            },
+        }))
+    }
+
+    /// Stores `p` in etcd: the revision it was stored at, or [`StoreError::Conflict`] when
+    /// another replica stored a version first.
+    pub async fn write_remote(etcd: &crate::etcd::Etcd, p: &Prepared) -> Result<i64, StoreError> {
+        let r = etcd.txn(p.txn.clone()).await?;
+        if !r.succeeded {
+            return Err(StoreError::Conflict);
+        }
+        Ok(r.header.map_or(0, |h| h.revision))
     }
 
     pub fn current(&self) -> &Version {
@@ -163,6 +357,16 @@ impl Store {
         rollouts: Rollouts,
         change: String,
     ) -> Result<Option<u64>, StoreError> {
+        if let Some(r) = &self.remote {
+            let etcd = r.etcd.clone();
+            let Some(p) = self.prepare_remote(state, rollouts, change)? else {
+                return Ok(None);
+            };
+            let revision = etcd.block(Store::write_remote(&etcd, &p))?;
+            let number = p.version.number;
+            self.catch_up(vec![p.version], revision);
+            return Ok(Some(number));
+        }
         if state == *self.current().state && rollouts == *self.current().rollouts {
             return Ok(None);
         }
@@ -192,17 +396,7 @@ impl Store {
         };
         let file = File {
             format: 1,
-            versions: self
-                .versions
-                .iter()
-                .map(|v| FileVersion {
-                    number: v.number,
-                    at_ms: v.at_ms,
-                    change: v.change.clone(),
-                    resources: v.state.values().map(Resource::to_json).collect(),
-                    rollouts: (*v.rollouts).clone(),
-                })
-                .collect(),
+            versions: self.versions.iter().map(file_version).collect(),
         };
         let bytes = serde_json::to_vec(&file).map_err(|e| StoreError::Write {
             path: path.clone(),
@@ -222,6 +416,35 @@ impl Store {
             PathBuf::from(s)
         })
     }
+}
+
+/// Every version under `etcd`'s prefix, oldest first, and the head's revision.
+pub async fn read_remote(etcd: &crate::etcd::Etcd) -> Result<(Vec<Version>, i64), StoreError> {
+    let (kvs, _) = etcd.list(&etcd.key(VERSIONS)).await?;
+    let mut head_revision = 0;
+    let mut head = None;
+    let mut versions = Vec::new();
+    for kv in kvs {
+        if is_head(etcd, &kv.key) {
+            head_revision = kv.mod_revision;
+            let h: Head =
+                serde_json::from_slice(&kv.value).map_err(|e| StoreError::RemoteDamaged {
+                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                    why: e.to_string(),
+                })?;
+            head = Some(h.version);
+        } else {
+            versions.push(decode_remote(&kv.key, &kv.value)?);
+        }
+    }
+    versions.sort_by_key(|v| v.number);
+    // A version past the head (a write racing the read) waits for its head.
+    if let Some(h) = head {
+        versions.retain(|v| v.number <= h);
+    } else {
+        versions.clear();
+    }
+    Ok((versions, head_revision))
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.

@@ -23,8 +23,11 @@ pub mod link;
 /// `weft run --control-plane …`.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
-    /// `https://host:port` of weft-cp (`http://` with `insecure`).
-    pub url: String,
+    /// `https://host:port` of each weft-cp replica (`http://` with `insecure`): the proxy talks
+    /// to one at a time and moves to the next when it goes away.
+    pub urls: Vec<String>,
+    /// The replica talked to now (an index into `urls`).
+    pub current: Arc<std::sync::atomic::AtomicUsize>,
     /// On the plaintext link, the node id and labels the proxy claims; on the TLS link its
     /// registration decides them.
     pub node_id: String,
@@ -44,6 +47,22 @@ pub struct ControlOptions {
 }
 
 impl ControlOptions {
+    /// The replica talked to now.
+    pub fn url(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.urls[i % self.urls.len().max(1)]
+    }
+
+    /// Moves to the next replica.
+    pub fn next_url(&self) {
+        let n = self.urls.len().max(1);
+        let _ = self.current.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |i| Some((i + 1) % n),
+        );
+    }
+
     /// Keys delivered modules must be signed by: the bootstrap's and the control plane's.
     fn trusted_keys(&self) -> Vec<crate::wasm::signing::PublicKey> {
         let mut keys = self.module_trust.clone();
@@ -325,21 +344,49 @@ pub fn spawn(
     };
     tokio::spawn(async move {
         let mut applied = applied;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
+            let started = tokio::time::Instant::now();
             match session(&o, &mut applied, &ctx).await {
-                Ok(()) => tracing::info!("control plane closed the stream"),
-                Err(e) => tracing::warn!(url = %o.url, "control plane: {e}"),
+                Ok(()) => tracing::info!(url = %o.url(), "control plane closed the stream"),
+                Err(e) => tracing::warn!(url = %o.url(), "control plane: {e}"),
             }
             ctx.connected.set(0);
             if ctx.updates.is_closed() {
                 return;
             }
-            let jitter = Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2));
-            tokio::time::sleep(backoff + jitter).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            // The configuration keeps serving; the next replica is tried, spaced out.
+            if started.elapsed() >= HEALTHY {
+                backoff = Backoff::default();
+            }
+            o.next_url();
+            tokio::time::sleep(backoff.next_wait()).await;
         }
     });
+}
+
+/// A stream that lasted this long was healthy: the back-off starts over.
+pub const HEALTHY: Duration = Duration::from_secs(30);
+
+/// Reconnection delays with full jitter: a random wait up to 100 ms, 200 ms, … 10 s, so that
+/// proxies losing a replica together do not come back together.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub const BASE: Duration = Duration::from_millis(100);
+    pub const CAP: Duration = Duration::from_secs(10);
+
+    /// The next delay.
+    pub fn next_wait(&mut self) -> Duration {
+        let ceiling = Backoff::BASE
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(Backoff::CAP);
+        self.attempt = self.attempt.saturating_add(1);
+        Duration::from_millis(fastrand::u64(..=ceiling.as_millis() as u64))
+    }
 }
 
 /// What outlives one session with the control plane.
@@ -366,7 +413,7 @@ async fn session(
         report_every,
         ..
     } = ctx;
-    let channel = link::connect(&o.url, &o.security()).await?;
+    let channel = link::connect(o.url(), &o.security()).await?;
     let mut client = Client::new(channel)
         .max_decoding_message_size(weft_wire::MAX_MESSAGE)
         .max_encoding_message_size(weft_wire::MAX_MESSAGE);
@@ -397,7 +444,7 @@ async fn session(
         .map_err(|e| format!("subscribe refused: {}", e.message()))?
         .into_inner();
     connected.set(1);
-    tracing::info!(url = %o.url, node = %o.node_id, "connected to the control plane");
+    tracing::info!(url = %o.url(), node = %o.node_id, "connected to the control plane");
     let reporter = tokio::spawn(report(
         out.clone(),
         report_every.subscribe(),
@@ -550,5 +597,52 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_ceiling_and_a_cap() {
+        let mut b = Backoff::default();
+        for attempt in 0..40u32 {
+            let ceiling = Backoff::BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(Backoff::CAP);
+            let d = b.next_wait();
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+        }
+        // Past the cap every wait stays under it, and they differ (jitter).
+        let waits: std::collections::BTreeSet<Duration> = (0..50).map(|_| b.next_wait()).collect();
+        assert!(waits.iter().all(|d| *d <= Backoff::CAP));
+        assert!(waits.len() > 10, "{waits:?}");
+    }
+
+    #[test]
+    fn replicas_are_taken_in_turn() {
+        let o = ControlOptions {
+            urls: vec![
+                "http://a:1".into(),
+                "http://b:1".into(),
+                "http://c:1".into(),
+            ],
+            current: Arc::new(std::sync::atomic::AtomicUsize::new(2)),
+            node_id: "n".into(),
+            labels: BTreeMap::new(),
+            token: None,
+            state_dir: "/nonexistent".into(),
+            insecure: true,
+            join_token: None,
+            identity: None,
+            module_trust: Vec::new(),
+        };
+        assert_eq!(o.url(), "http://c:1");
+        o.next_url();
+        assert_eq!(o.url(), "http://a:1");
+        o.next_url();
+        o.next_url();
+        assert_eq!(o.url(), "http://c:1");
     }
 }

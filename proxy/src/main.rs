@@ -58,8 +58,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         workers: usize,
         /// Take listeners, routes, clusters and filters from this weft-cp too
-        /// (`https://host:port`); the config file then holds the static parts. The first start
-        /// enrolls with a join token (WEFT_JOIN_TOKEN or --join-token-file).
+        /// (`https://host:port`; replicas separated by commas: the proxy talks to one and moves
+        /// to another when it goes away); the config file then holds the static parts. The
+        /// first start enrolls with a join token (WEFT_JOIN_TOKEN or --join-token-file).
         #[arg(long, value_name = "URL")]
         control_plane: Option<String>,
         /// With --insecure-plaintext: this proxy's id at the control plane (default: the host
@@ -90,14 +91,24 @@ enum Command {
 /// The control-plane options; the token comes from `WEFT_CP_TOKEN` (never a flag: flags show
 /// in `ps`).
 fn control_options(
-    url: String,
+    urls: String,
     node_id: Option<String>,
     labels: Vec<String>,
     state_dir: PathBuf,
     join_token_file: Option<PathBuf>,
     insecure: bool,
 ) -> Result<weft_proxy::control::ControlOptions, String> {
-    weft_proxy::control::link::split_url(&url, insecure)?;
+    let urls: Vec<String> = urls
+        .split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("--control-plane: no URL".into());
+    }
+    for url in &urls {
+        weft_proxy::control::link::split_url(url, insecure)?;
+    }
     let join_token = match join_token_file {
         Some(f) => Some(
             std::fs::read_to_string(&f)
@@ -126,8 +137,11 @@ fn control_options(
             .filter(|h| !h.is_empty())
             .ok_or("--node-id: required (no host name to default to)")?,
     };
+    // Proxies start at a random replica: they spread over the replicas.
+    let first = fastrand::usize(..urls.len());
     Ok(weft_proxy::control::ControlOptions {
-        url,
+        urls,
+        current: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(first)),
         node_id,
         labels: map,
         token: std::env::var("WEFT_CP_TOKEN")

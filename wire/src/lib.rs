@@ -8,6 +8,11 @@ pub mod v1 {
     tonic::include_proto!("weft.control.v1");
 }
 
+/// The part of etcd's v3 API weft-cp stores its state with (see `proto/etcd/kv.proto`).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// Module chunks on the wire.
 pub const MODULE_CHUNK: usize = 256 * 1024;
 

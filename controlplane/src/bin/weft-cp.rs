@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use weft_controlplane::blob::Blob;
 use weft_controlplane::ca::Ca;
+use weft_controlplane::etcd::{Etcd, EtcdConfig};
 use weft_controlplane::link::{LinkTls, incoming, own_material};
 use weft_controlplane::registry::Registry;
 use weft_controlplane::server::{
-    ControlPlane, ControlService, DistributionService, IdentityService, Security,
+    ControlPlane, ControlService, DistributionService, IDENTITY, IdentityService, Security,
 };
 use weft_controlplane::store::Store;
 use weft_wire::v1::{
@@ -29,9 +31,25 @@ struct Cli {
     /// Address to serve gRPC on (port 0: any free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: SocketAddr,
-    /// The store file (created if missing); `memory` keeps state in memory only.
+    /// Where the state lives: `file:PATH` (or a plain path; created if missing), `memory`
+    /// (nothing kept), or `etcd://host:port[,host:port…]` (replicas share it).
     #[arg(long, default_value = "weft-cp.json")]
     store: String,
+    /// With an etcd store: every key weft-cp writes starts with this.
+    #[arg(long, default_value = "/weft/")]
+    etcd_prefix: String,
+    /// With an etcd store: talk TLS to etcd, trusting this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// With an etcd store: a client certificate (PEM) for etcd members that require one.
+    #[arg(long, value_name = "FILE", requires = "etcd_key", requires = "etcd_ca")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of `--etcd-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// With an etcd store: authenticate as this user (password from `WEFT_ETCD_PASSWORD`).
+    #[arg(long)]
+    etcd_user: Option<String>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -87,7 +105,7 @@ fn beside(store: &Option<PathBuf>, suffix: &str) -> Option<PathBuf> {
     })
 }
 
-fn open_ca(cli: &Cli, store: &Option<PathBuf>) -> anyhow::Result<Ca> {
+fn open_ca(cli: &Cli, blob: Blob) -> anyhow::Result<Ca> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
     };
@@ -102,10 +120,7 @@ fn open_ca(cli: &Cli, store: &Option<PathBuf>) -> anyhow::Result<Ca> {
             )
             .map_err(|e| anyhow::anyhow!(e))?)
         }
-        _ => Ok(
-            Ca::open(&cli.trust_domain, beside(store, ".ca.json").as_deref())
-                .map_err(|e| anyhow::anyhow!(e))?,
-        ),
+        _ => Ok(Ca::open_in(&cli.trust_domain, blob).map_err(|e| anyhow::anyhow!(e))?),
     }
 }
 
@@ -145,6 +160,75 @@ fn init_admin(ca: &Ca, dir: &std::path::Path, name: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Where `--store` says the state lives.
+enum StorePlace {
+    Memory,
+    File(PathBuf),
+    Etcd(EtcdConfig),
+}
+
+impl StorePlace {
+    fn parse(cli: &Cli) -> anyhow::Result<StorePlace> {
+        let s = cli.store.as_str();
+        if s == "memory" {
+            return Ok(StorePlace::Memory);
+        }
+        if s.starts_with("etcd://") {
+            let mut c = EtcdConfig::parse(s, &cli.etcd_prefix)
+                .map_err(|e| anyhow::anyhow!("--store {e}"))?;
+            c.ca = cli.etcd_ca.clone();
+            c.cert = cli.etcd_cert.clone().zip(cli.etcd_key.clone());
+            if let Some(user) = &cli.etcd_user {
+                let password = std::env::var("WEFT_ETCD_PASSWORD").map_err(|_| {
+                    anyhow::anyhow!("--etcd-user needs the password in WEFT_ETCD_PASSWORD")
+                })?;
+                c.user = Some((user.clone(), password));
+            }
+            return Ok(StorePlace::Etcd(c));
+        }
+        if cli.etcd_ca.is_some() || cli.etcd_user.is_some() {
+            anyhow::bail!("--etcd-ca and --etcd-user go with --store etcd://…");
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            anyhow::bail!(
+                "--store {s:?}: unknown scheme {scheme:?} (file:PATH, memory, etcd://host:port)"
+            );
+        }
+        let path = s.strip_prefix("file:").unwrap_or(s);
+        if path.is_empty() {
+            anyhow::bail!("--store: empty path");
+        }
+        Ok(StorePlace::File(PathBuf::from(path)))
+    }
+}
+
+/// The store in etcd: waits for etcd (a replica that served an empty state while etcd is away
+/// would take every proxy's configuration away), with back-off, logging each failure.
+async fn open_etcd(config: EtcdConfig) -> anyhow::Result<Store> {
+    let where_ = config.describe();
+    let etcd = Etcd::connect(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("--store {where_}: {e}"))?;
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match Store::open_etcd(etcd.clone()).await {
+            Ok(s) => {
+                tracing::info!(store = %where_, version = s.current().number, "state read from etcd");
+                return Ok(s);
+            }
+            Err(weft_controlplane::store::StoreError::Unavailable(e)) => {
+                tracing::warn!("{e}; waiting for etcd before serving");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => anyhow::bail!("--store {where_}: {e}"),
+        }
+    }
+}
+
+/// How often weft-cp pings each connection, and how long it waits for the answer.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long open streams get after SIGTERM or SIGINT.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -159,8 +243,25 @@ fn main() -> anyhow::Result<()> {
     if token.is_none() {
         tracing::warn!("WEFT_CP_TOKEN is not set: the control plane accepts every caller");
     }
-    let path = (cli.store != "memory").then(|| PathBuf::from(&cli.store));
-    let ca = std::sync::Arc::new(open_ca(&cli, &path)?);
+    let place = StorePlace::parse(&cli)?;
+    let path = match &place {
+        StorePlace::File(p) => Some(p.clone()),
+        StorePlace::Memory | StorePlace::Etcd(_) => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // With etcd, the store, the CA and the registry are there, shared by every replica.
+    let store = match &place {
+        StorePlace::Etcd(config) => Some(rt.block_on(open_etcd(config.clone()))?),
+        _ => None,
+    };
+    let etcd = store.as_ref().and_then(Store::etcd);
+    let blob = |suffix: &str, key: &str| match &etcd {
+        Some(etcd) => Blob::etcd(etcd.clone(), &format!("{IDENTITY}{key}")),
+        None => Blob::file(beside(&path, suffix).as_deref()),
+    };
+    let ca = std::sync::Arc::new(open_ca(&cli, blob(".ca.json", "ca"))?);
     if let Some(dir) = &cli.init_admin {
         return init_admin(&ca, dir, &cli.admin_name);
     }
@@ -178,9 +279,12 @@ fn main() -> anyhow::Result<()> {
             "--insecure-plaintext: the control link has no TLS; proxies are trusted to say who they are"
         );
     }
-    let store = Store::open(path.as_deref())?;
-    let registry = Registry::open(beside(&path, ".registry.json").as_deref())
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let store = match store {
+        Some(s) => s,
+        None => Store::open(path.as_deref())?,
+    };
+    let registry =
+        Registry::open_in(blob(".registry.json", "registry")).map_err(|e| anyhow::anyhow!(e))?;
     let mut module_keys = Vec::new();
     for f in &cli.module_trust {
         let text = std::fs::read_to_string(f)
@@ -221,9 +325,6 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?,
         )
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cli.listen).await?;
         let addr = listener.local_addr()?;
@@ -247,11 +348,17 @@ fn main() -> anyhow::Result<()> {
             );
         }
         tokio::spawn(advance_rotations(cp.clone()));
+        weft_controlplane::server::spawn_follower(cp.clone());
+        weft_controlplane::server::spawn_identity_follower(cp.clone());
         weft_controlplane::server::spawn_rollout_driver(cp.clone());
         let incoming = incoming(listener, link.clone());
         let max = weft_wire::MAX_MESSAGE;
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        // A peer that vanished without closing (its machine gone, its process stopped) is
+        // found by HTTP/2 pings within 20 s, and its stream closed.
         let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE))
             .add_service(
                 DistributionServer::new(DistributionService(cp.clone()))
                     .max_decoding_message_size(max)

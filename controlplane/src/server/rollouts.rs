@@ -150,29 +150,35 @@ impl ControlPlane {
     fn transition(
         &self,
         name: &str,
-        edit: impl FnOnce(&mut crate::store::State, &mut Rollout, u64) -> Result<String, Status>,
+        edit: impl Fn(&mut crate::store::State, &mut Rollout, u64) -> Result<String, Status>,
     ) -> Result<v1::ChangeResponse, Status> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let at = self.lock().store.current().clone();
-        let mut rollouts = (*at.rollouts).clone();
-        let r = rollouts
-            .get_mut(name)
-            .ok_or_else(|| Status::not_found(format!("no rollout of filter/{name}")))?;
-        let mut state = (*at.state).clone();
-        let what = edit(&mut state, r, now_ms())?;
-        self.commit(state, rollouts, what)
+        self.retrying(|| {
+            let at = self.lock().store.current().clone();
+            let mut rollouts = (*at.rollouts).clone();
+            let r = rollouts
+                .get_mut(name)
+                .ok_or_else(|| Status::not_found(format!("no rollout of filter/{name}")))?;
+            let mut state = (*at.state).clone();
+            let what = edit(&mut state, r, now_ms())?;
+            self.commit(at.number, state, rollouts, what)
+        })
     }
 
     /// Starts a rollout of `to` (a new revision of an existing filter).
     fn start_rollout(&self, to: Filter, plan: Plan) -> Result<(), Status> {
         plan.check().map_err(Status::invalid_argument)?;
-        let name = to.name.clone();
         if !to.module.starts_with("sha256:") {
             return Err(Status::invalid_argument(
                 "the new filter's module must be a digest (sha256:…) of an uploaded module",
             ));
         }
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.retrying(|| self.start_rollout_once(&to, &plan))
+    }
+
+    fn start_rollout_once(&self, to: &Filter, plan: &Plan) -> Result<(), Status> {
+        let (to, plan, name) = (to.clone(), plan.clone(), to.name.clone());
         let at = self.lock().store.current().clone();
         let key = (Kind::Filter, name.clone());
         let resource = at.state.get(&key).ok_or_else(|| {
@@ -239,7 +245,8 @@ impl ControlPlane {
         r.decide(now, format!("started: {what}"));
         let mut rollouts = (*at.rollouts).clone();
         rollouts.insert(name, r);
-        self.commit((*at.state).clone(), rollouts, what).map(|_| ())
+        self.commit(at.number, (*at.state).clone(), rollouts, what)
+            .map(|_| ())
     }
 
     /// Pauses, resumes or aborts rollout `name`.
@@ -274,7 +281,7 @@ impl ControlPlane {
                 "abort" if r.phase.active() => {
                     r.phase = Phase::Aborted;
                     r.canaries.clear();
-                    r.final_figures = summaries.unwrap_or_default();
+                    r.final_figures = summaries.clone().unwrap_or_default();
                     format!(
                         "aborted by an operator: every proxy runs revision {} again",
                         r.from.revision()
@@ -310,17 +317,17 @@ impl ControlPlane {
                 Verdict::Wait(_) => continue,
                 Verdict::RollBack(why) => self.transition(name, |_, r, now| {
                     if r.phase != Phase::Running || (r.step, r.step_started_ms) != (step, started) {
-                        return Err(Status::aborted("the rollout moved meanwhile"));
+                        return Err(Status::failed_precondition("the rollout moved meanwhile"));
                     }
                     r.phase = Phase::RolledBack;
                     r.canaries.clear();
-                    r.final_figures = summaries;
+                    r.final_figures = summaries.clone();
                     r.decide(now, format!("rolled back: {why}"));
                     Ok(format!("rollout filter/{name} rolled back: {why}"))
                 }),
                 Verdict::Advance(why) => self.transition(name, |state, r, now| {
                     if r.phase != Phase::Running || (r.step, r.step_started_ms) != (step, started) {
-                        return Err(Status::aborted("the rollout moved meanwhile"));
+                        return Err(Status::failed_precondition("the rollout moved meanwhile"));
                     }
                     if c.old.0.requests >= r.plan.min_requests {
                         r.baseline = Some(Baseline {
@@ -328,8 +335,8 @@ impl ControlPlane {
                             p99_us: weft_proxy::wasm::figures::quantile_us(&c.old.0.latency, 0.99),
                         });
                     }
-                    r.decide(now, why);
-                    self.next_step(name, state, r, now, summaries)
+                    r.decide(now, why.clone());
+                    self.next_step(name, state, r, now, summaries.clone())
                 }),
             };
             if let Err(e) = result {

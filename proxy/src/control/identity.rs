@@ -95,15 +95,31 @@ pub async fn establish(o: &ControlOptions) -> Result<Option<Arc<Identity>>, Stri
     let pin = token_pin(token)?;
     let key = new_key()?;
     let request = csr(&key)?;
-    let channel = connect(&o.url, &LinkSecurity::Pinned(pin)).await?;
-    let issued = v1::identity_client::IdentityClient::new(channel)
-        .enroll(v1::EnrollRequest {
-            token: token.trim().to_owned(),
-            csr: request,
-        })
-        .await
-        .map_err(|e| format!("enrollment refused: {}", e.message()))?
-        .into_inner();
+    // Each replica in turn, until one answers.
+    let mut last = String::new();
+    let mut issued = None;
+    for _ in 0..o.urls.len().max(1) {
+        let channel = match connect(o.url(), &LinkSecurity::Pinned(pin.clone())).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{}: {e}", o.url());
+                o.next_url();
+                continue;
+            }
+        };
+        issued = Some(
+            v1::identity_client::IdentityClient::new(channel)
+                .enroll(v1::EnrollRequest {
+                    token: token.trim().to_owned(),
+                    csr: request.clone(),
+                })
+                .await
+                .map_err(|e| format!("enrollment refused: {}", e.message()))?
+                .into_inner(),
+        );
+        break;
+    }
+    let issued = issued.ok_or(last)?;
     let m = material(&key, issued)?;
     m.save(&o.state_dir)
         .map_err(|e| format!("cannot save the identity in {}: {e}", o.state_dir.display()))?;
@@ -151,7 +167,14 @@ pub async fn renew_once(
 ) -> Result<Arc<Material>, String> {
     let key = new_key()?;
     let request = csr(&key)?;
-    let channel = connect(&o.url, &LinkSecurity::Mesh(identity.clone())).await?;
+    let channel = match connect(o.url(), &LinkSecurity::Mesh(identity.clone())).await {
+        Ok(c) => c,
+        Err(e) => {
+            // The subscription moves on too; the next renewal tries the next replica.
+            o.next_url();
+            return Err(e);
+        }
+    };
     let issued = v1::identity_client::IdentityClient::new(channel)
         .renew(v1::RenewRequest { csr: request })
         .await

@@ -178,6 +178,10 @@ fn tls_config(security: &LinkSecurity) -> Result<Option<rustls::ClientConfig>, S
     Ok(Some(c))
 }
 
+/// How often the proxy pings the control plane and how long it waits for the answer: a
+/// replica that stopped answering (a half-open link) is left within 20 s.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// A channel to the control plane.
 pub async fn connect(
     url: &str,
@@ -188,13 +192,17 @@ pub async fn connect(
     let endpoint = tonic::transport::Endpoint::from_shared(uri)
         .map_err(|e| format!("invalid URL: {e}"))?
         .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true);
     let Some(config) = tls_config(security)? else {
+        let service = tower::service_fn(|uri: http::Uri| async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(dial(&uri).await?))
+        });
         return endpoint
-            .connect()
+            .connect_with_connector(service)
             .await
-            .map_err(|e| format!("cannot connect: {e}"));
+            .map_err(connect_error);
     };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(host.clone())
@@ -203,19 +211,7 @@ pub async fn connect(
         let connector = connector.clone();
         let name = name.clone();
         async move {
-            let authority = uri
-                .authority()
-                .map(|a| a.to_string())
-                .ok_or_else(|| std::io::Error::other("no authority"))?;
-            let tcp = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::net::TcpStream::connect(authority),
-            )
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-            let _ = tcp.set_nodelay(true);
+            let tcp = dial(&uri).await?;
             let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
                 .await
                 .map_err(|_| {
@@ -224,16 +220,62 @@ pub async fn connect(
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    endpoint.connect_with_connector(service).await.map_err(|e| {
-        use std::error::Error;
-        let mut text = format!("cannot connect: {e}");
-        let mut source = e.source();
-        while let Some(s) = source {
-            text.push_str(&format!(": {s}"));
-            source = s.source();
+    endpoint
+        .connect_with_connector(service)
+        .await
+        .map_err(connect_error)
+}
+
+/// A TCP connection to `uri`'s host: a name with several addresses (a headless service of
+/// replicas) is tried address by address from a random one, so that proxies spread over them
+/// and one that is down is passed over.
+async fn dial(uri: &http::Uri) -> std::io::Result<tokio::net::TcpStream> {
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .ok_or_else(|| std::io::Error::other("no authority"))?;
+    let mut addrs: Vec<std::net::SocketAddr> = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host(authority.as_str()),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "name lookup timed out"))??
+    .collect();
+    if addrs.is_empty() {
+        return Err(std::io::Error::other(format!("{authority}: no address")));
+    }
+    let start = fastrand::usize(..addrs.len());
+    addrs.rotate_left(start);
+    let mut last = None;
+    for addr in addrs {
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+            .await
+        {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {addr} timed out"),
+                ));
+            }
         }
-        text
-    })
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no address answered")))
+}
+
+fn connect_error(e: tonic::transport::Error) -> String {
+    use std::error::Error;
+    let mut text = format!("cannot connect: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

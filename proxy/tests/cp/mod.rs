@@ -69,6 +69,17 @@ impl Cp {
         cp
     }
 
+    /// A control plane on TLS whose operator credential goes to `admin` (written there by
+    /// `--init-admin` unless it exists: replicas share one).
+    pub fn start_tls_admin(store: &Path, listen: &str, extra: &[&str], admin: &Path) -> Cp {
+        if !admin.join("admin.pem").exists() {
+            init_admin(store, extra, admin);
+        }
+        let mut cp = Cp::spawn(store, listen, true, extra);
+        cp.admin = Some(admin.to_owned());
+        cp
+    }
+
     /// Writes the operator credential again (after a root rotation).
     pub fn renew_admin(&self) {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
@@ -238,4 +249,82 @@ pub fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
     p.to_string_lossy().into_owned()
+}
+
+/// A real etcd (Debian's `etcd-server`; `scripts/test` installs it) on loopback ports, with a
+/// data directory of its own: stopped, started again on the same ports and data, paused.
+pub struct Etcd {
+    child: Option<Child>,
+    pub client: SocketAddr,
+    peer: SocketAddr,
+    data: PathBuf,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port free now on 127.0.0.1.
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            client: free_port(),
+            peer: free_port(),
+            data: dir.join("etcd-data"),
+        };
+        e.restart();
+        e
+    }
+
+    /// `etcd://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.client)
+    }
+
+    /// Starts etcd (again) on the same ports and data; returns once it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        let client = format!("http://{}", self.client);
+        let peer = format!("http://{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts (Debian's etcd-server; scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, body)) = weft_testkit::http_get(self.client, "/health")
+                && body.contains("true")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills etcd (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -1,0 +1,426 @@
+//! weft-cp replicas on a real etcd, with real proxies under continuous load: an apply on any
+//! replica reaches every proxy, concurrent applies on two replicas both land as consecutive
+//! versions, a killed replica's proxies move to the others without a failed request, etcd
+//! going away changes nothing that serves (and applies are refused clearly until it is back),
+//! and a replica that stops answering (SIGSTOP: a half-open link) is left by keepalive.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+mod cp;
+
+use cp::{Cp, Etcd, TOKEN, WEFT, stdout, write};
+use weft_testkit::{Backend, Weft, client, eventually};
+
+const BOOTSTRAP: &str = "drain: { grace_period: 1s }\n";
+
+/// A proxy of every replica in `cps` (it picks one at random, and moves on when it goes).
+fn proxy(cps: &[&Cp], id: &str, state: &Path) -> Weft {
+    let urls: Vec<String> = cps.iter().map(|c| c.url()).collect();
+    let urls = urls.join(",");
+    let state = state.join(id).to_string_lossy().into_owned();
+    Weft::start_env(
+        WEFT,
+        BOOTSTRAP,
+        &[
+            "--workers",
+            "1",
+            "--insecure-plaintext",
+            "--control-plane",
+            &urls,
+            "--node-id",
+            id,
+            "--state-dir",
+            &state,
+        ],
+        &[("WEFT_CP_TOKEN", TOKEN)],
+    )
+}
+
+/// The mesh, its cluster on `backend`.
+fn mesh(backend: &Backend) -> String {
+    format!(
+        r#"
+kind: cluster
+spec: {{ name: app, endpoints: ["{}"] }}
+---
+kind: routes
+spec: {{ name: main, routes: [ {{ to: [ {{ cluster: app }} ] }} ] }}
+---
+kind: listener
+spec: {{ name: main, address: "127.0.0.1:0", routes: main }}
+"#,
+        backend.endpoint()
+    )
+}
+
+fn cluster(name: &str, backend: &Backend) -> String {
+    format!(
+        "kind: cluster\nspec: {{ name: {name}, endpoints: [\"{}\"] }}\n",
+        backend.endpoint()
+    )
+}
+
+/// The proxies connected to `cp` now.
+fn connected(cp: &Cp) -> Vec<String> {
+    stdout(&cp.ctl(&["status"]))
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("connected"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// The backend each proxy's `main` listener reaches.
+async fn backends(proxies: &[Weft]) -> Vec<String> {
+    let c = client::http1();
+    let mut out = Vec::new();
+    for p in proxies {
+        let b = match client::get(&c, &p.url("main", "/")).await {
+            Ok(r) => r.header("x-backend").unwrap_or_default().to_owned(),
+            Err(e) => e,
+        };
+        out.push(b);
+    }
+    out
+}
+
+/// Requests to every URL in turn until `stop` (at most 3 minutes, 40,000 requests): the
+/// failures, with what they were.
+fn load(urls: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let c = client::http1();
+        let started = Instant::now();
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for n in 0..40_000usize {
+            if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(180) {
+                break;
+            }
+            match client::get(&c, &urls[n % urls.len()]).await {
+                Ok(r) if r.status == 200 => ok += 1,
+                Ok(r) => failed.push(format!("{}: {}", urls[n % urls.len()], r.status)),
+                Err(e) => failed.push(format!("{}: {e}", urls[n % urls.len()])),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (ok, failed)
+    })
+}
+
+/// Version numbers and changes of `history`.
+fn history(cp: &Cp) -> Vec<(u64, String)> {
+    stdout(&cp.ctl(&["history"]))
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            let _at = w.next()?;
+            Some((n, w.collect::<Vec<_>>().join(" ")))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_etcd_share_changes_and_proxies_fail_over_without_a_failed_request() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut etcd = Etcd::start(dir.path());
+    let store = etcd.url();
+    let store = Path::new(&store);
+    let mut cps: Vec<Option<Cp>> = (0..3)
+        .map(|_| Some(Cp::start(store, "127.0.0.1:0")))
+        .collect();
+    let one = Backend::start("one").await;
+    let two = Backend::start("two").await;
+    let three = Backend::start("three").await;
+
+    let all: Vec<&Cp> = cps.iter().flatten().collect();
+    let mut proxies: Vec<Weft> = ["p-1", "p-2", "p-3"]
+        .iter()
+        .map(|id| proxy(&all, id, dir.path()))
+        .collect();
+    eventually(Duration::from_secs(30), "every proxy connects", || {
+        all.iter().map(|c| connected(c).len()).sum::<usize>() == 3
+    });
+
+    // An apply on replica 1 reaches every proxy, wherever it is connected.
+    let f = write(dir.path(), "mesh.yaml", &mesh(&one));
+    let out = all[0].ctl(&["apply", "-f", &f]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    eventually(
+        Duration::from_secs(30),
+        "every proxy serves the mesh",
+        || {
+            proxies.iter_mut().all(|p| {
+                p.refresh_listeners();
+                p.listener("main").is_some()
+            })
+        },
+    );
+    assert_eq!(backends(&proxies).await, ["one", "one", "one"]);
+
+    // Two applies at once on two replicas: both land, as consecutive versions, on every
+    // replica; neither loses the other.
+    let before = history(all[0]).last().map_or(0, |v| v.0);
+    let fa = write(dir.path(), "a.yaml", &cluster("extra-a", &two));
+    let fb = write(dir.path(), "b.yaml", &cluster("extra-b", &two));
+    let (ra, rb) = std::thread::scope(|s| {
+        let a = s.spawn(|| all[1].ctl(&["apply", "-f", &fa]));
+        let b = s.spawn(|| all[2].ctl(&["apply", "-f", &fb]));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert!(ra.status.success(), "{}", stdout(&ra));
+    assert!(rb.status.success(), "{}", stdout(&rb));
+    for cp in &all {
+        eventually(
+            Duration::from_secs(10),
+            "both applies on every replica",
+            || {
+                let h = history(cp);
+                let tail: Vec<&(u64, String)> = h.iter().filter(|v| v.0 > before).collect();
+                tail.len() == 2
+                    && tail[0].0 == before + 1
+                    && tail[1].0 == before + 2
+                    && tail.iter().any(|v| v.1.contains("extra-a"))
+                    && tail.iter().any(|v| v.1.contains("extra-b"))
+            },
+        );
+        let got = stdout(&cp.ctl(&["get", "cluster"]));
+        assert!(
+            got.contains("name: extra-a") && got.contains("name: extra-b"),
+            "{got}"
+        );
+    }
+
+    // Continuous load through every proxy from here on.
+    let urls: Vec<String> = proxies.iter().map(|p| p.url("main", "/")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(urls, stop.clone());
+
+    // Kill the replica with the most proxies: they move to the others within seconds.
+    let counts: Vec<usize> = all.iter().map(|c| connected(c).len()).collect();
+    let victim = (0..3).max_by_key(|&i| counts[i]).expect("a replica");
+    drop(all);
+    let mut gone = cps[victim].take().expect("victim");
+    let _ = gone.child.kill();
+    let _ = gone.child.wait();
+    drop(gone);
+    let left: Vec<&Cp> = cps.iter().flatten().collect();
+    let moved = Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "the killed replica's proxies reconnect to the others",
+        || left.iter().map(|c| connected(c).len()).sum::<usize>() == 3,
+    );
+    let failover = moved.elapsed();
+    // A change on a remaining replica reaches every proxy.
+    let f = write(dir.path(), "mesh2.yaml", &mesh(&two));
+    let out = left[0].ctl(&["apply", "-f", &f]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let c = client::http1();
+    for p in &proxies {
+        let url = p.url("main", "/");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = client::get(&c, &url).await.expect("served");
+            if r.header("x-backend") == Some("two") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the change reached {url}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // etcd goes away: proxies keep serving, applies are refused clearly and change nothing.
+    let versions = history(left[0]);
+    etcd.stop();
+    let f3 = write(dir.path(), "mesh3.yaml", &mesh(&three));
+    let out = left[1].ctl(&["apply", "-f", &f3]);
+    assert!(!out.status.success(), "an apply without etcd is refused");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("cannot be reached") && err.contains("nothing changed"),
+        "{err}"
+    );
+    assert_eq!(history(left[0]), versions, "nothing changed");
+    assert_eq!(history(left[1]), versions, "nothing changed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(backends(&proxies).await, ["two", "two", "two"]);
+
+    // etcd back: replicas catch up by themselves; an apply lands everywhere.
+    etcd.restart();
+    eventually(Duration::from_secs(30), "an apply is taken again", || {
+        left[1].ctl(&["apply", "-f", &f3]).status.success()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while backends(&proxies).await != ["three", "three", "three"] {
+        assert!(
+            Instant::now() < deadline,
+            "the change after etcd came back reached every proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h0 = history(left[0]);
+    assert_eq!(h0, history(left[1]), "both replicas hold the same history");
+    assert_eq!(
+        h0.len(),
+        versions.len() + 1,
+        "nothing lost, nothing doubled"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = running.await.expect("load");
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    assert!(
+        failed.is_empty(),
+        "no request failed through a replica's death and etcd's absence: {failed:?}"
+    );
+    eprintln!("failover took {failover:?}; {ok} requests, none failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_answering_is_left_by_keepalive_on_both_sides() {
+    let dir = tempfile::tempdir().expect("dir");
+    let etcd = Etcd::start(dir.path());
+    let store = etcd.url();
+    let store = Path::new(&store);
+    let a = Cp::start(store, "127.0.0.1:0");
+    let b = Cp::start(store, "127.0.0.1:0");
+    let backend = Backend::start("one").await;
+    let mut p = proxy(&[&a, &b], "p-1", dir.path());
+    eventually(Duration::from_secs(30), "the proxy connects", || {
+        connected(&a).len() + connected(&b).len() == 1
+    });
+    let f = write(dir.path(), "mesh.yaml", &mesh(&backend));
+    assert!(a.ctl(&["apply", "-f", &f]).status.success());
+    eventually(Duration::from_secs(30), "the proxy serves the mesh", || {
+        p.refresh_listeners();
+        p.listener("main").is_some()
+    });
+    let (on, other) = if connected(&a).len() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+
+    // The proxy's replica stops (its sockets stay open: nothing tells the proxy).
+    let pid = on.child.id() as i32;
+    // SAFETY: kill(2) on a child of this test with a valid signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the proxy leaves the stopped replica for the other",
+        || connected(other).len() == 1,
+    );
+    let proxy_side = stopped.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let r = client::get(&client::http1(), &p.url("main", "/"))
+        .await
+        .expect("served throughout");
+    assert_eq!(r.status, 200);
+
+    // The proxy stops: its replica finds the link dead and counts it gone.
+    p.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the replica finds the stopped proxy gone",
+        || connected(other).is_empty(),
+    );
+    let server_side = stopped.elapsed();
+    p.signal(libc::SIGCONT);
+    eprintln!(
+        "half-open link found: by the proxy in {proxy_side:?}, by weft-cp in {server_side:?}"
+    );
+}
+
+/// The pin weft-cp logged at start (the root its certificate chains to).
+fn pin(cp: &Cp) -> String {
+    let log = cp.log.lock().expect("log");
+    log.iter()
+        .find_map(|l| l.split("pin=").nth(1))
+        .map(|p| p.split_whitespace().next().unwrap_or_default().to_owned())
+        .expect("weft-cp logs its pin")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_replicas_share_the_ca_and_the_registry_and_a_proxy_moves_with_its_identity() {
+    let dir = tempfile::tempdir().expect("dir");
+    let etcd = Etcd::start(dir.path());
+    let store = etcd.url();
+    let store = Path::new(&store);
+    let admin = dir.path().join("admin");
+    let a = Cp::start_tls_admin(store, "127.0.0.1:0", &[], &admin);
+    let b = Cp::start_tls_admin(store, "127.0.0.1:0", &[], &admin);
+    assert_eq!(pin(&a), pin(&b), "one CA for every replica");
+
+    // Registrations made at once on two replicas are both kept.
+    let (web1, web2) = std::thread::scope(|s| {
+        let x = s.spawn(|| a.add_node("web-1", "shop/web", &["app=web"], &[]));
+        let y = s.spawn(|| b.add_node("web-2", "shop/web", &["app=web"], &[]));
+        (x.join().expect("web-1"), y.join().expect("web-2"))
+    });
+    for cp in [&a, &b] {
+        eventually(
+            Duration::from_secs(10),
+            "both registrations everywhere",
+            || {
+                let list = stdout(&cp.ctl(&["node", "list"]));
+                list.contains("web-1") && list.contains("web-2")
+            },
+        );
+    }
+    let backend = Backend::start("one").await;
+    let f = write(dir.path(), "mesh.yaml", &mesh(&backend));
+    assert!(b.ctl(&["apply", "-f", &f]).status.success());
+
+    // A proxy enrolls (with a token made on replica a, wherever it lands) and serves.
+    let urls = format!("{},{}", a.url(), b.url());
+    let state = dir.path().join("web-1").to_string_lossy().into_owned();
+    let mut p = Weft::start_env(
+        WEFT,
+        BOOTSTRAP,
+        &[
+            "--workers",
+            "1",
+            "--control-plane",
+            &urls,
+            "--state-dir",
+            &state,
+        ],
+        &[("WEFT_JOIN_TOKEN", web1.lines().last().unwrap_or_default())],
+    );
+    eventually(Duration::from_secs(30), "the proxy serves the mesh", || {
+        p.refresh_listeners();
+        p.listener("main").is_some()
+    });
+    let (on, other) = if connected(&a).contains(&"web-1".to_owned()) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    // Its replica goes: it moves to the other one with the same certificate.
+    drop(on);
+    eventually(
+        Duration::from_secs(20),
+        "the proxy reconnects to the other replica by its certificate",
+        || connected(&other).contains(&"web-1".to_owned()),
+    );
+    let two = Backend::start("two").await;
+    let f = write(dir.path(), "mesh2.yaml", &mesh(&two));
+    let out = other.ctl(&["apply", "-f", &f]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("1/1 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    let r = client::get(&client::http1(), &p.url("main", "/"))
+        .await
+        .expect("served");
+    assert_eq!(r.header("x-backend"), Some("two"));
+    drop(web2);
+}
