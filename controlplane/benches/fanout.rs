@@ -91,9 +91,7 @@ fn main() -> anyhow::Result<()> {
                     node_id: format!("sim-{i}"),
                     labels: [("app".to_owned(), "sim".to_owned())].into(),
                     proxy_version: "bench".into(),
-                    applied_version: 0,
-                    bundle_generation: 0,
-                    applied_digest: String::new(),
+                    ..Default::default()
                 })),
             })
             .await?;

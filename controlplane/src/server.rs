@@ -110,6 +110,8 @@ pub struct CpMetrics {
     version: prometheus_client::metrics::gauge::Gauge,
     /// 1 while the store (etcd) answers; always 1 for the file store.
     store_up: prometheus_client::metrics::gauge::Gauge,
+    /// Snapshots sent as changes only.
+    incremental: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -130,6 +132,7 @@ impl CpMetrics {
             sent_bytes: Default::default(),
             version: Default::default(),
             store_up: Default::default(),
+            incremental: Default::default(),
             registry: Mutex::default(),
         };
         m.store_up.set(1);
@@ -154,6 +157,11 @@ impl CpMetrics {
             m.sent_bytes.clone(),
         );
         registry.register("version", "The current version", m.version.clone());
+        registry.register(
+            "incremental_pushes",
+            "Snapshots sent as what changed since the version the proxy holds",
+            m.incremental.clone(),
+        );
         registry.register(
             "store_up",
             "1 while the store (etcd) answers and changes are taken",
@@ -437,13 +445,50 @@ impl ControlPlane {
             .collect();
         v1::Snapshot {
             version: at.number,
-            config_json: serde_json::to_vec(&config).unwrap_or_default(),
+            // Canonical JSON: a proxy building it back from an incremental snapshot makes
+            // the same bytes.
+            config_json: weft_proxy::control::delta::canonical(&config),
             modules: refs,
             report_interval_ms: if reporting {
                 rollouts::REPORT_INTERVAL_MS
             } else {
                 0
             },
+            ..Default::default()
+        }
+    }
+
+    /// The snapshot of `at` for `node`: only what changed since version `base` when the proxy
+    /// holds it, it is still in the history, and the changes weigh less than the whole.
+    fn push_for(
+        &self,
+        at: &crate::store::Version,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+        base: Option<u64>,
+    ) -> v1::Snapshot {
+        use weft_proxy::control::delta;
+        let full = self.snapshot_for(at, node, labels);
+        let Some(b) = base.filter(|b| *b != at.number) else {
+            return full;
+        };
+        let Some(old) = self.lock().store.get(b).cloned() else {
+            return full;
+        };
+        let old = self.snapshot_for(&old, node, labels);
+        let Some((changes, orders)) = delta::diff(&old.config_json, &full.config_json) else {
+            return full;
+        };
+        if delta::size(&changes, &orders) >= full.config_json.len() {
+            return full;
+        }
+        v1::Snapshot {
+            config_digest: weft_proxy::control::config_digest(&full.config_json),
+            config_json: Vec::new(),
+            base_version: b,
+            changes,
+            orders,
+            ..full
         }
     }
 
@@ -804,6 +849,10 @@ impl Distribution for DistributionService {
                     &cp.snapshot_for(&at, &node, &labels).config_json,
                 ) != hello.applied_digest
         };
+        // The version whose configuration the proxy holds as sent: changes are sent on it.
+        let mut base =
+            (hello.delta_base != 0 && hello.delta_base == hello.applied_version && !stale)
+                .then_some(hello.applied_version);
         tokio::spawn(async move {
             let mut sent = if stale { 0 } else { hello.applied_version };
             let mut sent_trust = hello.bundle_generation;
@@ -820,11 +869,16 @@ impl Distribution for DistributionService {
                 if current != sent {
                     let snapshot = {
                         let at = cp.lock().store.current().clone();
-                        cp.snapshot_for(&at, &node, &labels)
+                        cp.push_for(&at, &node, &labels, base)
                     };
                     // The store may have moved past the version that woke us: that is sent.
                     let current = snapshot.version;
-                    let bytes = snapshot.config_json.len() as u64;
+                    let bytes = (snapshot.config_json.len()
+                        + weft_proxy::control::delta::size(&snapshot.changes, &snapshot.orders))
+                        as u64;
+                    if snapshot.base_version != 0 {
+                        cp.metrics.incremental.inc();
+                    }
                     let digests: Vec<String> =
                         snapshot.modules.iter().map(|m| m.digest.clone()).collect();
                     cp.update(&node, stream_id, |p| p.modules.extend(digests));
@@ -864,6 +918,14 @@ impl Distribution for DistributionService {
                                     .observe(now.saturating_sub(at) as f64 / 1000.0);
                             }
                             cp.update(&node, stream_id, |p| p.applied = a.version);
+                            base = Some(a.version);
+                        }
+                        Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Nack(n)) })) if n.reason.starts_with("delta:") => {
+                            // It could not build the configuration from the changes: it gets
+                            // the whole configuration.
+                            tracing::info!(node = %node, version = n.version, reason = %n.reason, "sending the whole configuration");
+                            base = None;
+                            sent = 0;
                         }
                         Ok(Some(v1::ProxyMessage { kind: Some(v1::proxy_message::Kind::Nack(n)) })) => {
                             tracing::warn!(node = %node, version = n.version, reason = %n.reason, "proxy refused a version");

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 
+pub mod delta;
 pub mod identity;
 pub mod link;
 
@@ -341,6 +342,7 @@ pub fn spawn(
         renew_now,
         figures,
         report_every: tokio::sync::watch::Sender::new(0u32),
+        held: std::sync::Mutex::new(None),
     };
     tokio::spawn(async move {
         let mut applied = applied;
@@ -399,6 +401,34 @@ struct SessionContext {
     /// The report interval the last snapshot asked for: it holds across reconnections (a
     /// control plane does not resend a snapshot the proxy has).
     report_every: tokio::sync::watch::Sender<u32>,
+    /// The version applied last and its configuration as sent (canonical JSON): what an
+    /// incremental snapshot is built on. Not kept across restarts.
+    held: std::sync::Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl SessionContext {
+    fn held(&self) -> Option<(u64, Arc<Vec<u8>>)> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// An incremental snapshot made whole from the configuration held; a whole one as it is.
+fn expand(ctx: &SessionContext, mut s: v1::Snapshot) -> Result<v1::Snapshot, String> {
+    if s.base_version == 0 {
+        return Ok(s);
+    }
+    let Some((version, base)) = ctx.held().filter(|(v, _)| *v == s.base_version) else {
+        return Err(format!(
+            "delta: built on version {}, which this proxy does not hold",
+            s.base_version
+        ));
+    };
+    debug_assert_eq!(version, s.base_version);
+    s.config_json = delta::rebuild(&base, &s.changes, &s.orders, &s.config_digest)?;
+    s.base_version = 0;
+    s.changes.clear();
+    s.orders.clear();
+    Ok(s)
 }
 
 async fn session(
@@ -432,6 +462,11 @@ async fn session(
                 .filter(|(v, _)| v == applied)
                 .map(|(_, d)| d)
                 .unwrap_or_default(),
+            delta_base: ctx
+                .held()
+                .map(|(v, _)| v)
+                .filter(|v| v == applied)
+                .unwrap_or(0),
         })),
     };
     out.send(hello).await.map_err(|e| e.to_string())?;
@@ -498,6 +533,21 @@ async fn session(
             None => continue,
         };
         report_every.send_replace(s.report_interval_ms);
+        let version = s.version;
+        let s = match expand(ctx, s) {
+            Ok(s) => s,
+            Err(reason) => {
+                tracing::info!(version, "{reason}: asking for the whole configuration");
+                out.send(v1::ProxyMessage {
+                    kind: Some(v1::proxy_message::Kind::Nack(v1::Nack { version, reason })),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                // A newer snapshot replaces one waiting to be tried again.
+                retry = None;
+                continue;
+            }
+        };
         retry = apply_snapshot(o, &mut client, ctx, &out, applied, s, FIRST_RETRY).await?;
     }
     Ok(())
@@ -526,6 +576,7 @@ async fn apply_snapshot(
     } = ctx;
     let version = s.version;
     let digest = config_digest(&s.config_json);
+    let sent = Arc::new(s.config_json.clone());
     // Signatures are checked before a module is fetched or compiled.
     let parsed = serde_json::from_slice::<Config>(&s.config_json)
         .map_err(|e| format!("the snapshot does not parse: {e}"))
@@ -566,6 +617,7 @@ async fn apply_snapshot(
     let kind = match result {
         Ok(()) => {
             *applied = version;
+            *ctx.held.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, sent));
             last_update.set(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

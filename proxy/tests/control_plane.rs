@@ -613,3 +613,172 @@ spec: { name: main, routes: [ { direct_response: { status: 200 } } ] }
         || cp.ctl(&["apply", "-f", &clash]).status.success(),
     );
 }
+
+/// A counter of weft-cp's metrics text.
+fn cp_metric(cp: &Cp, name: &str) -> f64 {
+    cp.metrics_text()
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_after_the_first_carry_only_what_changed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cp = Cp::start(&dir.path().join("cp.json"), "127.0.0.1:0");
+    let one = Backend::start("one").await;
+    let two = Backend::start("two").await;
+    let mut p = proxy(&cp, "p-1", &[], dir.path());
+    let padding: String = (0..40)
+        .map(|i| {
+            format!(
+                "---\nkind: cluster\nspec: {{ name: pad-{i:02}, endpoints: [\"127.0.0.1:{}\"] }}\n",
+                20000 + i
+            )
+        })
+        .collect();
+    let f = write(
+        dir.path(),
+        "mesh.yaml",
+        &format!("{}{padding}", mesh(&one, 0)),
+    );
+    let out = cp.ctl(&["apply", "-f", &f]);
+    assert!(
+        stdout(&out).contains("1/1 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    p.refresh_listeners();
+    let full = cp_metric(&cp, "weft_cp_sent_bytes_total");
+    assert!(
+        full > 2000.0,
+        "the first push is the whole configuration ({full} bytes)"
+    );
+    assert_eq!(cp_metric(&cp, "weft_cp_incremental_pushes_total"), 0.0);
+
+    // One cluster changes: the push carries that cluster, the proxy serves the change.
+    let f = write(
+        dir.path(),
+        "app.yaml",
+        &format!(
+            "kind: cluster\nspec: {{ name: app, endpoints: [\"{}\"] }}\n",
+            two.endpoint()
+        ),
+    );
+    let out = cp.ctl(&["apply", "-f", &f]);
+    assert!(
+        stdout(&out).contains("1/1 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    let r = client::get(&client::http1(), &p.url("main", "/"))
+        .await
+        .expect("served");
+    assert_eq!(r.header("x-backend"), Some("two"));
+    assert_eq!(cp_metric(&cp, "weft_cp_incremental_pushes_total"), 1.0);
+    let delta = cp_metric(&cp, "weft_cp_sent_bytes_total") - full;
+    assert!(
+        delta * 5.0 < full,
+        "an incremental push ({delta} bytes) is a fraction of the whole ({full} bytes)"
+    );
+
+    // A removal: gone from the proxy's configuration too.
+    let out = cp.ctl(&["delete", "cluster", "pad-07"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    eventually(Duration::from_secs(20), "the removal is applied", || {
+        let config = p.admin_get("/config").1;
+        !config.contains("pad-07") && config.contains("pad-08")
+    });
+    assert_eq!(cp_metric(&cp, "weft_cp_incremental_pushes_total"), 2.0);
+
+    // A restarted proxy holds no configuration as sent: it gets the whole one, once.
+    let state = dir.path().to_owned();
+    drop(p);
+    let p = proxy(&cp, "p-1", &[], &state);
+    let f = write(
+        dir.path(),
+        "pad.yaml",
+        "kind: cluster\nspec: { name: pad-99, endpoints: [\"127.0.0.1:9\"] }\n",
+    );
+    let out = cp.ctl(&["apply", "-f", &f]);
+    assert!(
+        stdout(&out).contains("1/1 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(cp_metric(&cp, "weft_cp_incremental_pushes_total"), 2.0);
+    assert!(p.admin_get("/config").1.contains("pad-99"));
+
+    // A proxy that cannot build on the changes NACKs with "delta:" and gets the whole
+    // configuration of the same version.
+    use weft_wire::v1;
+    let channel = tonic::transport::Endpoint::from_shared(cp.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let current: u64 = stdout(&cp.ctl(&["history"]))
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("a version");
+    let mut control = v1::control_client::ControlClient::new(channel.clone());
+    let mut dist = v1::distribution_client::DistributionClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(v1::ProxyMessage {
+        kind: Some(v1::proxy_message::Kind::Hello(v1::Hello {
+            node_id: "liar".into(),
+            applied_version: current,
+            delta_base: current,
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    let mut pushes = dist.subscribe(req).await.expect("subscribed").into_inner();
+    // Applied directly (weftctl would wait for the ACK that will not come).
+    let mut apply = tonic::Request::new(v1::ApplyRequest {
+        yaml: "kind: cluster\nspec: { name: pad-98, endpoints: [\"127.0.0.1:9\"] }\n".into(),
+    });
+    apply.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    control.apply(apply).await.expect("applied");
+    let d = next_snapshot(&mut pushes).await;
+    assert_eq!(
+        d.base_version, current,
+        "changes on what the proxy said it holds"
+    );
+    assert!(d.config_json.is_empty() && !d.changes.is_empty());
+    tx.send(v1::ProxyMessage {
+        kind: Some(v1::proxy_message::Kind::Nack(v1::Nack {
+            version: d.version,
+            reason: "delta: built on a version this proxy does not hold".into(),
+        })),
+    })
+    .await
+    .expect("nack");
+    let whole = next_snapshot(&mut pushes).await;
+    assert_eq!(whole.version, d.version);
+    assert_eq!(whole.base_version, 0);
+    assert!(String::from_utf8_lossy(&whole.config_json).contains("pad-98"));
+}
+
+async fn next_snapshot(s: &mut tonic::Streaming<weft_wire::v1::Push>) -> weft_wire::v1::Snapshot {
+    use weft_wire::v1;
+    match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
+        Ok(Ok(Some(v1::Push {
+            kind: Some(v1::push::Kind::Snapshot(s)),
+        }))) => s,
+        other => panic!("a snapshot: {other:?}"),
+    }
+}
