@@ -233,7 +233,17 @@ pub struct ControlPlane {
     rollout_figures: Mutex<rollouts::Reports>,
     /// How long a disconnected proxy's labels still count in validation (milliseconds).
     forget_after_ms: std::sync::atomic::AtomicU64,
+    /// Snapshots of one version by (base version, labels).
+    push_cache: Mutex<PushCache>,
 }
+
+type PushCache = (
+    u64,
+    HashMap<(u64, BTreeMap<String, String>), Arc<v1::Snapshot>>,
+);
+
+/// Snapshots kept per version (label sets × base versions).
+const PUSH_CACHE: usize = 4096;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct NodeLabels {
@@ -354,6 +364,7 @@ impl ControlPlane {
             forget_after_ms: std::sync::atomic::AtomicU64::new(
                 DEFAULT_FORGET_AFTER.as_millis() as u64
             ),
+            push_cache: Mutex::new((0, HashMap::new())),
         }))
     }
 
@@ -461,6 +472,35 @@ impl ControlPlane {
     /// The snapshot of `at` for `node`: only what changed since version `base` when the proxy
     /// holds it, it is still in the history, and the changes weigh less than the whole.
     fn push_for(
+        &self,
+        at: &crate::store::Version,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+        base: Option<u64>,
+    ) -> v1::Snapshot {
+        // Without a rollout running, what a proxy gets depends on its labels alone: proxies
+        // with the same labels share one snapshot, built once per version.
+        if at.rollouts.values().any(|r| r.phase.active()) {
+            return self.build_push(at, node, labels, base);
+        }
+        let key = (base.unwrap_or(0), labels.clone());
+        let mut cache = self.push_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0 != at.number {
+            *cache = (at.number, HashMap::new());
+        }
+        if let Some(s) = cache.1.get(&key) {
+            return (**s).clone();
+        }
+        drop(cache);
+        let built = Arc::new(self.build_push(at, node, labels, base));
+        let mut cache = self.push_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0 == at.number && cache.1.len() < PUSH_CACHE {
+            cache.1.insert(key, built.clone());
+        }
+        (*built).clone()
+    }
+
+    fn build_push(
         &self,
         at: &crate::store::Version,
         node: &str,
@@ -726,6 +766,31 @@ impl ControlPlane {
     }
 }
 
+/// A snapshot as pushes: itself with the first [`weft_wire::CONFIG_PART`] bytes of its
+/// configuration, then the rest in parts.
+fn in_parts(mut snapshot: v1::Snapshot) -> Vec<v1::Push> {
+    let part = weft_wire::CONFIG_PART;
+    if snapshot.config_json.len() <= part {
+        return vec![v1::Push {
+            kind: Some(v1::push::Kind::Snapshot(snapshot)),
+        }];
+    }
+    let rest = snapshot.config_json.split_off(part);
+    let parts: Vec<v1::Push> = rest
+        .chunks(part)
+        .map(|c| v1::Push {
+            kind: Some(v1::push::Kind::Part(v1::ConfigPart { data: c.to_vec() })),
+        })
+        .collect();
+    snapshot.parts = parts.len() as u32;
+    let mut out = Vec::with_capacity(parts.len() + 1);
+    out.push(v1::Push {
+        kind: Some(v1::push::Kind::Snapshot(snapshot)),
+    });
+    out.extend(parts);
+    out
+}
+
 /// A duration given in milliseconds on the wire, `0` meaning `default`.
 fn millis_or(ms: u64, default: Duration) -> Duration {
     match ms {
@@ -846,7 +911,7 @@ impl Distribution for DistributionService {
             let at = cp.lock().store.current().clone();
             at.number == hello.applied_version
                 && weft_proxy::control::config_digest(
-                    &cp.snapshot_for(&at, &node, &labels).config_json,
+                    &cp.push_for(&at, &node, &labels, None).config_json,
                 ) != hello.applied_digest
         };
         // The version whose configuration the proxy holds as sent: changes are sent on it.
@@ -882,10 +947,14 @@ impl Distribution for DistributionService {
                     let digests: Vec<String> =
                         snapshot.modules.iter().map(|m| m.digest.clone()).collect();
                     cp.update(&node, stream_id, |p| p.modules.extend(digests));
-                    let push = v1::Push {
-                        kind: Some(v1::push::Kind::Snapshot(snapshot)),
-                    };
-                    if tx.send(Ok(push)).await.is_err() {
+                    let mut sending = true;
+                    for push in in_parts(snapshot) {
+                        if tx.send(Ok(push)).await.is_err() {
+                            sending = false;
+                            break;
+                        }
+                    }
+                    if !sending {
                         break;
                     }
                     cp.metrics.sent_bytes.inc_by(bytes);

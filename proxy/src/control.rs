@@ -505,7 +505,30 @@ async fn session(
             }
         };
         let s = match push.kind {
-            Some(v1::push::Kind::Snapshot(s)) => s,
+            Some(v1::push::Kind::Snapshot(mut s)) => {
+                // The rest of a large configuration follows in parts.
+                for _ in 0..s.parts {
+                    let part = tokio::time::timeout(PART_WAIT, snapshots.message())
+                        .await
+                        .map_err(|_| "a snapshot's parts stopped coming".to_owned())?
+                        .map_err(|e| e.message().to_owned())?;
+                    let Some(v1::Push {
+                        kind: Some(v1::push::Kind::Part(p)),
+                    }) = part
+                    else {
+                        return Err("a snapshot's parts were interrupted".into());
+                    };
+                    if s.config_json.len() + p.data.len() > weft_wire::MAX_MESSAGE {
+                        return Err("a snapshot larger than allowed".into());
+                    }
+                    s.config_json.extend_from_slice(&p.data);
+                }
+                s.parts = 0;
+                s
+            }
+            Some(v1::push::Kind::Part(_)) => {
+                return Err("a snapshot part without its snapshot".into());
+            }
             Some(v1::push::Kind::Trust(t)) => {
                 let Some(id) = &o.identity else { continue };
                 let renew = t.renew;
@@ -552,6 +575,9 @@ async fn session(
     }
     Ok(())
 }
+
+/// How long the next part of a snapshot may take.
+const PART_WAIT: Duration = Duration::from_secs(60);
 
 /// The first wait before a snapshot whose modules could not be fetched is tried again; it
 /// doubles up to [`MAX_RETRY`].

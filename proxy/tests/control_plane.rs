@@ -775,10 +775,20 @@ async fn pushes_after_the_first_carry_only_what_changed() {
 
 async fn next_snapshot(s: &mut tonic::Streaming<weft_wire::v1::Push>) -> weft_wire::v1::Snapshot {
     use weft_wire::v1;
-    match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
+    let mut snapshot = match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
         Ok(Ok(Some(v1::Push {
             kind: Some(v1::push::Kind::Snapshot(s)),
         }))) => s,
         other => panic!("a snapshot: {other:?}"),
+    };
+    // A large configuration comes in parts, right after.
+    for _ in 0..snapshot.parts {
+        match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
+            Ok(Ok(Some(v1::Push {
+                kind: Some(v1::push::Kind::Part(p)),
+            }))) => snapshot.config_json.extend_from_slice(&p.data),
+            other => panic!("a part: {other:?}"),
+        }
     }
+    snapshot
 }

@@ -345,7 +345,16 @@ async fn a_proxy_certificate_cannot_act_as_an_operator_or_another_node() {
             .expect("a push in time")
             .expect("stream")
             .expect("a push");
-        if let Some(v1::push::Kind::Snapshot(s)) = push.kind {
+        if let Some(v1::push::Kind::Snapshot(mut s)) = push.kind {
+            // A large configuration comes in parts.
+            for _ in 0..s.parts {
+                if let Ok(Some(v1::Push {
+                    kind: Some(v1::push::Kind::Part(p)),
+                })) = pushes.message().await
+                {
+                    s.config_json.extend_from_slice(&p.data);
+                }
+            }
             break s;
         }
     };

@@ -13,6 +13,10 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// The largest piece of a snapshot's configuration in one message: a stream's encoder keeps
+/// a buffer as large as the largest message it sent, for the stream's life.
+pub const CONFIG_PART: usize = 16 * 1024;
+
 /// Module chunks on the wire.
 pub const MODULE_CHUNK: usize = 256 * 1024;
 
