@@ -14,7 +14,10 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 pub use weft_wire::etcd as pb;
-use weft_wire::etcd::{auth_client::AuthClient, kv_client::KvClient, watch_client::WatchClient};
+use weft_wire::etcd::{
+    auth_client::AuthClient, kv_client::KvClient, lease_client::LeaseClient,
+    watch_client::WatchClient,
+};
 
 /// A request that takes longer than this counts as its endpoint being unavailable.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -433,6 +436,70 @@ impl Etcd {
                 ..Default::default()
             });
             async move { KvClient::new(ch).put(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A lease of `ttl` seconds: its id.
+    pub async fn grant(&self, ttl: i64) -> Result<i64, EtcdError> {
+        let r = self
+            .call(|ch| {
+                let req = self.request(pb::LeaseGrantRequest { ttl, id: 0 });
+                async move { LeaseClient::new(ch).lease_grant(req).await }
+            })
+            .await?
+            .into_inner();
+        if !r.error.is_empty() {
+            return Err(EtcdError::Refused(r.error));
+        }
+        Ok(r.id)
+    }
+
+    /// Renews lease `id` once: its remaining seconds (0: it expired).
+    pub async fn keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
+        self.call(|ch| {
+            let req = self.request(tokio_stream::iter([pb::LeaseKeepAliveRequest { id }]));
+            async move {
+                let mut s = LeaseClient::new(ch)
+                    .lease_keep_alive(req)
+                    .await?
+                    .into_inner();
+                Ok(s.message().await?.map_or(0, |r| r.ttl))
+            }
+        })
+        .await
+    }
+
+    /// Puts `value` at `key`, attached to lease `lease` (it goes when the lease does).
+    pub async fn put_leased(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<(), EtcdError> {
+        self.call(|ch| {
+            let req = self.request(pb::PutRequest {
+                key: key.to_vec(),
+                value: value.clone(),
+                lease,
+                ..Default::default()
+            });
+            async move { KvClient::new(ch).put(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes every key in [`key`, `end`).
+    pub async fn delete_range(&self, key: &[u8], end: Vec<u8>) -> Result<(), EtcdError> {
+        self.call(|ch| {
+            let req = self.request(pb::DeleteRangeRequest {
+                key: key.to_vec(),
+                range_end: end.clone(),
+                ..Default::default()
+            });
+            async move { KvClient::new(ch).delete_range(req).await }
         })
         .await?;
         Ok(())

@@ -24,7 +24,7 @@ mod rollouts;
 use crate::resources::{Kind, Resource, assemble, parse_documents};
 use crate::store::{State, Store, digest, write_atomically};
 use replica::store_status;
-pub use replica::{IDENTITY, spawn_follower, spawn_identity_follower};
+pub use replica::{IDENTITY, spawn_follower, spawn_identity_follower, spawn_peers};
 pub use rollouts::spawn_driver as spawn_rollout_driver;
 
 /// What the control plane knows of one proxy.
@@ -235,6 +235,14 @@ pub struct ControlPlane {
     forget_after_ms: std::sync::atomic::AtomicU64,
     /// Snapshots of one version by (base version, labels).
     push_cache: Mutex<PushCache>,
+    /// This replica's id among replicas (random at start).
+    replica_id: String,
+    /// The proxies other replicas publish, by etcd key.
+    peers: Mutex<HashMap<Vec<u8>, Vec<replica::PeerProxy>>>,
+    /// Counts changes of this replica's proxies (what it publishes).
+    status_generation: std::sync::atomic::AtomicU64,
+    /// The rollout cohorts other replicas publish (their proxies' figures), by etcd key.
+    peer_cohorts: Mutex<HashMap<Vec<u8>, BTreeMap<String, rollouts::StepCohorts>>>,
 }
 
 type PushCache = (
@@ -365,6 +373,10 @@ impl ControlPlane {
                 DEFAULT_FORGET_AFTER.as_millis() as u64
             ),
             push_cache: Mutex::new((0, HashMap::new())),
+            replica_id: format!("{:016x}", fastrand::u64(..)),
+            peers: Mutex::default(),
+            status_generation: std::sync::atomic::AtomicU64::new(0),
+            peer_cohorts: Mutex::default(),
         }))
     }
 
@@ -546,6 +558,7 @@ impl ControlPlane {
                 label_sets.push(p.labels.clone());
             }
         }
+        label_sets.extend(self.peer_proxies().into_iter().map(|p| p.labels));
         for r in state.values() {
             label_sets.push(r.selector.clone());
         }
@@ -685,6 +698,9 @@ impl ControlPlane {
                 .map_err(|e| Status::internal(e.to_string()))?
         };
         let selected = inner.proxies.values().filter(|p| p.connected).count() as u32;
+        drop(inner);
+        let selected = selected + self.peer_proxies().len() as u32;
+        let inner = self.lock();
         let current = inner.store.current().number;
         drop(inner);
         if let Some(v) = version {
@@ -748,9 +764,29 @@ impl ControlPlane {
                 nacked_version: p.nacked,
                 nack_reason: p.reason.clone(),
                 since_ms: p.since.elapsed().as_millis() as u64,
+                replica: String::new(),
             })
-            .collect();
-        (inner.store.current().number, list)
+            .collect::<Vec<_>>();
+        let version = inner.store.current().number;
+        drop(inner);
+        let mut list = list;
+        for p in self.peer_proxies() {
+            list.push(v1::ProxyStatus {
+                spiffe_id: certs.get(&p.node).map(|c| c.0.clone()).unwrap_or_default(),
+                certificate_not_after: certs.get(&p.node).map_or(0, |c| c.1),
+                bundle_generation: p.bundle_generation,
+                labels: p.labels.into_iter().collect(),
+                connected: true,
+                applied_version: p.applied,
+                sent_version: p.sent,
+                nacked_version: p.nacked,
+                nack_reason: p.reason,
+                since_ms: 0,
+                replica: p.replica,
+                node_id: p.node,
+            });
+        }
+        (version, list)
     }
 
     fn update(&self, node: &str, stream: u64, f: impl FnOnce(&mut ProxyState)) {
@@ -762,6 +798,7 @@ impl ControlPlane {
             p.since = Instant::now();
         }
         drop(inner);
+        self.proxies_changed();
         self.proxy_event.notify_waiters();
     }
 }
@@ -895,6 +932,7 @@ impl Distribution for DistributionService {
             );
             id
         };
+        cp.proxies_changed();
         cp.proxy_event.notify_waiters();
         cp.metrics.connected.inc();
         tracing::info!(node = %node, ?labels, applied = hello.applied_version, "proxy connected");
@@ -1638,13 +1676,21 @@ impl ControlPlane {
         let waiting_for = match st.phase {
             crate::ca::Phase::Stable => Vec::new(),
             crate::ca::Phase::Distributing => {
-                let inner = self.lock();
-                inner
+                let mut waiting: Vec<String> = self
+                    .lock()
                     .proxies
                     .iter()
                     .filter(|(_, p)| p.connected && p.bundle_generation < st.generation)
                     .map(|(id, _)| id.clone())
-                    .collect()
+                    .collect();
+                // Proxies of other replicas count too.
+                waiting.extend(
+                    self.peer_proxies()
+                        .into_iter()
+                        .filter(|p| p.bundle_generation < st.generation)
+                        .map(|p| p.node),
+                );
+                waiting
             }
             crate::ca::Phase::Reissuing => self
                 .security

@@ -72,6 +72,19 @@ fn connected(cp: &Cp) -> Vec<String> {
         .collect()
 }
 
+/// The proxies `cp` reports connected, here or to another replica.
+fn seen(cp: &Cp) -> Vec<String> {
+    stdout(&cp.ctl(&["status"]))
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|s| s == "connected" || s.starts_with("via:"))
+        })
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
 /// The backend each proxy's `main` listener reaches.
 async fn backends(proxies: &[Weft]) -> Vec<String> {
     let c = client::http1();
@@ -144,10 +157,24 @@ async fn replicas_on_etcd_share_changes_and_proxies_fail_over_without_a_failed_r
         all.iter().map(|c| connected(c).len()).sum::<usize>() == 3
     });
 
-    // An apply on replica 1 reaches every proxy, wherever it is connected.
+    // Every replica's status shows every proxy, wherever it is connected.
+    for cp in &all {
+        eventually(
+            Duration::from_secs(10),
+            "each replica sees all proxies",
+            || seen(cp).len() == 3,
+        );
+    }
+
+    // An apply on replica 1 reaches every proxy, and it waits for all of them.
     let f = write(dir.path(), "mesh.yaml", &mesh(&one));
     let out = all[0].ctl(&["apply", "-f", &f]);
     assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("3/3 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
     eventually(
         Duration::from_secs(30),
         "every proxy serves the mesh",
@@ -214,10 +241,27 @@ async fn replicas_on_etcd_share_changes_and_proxies_fail_over_without_a_failed_r
         || left.iter().map(|c| connected(c).len()).sum::<usize>() == 3,
     );
     let failover = moved.elapsed();
-    // A change on a remaining replica reaches every proxy.
+    // A change on a remaining replica reaches every proxy; the killed replica's publication
+    // went with its lease (no proxy is shown twice or on a dead replica).
+    for cp in &left {
+        eventually(
+            Duration::from_secs(30),
+            "survivors see the 3 proxies once",
+            || {
+                let mut s = seen(cp);
+                s.sort();
+                s == ["p-1", "p-2", "p-3"]
+            },
+        );
+    }
     let f = write(dir.path(), "mesh2.yaml", &mesh(&two));
     let out = left[0].ctl(&["apply", "-f", &f]);
     assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("3/3 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
     let c = client::http1();
     for p in &proxies {
         let url = p.url("main", "/");
@@ -423,4 +467,119 @@ async fn tls_replicas_share_the_ca_and_the_registry_and_a_proxy_moves_with_its_i
         .expect("served");
     assert_eq!(r.header("x-backend"), Some("two"));
     drop(web2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_is_judged_on_the_figures_of_every_replicas_proxies() {
+    let dir = tempfile::tempdir().expect("dir");
+    let etcd = Etcd::start(dir.path());
+    let store = etcd.url();
+    let store = Path::new(&store);
+    let a = Cp::start(store, "127.0.0.1:0");
+    let b = Cp::start(store, "127.0.0.1:0");
+    let backend = Backend::start("app").await;
+    // p-1 on replica a, p-2 and p-3 on replica b.
+    let mut proxies: Vec<Weft> = [("p-1", &a), ("p-2", &b), ("p-3", &b)]
+        .iter()
+        .map(|(id, cp)| {
+            let state = dir.path().join(id).to_string_lossy().into_owned();
+            let url = cp.url();
+            Weft::start_env(
+                WEFT,
+                BOOTSTRAP,
+                &[
+                    "--workers",
+                    "1",
+                    "--insecure-plaintext",
+                    "--control-plane",
+                    &url,
+                    "--node-id",
+                    id,
+                    "--label",
+                    "app=web",
+                    "--state-dir",
+                    &state,
+                ],
+                &[("WEFT_CP_TOKEN", TOKEN)],
+            )
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "a sees all three", || {
+        seen(&a).len() == 3
+    });
+    let out = a.ctl(&[
+        "filter",
+        "push",
+        "ver",
+        "--module",
+        &weft_testkit::filters::path("add_header"),
+        "--config",
+        "'x-version: v1'",
+        "--select",
+        "app=web",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let f = write(
+        dir.path(),
+        "mesh.yaml",
+        &format!(
+            "kind: cluster\nspec: {{ name: app, endpoints: [\"{}\"] }}\n---\nkind: routes\nspec: {{ name: main, routes: [ {{ to: [ {{ cluster: app }} ] }} ] }}\n---\nkind: listener\nselector: {{ app: web }}\nspec: {{ name: main, address: \"127.0.0.1:0\", routes: main, filters: [ver] }}\n",
+            backend.endpoint()
+        ),
+    );
+    let out = a.ctl(&["apply", "-f", &f]);
+    assert!(
+        stdout(&out).contains("3/3 proxies applied"),
+        "{}",
+        stdout(&out)
+    );
+    for p in &mut proxies {
+        p.refresh_listeners();
+    }
+    let urls: Vec<String> = proxies.iter().map(|p| p.url("main", "/")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(urls, stop.clone());
+
+    // A bad revision for one of the three, started on replica a: judged on all three's figures.
+    let out = a.ctl(&[
+        "filter",
+        "rollout",
+        "ver",
+        "--module",
+        &weft_testkit::filters::path("flaky"),
+        "--config",
+        "'x-version: v2'",
+        "--steps",
+        "30,100",
+        "--step-time",
+        "60s",
+        "--max-error-rate",
+        "1%",
+        "--min-requests",
+        "10",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    eventually(Duration::from_secs(60), "rolled back", || {
+        stdout(&a.ctl(&["filter", "status", "ver"])).contains("rolled back: error rate")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = running.await;
+    let status = stdout(&a.ctl(&["filter", "status", "ver"]));
+    let proxies_in = |cohort: &str| -> u32 {
+        status
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(cohort))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (proxies_in("new"), proxies_in("old")),
+        (1, 2),
+        "the cohorts hold every replica's proxies: {status}"
+    );
+    assert!(
+        stdout(&b.ctl(&["get", "filter", "ver"])).contains("'x-version: v1'"),
+        "v1 everywhere after the rollback"
+    );
 }

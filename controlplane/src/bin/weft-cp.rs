@@ -350,6 +350,7 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(advance_rotations(cp.clone()));
         weft_controlplane::server::spawn_follower(cp.clone());
         weft_controlplane::server::spawn_identity_follower(cp.clone());
+        weft_controlplane::server::spawn_peers(cp.clone());
         weft_controlplane::server::spawn_rollout_driver(cp.clone());
         let incoming = incoming(listener, link.clone());
         let max = weft_wire::MAX_MESSAGE;

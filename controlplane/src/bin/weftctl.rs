@@ -703,7 +703,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 println!(
                     "{:<20} {:<10} {:>8} {:>4} {:<24} {:<40} {:<20} {}",
                     p.node_id,
-                    if p.connected { "connected" } else { "gone" },
+                    if !p.replica.is_empty() {
+                        // Connected to another replica.
+                        format!("via:{}", &p.replica[..p.replica.len().min(6)])
+                    } else if p.connected {
+                        "connected".to_owned()
+                    } else {
+                        "gone".to_owned()
+                    },
                     p.applied_version,
                     r.version.saturating_sub(p.applied_version),
                     labels.join(","),

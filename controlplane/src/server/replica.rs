@@ -366,3 +366,238 @@ async fn follow(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
             .map_err(|e| e.message().to_owned())?;
     }
 }
+
+/// Where replicas publish the proxies connected to them, under the prefix.
+pub const REPLICAS: &str = "replicas/";
+
+/// Proxies per published key (a key must fit one etcd request).
+const SHARD: usize = 2000;
+
+/// How long a replica's publication outlives it (its lease).
+const LEASE_TTL: i64 = 10;
+
+/// A proxy connected to another replica, as that replica publishes it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerProxy {
+    pub node: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub applied: u64,
+    #[serde(default)]
+    pub sent: u64,
+    #[serde(default)]
+    pub nacked: u64,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub bundle_generation: u64,
+    /// The replica it is connected to.
+    #[serde(skip)]
+    pub replica: String,
+}
+
+impl ControlPlane {
+    /// The proxies connected to other replicas (none of them connected here), by node.
+    pub(super) fn peer_proxies(&self) -> Vec<PeerProxy> {
+        let local: std::collections::HashSet<String> = self
+            .lock()
+            .proxies
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: std::collections::BTreeMap<String, PeerProxy> = Default::default();
+        for list in peers.values() {
+            for p in list {
+                if !local.contains(&p.node) {
+                    out.insert(p.node.clone(), p.clone());
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// Something of this replica's proxies changed: published within a second.
+    pub(super) fn proxies_changed(&self) {
+        self.status_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Publishes this replica's connected proxies (under a lease: they go with the replica) and
+/// follows the other replicas' publications: `status`, an apply's progress, validation's label
+/// sets and a root rotation then see every proxy, wherever it is connected.
+pub fn spawn_peers(cp: Arc<ControlPlane>) -> Option<tokio::task::JoinHandle<()>> {
+    let etcd = cp.lock().store.etcd()?;
+    let follower = {
+        let (cp, etcd) = (cp.clone(), etcd.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = follow_peers(&cp, &etcd).await {
+                    tracing::debug!("etcd (replicas): {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(..800))).await;
+            }
+        })
+    };
+    Some(tokio::spawn(async move {
+        let _follower = AbortOnDrop(follower);
+        loop {
+            if let Err(e) = publish(&cp, &etcd).await {
+                tracing::debug!("etcd (publishing proxies): {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(..800))).await;
+        }
+    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn publish(cp: &ControlPlane, etcd: &Etcd) -> Result<(), EtcdError> {
+    let lease = etcd.grant(LEASE_TTL).await?;
+    let mine = etcd.key(&format!("{REPLICAS}{}/", cp.replica_id));
+    let mut published = u64::MAX;
+    let mut published_cohorts = Vec::new();
+    let mut shards = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if renewed.elapsed() >= Duration::from_secs(2) {
+            if etcd.keep_alive(lease).await? <= 0 {
+                return Err(EtcdError::Refused("the lease expired".into()));
+            }
+            renewed = tokio::time::Instant::now();
+        }
+        // The cohorts of running rollouts, for the replica that judges them.
+        let cohorts = serde_json::to_vec(&cp.own_cohorts()).unwrap_or_default();
+        if cohorts != published_cohorts {
+            let mut key = mine.clone();
+            key.push(b'c');
+            etcd.put_leased(&key, cohorts.clone(), lease).await?;
+            published_cohorts = cohorts;
+        }
+        let generation = cp
+            .status_generation
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if generation == published {
+            continue;
+        }
+        let list: Vec<PeerProxy> = cp
+            .lock()
+            .proxies
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .map(|(node, p)| PeerProxy {
+                node: node.clone(),
+                labels: p.labels.clone(),
+                applied: p.applied,
+                sent: p.sent,
+                nacked: p.nacked,
+                reason: p.reason.chars().take(512).collect(),
+                bundle_generation: p.bundle_generation,
+                replica: String::new(),
+            })
+            .collect();
+        let chunks: Vec<&[PeerProxy]> = list.chunks(SHARD).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut key = mine.clone();
+            key.extend_from_slice(format!("p{i:06}").as_bytes());
+            let value = serde_json::to_vec(chunk).unwrap_or_default();
+            etcd.put_leased(&key, value, lease).await?;
+        }
+        if chunks.len() < shards {
+            let (mut from, mut to) = (mine.clone(), mine.clone());
+            from.extend_from_slice(format!("p{:06}", chunks.len()).as_bytes());
+            to.push(b'q');
+            etcd.delete_range(&from, to).await?;
+        }
+        shards = chunks.len();
+        published = generation;
+    }
+}
+
+async fn follow_peers(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
+    let prefix = etcd.key(REPLICAS);
+    let mine = etcd.key(&format!("{REPLICAS}{}/", cp.replica_id));
+    let replica_of = |key: &[u8]| -> String {
+        String::from_utf8_lossy(&key[prefix.len().min(key.len())..])
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let take = |key: Vec<u8>, value: Option<Vec<u8>>| {
+        if key.starts_with(&mine) {
+            return;
+        }
+        if key.last() == Some(&b'c') {
+            let mut cohorts = cp.peer_cohorts.lock().unwrap_or_else(|e| e.into_inner());
+            match value.map(|v| serde_json::from_slice(&v)) {
+                Some(Ok(c)) => {
+                    cohorts.insert(key, c);
+                }
+                Some(Err(e)) => tracing::warn!("a replica's rollout figures do not parse: {e}"),
+                None => {
+                    cohorts.remove(&key);
+                }
+            }
+            return;
+        }
+        let mut peers = cp.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match value.map(|v| serde_json::from_slice::<Vec<PeerProxy>>(&v)) {
+            Some(Ok(mut list)) => {
+                let replica = replica_of(&key);
+                for p in &mut list {
+                    p.replica = replica.clone();
+                }
+                peers.insert(key, list);
+            }
+            Some(Err(e)) => tracing::warn!("a replica's publication does not parse: {e}"),
+            None => {
+                peers.remove(&key);
+            }
+        }
+    };
+    let (kvs, revision) = etcd.list(&prefix).await.map_err(|e| e.to_string())?;
+    cp.peers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    cp.peer_cohorts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    for kv in kvs {
+        take(kv.key, Some(kv.value));
+    }
+    cp.proxy_event.notify_waiters();
+    let mut stream = etcd
+        .watch(&prefix, revision + 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let r: pb::WatchResponse = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the watch ended".into()),
+            Err(s) => return Err(format!("the watch broke: {}", s.message())),
+        };
+        if r.compact_revision > 0 || r.canceled {
+            return Ok(());
+        }
+        for e in r.events {
+            let Some(kv) = e.kv else { continue };
+            if e.r#type == pb::event::EventType::Put as i32 {
+                take(kv.key, Some(kv.value));
+            } else {
+                take(kv.key, None);
+            }
+        }
+        cp.proxy_event.notify_waiters();
+    }
+}

@@ -42,9 +42,18 @@ struct Window {
 
 /// The figures of a step: the new revision's cohort, then the old one's (with the number of
 /// proxies that reported each).
-struct Cohorts {
-    new: (Totals, u32),
-    old: (Totals, u32),
+/// A rollout's two cohorts in its current step: figures since the step began, and proxies.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Cohorts {
+    pub(super) new: (Totals, u32),
+    pub(super) old: (Totals, u32),
+}
+
+/// What a replica publishes of a rollout: its own proxies' cohorts in a step.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StepCohorts {
+    pub(super) step: (usize, u64),
+    pub(super) cohorts: Cohorts,
 }
 
 impl Cohorts {
@@ -96,7 +105,42 @@ impl ControlPlane {
     }
 
     /// Each cohort's figures over `r`'s current step.
+    /// The cohorts of rollout `name`: this replica's proxies and those of the other replicas
+    /// (as they publish them, for the same step).
     fn cohorts(&self, name: &str, r: &Rollout) -> Cohorts {
+        let mut c = self.local_cohorts(name, r);
+        let step = (r.step, r.step_started_ms);
+        let peers = self.peer_cohorts.lock().unwrap_or_else(|e| e.into_inner());
+        for published in peers.values() {
+            if let Some(p) = published.get(name).filter(|p| p.step == step) {
+                c.new.0.add(&p.cohorts.new.0);
+                c.new.1 += p.cohorts.new.1;
+                c.old.0.add(&p.cohorts.old.0);
+                c.old.1 += p.cohorts.old.1;
+            }
+        }
+        c
+    }
+
+    /// This replica's share of every active rollout's cohorts (what it publishes).
+    pub(super) fn own_cohorts(&self) -> std::collections::BTreeMap<String, StepCohorts> {
+        let at = self.lock().store.current().clone();
+        at.rollouts
+            .iter()
+            .filter(|(_, r)| r.phase.active())
+            .map(|(name, r)| {
+                (
+                    name.clone(),
+                    StepCohorts {
+                        step: (r.step, r.step_started_ms),
+                        cohorts: self.local_cohorts(name, r),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn local_cohorts(&self, name: &str, r: &Rollout) -> Cohorts {
         let (to, from) = (r.to.revision(), r.from.revision());
         let mut reports = self.reports();
         let Reports { by_node, windows } = &mut *reports;
@@ -138,12 +182,22 @@ impl ControlPlane {
 
     /// Connected proxies the filter's resource selects, by node id.
     fn selected_nodes(&self, resource: &Resource) -> Vec<String> {
-        self.lock()
-            .proxies
-            .iter()
-            .filter(|(_, p)| p.connected && resource.selects(&p.labels))
-            .map(|(n, _)| n.clone())
-            .collect()
+        let mut nodes: Vec<String> = self
+            .peer_proxies()
+            .into_iter()
+            .filter(|p| resource.selects(&p.labels))
+            .map(|p| p.node)
+            .collect();
+        nodes.extend(
+            self.lock()
+                .proxies
+                .iter()
+                .filter(|(_, p)| p.connected && resource.selects(&p.labels))
+                .map(|(n, _)| n.clone()),
+        );
+        nodes.sort();
+        nodes.dedup();
+        nodes
     }
 
     /// Changes rollout `name` (and the state, when it completes) as one new version.

@@ -79,7 +79,7 @@ impl Default for Figures {
 }
 
 /// A copy of [`Figures`] at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
     pub requests: u64,
     /// Requests the filter failed on or answered with a 5xx (each request once).
