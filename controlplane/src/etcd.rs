@@ -220,6 +220,22 @@ fn unavailable(s: &Status) -> bool {
         || s.message().contains("leader changed")
 }
 
+/// What went wrong, with the causes a transport error hides behind its message (a refused
+/// connection, a certificate etcd would not take, …).
+pub fn why(s: &Status) -> String {
+    let mut out = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 fn expired_token(s: &Status) -> bool {
     s.code() == tonic::Code::Unauthenticated
         || s.message().contains("invalid auth token")
@@ -299,7 +315,7 @@ impl Etcd {
         .map_err(|_| self.unreachable("authentication timed out"))?;
         let token = match r {
             Ok(r) => r.into_inner().token,
-            Err(s) if unavailable(&s) => return Err(self.unreachable(s.message())),
+            Err(s) if unavailable(&s) => return Err(self.unreachable(&why(&s))),
             Err(s) => {
                 return Err(EtcdError::Refused(format!(
                     "authentication as {name:?}: {}",
@@ -363,7 +379,7 @@ impl Etcd {
                     authenticated = true;
                 }
                 Ok(Err(s)) if unavailable(&s) => {
-                    last = format!("{}: {}", self.config.endpoints[i], s.message());
+                    last = format!("{}: {}", self.config.endpoints[i], why(&s));
                     self.current.store((i + 1) % n, Ordering::Relaxed);
                     tries += 1;
                 }

@@ -583,3 +583,83 @@ async fn a_rollout_is_judged_on_the_figures_of_every_replicas_proxies() {
         "v1 everywhere after the rollback"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_cp_talks_to_etcd_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = weft_testkit::tls::Pki::new("etcd");
+    let server = pki.issue("etcd", &["localhost"]);
+    let client = pki.issue("weft-cp", &["weft-cp"]);
+    let etcd = Etcd::start_tls(dir.path(), &server.cert, &server.key, &pki.ca);
+    // By name: the certificate is for localhost.
+    let store = format!("etcd://localhost:{}", etcd.client.port());
+    let (ca, cert, key) = (
+        pki.ca.to_string_lossy().into_owned(),
+        client.cert.to_string_lossy().into_owned(),
+        client.key.to_string_lossy().into_owned(),
+    );
+    let cp = Cp::spawn(
+        Path::new(&store),
+        "127.0.0.1:0",
+        false,
+        &["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    let f = write(
+        dir.path(),
+        "c.yaml",
+        "kind: cluster\nspec: { name: c, endpoints: [\"127.0.0.1:9\"] }\n",
+    );
+    let out = cp.ctl(&["apply", "-f", &f]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    // Another replica reads it over TLS too.
+    let other = Cp::spawn(
+        Path::new(&store),
+        "127.0.0.1:0",
+        false,
+        &["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    assert!(stdout(&other.ctl(&["get", "cluster"])).contains("name: c"));
+
+    // Without a client certificate etcd drops the connection: weft-cp waits for it, serves
+    // nothing (an empty state would take every proxy's configuration away) and says what may
+    // be missing.
+    let mut cmd = std::process::Command::new(cp::sibling("weft-cp"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure-plaintext",
+        "--store",
+        &store,
+    ])
+    .args(["--etcd-ca", &ca])
+    .env("WEFT_CP_TOKEN", TOKEN)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("weft-cp runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let waiting = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("waiting for etcd") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let waiting = waiting.unwrap_or_else(|| panic!("weft-cp says why it waits: {seen:?}"));
+    assert!(waiting.contains("--etcd-cert"), "{waiting}");
+    assert!(!seen.iter().any(|l| l.contains("listening")), "{seen:?}");
+}

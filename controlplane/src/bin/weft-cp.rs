@@ -206,6 +206,13 @@ impl StorePlace {
 /// would take every proxy's configuration away), with back-off, logging each failure.
 async fn open_etcd(config: EtcdConfig) -> anyhow::Result<Store> {
     let where_ = config.describe();
+    // etcd run with --client-cert-auth drops a connection without a certificate once the
+    // handshake is over: the client sees only a broken connection, so say what may be missing.
+    let hint = if config.ca.is_some() && config.cert.is_none() {
+        " (no --etcd-cert/--etcd-key given: an etcd that requires client certificates drops the connection)"
+    } else {
+        ""
+    };
     let etcd = Etcd::connect(config)
         .await
         .map_err(|e| anyhow::anyhow!("--store {where_}: {e}"))?;
@@ -217,7 +224,7 @@ async fn open_etcd(config: EtcdConfig) -> anyhow::Result<Store> {
                 return Ok(s);
             }
             Err(weft_controlplane::store::StoreError::Unavailable(e)) => {
-                tracing::warn!("{e}; waiting for etcd before serving");
+                tracing::warn!("{e}{hint}; waiting for etcd before serving");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }

@@ -244,7 +244,7 @@ async fn follow_identity(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
         let r: pb::WatchResponse = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err("the watch ended".into()),
-            Err(s) => return Err(format!("the watch broke: {}", s.message())),
+            Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
         };
         if r.compact_revision > 0 || r.canceled {
             return Ok(());
@@ -323,7 +323,7 @@ async fn follow(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
         let r: pb::WatchResponse = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err("the watch ended".into()),
-            Err(s) => return Err(format!("the watch broke: {}", s.message())),
+            Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
         };
         if r.compact_revision > 0 || r.canceled {
             tracing::info!(
@@ -585,7 +585,7 @@ async fn follow_peers(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
         let r: pb::WatchResponse = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err("the watch ended".into()),
-            Err(s) => return Err(format!("the watch broke: {}", s.message())),
+            Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
         };
         if r.compact_revision > 0 || r.canceled {
             return Ok(());

@@ -258,6 +258,9 @@ pub struct Etcd {
     pub client: SocketAddr,
     peer: SocketAddr,
     data: PathBuf,
+    /// TLS on the client URL: the server's certificate and key, and the CA clients must be
+    /// signed by.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Drop for Etcd {
@@ -280,6 +283,22 @@ impl Etcd {
             client: free_port(),
             peer: free_port(),
             data: dir.join("etcd-data"),
+            tls: None,
+        };
+        e.restart();
+        e
+    }
+
+    /// etcd serving clients over TLS with client certificates required (`cert`, `key`: its
+    /// own; `ca`: what clients' certificates must chain to). Returns once it runs (weft-cp
+    /// waits for it to answer).
+    pub fn start_tls(dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            client: free_port(),
+            peer: free_port(),
+            data: dir.join("etcd-data"),
+            tls: Some((cert.to_owned(), key.to_owned(), ca.to_owned())),
         };
         e.restart();
         e
@@ -293,9 +312,20 @@ impl Etcd {
     /// Starts etcd (again) on the same ports and data; returns once it answers.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "etcd is running");
-        let client = format!("http://{}", self.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}", self.client);
         let peer = format!("http://{}", self.peer);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some((cert, key, ca)) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(&self.data)
             .args(["--listen-client-urls", &client])
@@ -308,6 +338,9 @@ impl Etcd {
             .spawn()
             .expect("etcd starts (Debian's etcd-server; scripts/test installs it)");
         self.child = Some(child);
+        if self.tls.is_some() {
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok((200, body)) = weft_testkit::http_get(self.client, "/health")
