@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use weft_proxy::config::{Cluster, Config, Filter, Listener, Route, Service};
+use weft_proxy::config::{Cluster, Config, Filter, Listener, MeshService, Route, Service, Sidecar};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,6 +23,10 @@ pub enum Kind {
     Cluster,
     Filter,
     Service,
+    /// A service of the mesh's registry (sidecars route by it).
+    MeshService,
+    /// The sidecar settings of the proxies it selects (their workload's ports, mode, egress).
+    Sidecar,
 }
 
 impl Kind {
@@ -33,6 +37,8 @@ impl Kind {
             "cluster" | "clusters" => Kind::Cluster,
             "filter" | "filters" => Kind::Filter,
             "service" | "services" => Kind::Service,
+            "mesh_service" | "mesh_services" => Kind::MeshService,
+            "sidecar" | "sidecars" => Kind::Sidecar,
             _ => return None,
         })
     }
@@ -44,6 +50,8 @@ impl Kind {
             Kind::Cluster => "cluster",
             Kind::Filter => "filter",
             Kind::Service => "service",
+            Kind::MeshService => "mesh_service",
+            Kind::Sidecar => "sidecar",
         }
     }
 }
@@ -64,6 +72,8 @@ pub enum Spec {
     Cluster(Cluster),
     Filter(Filter),
     Service(Service),
+    MeshService(MeshService),
+    Sidecar(Sidecar),
 }
 
 impl Spec {
@@ -74,6 +84,8 @@ impl Spec {
             Spec::Cluster(_) => Kind::Cluster,
             Spec::Filter(_) => Kind::Filter,
             Spec::Service(_) => Kind::Service,
+            Spec::MeshService(_) => Kind::MeshService,
+            Spec::Sidecar(_) => Kind::Sidecar,
         }
     }
 
@@ -84,6 +96,8 @@ impl Spec {
             Spec::Cluster(c) => &c.name,
             Spec::Filter(f) => &f.name,
             Spec::Service(s) => &s.name,
+            Spec::MeshService(s) => &s.name,
+            Spec::Sidecar(s) => &s.name,
         }
     }
 
@@ -94,6 +108,8 @@ impl Spec {
             Spec::Cluster(x) => serde_json::to_value(x),
             Spec::Filter(x) => serde_json::to_value(x),
             Spec::Service(x) => serde_json::to_value(x),
+            Spec::MeshService(x) => serde_json::to_value(x),
+            Spec::Sidecar(x) => serde_json::to_value(x),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -106,6 +122,8 @@ impl Spec {
             Kind::Cluster => Spec::Cluster(serde_json::from_value(v).map_err(e)?),
             Kind::Filter => Spec::Filter(serde_json::from_value(v).map_err(e)?),
             Kind::Service => Spec::Service(serde_json::from_value(v).map_err(e)?),
+            Kind::MeshService => Spec::MeshService(serde_json::from_value(v).map_err(e)?),
+            Kind::Sidecar => Spec::Sidecar(serde_json::from_value(v).map_err(e)?),
         })
     }
 }
@@ -153,7 +171,7 @@ impl Resource {
     fn from_document(d: Document) -> Result<Resource, String> {
         let kind = Kind::parse(&d.kind).ok_or_else(|| {
             format!(
-                "kind: unknown kind {:?} (listener, routes, cluster, filter, service)",
+                "kind: unknown kind {:?} (listener, routes, cluster, filter, service, mesh_service, sidecar)",
                 d.kind
             )
         })?;
@@ -225,6 +243,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, Vec<String>> {
     }
 }
 
+/// The sidecar resources that select proxies with `labels` (more than one is an error).
+pub fn sidecars<'a>(
+    resources: impl IntoIterator<Item = &'a Resource>,
+    labels: &BTreeMap<String, String>,
+) -> Vec<&'a str> {
+    resources
+        .into_iter()
+        .filter(|r| r.selects(labels))
+        .filter_map(|r| match &r.spec {
+            Spec::Sidecar(s) => Some(s.name.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The configuration a proxy with `labels` serves: every resource that selects it.
 pub fn assemble<'a>(
     resources: impl IntoIterator<Item = &'a Resource>,
@@ -240,6 +273,9 @@ pub fn assemble<'a>(
             Spec::Cluster(c) => config.clusters.push(c.clone()),
             Spec::Filter(f) => config.filters.push(f.clone()),
             Spec::Service(s) => config.services.push(s.clone()),
+            Spec::MeshService(s) => config.mesh_services.push(s.clone()),
+            // Validation refuses two sidecars for one proxy.
+            Spec::Sidecar(s) => config.sidecar = Some(s.clone()),
         }
     }
     config

@@ -580,6 +580,20 @@ impl ControlPlane {
         let metrics = weft_proxy::metrics::Metrics::new();
         let wasm = weft_proxy::wasm::SharedHost::new(Arc::new(weft_proxy::metrics::Metrics::new()));
         for labels in &label_sets {
+            let sidecars = crate::resources::sidecars(state.values(), labels);
+            if sidecars.len() > 1 {
+                errors.push(format!(
+                    "sidecar/{} and sidecar/{} both select proxies labelled {}: one sidecar per proxy",
+                    sidecars[0],
+                    sidecars[1],
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ));
+                continue;
+            }
             let config: Config = assemble(state.values(), labels);
             let env = weft_proxy::snapshot::BuildEnv {
                 metrics: &metrics,

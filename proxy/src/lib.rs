@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod peek;
 pub mod router;
 pub mod server;
+pub mod sidecar;
 pub mod snapshot;
 pub mod splice;
 pub mod tcp;

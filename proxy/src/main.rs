@@ -86,6 +86,97 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Install the nat rules that send this network namespace's TCP traffic through its
+    /// sidecar (what a pod's init container runs, with NET_ADMIN and NET_RAW). Running it
+    /// again leaves one set of rules; --cleanup removes them.
+    Init(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The uid the sidecar runs as: its own connections are not captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The gid the sidecar runs as (default: the uid).
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    /// Where outbound connections are redirected (the sidecar's outbound_port).
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Where inbound connections are redirected (the sidecar's inbound_port).
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The workload's ports, comma-separated, or `*` for every port.
+    #[arg(long, default_value = "*")]
+    inbound_ports: String,
+    /// Inbound ports never redirected (e.g. the admin port probes use), comma-separated.
+    #[arg(long, default_value = "")]
+    exclude_inbound_ports: String,
+    /// Outbound destination ports never redirected, comma-separated.
+    #[arg(long, default_value = "")]
+    exclude_outbound_ports: String,
+    /// Outbound destinations (CIDRs) reached directly, comma-separated.
+    #[arg(long, default_value = "")]
+    exclude_outbound_cidrs: String,
+    /// IPv6 rules too: auto (when the namespace has IPv6), on, off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    ipv6: String,
+    /// Print the rules (as iptables-restore input) instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove every rule and chain `weft init` installed.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn init(a: InitArgs) -> Result<(), String> {
+    use weft_proxy::sidecar::init::{self, Action, Family, Plan};
+    let inbound_ports = match a.inbound_ports.trim() {
+        "*" => None,
+        list => {
+            let ports = init::parse_ports(list).map_err(|e| format!("--inbound-ports: {e}"))?;
+            if ports.is_empty() {
+                return Err("--inbound-ports: empty (give ports, or * for every port)".into());
+            }
+            Some(ports)
+        }
+    };
+    let cidrs = a
+        .exclude_outbound_cidrs
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse())
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| format!("--exclude-outbound-cidrs: {e}"))?;
+    let plan = Plan {
+        proxy_uid: a.proxy_uid,
+        proxy_gid: a.proxy_gid.unwrap_or(a.proxy_uid),
+        outbound_port: a.outbound_port,
+        inbound_port: a.inbound_port,
+        inbound_ports,
+        exclude_inbound_ports: init::parse_ports(&a.exclude_inbound_ports)
+            .map_err(|e| format!("--exclude-inbound-ports: {e}"))?,
+        exclude_outbound_ports: init::parse_ports(&a.exclude_outbound_ports)
+            .map_err(|e| format!("--exclude-outbound-ports: {e}"))?,
+        exclude_outbound_cidrs: cidrs,
+    };
+    let ipv6 = match a.ipv6.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => init::ipv6_present(),
+    };
+    let families: &[Family] = if ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    let action = if a.cleanup {
+        Action::Cleanup
+    } else {
+        Action::Install
+    };
+    init::run(&plan, action, families, a.dry_run, &mut std::io::stdout())
 }
 
 /// The control-plane options; the token comes from `WEFT_CP_TOKEN` (never a flag: flags show
@@ -168,6 +259,28 @@ fn validate(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Init(args) => {
+            let (dry_run, cleanup) = (args.dry_run, args.cleanup);
+            match init(args) {
+                Ok(()) => {
+                    if !dry_run {
+                        eprintln!(
+                            "weft init: {}",
+                            if cleanup {
+                                "rules removed"
+                            } else {
+                                "rules installed"
+                            }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weft init: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Validate { config } => match validate(&config) {
             Ok(s) => {
                 println!(

@@ -31,6 +31,32 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SidecarLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// What became of the connection: `service`, `passthrough`, `refused_unknown`, `mesh`,
+    /// `plaintext`, `refused_plaintext`, `loop`, …
+    pub result: &'static str,
+}
+
+/// A sidecar's counts of captured connections.
+#[derive(Clone, Debug)]
+pub struct SidecarStats {
+    connections: Family<SidecarLabels, Counter>,
+    /// Bytes of passed-through connections, from and to their destinations.
+    pub passthrough_rx: Counter,
+    pub passthrough_tx: Counter,
+}
+
+impl SidecarStats {
+    pub fn connection(&self, direction: &'static str, result: &'static str) {
+        self.connections
+            .get_or_create(&SidecarLabels { direction, result })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
 }
@@ -81,6 +107,9 @@ pub struct Metrics {
     downstream_cx_active: Family<ListenerLabels, Gauge>,
     downstream_cx: Family<ListenerLabels, Counter>,
     downstream_cx_rejected: Family<ListenerLabels, Counter>,
+    sidecar_connections: Family<SidecarLabels, Counter>,
+    sidecar_passthrough_rx: Counter,
+    sidecar_passthrough_tx: Counter,
     downstream_rx_bytes: Family<ListenerLabels, Counter>,
     downstream_tx_bytes: Family<ListenerLabels, Counter>,
     upstream_cx_opened: Family<ClusterLabels, Counter>,
@@ -126,6 +155,9 @@ impl Metrics {
             downstream_cx_active: Family::default(),
             downstream_cx: Family::default(),
             downstream_cx_rejected: Family::default(),
+            sidecar_connections: Family::default(),
+            sidecar_passthrough_rx: Counter::default(),
+            sidecar_passthrough_tx: Counter::default(),
             downstream_rx_bytes: Family::default(),
             downstream_tx_bytes: Family::default(),
             upstream_cx_opened: Family::default(),
@@ -170,6 +202,21 @@ impl Metrics {
             "downstream_connections",
             "Downstream connections accepted",
             m.downstream_cx.clone(),
+        );
+        reg.register(
+            "sidecar_connections",
+            "Connections a sidecar captured, by direction and what became of them",
+            m.sidecar_connections.clone(),
+        );
+        reg.register(
+            "sidecar_passthrough_received_bytes",
+            "Bytes received from destinations outside the registry (passed through)",
+            m.sidecar_passthrough_rx.clone(),
+        );
+        reg.register(
+            "sidecar_passthrough_sent_bytes",
+            "Bytes sent to destinations outside the registry (passed through)",
+            m.sidecar_passthrough_tx.clone(),
         );
         reg.register(
             "downstream_connections_rejected",
@@ -297,6 +344,14 @@ impl Metrics {
             durations: self.http_request_duration.clone(),
             requests: Default::default(),
             duration: OnceLock::new(),
+        }
+    }
+
+    pub fn sidecar_stats(&self) -> SidecarStats {
+        SidecarStats {
+            connections: self.sidecar_connections.clone(),
+            passthrough_rx: self.sidecar_passthrough_rx.clone(),
+            passthrough_tx: self.sidecar_passthrough_tx.clone(),
         }
     }
 

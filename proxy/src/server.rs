@@ -76,6 +76,12 @@ fn merge(bootstrap: &Config, remote: Option<&Config>) -> Config {
         c.clusters.extend(r.clusters.iter().cloned());
         c.filters.extend(r.filters.iter().cloned());
         c.services.extend(r.services.iter().cloned());
+        c.mesh_services.extend(r.mesh_services.iter().cloned());
+        // The control plane's sidecar settings (from the workload's registration) win over
+        // a bootstrap's.
+        if r.sidecar.is_some() {
+            c.sidecar = r.sidecar.clone();
+        }
     }
     c
 }
@@ -312,17 +318,15 @@ impl Server {
 
         let snap = shared.snapshot();
         let mut pending = Vec::new();
-        for (i, l) in snap.config.listeners.iter().enumerate() {
-            let requested = snap.listeners[&l.name].address;
+        for l in snap.bindings() {
+            let requested = l.address;
             let b = server
                 .bind(
                     &l.name,
                     requested,
                     (l.max_connections, l.max_connections_per_source_ip),
                 )
-                .map_err(|e| {
-                    anyhow::anyhow!("listeners[{i}].address: cannot bind {requested}: {e}")
-                })?;
+                .map_err(|e| anyhow::anyhow!("{}: cannot bind {requested}: {e}", l.at))?;
             pending.push(b);
         }
         for (b, sockets, limit) in pending {
@@ -509,8 +513,8 @@ impl Server {
 
         // Bind every new listener before anything changes, so a bind failure changes nothing.
         let mut fresh = Vec::new();
-        for (i, l) in snapshot.config.listeners.iter().enumerate() {
-            let requested = snapshot.listeners[&l.name].address;
+        for l in snapshot.bindings() {
+            let requested = l.address;
             if self
                 .bound
                 .iter()
@@ -525,11 +529,9 @@ impl Server {
             ) {
                 Ok(b) => fresh.push(b),
                 Err(e) => {
-                    return Err(ConfigError::new(
-                        format!("listeners[{i}].address"),
-                        format!("cannot bind {requested}: {e}"),
-                    )
-                    .into());
+                    return Err(
+                        ConfigError::new(l.at, format!("cannot bind {requested}: {e}")).into(),
+                    );
                 }
             }
         }

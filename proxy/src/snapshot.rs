@@ -34,6 +34,19 @@ pub struct Snapshot {
     pub filters: HashMap<String, Arc<FilterSpec>>,
     /// Wasm services, by name.
     pub services: HashMap<String, Arc<ServiceSpec>>,
+    /// Sidecar mode: what captured connections are served by.
+    pub sidecar: Option<Arc<crate::sidecar::SidecarRuntime>>,
+}
+
+/// A listening address to bind: a configured listener or a sidecar's capture port.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// Where errors about it are located (`listeners[2].address`, `sidecar.outbound_port`).
+    pub at: String,
+    pub name: String,
+    pub address: SocketAddr,
+    pub max_connections: u32,
+    pub max_connections_per_source_ip: u32,
 }
 
 /// What building a snapshot needs besides the configuration.
@@ -71,6 +84,8 @@ pub struct ListenerRuntime {
     pub tls: Option<Arc<TlsServer>>,
     /// A `tcp` listener's routing (none on HTTP listeners).
     pub tcp: Option<TcpRuntime>,
+    /// A sidecar's capture listener: connections are served by their original destination.
+    pub capture: Option<crate::sidecar::Capture>,
 }
 
 /// Metric handles of one route on one listener.
@@ -273,6 +288,10 @@ impl Snapshot {
             &mut errors,
         );
 
+        let sidecar =
+            crate::sidecar::build(&config, previous, env, &by_name, &filters, &mut errors);
+        clusters.extend(sidecar.clusters.iter().cloned());
+
         let empty_table = Arc::new(RouteTable::build("", &[], &by_name, &mut errors));
         let mut listeners = HashMap::new();
         let mut addresses = HashSet::new();
@@ -409,6 +428,21 @@ impl Snapshot {
             }
         }
 
+        for l in &sidecar.listeners {
+            if listeners.insert(l.name.to_string(), l.clone()).is_some() {
+                errors.push(ConfigError::new(
+                    "sidecar",
+                    format!("listener name {:?} is taken", l.name),
+                ));
+            }
+            if addresses.contains(&l.address) {
+                errors.push(ConfigError::new(
+                    "sidecar",
+                    format!("capture address {} is another listener's", l.address),
+                ));
+            }
+        }
+
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -426,7 +460,48 @@ impl Snapshot {
             clusters,
             filters,
             services,
+            sidecar: sidecar.runtime,
         })
+    }
+
+    /// Every address to bind: the configured listeners in order, then the capture ports.
+    pub fn bindings(&self) -> Vec<Binding> {
+        let mut out: Vec<Binding> = self
+            .config
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let r = self.listeners.get(&l.name)?;
+                Some(Binding {
+                    at: format!("listeners[{i}].address"),
+                    name: l.name.clone(),
+                    address: r.address,
+                    max_connections: l.max_connections,
+                    max_connections_per_source_ip: l.max_connections_per_source_ip,
+                })
+            })
+            .collect();
+        let mut captures: Vec<&Arc<ListenerRuntime>> = self
+            .listeners
+            .values()
+            .filter(|l| l.capture.is_some())
+            .collect();
+        captures.sort_by(|a, b| a.name.cmp(&b.name));
+        for l in captures {
+            let at = match l.capture {
+                Some(crate::sidecar::Capture::Outbound) => "sidecar.outbound_port",
+                _ => "sidecar.inbound_port",
+            };
+            out.push(Binding {
+                at: at.to_owned(),
+                name: l.name.to_string(),
+                address: l.address,
+                max_connections: l.max_connections,
+                max_connections_per_source_ip: l.max_connections_per_source_ip,
+            });
+        }
+        out
     }
 
     /// The VMs a worker runs for this snapshot: one per distinct VM key of the filters its
@@ -460,7 +535,7 @@ impl Snapshot {
 }
 
 impl ListenerRuntime {
-    fn new(
+    pub(crate) fn new(
         l: &crate::config::Listener,
         address: SocketAddr,
         table: Arc<RouteTable>,
@@ -495,6 +570,7 @@ impl ListenerRuntime {
             filters,
             tls: None,
             tcp: None,
+            capture: None,
         }
     }
 }

@@ -171,6 +171,21 @@ pub async fn serve(
         (MaybeTls::Plain(stream), None)
     };
 
+    forward(&listener, down, sni, peer, stop).await;
+}
+
+/// Sends a connection whose TLS, if any, is terminated (or passed through) to the cluster of
+/// the listener's route for `sni`, until both sides are done.
+pub async fn forward(
+    listener: &ListenerRuntime,
+    down: ServerIo,
+    sni: Option<String>,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(tcp) = &listener.tcp else {
+        return;
+    };
     let Some(route) = tcp.route(sni.as_deref()) else {
         tracing::debug!(%peer, sni = ?sni, "no tcp route for the connection");
         listener.stats.error(ProxyError::NoRoute.cause());

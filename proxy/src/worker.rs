@@ -372,6 +372,21 @@ async fn accept_loop(
         let stop = stop.clone();
         tokio::task::spawn_local(async move {
             let open = Rc::new(OpenConnection::new(worker, runtime, permit));
+            if let Some(capture) = open.runtime.capture {
+                let Some(sidecar) = snap.sidecar.clone() else {
+                    return;
+                };
+                let captured = crate::sidecar::capture::Captured {
+                    worker: open.worker.clone(),
+                    listener: open.runtime.clone(),
+                    sidecar,
+                    hold: open.clone(),
+                    peer,
+                    stop,
+                };
+                crate::sidecar::capture::serve(captured, capture, stream).await;
+                return;
+            }
             if open.runtime.tcp.is_some() {
                 crate::tcp::serve(open.runtime.clone(), stream, peer, stop).await;
                 return;

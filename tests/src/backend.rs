@@ -171,6 +171,13 @@ impl Backend {
         .await
     }
 
+    /// Serves on a listener bound elsewhere (in a pod's network namespace, say).
+    pub async fn start_with(listener: std::net::TcpListener, name: &str) -> Backend {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("listener");
+        Self::serve(listener, name, None, false).await
+    }
+
     async fn start_inner(
         addr: SocketAddr,
         name: &str,
@@ -178,6 +185,15 @@ impl Backend {
         http1_only: bool,
     ) -> Backend {
         let listener = TcpListener::bind(addr).await.expect("backend binds");
+        Self::serve(listener, name, tls, http1_only).await
+    }
+
+    async fn serve(
+        listener: TcpListener,
+        name: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        http1_only: bool,
+    ) -> Backend {
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(State {
             name: Arc::from(name),

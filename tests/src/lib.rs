@@ -8,6 +8,7 @@ pub mod filters;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod jwt;
+pub mod netns;
 pub mod process;
 pub mod tls;
 

@@ -8,6 +8,7 @@ mod cluster;
 mod filter;
 mod listener;
 mod route;
+mod sidecar;
 mod tls;
 mod types;
 
@@ -15,6 +16,7 @@ pub use cluster::*;
 pub use filter::*;
 pub use listener::*;
 pub use route::*;
+pub use sidecar::*;
 pub use tls::*;
 pub use types::{ByteSize, Dur, OneOrMany};
 
@@ -46,6 +48,12 @@ pub struct Config {
     /// Wasm services: modules that run on their own, with no request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,
+    /// Sidecar mode: capture ports, the workload's ports, inbound mTLS mode, egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<Sidecar>,
+    /// The mesh's service registry a sidecar routes outbound connections by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mesh_services: Vec<MeshService>,
     /// How the proxy stops.
     #[serde(default)]
     pub drain: Drain,

@@ -326,7 +326,7 @@ impl AsyncWrite for ConnIo {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
+pub enum Proto {
     Http1,
     Http2,
 }
@@ -355,7 +355,7 @@ pub async fn serve(
     hold: Rc<dyn std::any::Any>,
     stream: TcpStream,
     peer: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(listener.address);
@@ -390,6 +390,50 @@ pub async fn serve(
         }
     };
 
+    serve_accepted(
+        Accepted {
+            worker,
+            listener,
+            hold,
+            io,
+            proto,
+            tls,
+            peer,
+            local,
+        },
+        stop,
+    )
+    .await;
+}
+
+/// A connection whose TLS, if any, is terminated and whose protocol is known (a sidecar's
+/// capture listener detects both before it knows which listener serves the connection).
+pub struct Accepted {
+    pub worker: Rc<Worker>,
+    pub listener: Arc<ListenerRuntime>,
+    /// Keeps the connection counted while it is served.
+    pub hold: Rc<dyn std::any::Any>,
+    pub io: crate::tls::io::ServerIo,
+    pub proto: Proto,
+    pub tls: Option<Arc<crate::tls::TlsInfo>>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Serves an accepted connection until it closes, drains, or times out.
+pub async fn serve_accepted(a: Accepted, mut stop: watch::Receiver<bool>) {
+    let Accepted {
+        worker,
+        listener,
+        hold,
+        io,
+        proto,
+        tls,
+        peer,
+        local,
+    } = a;
+    let opts = &listener.http;
+    let head_timeout = opts.request_headers_timeout.non_zero();
     let activity = Arc::new(ConnActivity::new(proto == Proto::Http1));
     let h2 = (proto == Proto::Http2).then(H2Frames::new);
     if h2.is_some() {

@@ -319,11 +319,15 @@ fn mesh_configs(
             .map(Arc::new)
             .map_err(|e| vec![("mode".to_owned(), e.to_string())])
     };
+    // A mesh peer's ClientHello says it is one (a sidecar's inbound side tells it from the
+    // workload's own TLS clients): raw TCP offers `weft-tcp`, HTTP adds `weft-mesh`, which a
+    // server that does not know it never picks.
+    use crate::sidecar::{ALPN_MESH, ALPN_TCP};
     let configs = Configs {
-        none: make(&[])?,
-        h1: make(&[b"http/1.1"])?,
-        h2: make(&[b"h2"])?,
-        either: make(&[b"h2", b"http/1.1"])?,
+        none: make(&[ALPN_TCP])?,
+        h1: make(&[b"http/1.1", ALPN_MESH])?,
+        h2: make(&[b"h2", ALPN_MESH])?,
+        either: make(&[b"h2", b"http/1.1", ALPN_MESH])?,
     };
     Ok((configs, None))
 }

@@ -15,45 +15,86 @@ pub enum Peeked {
 /// The most bytes of ClientHello weft reads (a hello with post-quantum key shares is ~2 KiB).
 pub const MAX_HELLO: usize = 16 * 1024;
 
-/// Parses the ClientHello at the start of `buf` (possibly split over several records).
-pub fn parse(buf: &[u8]) -> Peeked {
-    // Reassemble the handshake message from the records it spans.
+/// The ALPN protocols a complete ClientHello at the start of `buf` offers (`None`: not a
+/// whole, well-formed hello; empty: it offers none).
+pub fn alpn(buf: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let msg = reassemble(buf).ok()?;
+    let mut r = Reader(&msg[4..]);
+    r.take(2 + 32)?;
+    r.vec8()?;
+    r.vec16()?;
+    r.vec8()?;
+    if r.0.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut exts = Reader(r.vec16()?);
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let data = exts.vec16()?;
+        if kind != 16 {
+            continue;
+        }
+        let mut list = Reader(Reader(data).vec16()?);
+        let mut out = Vec::new();
+        while !list.0.is_empty() {
+            let p = list.vec8()?;
+            if p.is_empty() {
+                return None;
+            }
+            out.push(p.to_vec());
+        }
+        return Some(out);
+    }
+    Some(Vec::new())
+}
+
+/// The handshake message of the ClientHello at the start of `buf`, reassembled from the
+/// records it spans; else what `parse` says of the bytes.
+fn reassemble(buf: &[u8]) -> Result<Vec<u8>, Peeked> {
     let mut msg = Vec::new();
     let mut at = 0;
     loop {
         let Some(header) = buf.get(at..at + 5) else {
-            return Peeked::NeedMore;
+            return Err(Peeked::NeedMore);
         };
         if header[0] != 0x16 || header[1] != 3 {
-            return Peeked::NotTls;
+            return Err(Peeked::NotTls);
         }
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
         if len == 0 || len > 16384 + 256 {
-            return Peeked::NotTls;
+            return Err(Peeked::NotTls);
         }
         let Some(body) = buf.get(at + 5..at + 5 + len) else {
-            return Peeked::NeedMore;
+            return Err(Peeked::NeedMore);
         };
         msg.extend_from_slice(body);
         at += 5 + len;
         if msg.len() >= 4 {
             if msg[0] != 1 {
-                return Peeked::NotTls;
+                return Err(Peeked::NotTls);
             }
             let total =
                 4 + (usize::from(msg[1]) << 16 | usize::from(msg[2]) << 8 | usize::from(msg[3]));
             if total > MAX_HELLO {
-                return Peeked::NotTls;
+                return Err(Peeked::NotTls);
             }
             if msg.len() >= total {
                 msg.truncate(total);
-                break;
+                return Ok(msg);
             }
         }
         if at >= MAX_HELLO {
-            return Peeked::NotTls;
+            return Err(Peeked::NotTls);
         }
     }
+}
+
+/// Parses the ClientHello at the start of `buf` (possibly split over several records).
+pub fn parse(buf: &[u8]) -> Peeked {
+    let msg = match reassemble(buf) {
+        Ok(m) => m,
+        Err(p) => return p,
+    };
     match hello_sni(&msg[4..]) {
         Some(sni) => Peeked::Hello(sni),
         None => Peeked::NotTls,
@@ -122,9 +163,66 @@ fn hello_sni(body: &[u8]) -> Option<Option<String>> {
     Some(None)
 }
 
+/// ClientHellos for tests elsewhere in the crate.
+#[cfg(test)]
+pub mod tests_support {
+    /// A ClientHello record offering `alpn`.
+    pub fn client_hello(sni: Option<&str>, alpn: &[&[u8]]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend([7u8; 32]);
+        body.push(0);
+        body.extend([0, 2, 0x13, 0x01]);
+        body.extend([1, 0]);
+        let mut exts = Vec::new();
+        if let Some(name) = sni {
+            let mut entry = vec![0];
+            entry.extend((name.len() as u16).to_be_bytes());
+            entry.extend(name.as_bytes());
+            let mut list = (entry.len() as u16).to_be_bytes().to_vec();
+            list.extend(entry);
+            exts.extend([0, 0]);
+            exts.extend((list.len() as u16).to_be_bytes());
+            exts.extend(list);
+        }
+        if !alpn.is_empty() {
+            let mut list = Vec::new();
+            for p in alpn {
+                list.push(p.len() as u8);
+                list.extend(*p);
+            }
+            exts.extend([0, 16]);
+            exts.extend(((list.len() + 2) as u16).to_be_bytes());
+            exts.extend((list.len() as u16).to_be_bytes());
+            exts.extend(list);
+        }
+        body.extend((exts.len() as u16).to_be_bytes());
+        body.extend(exts);
+        let mut msg = vec![1, 0];
+        msg.extend((body.len() as u16).to_be_bytes());
+        msg.extend(body);
+        let mut out = vec![0x16, 3, 1];
+        out.extend((msg.len() as u16).to_be_bytes());
+        out.extend(msg);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_alpn_list() {
+        let h = tests_support::client_hello(Some("a.example"), &[b"h2", b"weft-tcp"]);
+        assert_eq!(alpn(&h), Some(vec![b"h2".to_vec(), b"weft-tcp".to_vec()]));
+        assert_eq!(alpn(&tests_support::client_hello(None, &[])), Some(vec![]));
+        for cut in 0..h.len() {
+            assert_eq!(alpn(&h[..cut]), None, "cut at {cut}");
+        }
+        // An empty protocol name is malformed.
+        let bad = tests_support::client_hello(None, &[b""]);
+        assert_eq!(alpn(&bad), None);
+    }
 
     fn hello(sni: Option<&str>) -> Vec<u8> {
         let mut body = vec![3, 3];

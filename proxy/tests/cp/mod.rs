@@ -45,6 +45,8 @@ pub struct Cp {
     pub admin: Option<PathBuf>,
     store: PathBuf,
     extra: Vec<String>,
+    /// The network namespace it runs in (and weftctl with it), if not the test's.
+    netns: Option<PathBuf>,
 }
 
 impl Drop for Cp {
@@ -100,7 +102,34 @@ impl Cp {
     }
 
     pub fn spawn(store: &Path, listen: &str, tls: bool, extra: &[&str]) -> Cp {
-        let mut cmd = Command::new(sibling("weft-cp"));
+        Cp::spawn_in(None, store, listen, tls, extra)
+    }
+
+    /// A control plane on TLS in the network namespace at `netns`, with an operator
+    /// credential next to the store (weftctl runs in that namespace too).
+    pub fn start_tls_in(netns: &Path, store: &Path, listen: &str, extra: &[&str]) -> Cp {
+        let admin = store.with_extension("admin");
+        init_admin(store, extra, &admin);
+        let mut cp = Cp::spawn_in(Some(netns), store, listen, true, extra);
+        cp.admin = Some(admin);
+        cp
+    }
+
+    fn command(netns: Option<&Path>, program: PathBuf) -> Command {
+        match netns {
+            Some(ns) => weft_testkit::netns::command_in(ns, program, None),
+            None => Command::new(program),
+        }
+    }
+
+    pub fn spawn_in(
+        netns: Option<&Path>,
+        store: &Path,
+        listen: &str,
+        tls: bool,
+        extra: &[&str],
+    ) -> Cp {
+        let mut cmd = Cp::command(netns, sibling("weft-cp"));
         cmd.args(["--listen", listen, "--metrics", "127.0.0.1:0", "--store"])
             .arg(store)
             .args(extra)
@@ -151,6 +180,7 @@ impl Cp {
             admin: None,
             store: store.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(Path::to_owned),
         }
     }
 
@@ -176,7 +206,7 @@ impl Cp {
     }
 
     pub fn ctl_as(&self, who: &Credential, args: &[&str], token: Option<&str>) -> Output {
-        let mut c = Command::new(sibling("weftctl"));
+        let mut c = Cp::command(self.netns.as_deref(), sibling("weftctl"));
         c.arg("--server")
             .arg(self.url())
             .args(["--wait", "20s"])
