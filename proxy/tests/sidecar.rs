@@ -201,6 +201,7 @@ spec:
   ports:
     - { port: 80, target_port: 8080, protocol: http }
     - { port: 25, target_port: 2525 }
+    - { port: 443, target_port: 8443 }
   endpoints: ["10.77.0.2"]
   identities: ["spiffe://cluster.local/ns/default/sa/web"]
 ---
@@ -209,12 +210,16 @@ selector: { app: web }
 spec:
   name: web
   mode: strict
-  ports: [ { port: 8080, protocol: http }, { port: 2525 } ]
+  ports: [ { port: 8080, protocol: http }, { port: 2525 }, { port: 8443 } ]
+  inbound_filters: [authz]
 ---
 kind: sidecar
 selector: { app: client }
 spec: { name: client }
 "#;
+
+/// The server's inbound policy: only the client's identity.
+const POLICY: &str = r#"{"default": "deny", "rules": [{"name": "client", "action": "allow", "when": {"identities": ["spiffe://cluster.local/ns/default/sa/client"]}}]}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_mtls() {
@@ -226,15 +231,22 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
     let client = net.pod("client");
     let server = net.pod("server");
     let plain = net.pod("plain");
+    let other = net.pod("other");
     assert_eq!(
         (client.ip.as_str(), server.ip.as_str()),
         ("10.77.0.1", "10.77.0.2")
     );
     let store = dir.path().join("cp.json");
     let cp = Cp::start_tls_in(&net.hub.path(), &store, &format!("{}:0", net.hub_ip()), &[]);
+    let policy = weft_testkit::filters::builtin("policy");
+    let out = cp.ctl(&[
+        "filter", "push", "authz", "--module", &policy, "--config", POLICY, "--select", "app=web",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
     let out = cp.ctl(&["apply", "-f", &write(dir.path(), "mesh.yaml", MESH)]);
     assert!(out.status.success(), "{}", stdout(&out));
     let client_token = cp.add_node("client", "default/client", &["app=client"], &[]);
+    let other_token = cp.add_node("other", "default/other", &["app=client"], &[]);
     let server_token = cp.add_node("web", "default/web", &["app=web"], &[]);
 
     // The applications: an HTTP server and a server-first one, on loopback in the server pod
@@ -255,11 +267,26 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
         .run(|| std::net::TcpListener::bind("0.0.0.0:8081"))
         .expect("bind");
     let _outside = Backend::start_with(outside, "outside").await;
+    // An application that speaks TLS itself: its bytes cross the mesh as TCP, inside mTLS.
+    let pki = weft_testkit::tls::Pki::new("app");
+    let cert = pki.issue("secure", &["secure.example"]);
+    let secure = server
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:8443"))
+        .expect("bind");
+    let _secure = Backend::start_tls_with(
+        secure,
+        "secure",
+        weft_testkit::tls::server_config(&cert, None),
+    )
+    .await;
 
     init(&client, "*");
-    init(&server, "8080,2525");
+    init(&other, "*");
+    init(&server, "8080,2525,8443");
     let _server_sidecar = sidecar(&server, &cp, &server_token, dir.path());
     let _client_sidecar = sidecar(&client, &cp, &client_token, dir.path());
+    let _other_sidecar = sidecar(&other, &cp, &other_token, dir.path());
 
     // HTTP to the VIP: captured, sent over mTLS to the server pod, captured inbound, answered
     // by the application, which sees the client's identity.
@@ -287,6 +314,37 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
             "weft_sidecar_connections_total{direction=\"inbound\",result=\"mesh\"}"
         ),
         1.0
+    );
+
+    // The server's inbound policy sees each caller's identity: another workload is denied.
+    let out = curl(&other, &[&format!("http://{VIP}/hello")]);
+    assert!(stdout(&out).ends_with("\n403"), "{}", stdout(&out));
+
+    // HTTP/2 (prior knowledge) through the capture.
+    let out = curl(
+        &client,
+        &["--http2-prior-knowledge", &format!("http://{VIP}/h2")],
+    );
+    assert!(stdout(&out).ends_with("\n200"), "{}", stdout(&out));
+
+    // The application's own TLS passes through the mesh untouched (the certificate the client
+    // checks is the server application's).
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let resolve = format!("secure.example:443:{VIP}");
+    let out = curl(
+        &client,
+        &[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "https://secure.example/tls",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.ends_with("\n200") && text.contains("\"secure\""),
+        "{text}"
     );
 
     // A server-first protocol: the client sends nothing until it is greeted. Detection gives

@@ -178,6 +178,18 @@ impl Backend {
         Self::serve(listener, name, None, false).await
     }
 
+    /// Serves TLS with `config` on a listener bound elsewhere.
+    pub async fn start_tls_with(
+        listener: std::net::TcpListener,
+        name: &str,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Backend {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("listener");
+        let tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        Self::serve(listener, name, tls, false).await
+    }
+
     async fn start_inner(
         addr: SocketAddr,
         name: &str,
