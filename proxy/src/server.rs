@@ -652,6 +652,25 @@ impl Server {
         if let Some(a) = &self.admin {
             a.set_phase(Phase::Draining);
         }
+        // A sidecar's application may call out while it shuts down: inbound stops at once,
+        // outbound is served a while longer.
+        let sidecar = self.shared.snapshot().sidecar.clone();
+        if let Some(sc) = sidecar.filter(|s| !s.outbound_drain.is_zero()) {
+            for b in self
+                .bound
+                .iter()
+                .filter(|b| !b.name.starts_with(crate::sidecar::OUTBOUND))
+            {
+                for w in &self.workers {
+                    let _ = w.commands.send(Command::Unlisten { id: b.id });
+                }
+            }
+            tracing::info!(
+                outbound_drain = ?sc.outbound_drain,
+                "draining inbound; outbound connections still served while the application stops"
+            );
+            tokio::time::sleep(sc.outbound_drain).await;
+        }
         let grace = self.shared.snapshot().grace_period;
         tracing::info!(grace_period = ?grace, "draining");
         let deadline = Instant::now() + grace;

@@ -215,7 +215,7 @@ spec:
 ---
 kind: sidecar
 selector: { app: client }
-spec: { name: client }
+spec: { name: client, outbound_drain: 60s }
 "#;
 
 /// The server's inbound policy: only the client's identity.
@@ -284,8 +284,8 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
     init(&client, "*");
     init(&other, "*");
     init(&server, "8080,2525,8443");
-    let _server_sidecar = sidecar(&server, &cp, &server_token, dir.path());
-    let _client_sidecar = sidecar(&client, &cp, &client_token, dir.path());
+    let mut server_sidecar = sidecar(&server, &cp, &server_token, dir.path());
+    let mut client_sidecar = sidecar(&client, &cp, &client_token, dir.path());
     let _other_sidecar = sidecar(&other, &cp, &other_token, dir.path());
 
     // HTTP to the VIP: captured, sent over mTLS to the server pod, captured inbound, answered
@@ -402,9 +402,10 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
 
     // registry_only: refused, counted.
     let only = MESH.replace(
-        "spec: { name: client }",
-        "spec: { name: client, egress: registry_only }",
+        "spec: { name: client, outbound_drain: 60s }",
+        "spec: { name: client, outbound_drain: 60s, egress: registry_only }",
     );
+    assert_ne!(only, MESH);
     let out = cp.ctl(&["apply", "-f", &write(dir.path(), "mesh2.yaml", &only)]);
     assert!(out.status.success(), "{}", stdout(&out));
     let out = curl(&client, &[&format!("http://{}:8081/out", plain.ip)]);
@@ -418,6 +419,21 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
     );
     // The service still works.
     assert!(stdout(&curl(&client, &[&format!("http://{VIP}/again")])).ends_with("\n200"));
+
+    // SIGTERM: a sidecar serves its application's outbound calls while the application
+    // stops; inbound stops at once.
+    let term = |p: &Proc| {
+        // SAFETY: kill(2) on a child we started and have not reaped.
+        unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
+    };
+    term(&client_sidecar);
+    client_sidecar.wait_for("draining inbound");
+    let out = curl(&client, &[&format!("http://{VIP}/while-stopping")]);
+    assert!(stdout(&out).ends_with("\n200"), "{}", stdout(&out));
+    term(&server_sidecar);
+    server_sidecar.wait_for("draining inbound");
+    let out = curl(&other, &[&format!("http://{VIP}/after")]);
+    assert!(!stdout(&out).ends_with("\n200"), "{}", stdout(&out));
 
     // `weft init --cleanup` leaves no rule behind.
     for pod in [&client, &server] {
