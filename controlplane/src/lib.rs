@@ -5,6 +5,7 @@
 pub mod blob;
 pub mod ca;
 pub mod etcd;
+pub mod inject;
 pub mod link;
 pub mod registry;
 pub mod resources;

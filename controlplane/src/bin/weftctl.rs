@@ -92,6 +92,29 @@ enum Cmd {
         #[command(subcommand)]
         command: KeysCmd,
     },
+    /// Print Kubernetes manifests (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job,
+    /// CronJob) with the weft sidecar added: `weft init` as an init container, the proxy as a
+    /// native sidecar. Other documents pass through. Needs no control plane.
+    Inject {
+        /// The manifests (`-` reads standard input).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The weft image.
+        #[arg(long)]
+        image: Option<String>,
+        /// The control plane's URL(s) the sidecar enrolls with.
+        #[arg(long)]
+        control_plane: Option<String>,
+        /// The Secret (key `token`) holding a reusable join token for the workload.
+        #[arg(long)]
+        join_secret: Option<String>,
+        /// The ConfigMap (key `bootstrap.yaml`) with the sidecar's bootstrap.
+        #[arg(long)]
+        bootstrap_configmap: Option<String>,
+        /// The uid (and gid) the sidecar runs as.
+        #[arg(long)]
+        proxy_uid: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -532,6 +555,35 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     {
         return generate_keys(prefix);
     }
+    if let Cmd::Inject {
+        file,
+        image,
+        control_plane,
+        join_secret,
+        bootstrap_configmap,
+        proxy_uid,
+    } = cli.command
+    {
+        let d = weft_controlplane::inject::InjectOptions::default();
+        let opts = weft_controlplane::inject::InjectOptions {
+            image: image.unwrap_or(d.image),
+            control_plane: control_plane.unwrap_or(d.control_plane),
+            join_secret: join_secret.unwrap_or(d.join_secret),
+            bootstrap_configmap: bootstrap_configmap.unwrap_or(d.bootstrap_configmap),
+            proxy_uid: proxy_uid.unwrap_or(d.proxy_uid),
+        };
+        let text = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+                .map_err(|e| anyhow::anyhow!("standard input: {e}"))?
+        } else {
+            std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+        };
+        let out = weft_controlplane::inject::inject(&text, &opts)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        print!("{out}");
+        return Ok(true);
+    }
     let security = link_security(&cli)?;
     let channel = weft_proxy::control::link::connect(&cli.server, &security)
         .await
@@ -857,7 +909,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Cmd::Keys { .. } => unreachable!("handled before connecting"),
+        Cmd::Keys { .. } | Cmd::Inject { .. } => unreachable!("handled before connecting"),
         Cmd::History => {
             let r = client
                 .history(request(v1::HistoryRequest {}))
