@@ -197,11 +197,12 @@ const MESH: &str = r#"
 kind: mesh_service
 spec:
   name: web
-  addresses: ["10.96.0.10"]
+  addresses: ["10.96.0.10", "fd96::10"]
   ports:
     - { port: 80, target_port: 8080, protocol: http }
     - { port: 25, target_port: 2525 }
     - { port: 443, target_port: 8443 }
+    - { port: 9000, protocol: grpc }
   endpoints: ["10.77.0.2"]
   identities: ["spiffe://cluster.local/ns/default/sa/web"]
 ---
@@ -210,7 +211,7 @@ selector: { app: web }
 spec:
   name: web
   mode: strict
-  ports: [ { port: 8080, protocol: http }, { port: 2525 }, { port: 8443 } ]
+  ports: [ { port: 8080, protocol: http }, { port: 2525 }, { port: 8443 }, { port: 9000, protocol: grpc } ]
   inbound_filters: [authz]
 ---
 kind: sidecar
@@ -281,9 +282,15 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
     )
     .await;
 
+    let _grpc = weft_testkit::grpc::GrpcBackend::start_with(
+        server
+            .ns
+            .run(|| std::net::TcpListener::bind("127.0.0.1:9000"))
+            .expect("bind"),
+    );
     init(&client, "*");
     init(&other, "*");
-    init(&server, "8080,2525,8443");
+    init(&server, "8080,2525,8443,9000");
     let mut server_sidecar = sidecar(&server, &cp, &server_token, dir.path());
     let mut client_sidecar = sidecar(&client, &cp, &client_token, dir.path());
     let _other_sidecar = sidecar(&other, &cp, &other_token, dir.path());
@@ -326,6 +333,66 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
         &["--http2-prior-knowledge", &format!("http://{VIP}/h2")],
     );
     assert!(stdout(&out).ends_with("\n200"), "{}", stdout(&out));
+
+    // gRPC through the capture: unary, a server stream, and an error in trailers (the client
+    // runs in the pod: its sockets are the pod's).
+    let (unary, streamed, code) = client.ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use weft_testkit::grpc::pb::EchoRequest;
+            use weft_testkit::grpc::pb::echo_client::EchoClient;
+            let mut c = EchoClient::connect(format!("http://{VIP}:9000"))
+                .await
+                .expect("connect");
+            let req = |message: &str, count, fail_with| EchoRequest {
+                message: message.into(),
+                count,
+                fail_with,
+            };
+            let unary = c.unary(req("hello", 0, 0)).await.expect("unary");
+            let mut stream = c
+                .server_stream(req("tick", 3, 0))
+                .await
+                .expect("stream")
+                .into_inner();
+            let mut streamed = Vec::new();
+            while let Some(m) = stream.message().await.expect("message") {
+                streamed.push(m.message);
+            }
+            let err = c
+                .unary(req("no", 0, tonic::Code::PermissionDenied as u32))
+                .await
+                .expect_err("fails");
+            (unary.into_inner().message, streamed, err.code())
+        })
+    });
+    assert_eq!(unary, "hello");
+    assert_eq!(streamed, ["tick #0", "tick #1", "tick #2"]);
+    assert_eq!(code, tonic::Code::PermissionDenied);
+
+    // IPv6: the VIP's IPv6 address is captured by the IPv6 rules (IP6T_SO_ORIGINAL_DST).
+    let out = curl(&client, &["-g", "http://[fd96::10]/v6"]);
+    assert!(stdout(&out).ends_with("\n200"), "{}", stdout(&out));
+    let refused = metric(
+        &server,
+        "weft_sidecar_connections_total{direction=\"inbound\",result=\"refused_plaintext\"}",
+    );
+    let out = curl(&plain, &["-g", &format!("http://[{}]:8080/", server.ip6)]);
+    assert!(
+        !out.status.success(),
+        "plaintext over IPv6 reached a strict workload"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "weft_sidecar_connections_total{direction=\"inbound\",result=\"refused_plaintext\"}",
+        ),
+        refused + 1.0,
+        "refused by the sidecar (captured over IPv6), not by an unreachable address"
+    );
 
     // The application's own TLS passes through the mesh untouched (the certificate the client
     // checks is the server application's).

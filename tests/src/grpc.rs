@@ -114,6 +114,16 @@ impl GrpcBackend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        Self::serve(listener)
+    }
+
+    /// Serves on a listener bound elsewhere (in a pod's network namespace, say).
+    pub fn start_with(listener: std::net::TcpListener) -> GrpcBackend {
+        listener.set_nonblocking(true).expect("nonblocking");
+        Self::serve(tokio::net::TcpListener::from_std(listener).expect("listener"))
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> GrpcBackend {
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()

@@ -19,6 +19,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// The subnet pods live in (every test has namespaces of its own: no clash between tests).
 pub const SUBNET: &str = "10.77.0";
+/// Their IPv6 subnet (`fd77::<n>/64`).
+pub const SUBNET6: &str = "fd77:";
 
 /// Whether this process may make namespaces (root, with `ip`), else why not.
 pub fn available() -> Result<(), String> {
@@ -139,11 +141,12 @@ pub fn command_in(
     c
 }
 
-/// A pod: a namespace on the hub's bridge at `SUBNET.<n>`.
+/// A pod: a namespace on the hub's bridge at `SUBNET.<n>` and `fd77::<n>`.
 #[derive(Debug)]
 pub struct Pod {
     pub ns: Netns,
     pub ip: String,
+    pub ip6: String,
 }
 
 /// A hub (bridge, at `SUBNET.254`) and its pods. Drop it after the processes in it.
@@ -166,6 +169,15 @@ impl Net {
         hub.ip(&["link", "add", "br0", "type", "bridge"]);
         hub.ip(&["link", "set", "br0", "up"]);
         hub.ip(&["addr", "add", &format!("{SUBNET}.254/24"), "dev", "br0"]);
+        hub.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{SUBNET6}:fe/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         Net {
             prefix,
             hub,
@@ -194,7 +206,19 @@ impl Net {
         // Service VIPs are not on any link: the route makes connect() to them possible, and
         // the nat rules redirect before a packet leaves.
         ns.ip(&["route", "add", "default", "dev", "eth0"]);
-        Pod { ns, ip }
+        // IPv6 too, usable at once (no duplicate address detection to wait for).
+        let ip6 = format!("{SUBNET6}:{n}");
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ns.ip(&["-6", "route", "add", "default", "dev", "eth0"]);
+        Pod { ns, ip, ip6 }
     }
 }
 
