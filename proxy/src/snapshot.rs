@@ -86,6 +86,9 @@ pub struct ListenerRuntime {
     pub tcp: Option<TcpRuntime>,
     /// A sidecar's capture listener: connections are served by their original destination.
     pub capture: Option<crate::sidecar::Capture>,
+    /// Whether requests get `x-forwarded-for` / `x-forwarded-proto` (not on a sidecar's
+    /// outbound side: the application is the origin, as with Istio's sidecars).
+    pub forwarded_for: bool,
 }
 
 /// Metric handles of one route on one listener.
@@ -571,6 +574,7 @@ impl ListenerRuntime {
             tls: None,
             tcp: None,
             capture: None,
+            forwarded_for: true,
         }
     }
 }

@@ -308,6 +308,8 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
         text.contains("URI=spiffe://cluster.local/ns/default/sa/client"),
         "the server's sidecar did not see the client's identity: {text}"
     );
+    // The server application learns its client's address once (from the inbound side).
+    assert!(text.contains("\"x-forwarded-for\":\"10.77.0.1\""), "{text}");
     assert_eq!(
         metric(
             &client,

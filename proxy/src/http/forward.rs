@@ -142,7 +142,9 @@ impl Forward<'_> {
         headers::strip_hop_by_hop(h, upgrade);
         // hyper answers `100 Continue` itself when the body is first read.
         h.remove(header::EXPECT);
-        headers::set_forwarded(h, &self.conn.peer_header, self.conn.scheme);
+        if self.listener.forwarded_for {
+            headers::set_forwarded(h, &self.conn.peer_header, self.conn.scheme);
+        }
         headers::ensure_request_id(h);
         self.route.request_headers.apply(h);
         // The common HTTP/1.1 case (origin-form URI, own Host header, nothing rewritten) is

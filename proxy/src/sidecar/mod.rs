@@ -220,7 +220,9 @@ pub fn build(
             ) else {
                 continue;
             };
-            let (http, tcp) = runtimes(&name, &cluster, outbound_filters.clone(), env);
+            // The application is the origin of what it sends out: only the inbound side adds
+            // the client's address (the application there sees loopback).
+            let (http, tcp) = runtimes(&name, &cluster, outbound_filters.clone(), false, env);
             let dest = Arc::new(Destination {
                 service: Arc::from(svc.name.as_str()),
                 protocol: p.protocol,
@@ -297,7 +299,7 @@ pub fn build(
                 continue;
             };
             // TLS is terminated (or not) before these runtimes serve a connection.
-            let (http, tcp) = runtimes(&name, &cluster, inbound_filters.clone(), env);
+            let (http, tcp) = runtimes(&name, &cluster, inbound_filters.clone(), true, env);
             inbound.insert(
                 p.port,
                 Arc::new(InboundPort {
@@ -359,6 +361,7 @@ fn runtimes(
     name: &str,
     cluster: &Arc<Cluster>,
     filters: Vec<Arc<FilterSpec>>,
+    forwarded_for: bool,
     env: BuildEnv<'_>,
 ) -> (Arc<ListenerRuntime>, Arc<ListenerRuntime>) {
     let mut map = ClusterMap::new();
@@ -373,7 +376,8 @@ fn runtimes(
     debug_assert!(ignored.is_empty(), "{ignored:?}");
     let l = listener(name, "0.0.0.0:0");
     let address: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let http = ListenerRuntime::new(&l, address, table.clone(), filters, env.metrics);
+    let mut http = ListenerRuntime::new(&l, address, table.clone(), filters, env.metrics);
+    http.forwarded_for = forwarded_for;
     let mut tcp = ListenerRuntime::new(&l, address, table, Vec::new(), env.metrics);
     tcp.tcp = Some(TcpRuntime {
         routes: vec![TcpTarget {
