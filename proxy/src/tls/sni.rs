@@ -166,13 +166,13 @@ fn hello_sni(body: &[u8]) -> Option<Option<String>> {
 /// ClientHellos for tests elsewhere in the crate.
 #[cfg(test)]
 pub mod tests_support {
-    /// A ClientHello record offering `alpn`.
-    pub fn client_hello(sni: Option<&str>, alpn: &[&[u8]]) -> Vec<u8> {
+    /// A ClientHello handshake message (no record header) with `sni` and offering `alpn`.
+    pub fn handshake(sni: Option<&str>, alpn: &[&[u8]]) -> Vec<u8> {
         let mut body = vec![3, 3];
         body.extend([7u8; 32]);
-        body.push(0);
-        body.extend([0, 2, 0x13, 0x01]);
-        body.extend([1, 0]);
+        body.push(0); // session id
+        body.extend([0, 2, 0x13, 0x01]); // one suite
+        body.extend([1, 0]); // null compression
         let mut exts = Vec::new();
         if let Some(name) = sni {
             let mut entry = vec![0];
@@ -195,11 +195,18 @@ pub mod tests_support {
             exts.extend((list.len() as u16).to_be_bytes());
             exts.extend(list);
         }
+        exts.extend([0, 43, 0, 3, 2, 3, 4]); // supported_versions
         body.extend((exts.len() as u16).to_be_bytes());
         body.extend(exts);
         let mut msg = vec![1, 0];
         msg.extend((body.len() as u16).to_be_bytes());
         msg.extend(body);
+        msg
+    }
+
+    /// The same in one TLS record.
+    pub fn client_hello(sni: Option<&str>, alpn: &[&[u8]]) -> Vec<u8> {
+        let msg = handshake(sni, alpn);
         let mut out = vec![0x16, 3, 1];
         out.extend((msg.len() as u16).to_be_bytes());
         out.extend(msg);
@@ -225,29 +232,7 @@ mod tests {
     }
 
     fn hello(sni: Option<&str>) -> Vec<u8> {
-        let mut body = vec![3, 3];
-        body.extend([7u8; 32]);
-        body.push(0); // session id
-        body.extend([0, 2, 0x13, 0x01]); // one suite
-        body.extend([1, 0]); // null compression
-        let mut exts = Vec::new();
-        if let Some(name) = sni {
-            let mut entry = vec![0];
-            entry.extend((name.len() as u16).to_be_bytes());
-            entry.extend(name.as_bytes());
-            let mut list = (entry.len() as u16).to_be_bytes().to_vec();
-            list.extend(entry);
-            exts.extend([0, 0]);
-            exts.extend((list.len() as u16).to_be_bytes());
-            exts.extend(list);
-        }
-        exts.extend([0, 43, 0, 3, 2, 3, 4]); // supported_versions
-        body.extend((exts.len() as u16).to_be_bytes());
-        body.extend(exts);
-        let mut msg = vec![1, 0];
-        msg.extend((body.len() as u16).to_be_bytes());
-        msg.extend(body);
-        msg
+        tests_support::handshake(sni, &[])
     }
 
     fn records(msg: &[u8], chunk: usize) -> Vec<u8> {
