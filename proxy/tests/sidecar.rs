@@ -469,6 +469,18 @@ async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_m
         0.0
     );
 
+    // Another pod that reaches a sidecar's outbound capture port directly (no redirect: no
+    // original destination but the port itself) cannot use it as an open proxy.
+    let out = curl(&plain, &[&format!("http://{}:15001/", client.ip)]);
+    assert!(!stdout(&out).ends_with("\n200"), "{}", stdout(&out));
+    assert_eq!(
+        metric(
+            &client,
+            "weft_sidecar_connections_total{direction=\"outbound\",result=\"loop\"}"
+        ),
+        1.0
+    );
+
     // registry_only: refused, counted.
     let only = MESH.replace(
         "spec: { name: client, outbound_drain: 60s }",
