@@ -215,7 +215,7 @@ fn stopped(
     };
     let error = |e: ProxyError| {
         listener.stats.error(e.cause());
-        errors::respond(&e, grpc)
+        crate::http::respond::respond(&e, grpc)
     };
     Ok(match stop {
         Stop::Reset => return Err(StreamReset),

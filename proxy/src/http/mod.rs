@@ -7,5 +7,6 @@ pub mod forward;
 pub mod headers;
 pub mod path;
 pub mod proxy;
+pub mod respond;
 pub mod server;
 pub mod upgrade;

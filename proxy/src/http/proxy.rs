@@ -1,6 +1,6 @@
 //! The life of one request, top to bottom: check and canonicalize it, route it, then answer it
 //! locally (redirect, direct response, error) or forward it upstream and stream the response
-//! back. Every proxy-generated error goes through [`crate::errors::respond`].
+//! back. Every proxy-generated error goes through [`crate::http::respond::respond`].
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -104,7 +104,7 @@ pub(crate) fn error_answer(
 ) -> Answer {
     listener.stats.error(e.cause());
     tracing::debug!(listener = %listener.name, peer = %conn.peer, error = %e, "proxy error");
-    let mut resp = errors::respond(&e, grpc);
+    let mut resp = crate::http::respond::respond(&e, grpc);
     if http1 && e.closes_connection() {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
