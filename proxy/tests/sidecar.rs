@@ -225,7 +225,12 @@ const POLICY: &str = r#"{"default": "deny", "rules": [{"name": "client", "action
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_call_a_service_by_its_virtual_ip_through_both_sidecars_over_mesh_mtls() {
     if let Err(why) = netns::available() {
-        panic!("{why}");
+        // CI (root) sets WEFT_REQUIRE_NETNS=1: there this test can never be skipped.
+        if std::env::var("WEFT_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+            panic!("{why}");
+        }
+        eprintln!("SKIPPED: {why}");
+        return;
     }
     let dir = tempfile::tempdir().expect("dir");
     let mut net = Net::new();
