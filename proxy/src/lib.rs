@@ -16,6 +16,7 @@ pub mod errors;
 pub mod http;
 pub mod identity;
 pub mod listener;
+pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod peek;

@@ -4,7 +4,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -21,19 +20,6 @@ use crate::snapshot::Snapshot;
 use crate::upstream::Pools;
 use crate::wasm::SharedHost;
 use crate::wasm::worker::WasmWorker;
-
-/// Runs hyper's background futures on the current worker (they need not be `Send`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LocalExec;
-
-impl<F> hyper::rt::Executor<F> for LocalExec
-where
-    F: Future + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
-    }
-}
 
 /// A worker's handle on a snapshot. Requests clone the `Rc` (a plain increment on the worker's
 /// own memory), not the `Arc` every worker shares.

@@ -26,9 +26,10 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::http::proxy::{self, ConnCtx};
+use crate::local::LocalExec;
 use crate::snapshot::ListenerRuntime;
 use crate::tls::io::{MaybeTls, ServerIo};
-use crate::worker::{LocalExec, Worker};
+use crate::worker::Worker;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 use super::{Cluster, Endpoint};
 use crate::errors::ProxyError;
 use crate::http::body::UpstreamBody;
+use crate::local::LocalExec;
 use crate::tls::client::Alpn;
 use crate::tls::io::{ClientIo, MaybeTls};
-use crate::worker::LocalExec;
 
 /// The HTTP version spoken to an endpoint for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
