@@ -227,6 +227,26 @@ pub fn spawn_identity_follower(cp: Arc<ControlPlane>) -> Option<tokio::task::Joi
     }))
 }
 
+/// The next response of a watch; `None` when etcd cancelled it (its history was compacted):
+/// the caller reads everything again.
+async fn next_events(
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
+) -> Result<Option<pb::WatchResponse>, String> {
+    let r = match stream.message().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err("the watch ended".into()),
+        Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
+    };
+    if r.compact_revision > 0 || r.canceled {
+        tracing::info!(
+            reason = %r.cancel_reason,
+            "etcd watch cancelled (history compacted?): reading everything again"
+        );
+        return Ok(None);
+    }
+    Ok(Some(r))
+}
+
 /// Where the registry and the CA are kept under the prefix.
 pub const IDENTITY: &str = "identity/";
 
@@ -241,14 +261,9 @@ async fn follow_identity(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     loop {
-        let r: pb::WatchResponse = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err("the watch ended".into()),
-            Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
-        };
-        if r.compact_revision > 0 || r.canceled {
+        let Some(r) = next_events(&mut stream).await? else {
             return Ok(());
-        }
+        };
         for e in r.events {
             if e.r#type == pb::event::EventType::Put as i32
                 && let Some(kv) = e.kv
@@ -320,18 +335,9 @@ async fn follow(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     cp.metrics.store_up.set(1);
     loop {
-        let r: pb::WatchResponse = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err("the watch ended".into()),
-            Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
-        };
-        if r.compact_revision > 0 || r.canceled {
-            tracing::info!(
-                reason = %r.cancel_reason,
-                "etcd watch cancelled (history compacted?): reading every version again"
-            );
+        let Some(r) = next_events(&mut stream).await? else {
             return Ok(());
-        }
+        };
         let mut versions = Vec::new();
         let mut head = 0;
         for e in r.events {
@@ -582,14 +588,9 @@ async fn follow_peers(cp: &ControlPlane, etcd: &Etcd) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     loop {
-        let r: pb::WatchResponse = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err("the watch ended".into()),
-            Err(s) => return Err(format!("the watch broke: {}", crate::etcd::why(&s))),
-        };
-        if r.compact_revision > 0 || r.canceled {
+        let Some(r) = next_events(&mut stream).await? else {
             return Ok(());
-        }
+        };
         for e in r.events {
             let Some(kv) = e.kv else { continue };
             if e.r#type == pb::event::EventType::Put as i32 {

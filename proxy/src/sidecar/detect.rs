@@ -173,6 +173,79 @@ mod tests {
         );
     }
 
+    /// A live connection: `client` writes, then `detect` says what it saw.
+    async fn detected<F, Fut>(client: F) -> Detected
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let writer = tokio::spawn(async move {
+            let c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            client(c).await;
+        });
+        let (server, _) = l.accept().await.expect("accept");
+        let d = detect(&server).await.expect("detect");
+        writer.abort();
+        d
+    }
+
+    #[tokio::test]
+    async fn slow_truncated_and_oversized_first_bytes() {
+        use tokio::io::AsyncWriteExt;
+        // One byte at a time: still a request line.
+        let slow = detected(|mut c: tokio::net::TcpStream| async move {
+            for b in b"GET /slow HTTP/1.1\r\n" {
+                c.write_all(&[*b]).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            std::future::pending::<()>().await;
+        })
+        .await;
+        assert_eq!(slow, Detected::Http1);
+        // Closed in the middle of a request line or a hello: TCP, never a wait.
+        let cut = detected(|mut c: tokio::net::TcpStream| async move {
+            c.write_all(b"GET /cut HTT").await.expect("write");
+        })
+        .await;
+        assert_eq!(cut, Detected::Tcp);
+        let hello = crate::tls::sni::tests_support::client_hello(None, &[b"h2"]);
+        let cut = detected(move |mut c: tokio::net::TcpStream| async move {
+            c.write_all(&hello[..hello.len() / 2]).await.expect("write");
+        })
+        .await;
+        assert_eq!(cut, Detected::Tcp);
+        // A TLS record larger than TLS allows, and a handshake that claims 16 MiB.
+        let big = detected(|mut c: tokio::net::TcpStream| async move {
+            let mut bytes = vec![0x16, 3, 1, 0xff, 0xff];
+            bytes.extend(vec![0u8; 70_000]);
+            let _ = c.write_all(&bytes).await;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        assert_eq!(big, Detected::Tcp);
+        let huge = detected(|mut c: tokio::net::TcpStream| async move {
+            let _ = c
+                .write_all(&[0x16, 3, 1, 0, 8, 1, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+                .await;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        assert_eq!(huge, Detected::Tcp);
+        // A request line longer than any: TCP once the limit is passed.
+        let long = detected(|mut c: tokio::net::TcpStream| async move {
+            let mut line = b"GET /".to_vec();
+            line.extend(vec![b'a'; MAX_REQUEST_LINE + 10]);
+            let _ = c.write_all(&line).await;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        assert_eq!(long, Detected::Tcp);
+    }
+
     #[test]
     fn tls_hellos_with_their_alpn() {
         let hello =

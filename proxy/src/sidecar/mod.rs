@@ -490,14 +490,10 @@ fn check_sidecar(s: &Sidecar, config: &Config, errors: &mut Vec<ConfigError>) {
         errors.push(ConfigError::new("sidecar.outbound_drain", "at most 600s"));
     }
     match s.app_address.parse::<IpAddr>() {
-        Ok(ip) if ip.is_loopback() || ip.is_unspecified() => {
-            if ip.is_unspecified() {
-                errors.push(ConfigError::new(
-                    "sidecar.app_address",
-                    "must be an address the workload listens on (127.0.0.1, ::1, or its own IP)",
-                ));
-            }
-        }
+        Ok(ip) if ip.is_unspecified() => errors.push(ConfigError::new(
+            "sidecar.app_address",
+            "must be an address the workload listens on (127.0.0.1, ::1, or its own IP)",
+        )),
         Ok(_) => {}
         Err(_) => errors.push(ConfigError::new(
             "sidecar.app_address",
