@@ -22,8 +22,8 @@ bench_install wrk:wrk nginx:nginx-light curl:curl
 
 echo "building weft and weft-echo (release)..." >&2
 cargo build --release -q -p weft-proxy -p weft-testkit --bin weft --bin weft-echo
-WEFT=target/release/weft
-ECHO=target/release/weft-echo
+WEFT=${CARGO_TARGET_DIR:-target}/release/weft  # the build above (CARGO_TARGET_DIR honoured)
+ECHO=${CARGO_TARGET_DIR:-target}/release/weft-echo
 
 FAST=$((BASE_PORT + 0)); SLOW=$((BASE_PORT + 1)); NGINX=$((BASE_PORT + 2)); ADMIN=$((BASE_PORT + 3))
 L_EWMA=$((BASE_PORT + 10)); L_RR=$((BASE_PORT + 11)); L_LR=$((BASE_PORT + 12))

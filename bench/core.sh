@@ -29,7 +29,7 @@ bench_install wrk:wrk h2load:nghttp2-client nginx:nginx-light taskset:util-linux
 
 echo "building weft (release)..." >&2
 cargo build --release -q -p weft-proxy
-WEFT=target/release/weft
+WEFT=${CARGO_TARGET_DIR:-target}/release/weft  # the build above (CARGO_TARGET_DIR honoured)
 
 BACKEND=$((BASE_PORT + 0))
 NGINX_H1=$((BASE_PORT + 1))

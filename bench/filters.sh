@@ -26,7 +26,7 @@ cargo build --release -q -p weft-proxy
 CARGO_TARGET_DIR=target/wasm-filters CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo \
   cargo build --release -q --locked --target wasm32-wasip1 \
   -p weft-filter-telemetry -p weft-filter-policy -p weft-filter-quota -p weft-filter-fault
-WEFT=target/release/weft
+WEFT=${CARGO_TARGET_DIR:-target}/release/weft  # the build above (CARGO_TARGET_DIR honoured)
 FILTERS=$PWD/target/wasm-filters/wasm32-wasip1/release
 
 BACKEND=$((BASE_PORT + 0))

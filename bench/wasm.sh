@@ -26,7 +26,7 @@ rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add was
 echo "building weft (release) and the filters..." >&2
 cargo build --release -q -p weft-proxy
 (cd tests/filters && cargo build --release -q --locked --target wasm32-wasip1)
-WEFT=target/release/weft
+WEFT=${CARGO_TARGET_DIR:-target}/release/weft  # the build above (CARGO_TARGET_DIR honoured)
 FILTERS=$PWD/tests/filters/target/wasm32-wasip1/release
 
 BEFORE=${BEFORE:-}

@@ -578,7 +578,7 @@ impl ControlPlane {
             }
         }
         let metrics = weft_proxy::metrics::Metrics::new();
-        let wasm = weft_proxy::wasm::SharedHost::new(Arc::new(weft_proxy::metrics::Metrics::new()));
+        let wasm = weft_proxy::wasm::WasmShared::new(Arc::new(weft_proxy::metrics::Metrics::new()));
         for labels in &label_sets {
             let sidecars = crate::resources::sidecars(state.values(), labels);
             if sidecars.len() > 1 {

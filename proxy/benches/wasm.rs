@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderMap;
 use weft_proxy::metrics::Metrics;
-use weft_proxy::wasm::SharedHost;
+use weft_proxy::wasm::WasmShared;
 use weft_proxy::wasm::module;
 use weft_proxy::wasm::state::{Headers, PluginInfo, StreamData};
 use weft_proxy::wasm::vm::{Vm, VmSpec};
@@ -45,7 +45,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
 }
 
-fn vm_start(name: &str, host: &Arc<SharedHost>) {
+fn vm_start(name: &str, host: &Arc<WasmShared>) {
     let (vm_spec, plugin) = spec(name);
     // Warm up (page in, pool slots).
     for _ in 0..50 {
@@ -91,7 +91,7 @@ fn request_headers() -> Headers {
     }
 }
 
-fn stream_cost(name: &str, host: &Arc<SharedHost>) {
+fn stream_cost(name: &str, host: &Arc<WasmShared>) {
     let (vm_spec, plugin) = spec(name);
     let vm = Vm::start(vm_spec, None, host.clone()).expect("start");
     let root = vm.root(&plugin).expect("root");
@@ -129,7 +129,7 @@ fn stream_cost(name: &str, host: &Arc<SharedHost>) {
 }
 
 fn main() {
-    let host = SharedHost::new(Arc::new(Metrics::new()));
+    let host = WasmShared::new(Arc::new(Metrics::new()));
     vm_start("noop", &host);
     vm_start("add_header", &host);
     stream_cost("noop", &host);

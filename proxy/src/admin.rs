@@ -17,13 +17,13 @@ use serde_json::json;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 
+use crate::published::Published;
 use crate::upstream::Breaker;
-use crate::worker::Shared;
 
 /// Where the proxy is in its life, as `/ready` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Phase {
+pub enum Lifecycle {
     Starting = 0,
     Ready = 1,
     Draining = 2,
@@ -40,29 +40,29 @@ pub struct ListenerInfo {
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Published>,
     phase: AtomicU8,
     pub listeners: Mutex<Vec<ListenerInfo>>,
 }
 
 impl AdminState {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Published>) -> Self {
         AdminState {
             shared,
-            phase: AtomicU8::new(Phase::Starting as u8),
+            phase: AtomicU8::new(Lifecycle::Starting as u8),
             listeners: Mutex::new(Vec::new()),
         }
     }
 
-    pub fn set_phase(&self, p: Phase) {
+    pub fn set_phase(&self, p: Lifecycle) {
         self.phase.store(p as u8, Ordering::Release);
     }
 
-    pub fn phase(&self) -> Phase {
+    pub fn phase(&self) -> Lifecycle {
         match self.phase.load(Ordering::Acquire) {
-            1 => Phase::Ready,
-            2 => Phase::Draining,
-            _ => Phase::Starting,
+            1 => Lifecycle::Ready,
+            2 => Lifecycle::Draining,
+            _ => Lifecycle::Starting,
         }
     }
 }
@@ -168,9 +168,9 @@ async fn handle(
     }
     let resp = match req.uri().path() {
         "/ready" => match state.phase() {
-            Phase::Ready => text(StatusCode::OK, "ready\n"),
-            Phase::Starting => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
-            Phase::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            Lifecycle::Ready => text(StatusCode::OK, "ready\n"),
+            Lifecycle::Starting => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            Lifecycle::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         },
         "/metrics" => {
             let mut r = text(StatusCode::OK, state.shared.metrics.encode());

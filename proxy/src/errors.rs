@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use http::{StatusCode, header};
 
+/// Any error a body or a connection task passes on.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The name of the header naming the cause of a proxy-generated response.
 pub const ERROR_HEADER: &str = "x-weft-error";
 

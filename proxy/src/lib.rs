@@ -4,10 +4,13 @@
 //! upstream clusters and their connections, the admin listener, metrics and the proxy's
 //! lifecycle (reload, drain). It must not know about the control plane's storage.
 //!
-//! A request's way, one module per stop:
-//! [`listener`] → [`worker`] (accept) → [`http::server`] (connection) → [`http::proxy`]
-//! (the request) → [`router`] → [`upstream`] (balancing, pools) → back through
-//! [`http::body`], with every proxy-made error answered by [`errors`].
+//! A request's way, one module per stage, each depending only on the ones below it (a test,
+//! `tests/layers.rs`, keeps it so): [`worker`] (accept) → (TLS, [`tls::server`]) →
+//! [`http::server`] (the connection) → [`http::request`], which runs the stages in order:
+//! [`http::check`] → [`http::filter`] (Wasm, [`wasm`]) → [`http::route`] ([`router`]) →
+//! [`http::forward`] ([`upstream`]: balancing, pools, retries) → [`http::respond`] →
+//! [`http::record`] (the end of the request). [`published`] holds what the workers share and
+//! each worker's handles on it; [`process`] runs the whole (listeners, reloads, drain).
 
 pub mod admin;
 pub mod config;
@@ -20,8 +23,9 @@ pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod peek;
+pub mod process;
+pub mod published;
 pub mod router;
-pub mod server;
 pub mod sidecar;
 pub mod snapshot;
 pub mod splice;
@@ -31,4 +35,4 @@ pub mod upstream;
 pub mod wasm;
 pub mod worker;
 
-pub use server::{Options, Server, run};
+pub use process::{Options, Server, run};

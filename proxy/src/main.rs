@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use weft_proxy::metrics::Metrics;
-use weft_proxy::server::{self, Options};
+use weft_proxy::process::{self, Options};
 
 // A request allocates a few dozen small objects and frees them on the same thread; mimalloc's
 // thread-local free lists make that markedly cheaper than glibc's allocator.
@@ -250,10 +250,10 @@ fn validate(
     config: &std::path::Path,
 ) -> Result<weft_proxy::snapshot::Snapshot, weft_proxy::config::ConfigErrors> {
     let metrics = std::sync::Arc::new(Metrics::new());
-    let wasm = weft_proxy::wasm::SharedHost::new(metrics.clone());
+    let wasm = weft_proxy::wasm::WasmShared::new(metrics.clone());
     // A configuration for mesh proxies (`tls: mesh`) is checked with a stand-in identity.
     let identity = weft_proxy::identity::svid::placeholder().ok();
-    server::load(config, 1, None, &metrics, &wasm, identity.as_ref())
+    process::load(config, 1, None, &metrics, &wasm, identity.as_ref())
 }
 
 fn main() -> ExitCode {
@@ -356,7 +356,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match server::run(Options {
+            match process::run(Options {
                 config_path: config,
                 workers,
                 control,

@@ -2,77 +2,18 @@
 //! (`SO_REUSEPORT`, so the kernel spreads connections), its own upstream pools and a cached
 //! handle on the current snapshot. A connection lives and dies on the worker that accepted it.
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::http::server;
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
-use crate::upstream::Pools;
-use crate::wasm::SharedHost;
-use crate::wasm::worker::WasmWorker;
-
-/// A worker's handle on a snapshot. Requests clone the `Rc` (a plain increment on the worker's
-/// own memory), not the `Arc` every worker shares.
-#[derive(Debug)]
-pub struct LocalSnapshot(Arc<Snapshot>);
-
-impl std::ops::Deref for LocalSnapshot {
-    type Target = Snapshot;
-    fn deref(&self) -> &Snapshot {
-        &self.0
-    }
-}
-
-/// What every worker shares.
-#[derive(Debug)]
-pub struct Shared {
-    current: ArcSwap<Snapshot>,
-    generation: AtomicU64,
-    /// The generation again, for what waits for a new snapshot instead of looking at each
-    /// request (Wasm services).
-    published: watch::Sender<u64>,
-    pub metrics: Arc<Metrics>,
-    /// What Wasm filters share across workers.
-    pub wasm: Arc<SharedHost>,
-}
-
-impl Shared {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, wasm: Arc<SharedHost>) -> Self {
-        Shared {
-            current: ArcSwap::from_pointee(snapshot),
-            generation: AtomicU64::new(0),
-            published: watch::Sender::new(0),
-            metrics,
-            wasm,
-        }
-    }
-
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.load_full()
-    }
-
-    /// Makes `snapshot` the one new requests use.
-    pub fn publish(&self, snapshot: Arc<Snapshot>) {
-        self.current.store(snapshot);
-        let generation = self.generation.fetch_add(1, Ordering::Release) + 1;
-        self.published.send_replace(generation);
-    }
-
-    /// Changes each time a snapshot is published.
-    pub fn published(&self) -> watch::Receiver<u64> {
-        self.published.subscribe()
-    }
-}
+use crate::published::{Published, Worker};
 
 /// Caps the connections open at once on one bound listener, across workers: in all, and from
 /// one source IP.
@@ -171,49 +112,6 @@ pub enum Command {
     Drain { deadline: Instant },
 }
 
-/// One worker's state.
-pub struct Worker {
-    pub id: usize,
-    shared: Arc<Shared>,
-    cached: RefCell<(u64, Rc<LocalSnapshot>)>,
-    pub pools: Rc<RefCell<Pools>>,
-    /// The worker's filter VMs.
-    pub wasm: Rc<WasmWorker>,
-    connections: Cell<usize>,
-    all_closed: Notify,
-}
-
-impl std::fmt::Debug for Worker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("id", &self.id).finish()
-    }
-}
-
-impl Worker {
-    /// The current snapshot, refreshed when a new one was published (one atomic load otherwise).
-    pub fn snapshot(&self) -> Rc<LocalSnapshot> {
-        let generation = self.shared.generation.load(Ordering::Acquire);
-        let mut cached = self.cached.borrow_mut();
-        if cached.0 != generation {
-            *cached = (generation, Rc::new(LocalSnapshot(self.shared.snapshot())));
-            self.wasm.refresh(&cached.1);
-        }
-        cached.1.clone()
-    }
-
-    fn connection_opened(&self) {
-        self.connections.set(self.connections.get() + 1);
-    }
-
-    fn connection_closed(&self) {
-        let n = self.connections.get().saturating_sub(1);
-        self.connections.set(n);
-        if n == 0 {
-            self.all_closed.notify_waiters();
-        }
-    }
-}
-
 /// Handle the control thread keeps on a worker.
 #[derive(Debug)]
 pub struct WorkerHandle {
@@ -222,7 +120,7 @@ pub struct WorkerHandle {
 }
 
 /// Starts worker `id` on its own thread.
-pub fn spawn(id: usize, shared: Arc<Shared>) -> std::io::Result<WorkerHandle> {
+pub fn spawn(id: usize, shared: Arc<Published>) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     let thread = std::thread::Builder::new()
         .name(format!("weft-worker-{id}"))
@@ -246,19 +144,8 @@ pub fn spawn(id: usize, shared: Arc<Shared>) -> std::io::Result<WorkerHandle> {
     })
 }
 
-async fn run(id: usize, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let first = Rc::new(LocalSnapshot(shared.snapshot()));
-    let pools = Rc::new(RefCell::new(Pools::default()));
-    let wasm = WasmWorker::new(id, shared.wasm.clone(), shared.clone(), pools.clone());
-    let worker = Rc::new(Worker {
-        id,
-        cached: RefCell::new((shared.generation.load(Ordering::Acquire), first)),
-        shared,
-        pools,
-        wasm,
-        connections: Cell::new(0),
-        all_closed: Notify::new(),
-    });
+async fn run(id: usize, shared: Arc<Published>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let worker = Worker::start(id, shared);
     tokio::task::spawn_local(sweep_pools(worker.clone()));
 
     let mut listeners: HashMap<u64, watch::Sender<bool>> = HashMap::new();
@@ -298,22 +185,13 @@ async fn run(id: usize, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiv
                 for stop in listeners.values() {
                     let _ = stop.send(true);
                 }
-                let closed = async {
-                    while worker.connections.get() > 0 {
-                        let notified = worker.all_closed.notified();
-                        if worker.connections.get() == 0 {
-                            break;
-                        }
-                        notified.await;
-                    }
-                };
-                if tokio::time::timeout_at(deadline.into(), closed)
+                if tokio::time::timeout_at(deadline.into(), worker.all_closed())
                     .await
                     .is_err()
                 {
                     tracing::warn!(
                         worker = id,
-                        open = worker.connections.get(),
+                        open = worker.connections(),
                         "grace period over: closing the connections still open"
                     );
                 }

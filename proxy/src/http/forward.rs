@@ -18,11 +18,12 @@ use hyper::upgrade::OnUpgrade;
 
 use crate::config::UpstreamProtocol;
 use crate::errors::ProxyError;
-use crate::http::body::{DownstreamBody, IdleTimer, Replay, ResponseBody, UpstreamBody};
+use crate::http::body::ResponseBody;
+use crate::http::conn::ConnCtx;
 use crate::http::headers;
-use crate::http::proxy::ConnCtx;
-use crate::router::{Failure, Route};
+use crate::router::{Route, TryFailure};
 use crate::snapshot::ListenerRuntime;
+use crate::upstream::body::{DownstreamBody, IdleTimer, Replay, UpstreamBody};
 use crate::upstream::pool::{self, Head, Wire};
 use crate::upstream::{
     Breaker, Cluster, EndpointGuard, HashSource, Outcome, Permit, PickArgs, PooledH1, hash64,
@@ -91,24 +92,26 @@ fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 }
 
 /// Classifies a failed try for the retry policy and for the cluster's outcome tracking.
-fn classify(e: &ProxyError) -> (Failure, Option<Outcome>) {
+fn classify(e: &ProxyError) -> (TryFailure, Option<Outcome>) {
     match e {
         ProxyError::ConnectFailed { .. }
         | ProxyError::ConnectTimeout(_)
         | ProxyError::UpstreamTls { .. }
-        | ProxyError::Handshake { .. } => (Failure::ConnectFailure, Some(Outcome::ConnectFailure)),
+        | ProxyError::Handshake { .. } => {
+            (TryFailure::ConnectFailure, Some(Outcome::ConnectFailure))
+        }
         ProxyError::UpstreamReset(err) => {
             let refused = std::error::Error::source(err)
                 .and_then(|s| s.downcast_ref::<h2::Error>())
                 .and_then(h2::Error::reason)
                 == Some(h2::Reason::REFUSED_STREAM);
             if refused {
-                (Failure::RefusedStream, None)
+                (TryFailure::RefusedStream, None)
             } else {
-                (Failure::Reset, Some(Outcome::Reset))
+                (TryFailure::Reset, Some(Outcome::Reset))
             }
         }
-        _ => (Failure::Final, None),
+        _ => (TryFailure::Final, None),
     }
 }
 
@@ -346,9 +349,9 @@ impl Forward<'_> {
                                 .stats
                                 .timeout(if per_try { "per_try" } else { "request" });
                             let f = if per_try {
-                                Failure::PerTryTimeout
+                                TryFailure::PerTryTimeout
                             } else {
-                                Failure::Final
+                                TryFailure::Final
                             };
                             (f, Some(Outcome::Timeout))
                         }

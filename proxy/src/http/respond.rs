@@ -1,10 +1,130 @@
-//! The respond stage: a [`ProxyError`] becomes the answer the client reads — one place for
-//! every proxy-generated error response.
+//! The respond stage: what a request is answered with ([`Answer`], from whichever stage), every
+//! proxy-generated error turned into the response the client reads (one place for all of
+//! them), and the response handed back with the request's [`Record`] tied to its body.
 
-use http::{HeaderValue, Response, header};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::errors::{ERROR_HEADER, ProxyError, percent_encode};
 use crate::http::body::ResponseBody;
+use crate::http::conn::ConnCtx;
+use crate::http::record::Record;
+use crate::metrics::RouteStats;
+use crate::snapshot::ListenerRuntime;
+use crate::upstream::{EndpointGuard, PooledH1};
+use crate::wasm::chain::Chain;
+
+/// The answer to one request, with what its end must record.
+pub struct Answer {
+    pub resp: Response<ResponseBody>,
+    pub stats: Arc<RouteStats>,
+    pub endpoint: Option<EndpointGuard>,
+    pub pooled: Option<PooledH1>,
+}
+
+impl Answer {
+    /// An answer the proxy made itself (no upstream).
+    pub fn local(resp: Response<ResponseBody>, stats: &Arc<RouteStats>) -> Answer {
+        Answer {
+            resp,
+            stats: stats.clone(),
+            endpoint: None,
+            pooled: None,
+        }
+    }
+}
+
+/// An error a stage ended a request with, and the route statistics it counts against (none
+/// before a route matched: the listener's `no_route` ones).
+#[derive(Debug)]
+pub struct StageError {
+    pub error: ProxyError,
+    pub stats: Option<Arc<RouteStats>>,
+}
+
+impl StageError {
+    pub fn new(error: ProxyError) -> StageError {
+        StageError { error, stats: None }
+    }
+
+    pub fn on(error: ProxyError, stats: &Arc<RouteStats>) -> StageError {
+        StageError {
+            error,
+            stats: Some(stats.clone()),
+        }
+    }
+}
+
+impl From<ProxyError> for StageError {
+    fn from(error: ProxyError) -> StageError {
+        StageError::new(error)
+    }
+}
+
+/// The response for an answer, with the request's record tied to the end of its body.
+pub fn finish(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    answer: Answer,
+    start: Instant,
+    filters: Option<Rc<Chain>>,
+) -> Response<ResponseBody> {
+    let Answer {
+        mut resp,
+        stats,
+        endpoint,
+        pooled,
+    } = answer;
+    let status = resp.status().as_u16();
+    resp.body_mut().attach(Record {
+        start,
+        status,
+        stats,
+        downstream_tx: listener.stats.tx_bytes.clone(),
+        activity: conn.activity.clone(),
+        endpoint,
+        pooled,
+        filters,
+    });
+    resp
+}
+
+/// The answer for an error a stage ended a request with: counted, logged, and answered.
+pub fn error_answer(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    failed: StageError,
+    http1: bool,
+    grpc: bool,
+) -> Answer {
+    let StageError { error, stats } = failed;
+    listener.stats.error(error.cause());
+    tracing::debug!(listener = %listener.name, peer = %conn.peer, %error, "proxy error");
+    let mut resp = respond(&error, grpc);
+    if http1 && error.closes_connection() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Answer {
+        resp,
+        stats: stats.unwrap_or_else(|| listener.no_route.clone()),
+        endpoint: None,
+        pooled: None,
+    }
+}
+
+/// `307` to the canonical path (`escaped_slashes: unescape_and_redirect`).
+pub fn canonical_redirect(listener: &ListenerRuntime, location: &str) -> Answer {
+    let mut resp = Response::new(ResponseBody::empty());
+    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Answer::local(resp, &listener.no_route)
+}
 
 /// Builds the response for an error: for a gRPC client a gRPC "trailers-only" answer (HTTP 200,
 /// `grpc-status`, `grpc-message`), otherwise a plain one.

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,79 +25,17 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::http::proxy::{self, ConnCtx};
+use crate::http::conn::{ConnActivity, ConnCtx};
+use crate::http::request;
 use crate::local::LocalExec;
+use crate::published::Worker;
 use crate::snapshot::ListenerRuntime;
 use crate::tls::io::{MaybeTls, ServerIo};
-use crate::worker::Worker;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Downstream connection ids (the `connection.id` property of filters).
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
-
-/// What a connection is doing, shared by its IO, its requests and its watchdog. Only the
-/// connection's own worker touches it; atomics (relaxed loads and stores, no read-modify-write)
-/// are there because hyper requires an upgradable IO to be `Send`. Nothing here reads a clock:
-/// the watchdog does, and only when a deadline is near.
-#[derive(Debug)]
-pub struct ConnActivity {
-    http1: bool,
-    /// Requests (HTTP/1.1) or streams (HTTP/2) in flight.
-    active: AtomicU32,
-    /// Requests begun so far.
-    started: AtomicU64,
-    /// HTTP/1.1: bytes of a request head arrived while nothing was in flight.
-    head_pending: AtomicBool,
-}
-
-impl ConnActivity {
-    pub fn new(http1: bool) -> Self {
-        ConnActivity {
-            http1,
-            active: AtomicU32::new(0),
-            started: AtomicU64::new(0),
-            head_pending: AtomicBool::new(false),
-        }
-    }
-
-    /// A request (HTTP/1.1) or stream (HTTP/2) was dispatched.
-    pub fn begin_request(&self) {
-        self.active.store(self.active.load(Relaxed) + 1, Relaxed);
-        self.started.store(self.started.load(Relaxed) + 1, Relaxed);
-        self.head_pending.store(false, Relaxed);
-    }
-
-    /// Its response ended (sent or abandoned).
-    pub fn end_request(&self) {
-        self.active
-            .store(self.active.load(Relaxed).saturating_sub(1), Relaxed);
-    }
-
-    fn on_read(&self) {
-        if self.http1 && self.active.load(Relaxed) == 0 && !self.head_pending.load(Relaxed) {
-            self.head_pending.store(true, Relaxed);
-        }
-    }
-
-    /// HTTP/2: whether the connection preface is still incomplete or a header block is open
-    /// (a HEADERS frame without END_HEADERS, its CONTINUATIONs still to come).
-    fn set_h2_head_pending(&self, pending: bool) {
-        self.head_pending.store(pending, Relaxed);
-    }
-
-    fn idle(&self) -> bool {
-        self.active.load(Relaxed) == 0
-    }
-
-    fn head_pending(&self) -> bool {
-        if self.http1 {
-            self.head_pending.load(Relaxed) && self.idle()
-        } else {
-            self.head_pending.load(Relaxed)
-        }
-    }
-}
 
 /// Follows the frames an HTTP/2 client sends (their 9-byte headers only) to see when the
 /// preface (the magic, then a SETTINGS frame) is complete and when a header block is open, so
@@ -463,7 +401,7 @@ pub async fn serve_accepted(a: Accepted, mut stop: watch::Receiver<bool>) {
         hold,
         stop: stop.clone(),
     });
-    let service = service_fn(move |req| proxy::handle(ctx.clone(), req));
+    let service = service_fn(move |req| request::handle(ctx.clone(), req));
     let watchdog = Watchdog::new(activity, opts.idle_timeout.non_zero(), head_timeout);
 
     match proto {

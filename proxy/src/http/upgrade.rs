@@ -12,62 +12,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderName};
 use http::request::Parts;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::HttpOptions;
 use crate::errors::ProxyError;
 use crate::http::body::ResponseBody;
-use crate::http::headers;
-use crate::http::proxy::ConnCtx;
+use crate::http::conn::ConnCtx;
 use crate::snapshot::ListenerRuntime;
 use crate::splice::{self, Ended, Side};
 use crate::tls::client::Alpn;
 use crate::upstream::{Cluster, EndpointGuard, Outcome, PickArgs, pool};
-
-static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-
-/// The protocols an `Upgrade` header asks for, lower-cased.
-fn protocols(parts: &Parts) -> Vec<String> {
-    let mut out = Vec::new();
-    for v in parts.headers.get_all(header::UPGRADE) {
-        for t in String::from_utf8_lossy(v.as_bytes()).split(',') {
-            let t = t.trim();
-            if !t.is_empty() {
-                out.push(t.to_ascii_lowercase());
-            }
-        }
-    }
-    out
-}
-
-/// Applies the listener's upgrade rules to a request (before filters see it): `CONNECT` only
-/// when configured; an upgrade only to configured protocols; `h2c` removed.
-pub(crate) fn screen(opts: &HttpOptions, parts: &mut Parts) -> Result<(), ProxyError> {
-    if parts.method == http::Method::CONNECT {
-        if !opts.connect_allowed() {
-            return Err(ProxyError::UpgradeNotAllowed("CONNECT".into()));
-        }
-        return Ok(());
-    }
-    if parts.version != http::Version::HTTP_11 || !headers::wants_upgrade(&parts.headers) {
-        // Not an upgrade: a lone `Upgrade` header is hop-by-hop and removed on the way.
-        return Ok(());
-    }
-    let asked = protocols(parts);
-    if asked.is_empty() || asked.iter().any(|p| p.split('/').next() == Some("h2c")) {
-        parts.headers.remove(header::UPGRADE);
-        parts.headers.remove(&HTTP2_SETTINGS);
-        return Ok(());
-    }
-    match asked.iter().find(|p| !opts.upgrade_allowed(p)) {
-        Some(p) => Err(ProxyError::UpgradeNotAllowed(p.clone())),
-        None => Ok(()),
-    }
-}
 
 /// Splices an upgraded downstream connection with `up` on the connection's worker, holding the
 /// connection open until the tunnel ends.
@@ -191,57 +147,5 @@ impl<T: AsyncRead + AsyncWrite + Unpin + 'static> TunnelIo for Result<T, std::co
     type Io = T;
     fn into_io(self) -> Result<T, Box<dyn std::error::Error>> {
         self.map_err(|e| match e {})
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parts(lines: &[(&str, &str)]) -> Parts {
-        let mut b = http::Request::get("/").version(http::Version::HTTP_11);
-        for (k, v) in lines {
-            b = b.header(*k, *v);
-        }
-        b.body(()).expect("request").into_parts().0
-    }
-
-    #[test]
-    fn only_configured_upgrades_pass() {
-        let opts = HttpOptions::default();
-        let mut ws = parts(&[("connection", "Upgrade"), ("upgrade", "WebSocket")]);
-        assert!(screen(&opts, &mut ws).is_ok());
-        assert!(ws.headers.contains_key("upgrade"));
-
-        let mut other = parts(&[("connection", "upgrade"), ("upgrade", "websocket, foo/2")]);
-        let e = screen(&opts, &mut other).expect_err("foo is not configured");
-        assert_eq!(e.cause(), "upgrade_not_allowed");
-
-        for h2c in ["h2c", "H2C", "websocket, h2c", "h2c/1"] {
-            let mut p = parts(&[
-                ("connection", "Upgrade, HTTP2-Settings"),
-                ("upgrade", h2c),
-                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
-            ]);
-            assert!(screen(&opts, &mut p).is_ok());
-            assert!(!p.headers.contains_key("upgrade"), "{h2c}");
-            assert!(!p.headers.contains_key("http2-settings"), "{h2c}");
-            assert!(!headers::wants_upgrade(&p.headers));
-        }
-
-        let mut connect = http::Request::connect("example.com:443")
-            .body(())
-            .expect("request")
-            .into_parts()
-            .0;
-        assert!(screen(&opts, &mut connect).is_err());
-        let allowed = HttpOptions {
-            upgrades: vec!["CONNECT".into()],
-            ..HttpOptions::default()
-        };
-        assert!(screen(&allowed, &mut connect).is_ok());
-        // CONNECT allowed does not allow an `Upgrade: connect`.
-        let mut p = parts(&[("connection", "upgrade"), ("upgrade", "connect")]);
-        assert!(screen(&allowed, &mut p).is_err());
     }
 }

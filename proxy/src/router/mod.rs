@@ -5,7 +5,7 @@ mod matcher;
 mod retry;
 
 pub use matcher::{Matcher, PathMatch, RequestView, compile_regex, query_param};
-pub use retry::{Failure, RetryPolicy};
+pub use retry::{RetryPolicy, TryFailure};
 
 use std::collections::HashMap;
 use std::sync::Arc;

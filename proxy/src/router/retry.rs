@@ -6,7 +6,7 @@ use crate::config::{ConfigError, Retries, RetryOn};
 
 /// How a try failed without a usable response, as far as retrying goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub enum TryFailure {
     /// The connection could not be made: the request was not sent.
     ConnectFailure,
     /// HTTP/2 REFUSED_STREAM: the request was not processed.
@@ -115,17 +115,17 @@ impl RetryPolicy {
     }
 
     /// Whether a failure without a response is retried.
-    pub fn retries_failure(&self, f: Failure) -> bool {
+    pub fn retries_failure(&self, f: TryFailure) -> bool {
         let broad = self.has(RetryOn::FiveXx) || self.has(RetryOn::GatewayError);
         match f {
-            Failure::ConnectFailure => {
+            TryFailure::ConnectFailure => {
                 broad || self.has(RetryOn::ConnectFailure) || self.has(RetryOn::Reset)
             }
-            Failure::RefusedStream => {
+            TryFailure::RefusedStream => {
                 broad || self.has(RetryOn::RefusedStream) || self.has(RetryOn::Reset)
             }
-            Failure::Reset | Failure::PerTryTimeout => broad || self.has(RetryOn::Reset),
-            Failure::Final => false,
+            TryFailure::Reset | TryFailure::PerTryTimeout => broad || self.has(RetryOn::Reset),
+            TryFailure::Final => false,
         }
     }
 
@@ -162,9 +162,9 @@ mod tests {
     #[test]
     fn conditions() {
         let default = policy(Retries::default().on, vec![]);
-        assert!(default.retries_failure(Failure::ConnectFailure));
-        assert!(default.retries_failure(Failure::RefusedStream));
-        assert!(!default.retries_failure(Failure::Reset));
+        assert!(default.retries_failure(TryFailure::ConnectFailure));
+        assert!(default.retries_failure(TryFailure::RefusedStream));
+        assert!(!default.retries_failure(TryFailure::Reset));
         assert!(!default.retries_response(503, None));
 
         let gw = policy(vec![RetryOn::GatewayError], vec![409]);
@@ -174,8 +174,8 @@ mod tests {
             gw.retries_response(409, None),
             "listed codes imply retriable-status-codes"
         );
-        assert!(gw.retries_failure(Failure::PerTryTimeout));
-        assert!(!gw.retries_failure(Failure::Final));
+        assert!(gw.retries_failure(TryFailure::PerTryTimeout));
+        assert!(!gw.retries_failure(TryFailure::Final));
 
         let grpc = policy(vec![RetryOn::Unavailable], vec![]);
         assert!(grpc.retries_response(200, Some(14)));

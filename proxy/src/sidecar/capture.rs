@@ -13,9 +13,9 @@ use super::detect::{Detected, detect};
 use super::{ALPN_MESH, ALPN_TCP, Capture, Destination, InboundPort, SidecarRuntime};
 use crate::config::{AppProtocol, Egress, InboundMode};
 use crate::http::server::{self, Proto};
+use crate::published::Worker;
 use crate::snapshot::ListenerRuntime;
 use crate::tls::io::MaybeTls;
-use crate::worker::Worker;
 
 /// Time a passed-through connection gets to connect to its original destination.
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

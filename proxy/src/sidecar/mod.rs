@@ -32,30 +32,20 @@ use crate::config::{
 use crate::metrics::Metrics;
 use crate::metrics::SidecarStats;
 use crate::router::RouteTable;
-use crate::snapshot::{BuildEnv, ListenerRuntime, Snapshot};
-use crate::tcp::{TcpRuntime, TcpTarget};
+use crate::snapshot::listener::{BuildEnv, ListenerRuntime};
+use crate::tcp::routes::{TcpRuntime, TcpTarget};
 use crate::tls::client::TlsClient;
 use crate::tls::server::TlsServer;
 use crate::upstream::{Cluster, ClusterMap};
 use crate::wasm::FilterSpec;
 
-/// ALPN a weft sidecar offers on mesh mTLS carrying raw TCP (the inbound side splices it to
-/// the workload instead of serving HTTP).
-pub const ALPN_TCP: &[u8] = b"weft-tcp";
-/// ALPN a weft sidecar adds to what it offers on mesh mTLS carrying HTTP: with [`ALPN_TCP`] it
-/// tells a mesh peer's ClientHello from a TLS client of the workload's own.
-pub const ALPN_MESH: &[u8] = b"weft-mesh";
+pub use crate::tls::{ALPN_MESH, ALPN_TCP};
 
 /// The names of the capture listeners (reserved).
 pub const OUTBOUND: &str = "sidecar-outbound";
 pub const INBOUND: &str = "sidecar-inbound";
 
-/// Which capture port a listener is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Capture {
-    Outbound,
-    Inbound,
-}
+pub use crate::snapshot::listener::Capture;
 
 /// A service port the workload may call, as it is served.
 #[derive(Debug)]
@@ -129,7 +119,7 @@ fn catch_all(cluster: &str) -> Vec<Route> {
 /// connections. Nothing when the configuration has no `sidecar`.
 pub fn build(
     config: &Config,
-    previous: Option<&Snapshot>,
+    previous: &[Arc<Cluster>],
     env: BuildEnv<'_>,
     cluster_names: &ClusterMap,
     filters: &HashMap<String, Arc<FilterSpec>>,
@@ -398,7 +388,7 @@ fn make_cluster(
     endpoints: &[String],
     protocol: UpstreamProtocol,
     tls: Option<&ClusterTls>,
-    previous: Option<&Snapshot>,
+    previous: &[Arc<Cluster>],
     env: BuildEnv<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<Cluster>> {
@@ -409,7 +399,7 @@ fn make_cluster(
     .expect("a cluster with a name and endpoints is complete");
     c.protocol = protocol;
     c.tls = tls.cloned();
-    let prev = previous.and_then(|p| p.cluster(name));
+    let prev = previous.iter().find(|c| &*c.name == name);
     let client = match tls {
         None => None,
         Some(t) => {
@@ -621,11 +611,12 @@ fn ipv6_available() -> bool {
 mod tests {
     use super::*;
     use crate::config::ConfigErrors;
+    use crate::snapshot::Snapshot;
 
     fn build(yaml: &str, identity: bool) -> Result<Snapshot, ConfigErrors> {
         let config = Config::from_yaml(yaml)?;
         let metrics = Metrics::new();
-        let wasm = crate::wasm::SharedHost::new(Arc::new(Metrics::new()));
+        let wasm = crate::wasm::WasmShared::new(Arc::new(Metrics::new()));
         let id = crate::identity::svid::placeholder().expect("placeholder");
         let env = BuildEnv {
             metrics: &metrics,

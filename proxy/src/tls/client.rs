@@ -177,14 +177,15 @@ impl TlsClient {
                 return Err(errors);
             }
         };
-        let key = crate::upstream::hash64(
-            format!(
-                "{}|{}",
-                serde_json::to_string(settings).unwrap_or_default(),
-                base.display()
-            )
-            .as_bytes(),
-        );
+        let key = {
+            use std::hash::{DefaultHasher, Hash, Hasher};
+            let mut h = DefaultHasher::new();
+            serde_json::to_string(settings)
+                .unwrap_or_default()
+                .hash(&mut h);
+            base.hash(&mut h);
+            h.finish()
+        };
         let client = TlsClient {
             key,
             cluster: Arc::from(cluster),
@@ -207,7 +208,7 @@ impl TlsClient {
         if let Some((file, t)) = expiry {
             self.metrics
                 .expiry
-                .get_or_create(&super::CertLabels {
+                .get_or_create(&crate::metrics::CertLabels {
                     side: "cluster",
                     name: self.cluster.to_string(),
                     file,
@@ -322,7 +323,7 @@ fn mesh_configs(
     // A mesh peer's ClientHello says it is one (a sidecar's inbound side tells it from the
     // workload's own TLS clients): raw TCP offers `weft-tcp`, HTTP adds `weft-mesh`, which a
     // server that does not know it never picks.
-    use crate::sidecar::{ALPN_MESH, ALPN_TCP};
+    use super::{ALPN_MESH, ALPN_TCP};
     let configs = Configs {
         none: make(&[ALPN_TCP])?,
         h1: make(&[b"http/1.1", ALPN_MESH])?,

@@ -15,15 +15,19 @@ pub mod sni;
 
 use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 
 use crate::config::TlsVersion;
+use crate::metrics::ReloadLabels;
+pub use crate::metrics::TlsMetrics;
+
+/// ALPN a weft sidecar offers on mesh mTLS carrying raw TCP (the inbound side splices it to
+/// the workload instead of serving HTTP).
+pub const ALPN_TCP: &[u8] = b"weft-tcp";
+/// ALPN a weft sidecar adds to what it offers on mesh mTLS carrying HTTP: with [`ALPN_TCP`] it
+/// tells a mesh peer's ClientHello from a TLS client of the workload's own.
+pub const ALPN_MESH: &[u8] = b"weft-mesh";
 
 /// The crypto every TLS context of the proxy uses: aws-lc-rs, whose key exchange offers the hybrid
 /// post-quantum X25519MLKEM768 first.
@@ -139,89 +143,6 @@ pub struct TlsInfo {
     pub sni: Option<String>,
     /// Present when the client sent a certificate that verified.
     pub peer: Option<PeerIdentity>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    /// `listener` or `cluster`.
-    pub side: &'static str,
-    pub name: String,
-    pub version: &'static str,
-    pub alpn: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailureLabels {
-    pub side: &'static str,
-    pub name: String,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertLabels {
-    pub side: &'static str,
-    pub name: String,
-    pub file: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
-    pub result: &'static str,
-}
-
-/// TLS metric families (registered with the proxy's others).
-#[derive(Debug, Clone, Default)]
-pub struct TlsMetrics {
-    pub handshakes: Family<HandshakeLabels, Counter>,
-    pub failures: Family<FailureLabels, Counter>,
-    pub expiry: Family<CertLabels, Gauge>,
-    pub reloads: Family<ReloadLabels, Counter>,
-}
-
-impl TlsMetrics {
-    pub fn register(&self, reg: &mut Registry) {
-        reg.register(
-            "tls_handshakes",
-            "TLS handshakes completed, by side (listener, cluster), name, version and ALPN protocol",
-            self.handshakes.clone(),
-        );
-        reg.register(
-            "tls_handshake_failures",
-            "TLS handshakes that failed, by side, name and reason",
-            self.failures.clone(),
-        );
-        reg.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When each loaded certificate expires (Unix time), by side, name and file",
-            self.expiry.clone(),
-        );
-        reg.register(
-            "tls_reloads",
-            "Certificate material re-read after its files changed, by result (applied, rejected)",
-            self.reloads.clone(),
-        );
-    }
-
-    pub fn handshake(&self, side: &'static str, name: &str, version: &'static str, alpn: &str) {
-        self.handshakes
-            .get_or_create(&HandshakeLabels {
-                side,
-                name: name.to_owned(),
-                version,
-                alpn: alpn.to_owned(),
-            })
-            .inc();
-    }
-
-    pub fn failure(&self, side: &'static str, name: &str, reason: &'static str) {
-        self.failures
-            .get_or_create(&FailureLabels {
-                side,
-                name: name.to_owned(),
-                reason,
-            })
-            .inc();
-    }
 }
 
 /// Re-reads TLS material when its files changed (or always, when `force`): `build` loads it,

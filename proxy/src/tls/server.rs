@@ -139,7 +139,7 @@ impl TlsServer {
         for (file, t) in expiries {
             self.metrics
                 .expiry
-                .get_or_create(&super::CertLabels {
+                .get_or_create(&crate::metrics::CertLabels {
                     side: "listener",
                     name: self.listener.to_string(),
                     file: file.clone(),

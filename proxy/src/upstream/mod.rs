@@ -7,6 +7,7 @@
 //! latency estimate across such changes and across config reloads. Connections are per worker
 //! ([`pool::Pools`]) so a request never waits on another core.
 
+pub mod body;
 mod breaker;
 pub mod discovery;
 mod endpoint;

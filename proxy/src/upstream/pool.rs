@@ -20,9 +20,9 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::body::UpstreamBody;
 use super::{Cluster, Endpoint};
 use crate::errors::ProxyError;
-use crate::http::body::UpstreamBody;
 use crate::local::LocalExec;
 use crate::tls::client::Alpn;
 use crate::tls::io::{ClientIo, MaybeTls};

@@ -23,7 +23,7 @@ use weft_abi::{Status, grpc_status};
 use super::state::{CalloutData, Headers};
 use super::vm::Vm;
 use super::worker::CalloutSlot;
-use crate::http::body::{CalloutBody, UpstreamBody};
+use crate::upstream::body::{CalloutBody, UpstreamBody};
 use crate::upstream::pool::{self, Wire};
 use crate::upstream::{Cluster, Outcome, PickArgs, Pools};
 

@@ -39,7 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::config::{ConfigError, FailMode, Filter, Placement, Service};
-pub use shared::SharedHost;
+pub use shared::WasmShared;
 use state::PluginInfo;
 use vm::{StartError, Vm, VmSpec};
 
@@ -160,7 +160,7 @@ const MAX_BODY_BUFFER: u64 = 1 << 30;
 pub fn build_filters(
     filters: &[Filter],
     base_dir: &Path,
-    host: &Arc<SharedHost>,
+    host: &Arc<WasmShared>,
     previous: &HashMap<String, Arc<FilterSpec>>,
     trusted: &[signing::PublicKey],
     errors: &mut Vec<ConfigError>,
@@ -194,7 +194,7 @@ pub fn build_services(
     services: &[Service],
     filters: &[Filter],
     base_dir: &Path,
-    host: &Arc<SharedHost>,
+    host: &Arc<WasmShared>,
     previous: &HashMap<String, Arc<ServiceSpec>>,
     trusted: &[signing::PublicKey],
     errors: &mut Vec<ConfigError>,
@@ -325,7 +325,7 @@ fn build_one(
     f: &Filter,
     at: &str,
     base_dir: &Path,
-    host: &Arc<SharedHost>,
+    host: &Arc<WasmShared>,
     previous: &HashMap<String, Arc<FilterSpec>>,
     trusted: &[signing::PublicKey],
     errors: &mut Vec<ConfigError>,

@@ -100,7 +100,7 @@ struct GuestMetrics {
 }
 
 /// Host-global Wasm state.
-pub struct SharedHost {
+pub struct WasmShared {
     data: Mutex<HashMap<Arc<str>, SharedData>>,
     cas: AtomicU32,
     queues: Mutex<Queues>,
@@ -109,9 +109,9 @@ pub struct SharedHost {
     pub stats: WasmStats,
 }
 
-impl std::fmt::Debug for SharedHost {
+impl std::fmt::Debug for WasmShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SharedHost")
+        f.write_str("WasmShared")
     }
 }
 
@@ -192,8 +192,8 @@ fn parse_name(raw: &str) -> (String, LabelSet) {
     (name, set)
 }
 
-impl SharedHost {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<SharedHost> {
+impl WasmShared {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<WasmShared> {
         let stats = WasmStats {
             traps: Family::default(),
             vm_starts: Family::default(),
@@ -240,7 +240,7 @@ impl SharedHost {
                 stats.metrics_dropped.clone(),
             );
         });
-        Arc::new(SharedHost {
+        Arc::new(WasmShared {
             data: Mutex::new(HashMap::new()),
             cas: AtomicU32::new(0),
             queues: Mutex::new(Queues::default()),
@@ -532,7 +532,7 @@ mod tests {
 
     #[test]
     fn shared_data_is_capped_per_vm_id_and_a_refused_write_changes_nothing() {
-        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let h = WasmShared::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         let small = DataLimits { bytes: 10, keys: 2 };
         h.set(&vm, b"a", Some(Bytes::from_static(b"1234")), 0, small)
@@ -569,7 +569,7 @@ mod tests {
 
     #[test]
     fn queues_are_capped_in_items_bytes_and_number() {
-        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let h = WasmShared::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         let id = h.register_queue(&vm, b"q", None, QUEUE).expect("register");
         for item in [&b"1234"[..], b"1234"] {
@@ -601,7 +601,7 @@ mod tests {
 
     #[test]
     fn cas_semantics() {
-        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let h = WasmShared::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         assert!(h.get(&vm, b"k").is_none());
         h.set(&vm, b"k", Some(Bytes::from_static(b"1")), 12345, ANY)
@@ -626,7 +626,7 @@ mod tests {
 
     #[test]
     fn queues_notify_their_consumer() {
-        let h = SharedHost::new(Arc::new(Metrics::new()));
+        let h = WasmShared::new(Arc::new(Metrics::new()));
         let vm: Arc<str> = Arc::from("vm");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let id = h
@@ -644,7 +644,7 @@ mod tests {
     #[test]
     fn guest_metrics_are_exported_with_labels_and_capped() {
         let m = Arc::new(Metrics::new());
-        let h = SharedHost::new(m.clone());
+        let h = WasmShared::new(m.clone());
         let f: Arc<str> = Arc::from("telemetry");
         let c = h.define_metric(&f, MetricType::Counter, "requests{code=\"200\"}");
         assert_eq!(

@@ -18,7 +18,7 @@ use wasmtime::{Memory, StoreLimits, TypedFunc};
 use weft_abi::{AbiVersion, LogLevel};
 
 use super::runtime::caps;
-use super::shared::SharedHost;
+use super::shared::WasmShared;
 use super::vm::Vm;
 use super::worker::WasmWorker;
 
@@ -190,7 +190,7 @@ impl Headers {
 
 /// What the guest is being called for: decides which buffers and maps are readable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum Callback {
     Idle,
     Start,
     ContextCreate,
@@ -260,7 +260,7 @@ pub struct StreamInfo {
     pub route: Option<Arc<crate::metrics::RouteStats>>,
     /// Before the request is routed: what finds the route it matches now (`route_name` during
     /// the request's filters, computed when a filter asks, as Envoy's route cache).
-    pub routes: Option<RouteLookup>,
+    pub routes: Option<Arc<dyn Routing + Send + Sync>>,
     pub upstream: Option<SocketAddr>,
     pub response_code: Option<u16>,
     pub response_details: Option<String>,
@@ -269,11 +269,14 @@ pub struct StreamInfo {
     pub tries: u32,
 }
 
-/// A listener's route table and path rules, to find a request's route before it is routed.
-#[derive(Debug, Clone)]
-pub struct RouteLookup {
-    pub table: Arc<crate::router::RouteTable>,
-    pub path: crate::config::PathOptions,
+/// What the filters' host asks of the listener's routing before the request is routed. The
+/// route stage provides it.
+pub trait Routing: std::fmt::Debug {
+    /// The route a request head matches now (the `route_name` property on the way in).
+    fn route_name(&self, head: &Headers) -> Option<String>;
+    /// A request target (path and query) a filter wrote, made canonical as the check stage
+    /// makes a client's: `None` when it is canonical already or cannot be made so.
+    fn canonical_target(&self, target: &str) -> Option<String>;
 }
 
 /// What an HTTP stream shares with the contexts of its filters.
@@ -402,7 +405,7 @@ pub struct CalloutData {
 pub struct Call {
     pub context: u32,
     pub effective: u32,
-    pub phase: Phase,
+    pub phase: Callback,
     pub end_of_stream: bool,
 }
 
@@ -411,7 +414,7 @@ impl Default for Call {
         Call {
             context: 0,
             effective: 0,
-            phase: Phase::Idle,
+            phase: Callback::Idle,
             end_of_stream: false,
         }
     }
@@ -436,7 +439,7 @@ pub struct HostState {
     pub status: (u32, Bytes),
     pub alloc: Option<TypedFunc<i32, i32>>,
     pub memory: Option<Memory>,
-    pub shared: Arc<SharedHost>,
+    pub shared: Arc<WasmShared>,
     /// The worker this VM lives on; `None` for a VM that only validates a configuration.
     pub worker: Option<Weak<WasmWorker>>,
     /// The VM itself, for async completions.

@@ -18,29 +18,29 @@ use weft_abi::{AbiVersion, Action};
 
 use super::module::LoadedModule;
 use super::runtime::{Runtime, ticks};
-use super::shared::{SharedHost, TrapLabels};
+use super::shared::{TrapLabels, WasmShared};
 use super::state::{
-    Call, CalloutData, Context, Headers, HostState, IdMap, Phase, PluginInfo, RootContext,
+    Call, Callback, CalloutData, Context, Headers, HostState, IdMap, PluginInfo, RootContext,
     SharedStream, StreamContext,
 };
 use super::worker::WasmWorker;
 
 /// Why a call into a VM did not complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub enum VmFailure {
     /// The VM failed earlier; it is not called any more.
     Failed,
     /// This call trapped (`kind`: trap, deadline, memory); the VM is now failed.
     Trapped { kind: &'static str, message: String },
 }
 
-impl std::error::Error for Failure {}
+impl std::error::Error for VmFailure {}
 
-impl std::fmt::Display for Failure {
+impl std::fmt::Display for VmFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Failed => f.write_str("the filter's VM has failed"),
-            Failure::Trapped { kind, message } => write!(f, "{kind}: {message}"),
+            VmFailure::Failed => f.write_str("the filter's VM has failed"),
+            VmFailure::Trapped { kind, message } => write!(f, "{kind}: {message}"),
         }
     }
 }
@@ -64,7 +64,7 @@ pub enum StartError {
     #[error("the plugin configuration was rejected (proxy_on_configure returned false){}", why(.0))]
     ConfigureRejected(Option<String>),
     #[error("the module failed while being configured: {0}")]
-    Trapped(Failure),
+    Trapped(VmFailure),
 }
 
 /// How a VM is made.
@@ -179,7 +179,7 @@ pub struct Vm {
     started: std::time::Instant,
     next_id: Cell<u32>,
     deadline: u64,
-    shared: Arc<SharedHost>,
+    shared: Arc<WasmShared>,
     on_worker: bool,
     ticks: RefCell<IdMap<tokio::task::AbortHandle>>,
     /// Root contexts by plugin identity, and the streams each serves now.
@@ -230,7 +230,7 @@ impl Vm {
     pub fn start(
         spec: VmSpec,
         worker: Option<Weak<WasmWorker>>,
-        shared: Arc<SharedHost>,
+        shared: Arc<WasmShared>,
     ) -> Result<Rc<Vm>, StartError> {
         let engine = Runtime::global().engine();
         let module = &spec.module;
@@ -284,7 +284,7 @@ impl Vm {
         store.data_mut().memory = memory;
         let x = Exports::find(&mut store, &instance, module.abi);
 
-        store.data_mut().call.phase = Phase::Start;
+        store.data_mut().call.phase = Callback::Start;
         let init = (|| -> wasmtime::Result<()> {
             if let Some(f) = typed::<(), ()>(&mut store, &instance, cb::INITIALIZE) {
                 f.call(&mut store, ())?;
@@ -350,16 +350,16 @@ impl Vm {
     fn call<R>(
         &self,
         context: u32,
-        phase: Phase,
+        phase: Callback,
         eos: bool,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Failure> {
+    ) -> Result<R, VmFailure> {
         if self.failed.get() {
-            return Err(Failure::Failed);
+            return Err(VmFailure::Failed);
         }
         let Ok(mut store) = self.store.try_borrow_mut() else {
             // Never expected: nothing calls a guest from inside a host function.
-            return Err(Failure::Trapped {
+            return Err(VmFailure::Trapped {
                 kind: "trap",
                 message: "re-entered".into(),
             });
@@ -383,7 +383,7 @@ impl Vm {
             for id in done {
                 self.delete(id);
             }
-            return result.map_err(|_| Failure::Failed);
+            return result.map_err(|_| VmFailure::Failed);
         }
         let filter = match state.contexts.get(&context) {
             Some(Context::Root(r)) => Some(r.plugin.name.clone()),
@@ -401,7 +401,7 @@ impl Vm {
         }
     }
 
-    fn fail(&self, filter: &Arc<str>, phase: Phase, e: wasmtime::Error) -> Failure {
+    fn fail(&self, filter: &Arc<str>, phase: Callback, e: wasmtime::Error) -> VmFailure {
         let kind = trap_kind(&e);
         self.failed.set(true);
         for (_, t) in self.ticks.borrow_mut().drain() {
@@ -443,7 +443,7 @@ impl Vm {
                 s.wake_all();
             }
         }
-        Failure::Trapped {
+        VmFailure::Trapped {
             kind,
             message: format!("{e}"),
         }
@@ -502,7 +502,7 @@ impl Vm {
         );
         let trapped = StartError::Trapped;
         if let Some(f) = &self.x.on_context_create {
-            self.call(id, Phase::ContextCreate, false, |s| {
+            self.call(id, Callback::ContextCreate, false, |s| {
                 f.call(s, (id as i32, 0))
             })
             .map_err(trapped)?;
@@ -511,7 +511,7 @@ impl Vm {
         self.store.borrow_mut().data_mut().last_complaint = None;
         if let Some(f) = &self.x.on_vm_start
             && self
-                .call(id, Phase::VmStart, false, |s| {
+                .call(id, Callback::VmStart, false, |s| {
                     f.call(s, (id as i32, vm_config_len))
                 })
                 .map_err(trapped)?
@@ -522,7 +522,7 @@ impl Vm {
         let config_len = plugin.config.len() as i32;
         if let Some(f) = &self.x.on_configure
             && self
-                .call(id, Phase::Configure, false, |s| {
+                .call(id, Callback::Configure, false, |s| {
                     f.call(s, (id as i32, config_len))
                 })
                 .map_err(trapped)?
@@ -569,7 +569,7 @@ impl Vm {
         root: u32,
         stream: SharedStream,
         index: usize,
-    ) -> Result<u32, Failure> {
+    ) -> Result<u32, VmFailure> {
         let id = self.next_context();
         self.store.borrow_mut().data_mut().contexts.insert(
             id,
@@ -584,7 +584,7 @@ impl Vm {
         }
         match &self.x.on_context_create {
             Some(f) => self
-                .call(id, Phase::ContextCreate, false, |s| {
+                .call(id, Callback::ContextCreate, false, |s| {
                     f.call(s, (id as i32, root as i32))
                 })
                 .map(|()| id),
@@ -596,10 +596,10 @@ impl Vm {
         &self,
         f: &Option<HeadersFn>,
         ctx: u32,
-        phase: Phase,
+        phase: Callback,
         n: usize,
         eos: bool,
-    ) -> Result<Action, Failure> {
+    ) -> Result<Action, VmFailure> {
         let raw = match f {
             None => return Ok(Action::Continue),
             Some(HeadersFn::V2(f)) => self.call(ctx, phase, eos, |s| {
@@ -616,10 +616,10 @@ impl Vm {
         &self,
         f: &Option<R3>,
         ctx: u32,
-        phase: Phase,
+        phase: Callback,
         size: usize,
         eos: bool,
-    ) -> Result<Action, Failure> {
+    ) -> Result<Action, VmFailure> {
         match f {
             None => Ok(Action::Continue),
             Some(f) => {
@@ -631,7 +631,13 @@ impl Vm {
         }
     }
 
-    fn counted(&self, f: &Option<R2>, ctx: u32, phase: Phase, n: usize) -> Result<Action, Failure> {
+    fn counted(
+        &self,
+        f: &Option<R2>,
+        ctx: u32,
+        phase: Callback,
+        n: usize,
+    ) -> Result<Action, VmFailure> {
         match f {
             None => Ok(Action::Continue),
             Some(f) => {
@@ -641,56 +647,67 @@ impl Vm {
         }
     }
 
-    pub fn on_request_headers(&self, ctx: u32, n: usize, eos: bool) -> Result<Action, Failure> {
+    pub fn on_request_headers(&self, ctx: u32, n: usize, eos: bool) -> Result<Action, VmFailure> {
         self.headers(
             &self.x.on_request_headers,
             ctx,
-            Phase::RequestHeaders,
+            Callback::RequestHeaders,
             n,
             eos,
         )
     }
 
-    pub fn on_request_body(&self, ctx: u32, size: usize, eos: bool) -> Result<Action, Failure> {
-        self.sized(&self.x.on_request_body, ctx, Phase::RequestBody, size, eos)
-    }
-
-    pub fn on_request_trailers(&self, ctx: u32, n: usize) -> Result<Action, Failure> {
-        self.counted(&self.x.on_request_trailers, ctx, Phase::RequestTrailers, n)
-    }
-
-    pub fn on_response_headers(&self, ctx: u32, n: usize, eos: bool) -> Result<Action, Failure> {
-        self.headers(
-            &self.x.on_response_headers,
-            ctx,
-            Phase::ResponseHeaders,
-            n,
-            eos,
-        )
-    }
-
-    pub fn on_response_body(&self, ctx: u32, size: usize, eos: bool) -> Result<Action, Failure> {
+    pub fn on_request_body(&self, ctx: u32, size: usize, eos: bool) -> Result<Action, VmFailure> {
         self.sized(
-            &self.x.on_response_body,
+            &self.x.on_request_body,
             ctx,
-            Phase::ResponseBody,
+            Callback::RequestBody,
             size,
             eos,
         )
     }
 
-    pub fn on_response_trailers(&self, ctx: u32, n: usize) -> Result<Action, Failure> {
+    pub fn on_request_trailers(&self, ctx: u32, n: usize) -> Result<Action, VmFailure> {
         self.counted(
-            &self.x.on_response_trailers,
+            &self.x.on_request_trailers,
             ctx,
-            Phase::ResponseTrailers,
+            Callback::RequestTrailers,
             n,
         )
     }
 
-    pub fn on_log(&self, ctx: u32) -> Result<(), Failure> {
+    pub fn on_response_headers(&self, ctx: u32, n: usize, eos: bool) -> Result<Action, VmFailure> {
+        self.headers(
+            &self.x.on_response_headers,
+            ctx,
+            Callback::ResponseHeaders,
+            n,
+            eos,
+        )
+    }
+
+    pub fn on_response_body(&self, ctx: u32, size: usize, eos: bool) -> Result<Action, VmFailure> {
+        self.sized(
+            &self.x.on_response_body,
+            ctx,
+            Callback::ResponseBody,
+            size,
+            eos,
+        )
+    }
+
+    pub fn on_response_trailers(&self, ctx: u32, n: usize) -> Result<Action, VmFailure> {
+        self.counted(
+            &self.x.on_response_trailers,
+            ctx,
+            Callback::ResponseTrailers,
+            n,
+        )
+    }
+
+    pub fn on_log(&self, ctx: u32) -> Result<(), VmFailure> {
         match &self.x.on_log {
-            Some(f) => self.call(ctx, Phase::Log, false, |s| f.call(s, ctx as i32)),
+            Some(f) => self.call(ctx, Callback::Log, false, |s| f.call(s, ctx as i32)),
             None => Ok(()),
         }
     }
@@ -700,7 +717,7 @@ impl Vm {
     pub fn finish_context(&self, ctx: u32) {
         let ready = match &self.x.on_done {
             Some(f) => self
-                .call(ctx, Phase::Done, false, |s| f.call(s, ctx as i32))
+                .call(ctx, Callback::Done, false, |s| f.call(s, ctx as i32))
                 .map(|r| r != 0),
             None => Ok(true),
         };
@@ -714,7 +731,7 @@ impl Vm {
 
     fn delete(&self, ctx: u32) {
         if let Some(f) = &self.x.on_delete {
-            let _ = self.call(ctx, Phase::Delete, false, |s| f.call(s, ctx as i32));
+            let _ = self.call(ctx, Callback::Delete, false, |s| f.call(s, ctx as i32));
         }
         let removed = self.store.borrow_mut().data_mut().contexts.remove(&ctx);
         if let Some(Context::Stream(s)) = removed {
@@ -741,13 +758,13 @@ impl Vm {
 
     pub fn tick(&self, root: u32) {
         if let Some(f) = &self.x.on_tick {
-            let _ = self.call(root, Phase::Tick, false, |s| f.call(s, root as i32));
+            let _ = self.call(root, Callback::Tick, false, |s| f.call(s, root as i32));
         }
     }
 
     pub fn queue_ready(&self, root: u32, queue: u32) {
         if let Some(f) = &self.x.on_queue_ready {
-            let _ = self.call(root, Phase::QueueReady, false, |s| {
+            let _ = self.call(root, Callback::QueueReady, false, |s| {
                 f.call(s, (root as i32, queue as i32))
             });
         }
@@ -793,7 +810,7 @@ impl Vm {
             Err(s) => (0, 0, 0, None, s),
         };
         // The call reads the callout data, which `call` clears afterwards.
-        let _ = self.call(root, Phase::HttpCallResponse, false, |s| {
+        let _ = self.call(root, Callback::HttpCallResponse, false, |s| {
             let state = s.data_mut();
             state.callout = data;
             state.status = status;
@@ -816,11 +833,14 @@ impl Vm {
             return;
         }
         let (f, phase) = if initial {
-            (&self.x.on_grpc_initial_metadata, Phase::GrpcInitialMetadata)
+            (
+                &self.x.on_grpc_initial_metadata,
+                Callback::GrpcInitialMetadata,
+            )
         } else {
             (
                 &self.x.on_grpc_trailing_metadata,
-                Phase::GrpcTrailingMetadata,
+                Callback::GrpcTrailingMetadata,
             )
         };
         let Some(f) = f else {
@@ -858,7 +878,7 @@ impl Vm {
             return;
         };
         let len = msg.len();
-        let _ = self.call(root, Phase::GrpcReceive, false, |s| {
+        let _ = self.call(root, Callback::GrpcReceive, false, |s| {
             s.data_mut().callout = Some(CalloutData {
                 body: msg,
                 ..Default::default()
@@ -880,7 +900,7 @@ impl Vm {
             return;
         };
         self.with_callout(None, None);
-        let _ = self.call(root, Phase::GrpcClose, false, |s| {
+        let _ = self.call(root, Callback::GrpcClose, false, |s| {
             s.data_mut().status = (code, message);
             f.call(s, (root as i32, token as i32, code as i32))
         });

@@ -14,14 +14,29 @@ use tokio::sync::{Notify, mpsc};
 
 use super::callout::{self, GrpcHandle, GrpcTarget, HttpCallout};
 use super::runtime::caps;
-use super::shared::{QueueReady, SharedHost};
+use super::shared::{QueueReady, WasmShared};
 use super::state::IdHasher;
-use super::vm::{Failure, StartError, Vm};
+use super::vm::{StartError, Vm, VmFailure};
 use super::{FilterSpec, ServiceSpec, VmKey};
-use crate::snapshot::Snapshot;
 use crate::upstream::{Cluster, Pools};
-use crate::worker::Shared;
 use std::hash::BuildHasherDefault;
+
+/// What a worker's Wasm side needs of a configuration: its plugins and the clusters callouts
+/// go to. The proxy's snapshot is one; the Wasm side does not know the rest of it.
+pub trait WasmConfig {
+    fn version(&self) -> u64;
+    /// Every filter and service plugin.
+    fn plugins(&self) -> Box<dyn Iterator<Item = &Arc<FilterSpec>> + '_>;
+    fn services(&self) -> Box<dyn Iterator<Item = &Arc<ServiceSpec>> + '_>;
+    fn cluster(&self, name: &str) -> Option<&Arc<Cluster>>;
+}
+
+/// Where the current configuration comes from (the configuration every worker shares).
+pub trait ConfigSource {
+    fn current(&self) -> Arc<dyn WasmConfig + Send + Sync>;
+    /// Changes each time a new configuration is published.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+}
 
 /// A VM that failed this soon after starting counts as failing fast.
 const FAST_FAILURE: Duration = Duration::from_secs(1);
@@ -36,7 +51,7 @@ pub enum Unavailable {
     #[error("{0}")]
     Start(#[from] StartError),
     #[error("{0}")]
-    Failed(#[from] Failure),
+    Failed(#[from] VmFailure),
     #[error("the VM keeps failing; next start in {0:?}")]
     BackingOff(Duration),
 }
@@ -56,18 +71,10 @@ struct Running {
     vm: Rc<Vm>,
 }
 
-/// Every plugin (filter or service) of a snapshot.
-fn plugins(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<FilterSpec>> {
-    snapshot
-        .filters
-        .values()
-        .chain(snapshot.services.values().map(|s| &s.plugin))
-}
-
 pub struct WasmWorker {
     pub id: usize,
-    host: Arc<SharedHost>,
-    proxy: Arc<Shared>,
+    host: Arc<WasmShared>,
+    proxy: Arc<dyn ConfigSource>,
     pools: Rc<RefCell<Pools>>,
     vms: RefCell<HashMap<VmKey, Rc<Vm>>>,
     /// Where each filter of the current configuration runs, by the address of its spec (kept
@@ -112,12 +119,12 @@ impl WasmWorker {
     /// Creates the worker's Wasm side; must run on the worker (it spawns its queue listener).
     pub fn new(
         id: usize,
-        host: Arc<SharedHost>,
-        proxy: Arc<Shared>,
+        host: Arc<WasmShared>,
+        proxy: Arc<dyn ConfigSource>,
         pools: Rc<RefCell<Pools>>,
     ) -> Rc<WasmWorker> {
         let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<QueueReady>();
-        let version = proxy.snapshot().version;
+        let version = proxy.current().version();
         let w = Rc::new_cyclic(|me| WasmWorker {
             id,
             host,
@@ -240,15 +247,15 @@ impl WasmWorker {
 
     /// After a reload: VMs no filter uses any more leave the cache, and root contexts of plugins
     /// no longer configured are retired (each once its last stream ends).
-    pub fn refresh(&self, snapshot: &Snapshot) {
-        if self.version.replace(snapshot.version) == snapshot.version {
+    pub fn refresh(&self, snapshot: &dyn WasmConfig) {
+        if self.version.replace(snapshot.version()) == snapshot.version() {
             return;
         }
         self.instances.borrow_mut().clear();
         let mut vms = self.vms.borrow_mut();
         let gone: Vec<VmKey> = vms
             .keys()
-            .filter(|k| !plugins(snapshot).any(|f| &f.key == *k))
+            .filter(|k| !snapshot.plugins().any(|f| &f.key == *k))
             .cloned()
             .collect();
         for key in gone {
@@ -257,7 +264,8 @@ impl WasmWorker {
             }
         }
         for (key, vm) in vms.iter() {
-            let keep: Vec<_> = plugins(snapshot)
+            let keep: Vec<_> = snapshot
+                .plugins()
                 .filter(|f| &f.key == key)
                 .map(|f| f.plugin.clone())
                 .collect();
@@ -266,7 +274,7 @@ impl WasmWorker {
         drop(vms);
         self.restarts
             .borrow_mut()
-            .retain(|k, _| plugins(snapshot).any(|f| &f.key == k));
+            .retain(|k, _| snapshot.plugins().any(|f| &f.key == k));
     }
 
     /// A VM of this worker failed.
@@ -277,12 +285,9 @@ impl WasmWorker {
     /// Starts the services of `snapshot` this worker runs that are not running (new, changed,
     /// or failed), and lets go of those it no longer names. Answers when to try again, when a
     /// service could not start.
-    fn run_services(&self, snapshot: &Snapshot) -> Option<Instant> {
-        let wanted: Vec<&Arc<ServiceSpec>> = snapshot
-            .services
-            .values()
-            .filter(|s| s.runs_on(self.id))
-            .collect();
+    fn run_services(&self, snapshot: &dyn WasmConfig) -> Option<Instant> {
+        let wanted: Vec<&Arc<ServiceSpec>> =
+            snapshot.services().filter(|s| s.runs_on(self.id)).collect();
         let stopped: Vec<Running> = {
             let mut running = self.services.borrow_mut();
             let names: Vec<Arc<str>> = running
@@ -340,7 +345,7 @@ impl WasmWorker {
 
     /// A cluster of the current configuration, for callouts.
     pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
-        self.proxy.snapshot().cluster(name).cloned()
+        self.proxy.current().cluster(name).cloned()
     }
 
     /// Where shared queues tell this worker of new items.
@@ -404,16 +409,16 @@ impl WasmWorker {
 /// Keeps a worker's services running: on each new snapshot, when one of the worker's VMs
 /// fails, and when a service that could not start may be tried again.
 async fn supervise(worker: Weak<WasmWorker>) {
-    let Some(mut published) = worker.upgrade().map(|w| w.proxy.published()) else {
+    let Some(mut published) = worker.upgrade().map(|w| w.proxy.changes()) else {
         return;
     };
     loop {
         let Some(w) = worker.upgrade() else {
             return;
         };
-        let snapshot = w.proxy.snapshot();
-        w.refresh(&snapshot);
-        let retry = w.run_services(&snapshot);
+        let snapshot = w.proxy.current();
+        w.refresh(&*snapshot);
+        let retry = w.run_services(&*snapshot);
         drop(snapshot);
         let failed = w.failed.clone();
         drop(w);

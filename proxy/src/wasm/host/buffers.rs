@@ -10,7 +10,7 @@ use wasmtime::Caller;
 use weft_abi::{BufferType, Status};
 
 use super::memory::{HostResult, give, read, status, write_u32};
-use crate::wasm::state::{Direction, HostState, Phase};
+use crate::wasm::state::{Callback, Direction, HostState};
 
 /// A copy of buffer `t` as the effective context sees it.
 fn contents(state: &HostState, t: BufferType) -> Result<Bytes, Status> {
@@ -118,7 +118,7 @@ pub fn set_buffer_bytes(
 /// v0.1.0: the VM configuration in `on_vm_start`, the plugin's otherwise.
 pub fn get_configuration(mut caller: Caller<'_, HostState>, ret_ptr: i32, ret_len: i32) -> i32 {
     status((|| -> HostResult {
-        let t = if caller.data().call.phase == Phase::VmStart {
+        let t = if caller.data().call.phase == Callback::VmStart {
             BufferType::VmConfiguration
         } else {
             BufferType::PluginConfiguration

@@ -16,7 +16,7 @@ use weft_abi::{MapType, Status, deserialize_pairs};
 
 use super::memory::{HostResult, give, read, status, with_bytes, write_u32};
 use crate::wasm::runtime::caps;
-use crate::wasm::state::{Headers, HostState, Phase, StreamData};
+use crate::wasm::state::{Callback, Headers, HostState, StreamData};
 
 /// Applies `f` to map `map` for reading.
 fn read_map<R>(state: &HostState, map: MapType, f: impl FnOnce(Option<&Headers>) -> R) -> R {
@@ -44,19 +44,19 @@ fn read_map<R>(state: &HostState, map: MapType, f: impl FnOnce(Option<&Headers>)
 }
 
 /// The map `map` of the stream, if it may be written now.
-fn writable(s: &mut StreamData, map: MapType, phase: Phase, eos: bool) -> Option<&mut Headers> {
+fn writable(s: &mut StreamData, map: MapType, phase: Callback, eos: bool) -> Option<&mut Headers> {
     match map {
         MapType::HttpRequestHeaders => Some(&mut s.request_headers),
         MapType::HttpResponseHeaders => s.response_headers.as_mut(),
         MapType::HttpRequestTrailers => {
             // Trailers may be created from the last request body callback.
-            if s.request_trailers.is_none() && phase == Phase::RequestBody && eos {
+            if s.request_trailers.is_none() && phase == Callback::RequestBody && eos {
                 s.request_trailers = Some(Headers::default());
             }
             s.request_trailers.as_mut()
         }
         MapType::HttpResponseTrailers => {
-            if s.response_trailers.is_none() && phase == Phase::ResponseBody && eos {
+            if s.response_trailers.is_none() && phase == Callback::ResponseBody && eos {
                 s.response_trailers = Some(Headers::default());
             }
             s.response_trailers.as_mut()
@@ -105,7 +105,7 @@ fn path_of(h: &Headers) -> Option<Bytes> {
 /// router and the upstream see one path. A path that cannot be made canonical is left as the
 /// filter wrote it; routing refuses it (400).
 fn canonical_path(s: &mut StreamData) {
-    let Some(opts) = s.info.routes.as_ref().map(|r| &r.path) else {
+    let Some(routing) = s.info.routes.clone() else {
         return;
     };
     let Some(target) = s
@@ -115,7 +115,7 @@ fn canonical_path(s: &mut StreamData) {
     else {
         return;
     };
-    if let Ok(Some(canonical)) = crate::http::path::canonical_target(target, opts) {
+    if let Some(canonical) = routing.canonical_target(target) {
         let _ = s.request_headers.replace(b":path", canonical.as_bytes());
     }
 }

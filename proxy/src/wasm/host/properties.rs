@@ -163,37 +163,15 @@ fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
 
 fn route_name(s: &StreamData) -> Option<Vec<u8>> {
     let Some(route) = s.info.route.as_ref() else {
-        return route_matching_now(s).map(|r| r.into_bytes());
+        return s
+            .info
+            .routes
+            .as_ref()?
+            .route_name(&s.request_headers)
+            .map(String::into_bytes);
     };
     let r = route.route();
     (!r.is_empty()).then(|| r.as_bytes().to_vec())
-}
-
-/// The route the request's headers, as the filters left them so far, match.
-fn route_matching_now(s: &StreamData) -> Option<String> {
-    let lookup = s.info.routes.as_ref()?;
-    let h = &s.request_headers;
-    let text = |name: &[u8]| std::str::from_utf8(h.get(name)?).ok();
-    let target = text(b":path")?;
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (target, None),
-    };
-    let crate::http::path::Canonical::Path(path) =
-        crate::http::path::canonicalize(path, &lookup.path).ok()?
-    else {
-        return None;
-    };
-    let (host, _) = crate::http::proxy::split_host_port(text(b":authority").unwrap_or_default());
-    let method = http::Method::from_bytes(h.get(b":method")?).ok()?;
-    let view = crate::router::RequestView {
-        host: &host,
-        path: &path,
-        query,
-        method: &method,
-        headers: &h.map,
-    };
-    lookup.table.find(&view).map(|(_, r)| r.name.clone())
 }
 
 fn cluster_name(s: &StreamData) -> Option<Vec<u8>> {

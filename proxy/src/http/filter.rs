@@ -1,7 +1,7 @@
-//! A request on a listener with filters: checked as any request, then through the filters
-//! (request headers, the start of the body), routed and forwarded with what the filters left,
-//! and its answer — the upstream's, a filter's local response, or a proxy error — back through
-//! the filters (response headers, the start of the body) before it goes downstream.
+//! The filter stage (on listeners with filters): a checked request through the filters (request
+//! headers, the start of the body), routed and forwarded with what the filters left, and its
+//! answer — the upstream's, a filter's local response, or a proxy error — back through the
+//! filters (response headers, the start of the body) before it goes downstream.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -10,19 +10,23 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, Method, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::errors::{self, ProxyError, StreamReset};
-use crate::http::body::{DownstreamBody, ResponseBody};
+use crate::http::body::ResponseBody;
+use crate::http::check;
+use crate::http::conn::ConnCtx;
 use crate::http::headers;
 use crate::http::path::{PathError, canonical_target};
-use crate::http::proxy::{self, Answer, ConnCtx};
+use crate::http::respond::{self, Answer, StageError};
+use crate::http::route;
 use crate::metrics::RouteStats;
 use crate::snapshot::ListenerRuntime;
+use crate::upstream::body::DownstreamBody;
 use crate::wasm::chain::{Chain, FilterBody, Stop};
-use crate::wasm::state::{Direction, Headers, LocalResponse, RouteLookup, StreamInfo};
+use crate::wasm::state::{Direction, Headers, LocalResponse, StreamInfo};
 
 fn pseudo(name: &'static [u8], value: impl Into<Bytes>) -> (Bytes, Bytes) {
     (Bytes::from_static(name), value.into())
@@ -215,7 +219,7 @@ fn stopped(
     };
     let error = |e: ProxyError| {
         listener.stats.error(e.cause());
-        crate::http::respond::respond(&e, grpc)
+        respond::respond(&e, grpc)
     };
     Ok(match stop {
         Stop::Reset => return Err(StreamReset),
@@ -258,28 +262,23 @@ fn stopped(
     })
 }
 
-pub async fn handle(
+/// Runs a checked request through the listener's filters, and its answer back.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
     conn: &Rc<ConnCtx>,
-    listener: &ListenerRuntime,
-    req: Request<Incoming>,
+    listener: &Arc<ListenerRuntime>,
+    mut parts: Parts,
+    body: Incoming,
     start: Instant,
+    http1: bool,
+    grpc: bool,
 ) -> Result<Response<ResponseBody>, StreamReset> {
-    let http1 = req.version() < Version::HTTP_2;
-    let grpc = errors::is_grpc(req.headers());
-    let (mut parts, body) = req.into_parts();
-    // What the proxy refuses before anything looks at a request never reaches the filters (as
-    // Envoy's codec and connection manager refuse it before its filters).
-    let checked = proxy::check(conn, listener, &mut parts)
-        .and_then(|c| Ok((c, proxy::authority(&parts)?.into_owned())));
-    let authority = match checked {
-        Ok((proxy::Checked::Proceed, a)) => a,
-        Ok((proxy::Checked::Redirect(location), _)) => {
-            let answer = proxy::canonical_redirect(listener, &location);
-            return Ok(proxy::complete(conn, listener, answer, start, None));
-        }
+    // Filters see `:authority`: a request without a valid one is refused before them.
+    let authority = match check::authority(&parts) {
+        Ok(a) => a.into_owned(),
         Err(e) => {
-            let answer = proxy::error_answer(conn, listener, (e, None), http1, grpc);
-            return Ok(proxy::complete(conn, listener, answer, start, None));
+            let answer = respond::error_answer(conn, listener, StageError::new(e), http1, grpc);
+            return Ok(respond::finish(conn, listener, answer, start, None));
         }
     };
     let info = StreamInfo {
@@ -291,10 +290,7 @@ pub async fn handle(
         scheme: conn.scheme,
         started: Some(start),
         listener: listener.name.clone(),
-        routes: Some(RouteLookup {
-            table: listener.table.clone(),
-            path: listener.http.path.clone(),
-        }),
+        routes: Some(listener.clone()),
         ..StreamInfo::default()
     };
     let head = request_head(&mut parts, &authority, conn.scheme);
@@ -311,7 +307,7 @@ pub async fn handle(
             let committed = !streaming(&chain.stream.borrow().request_headers.map);
             let mut filtered = FilterBody::new(chain.clone(), Direction::Request, body);
             stop = filtered.prime(committed, wait).await.err();
-            request_body = Some(DownstreamBody::Filtered(Box::new(filtered)));
+            request_body = Some(DownstreamBody::Filtered(Box::pin(filtered)));
         } else {
             request_body = Some(DownstreamBody::Plain(body));
         }
@@ -325,8 +321,8 @@ pub async fn handle(
             let mut head = chain.request_head();
             chain.fix_length(Direction::Request, &mut head.map);
             let forwarded = match apply_request_head(&mut parts, head, &listener.http.path) {
-                Ok(()) => proxy::route_and_forward(conn, listener, parts, body, start).await,
-                Err(e) => Err((e, None)),
+                Ok(()) => route::route(conn, listener, parts, body, start).await,
+                Err(e) => Err(StageError::new(e)),
             };
             // A filter may have stopped the request body meanwhile: that decides the answer.
             match chain.stopped(Direction::Request) {
@@ -336,18 +332,18 @@ pub async fn handle(
                 }
                 None => (
                     forwarded
-                        .unwrap_or_else(|f| proxy::error_answer(conn, listener, f, http1, grpc)),
+                        .unwrap_or_else(|f| respond::error_answer(conn, listener, f, http1, grpc)),
                     n,
                 ),
             }
         }
     };
-    respond(conn, listener, &chain, answer, upto, start, grpc).await
+    filter_response(conn, listener, &chain, answer, upto, start, grpc).await
 }
 
 /// Sends an answer back through filters `upto - 1 ..= 0`; a filter that stops it replaces it
 /// (a local response, or an error) and the replacement goes through the filters before it.
-async fn respond(
+async fn filter_response(
     conn: &ConnCtx,
     listener: &ListenerRuntime,
     chain: &Rc<Chain>,
@@ -417,12 +413,12 @@ async fn respond(
                     // All of it is already through: sent as it is, no more filter work.
                     Some(mut f) => match f.take_complete() {
                         Some(bytes) => ResponseBody::full(bytes),
-                        None => ResponseBody::filtered(f),
+                        None => ResponseBody::filtered(Box::pin(f)),
                     },
                     None => body.unwrap_or_else(ResponseBody::empty),
                 };
                 answer.resp = Response::from_parts(parts, body);
-                return Ok(proxy::complete(
+                return Ok(respond::finish(
                     conn,
                     listener,
                     answer,

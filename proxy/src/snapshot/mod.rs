@@ -9,14 +9,18 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+pub mod listener;
+
+pub use listener::{BuildEnv, Capture, ListenerRuntime, RouteStatsSet};
+
 use crate::config::{Config, ConfigError, ConfigErrors, HttpOptions, ListenerProtocol};
-use crate::metrics::{ListenerStats, Metrics, RouteStats};
-use crate::router::{Action, RouteTable};
-use crate::tcp::TcpRuntime;
+use crate::tcp::routes::TcpRuntime;
+
+use crate::router::RouteTable;
 use crate::tls::client::TlsClient;
 use crate::tls::server::TlsServer;
 use crate::upstream::{Cluster, ClusterMap};
-use crate::wasm::{FilterSpec, ServiceSpec, SharedHost};
+use crate::wasm::{FilterSpec, ServiceSpec};
 
 /// Everything the proxy serves from, for one version of the configuration.
 #[derive(Debug)]
@@ -47,57 +51,6 @@ pub struct Binding {
     pub address: SocketAddr,
     pub max_connections: u32,
     pub max_connections_per_source_ip: u32,
-}
-
-/// What building a snapshot needs besides the configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct BuildEnv<'a> {
-    pub metrics: &'a Metrics,
-    /// Shared Wasm state (canary VMs of filters run against it).
-    pub wasm: &'a Arc<SharedHost>,
-    /// Relative paths in the configuration (filter modules) are relative to this.
-    pub base_dir: &'a std::path::Path,
-    /// The proxy's mesh identity (`tls: mesh`), when it has one.
-    pub identity: Option<&'a Arc<crate::identity::Identity>>,
-    /// Whether endpoint host names are looked up or only checked.
-    pub names: crate::upstream::Names,
-}
-
-/// One listener's runtime: its settings, route table and pre-resolved metric handles.
-#[derive(Debug)]
-pub struct ListenerRuntime {
-    pub name: Arc<str>,
-    /// As configured (`127.0.0.1:0` stays port 0 here; the bound port is the server's).
-    pub address: SocketAddr,
-    pub http: HttpOptions,
-    pub max_connections: u32,
-    pub max_connections_per_source_ip: u32,
-    pub table: Arc<RouteTable>,
-    pub stats: ListenerStats,
-    /// Per route of `table`, in order.
-    pub route_stats: Vec<RouteStatsSet>,
-    /// For requests no route took (no match, rejected before routing).
-    pub no_route: Arc<RouteStats>,
-    /// The filters requests go through, in order.
-    pub filters: Vec<Arc<FilterSpec>>,
-    /// TLS termination.
-    pub tls: Option<Arc<TlsServer>>,
-    /// A `tcp` listener's routing (none on HTTP listeners).
-    pub tcp: Option<TcpRuntime>,
-    /// A sidecar's capture listener: connections are served by their original destination.
-    pub capture: Option<crate::sidecar::Capture>,
-    /// Whether requests get `x-forwarded-for` / `x-forwarded-proto` (not on a sidecar's
-    /// outbound side: the application is the origin, as with Istio's sidecars).
-    pub forwarded_for: bool,
-}
-
-/// Metric handles of one route on one listener.
-#[derive(Debug)]
-pub struct RouteStatsSet {
-    /// Per forwarding target, in order.
-    pub targets: Vec<Arc<RouteStats>>,
-    /// For redirects, direct responses and errors before a target was chosen.
-    pub local: Arc<RouteStats>,
 }
 
 fn parse_addr(at: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<SocketAddr> {
@@ -291,8 +244,14 @@ impl Snapshot {
             &mut errors,
         );
 
-        let sidecar =
-            crate::sidecar::build(&config, previous, env, &by_name, &filters, &mut errors);
+        let sidecar = crate::sidecar::build(
+            &config,
+            previous.map_or(&[][..], |p| &p.clusters),
+            env,
+            &by_name,
+            &filters,
+            &mut errors,
+        );
         clusters.extend(sidecar.clusters.iter().cloned());
 
         let empty_table = Arc::new(RouteTable::build("", &[], &by_name, &mut errors));
@@ -493,7 +452,7 @@ impl Snapshot {
         captures.sort_by(|a, b| a.name.cmp(&b.name));
         for l in captures {
             let at = match l.capture {
-                Some(crate::sidecar::Capture::Outbound) => "sidecar.outbound_port",
+                Some(Capture::Outbound) => "sidecar.outbound_port",
                 _ => "sidecar.inbound_port",
             };
             out.push(Binding {
@@ -537,51 +496,33 @@ impl Snapshot {
     }
 }
 
-impl ListenerRuntime {
-    pub(crate) fn new(
-        l: &crate::config::Listener,
-        address: SocketAddr,
-        table: Arc<RouteTable>,
-        filters: Vec<Arc<FilterSpec>>,
-        metrics: &Metrics,
-    ) -> Self {
-        let route_stats = table
-            .routes
-            .iter()
-            .map(|r| RouteStatsSet {
-                targets: match &r.action {
-                    Action::Forward(split) => split
-                        .targets
-                        .iter()
-                        .map(|t| Arc::new(metrics.route_stats(&l.name, &r.name, &t.cluster.name)))
-                        .collect(),
-                    _ => Vec::new(),
-                },
-                local: Arc::new(metrics.route_stats(&l.name, &r.name, "")),
-            })
-            .collect();
-        ListenerRuntime {
-            name: Arc::from(l.name.as_str()),
-            address,
-            http: l.http.clone(),
-            max_connections: l.max_connections,
-            max_connections_per_source_ip: l.max_connections_per_source_ip,
-            stats: metrics.listener_stats(&l.name),
-            no_route: Arc::new(metrics.route_stats(&l.name, "", "")),
-            route_stats,
-            table,
-            filters,
-            tls: None,
-            tcp: None,
-            capture: None,
-            forwarded_for: true,
-        }
+impl crate::wasm::worker::WasmConfig for Snapshot {
+    fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn plugins(&self) -> Box<dyn Iterator<Item = &Arc<FilterSpec>> + '_> {
+        Box::new(
+            self.filters
+                .values()
+                .chain(self.services.values().map(|s| &s.plugin)),
+        )
+    }
+
+    fn services(&self) -> Box<dyn Iterator<Item = &Arc<ServiceSpec>> + '_> {
+        Box::new(self.services.values())
+    }
+
+    fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        Snapshot::cluster(self, name)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+    use crate::wasm::WasmShared;
 
     fn build(yaml: &str) -> Result<Snapshot, ConfigErrors> {
         build_with(yaml, None)
@@ -593,7 +534,7 @@ mod tests {
     ) -> Result<Snapshot, ConfigErrors> {
         let config = Config::from_yaml(yaml)?;
         let metrics = Metrics::new();
-        let wasm = SharedHost::new(Arc::new(Metrics::new()));
+        let wasm = WasmShared::new(Arc::new(Metrics::new()));
         let env = BuildEnv {
             metrics: &metrics,
             wasm: &wasm,

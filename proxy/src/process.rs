@@ -12,13 +12,14 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::admin::{self, AdminState, ListenerInfo, Phase};
+use crate::admin::{self, AdminState, Lifecycle, ListenerInfo};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::listener;
 use crate::metrics::{Metrics, ResultLabels};
+use crate::published::Published;
 use crate::snapshot::{BuildEnv, Snapshot};
-use crate::wasm::SharedHost;
-use crate::worker::{self, Command, ConnLimit, Shared, WorkerHandle};
+use crate::wasm::WasmShared;
+use crate::worker::{self, Command, ConnLimit, WorkerHandle};
 
 /// How often certificate files are checked for changes.
 const TLS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -55,7 +56,7 @@ pub struct Server {
     /// The control plane's last applied snapshot (its version and configuration).
     remote: Option<(u64, Config)>,
     control: Option<crate::control::ControlOptions>,
-    shared: Arc<Shared>,
+    shared: Arc<Published>,
     admin: Option<Arc<AdminState>>,
     admin_addr: Option<SocketAddr>,
     workers: Vec<WorkerHandle>,
@@ -92,7 +93,7 @@ pub fn load(
     version: u64,
     previous: Option<&Snapshot>,
     metrics: &Metrics,
-    wasm: &Arc<SharedHost>,
+    wasm: &Arc<WasmShared>,
     identity: Option<&Arc<crate::identity::Identity>>,
 ) -> Result<Snapshot, ConfigErrors> {
     let config = Config::from_file(path)?;
@@ -107,7 +108,7 @@ pub fn load(
 fn env<'a>(
     path: &'a Path,
     metrics: &'a Metrics,
-    wasm: &'a Arc<SharedHost>,
+    wasm: &'a Arc<WasmShared>,
     identity: Option<&'a Arc<crate::identity::Identity>>,
 ) -> BuildEnv<'a> {
     BuildEnv {
@@ -148,7 +149,7 @@ fn check_capacity(
     snapshot: &Snapshot,
     previous: Option<&Snapshot>,
     workers: usize,
-    wasm: &SharedHost,
+    wasm: &WasmShared,
 ) -> Result<(), ConfigError> {
     let mut keys = snapshot.vm_keys();
     if let Some(p) = previous {
@@ -178,7 +179,7 @@ impl Server {
         if let Some(d) = &opts.log_dropped {
             metrics.with_registry(|r| r.register_collector(Box::new(d.clone())));
         }
-        let wasm = SharedHost::new(metrics.clone());
+        let wasm = WasmShared::new(metrics.clone());
         let bootstrap = Config::from_file(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let workers = worker_count(opts.workers);
         // The VM pool is sized before the first module is loaded (it fixes the pool).
@@ -255,7 +256,7 @@ impl Server {
         metrics.config_version.set(1);
         tracing::info!(version = 1, digest = %snapshot.digest, "configuration loaded");
         let admin_addr = snapshot.admin;
-        let shared = Arc::new(Shared::new(snapshot, metrics, wasm));
+        let shared = Arc::new(Published::new(snapshot, metrics, wasm));
 
         let mut server = Server {
             config_path: opts.config_path.clone(),
@@ -334,7 +335,7 @@ impl Server {
         }
         server.publish_listeners();
         if let Some(a) = &server.admin {
-            a.set_phase(Phase::Ready);
+            a.set_phase(Lifecycle::Ready);
         }
         Ok(server)
     }
@@ -650,7 +651,7 @@ impl Server {
     /// Stops accepting, lets in-flight requests finish within the grace period, stops workers.
     pub async fn drain(self) {
         if let Some(a) = &self.admin {
-            a.set_phase(Phase::Draining);
+            a.set_phase(Lifecycle::Draining);
         }
         // A sidecar's application may call out while it shuts down: inbound stops at once,
         // outbound is served a while longer.

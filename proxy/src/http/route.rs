@@ -1,0 +1,185 @@
+//! The route stage: the request's host, path, method and headers matched against the listener's
+//! route table; the route answers locally (a direct response, a redirect) or hands the request
+//! to the forward stage for the cluster it picks.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response};
+
+use crate::errors::ProxyError;
+use crate::http::body::ResponseBody;
+use crate::http::check::{authority, split_host_port};
+use crate::http::conn::ConnCtx;
+use crate::http::forward::Forward;
+use crate::http::path::{self, Canonical};
+use crate::http::respond::{Answer, StageError};
+use crate::router::{Action, RedirectFrom, RequestView};
+use crate::snapshot::ListenerRuntime;
+use crate::upstream::body::DownstreamBody;
+use crate::wasm::state::{Headers, Routing};
+
+/// Routes a checked request and answers it: locally, or from the cluster it is forwarded to.
+pub async fn route(
+    conn: &ConnCtx,
+    listener: &ListenerRuntime,
+    parts: Parts,
+    body: DownstreamBody,
+    start: Instant,
+) -> Result<Answer, StageError> {
+    let fail = StageError::new;
+    let authority = authority(&parts).map_err(fail)?.into_owned();
+    let (host, port) = split_host_port(&authority);
+    // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.
+    let uri = parts.uri.clone();
+    let connect = parts.method == Method::CONNECT;
+    // The check stage made the client's path canonical; a path a filter set is made so again
+    // here (or refused: only a client's own request is redirected). A CONNECT has none: only
+    // routes without a path condition take it.
+    let canonical = if connect {
+        Canonical::Path(Cow::Borrowed(""))
+    } else {
+        path::canonicalize(uri.path(), &listener.http.path)
+            .map_err(|e| fail(ProxyError::InvalidPath(e.reason())))?
+    };
+    let query = uri.query();
+    let path: Cow<'_, str> = match canonical {
+        Canonical::Path(p) => p,
+        Canonical::Redirect(_) => {
+            return Err(fail(ProxyError::InvalidPath(
+                path::PathError::EscapedSlash.reason(),
+            )));
+        }
+    };
+
+    let view = RequestView {
+        host: &host,
+        path: &path,
+        query,
+        method: &parts.method,
+        headers: &parts.headers,
+    };
+    let Some((index, route)) = listener.table.find(&view) else {
+        return Err(fail(ProxyError::NoRoute));
+    };
+    let route_stats = &listener.route_stats[index];
+
+    match &route.action {
+        Action::Direct { status, body } => {
+            let mut resp = Response::new(ResponseBody::full(body.clone()));
+            *resp.status_mut() = *status;
+            if !body.is_empty() {
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+            }
+            route.response_headers.apply(resp.headers_mut());
+            Ok(Answer::local(resp, &route_stats.local))
+        }
+        Action::Redirect(r) => {
+            let location = r.location(&RedirectFrom {
+                scheme: conn.scheme,
+                host: &host,
+                port,
+                path: &path,
+                query,
+            });
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = r.status;
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                Err(_) => {
+                    return Err(StageError::on(
+                        ProxyError::BadRequest("the redirect location is not a valid header"),
+                        &route_stats.local,
+                    ));
+                }
+            }
+            route.response_headers.apply(resp.headers_mut());
+            Ok(Answer::local(resp, &route_stats.local))
+        }
+        Action::Forward(split) => {
+            let t = split.pick();
+            let cluster = &split.targets[t].cluster;
+            let stats = route_stats.targets[t].clone();
+            if connect {
+                return match crate::http::upgrade::connect(conn, listener, cluster, parts).await {
+                    Ok((resp, endpoint)) => Ok(Answer {
+                        resp,
+                        stats,
+                        endpoint: Some(endpoint),
+                        pooled: None,
+                    }),
+                    Err(e) => Err(StageError {
+                        error: e,
+                        stats: Some(stats),
+                    }),
+                };
+            }
+            let upstream_path = match &route.path_rewrite {
+                Some(rw) => Cow::Owned(rw.apply(&path)),
+                None => path,
+            };
+            // Borrowed means the request's own path, untouched by canonicalization or rewrite.
+            let path_unchanged = matches!(upstream_path, Cow::Borrowed(_));
+            let forward = Forward {
+                conn,
+                listener,
+                route,
+                cluster,
+                authority: &authority,
+                path: &upstream_path,
+                path_unchanged,
+                query,
+                start,
+            };
+            forward
+                .run(parts, body)
+                .await
+                .map_err(|e| StageError::on(e, &stats))
+                .map(|(resp, endpoint, pooled)| Answer {
+                    resp,
+                    stats,
+                    endpoint: Some(endpoint),
+                    pooled,
+                })
+        }
+    }
+}
+
+/// The route a request head matches as filters left it so far (the `route_name` property,
+/// asked before the request is routed).
+impl Routing for ListenerRuntime {
+    fn route_name(&self, head: &Headers) -> Option<String> {
+        let text = |name: &[u8]| std::str::from_utf8(head.get(name)?).ok();
+        let target = text(b":path")?;
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let Canonical::Path(path) = path::canonicalize(path, &self.http.path).ok()? else {
+            return None;
+        };
+        let (host, _) = split_host_port(text(b":authority").unwrap_or_default());
+        let method = Method::from_bytes(head.get(b":method")?).ok()?;
+        let view = RequestView {
+            host: &host,
+            path: &path,
+            query,
+            method: &method,
+            headers: &head.map,
+        };
+        self.table.find(&view).map(|(_, r)| r.name.clone())
+    }
+
+    fn canonical_target(&self, target: &str) -> Option<String> {
+        path::canonical_target(target, &self.http.path)
+            .ok()
+            .flatten()
+    }
+}
