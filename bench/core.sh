@@ -25,7 +25,7 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
 source bench/lib.sh
-bench_install wrk:wrk h2load:nghttp2-client nginx:nginx-light taskset:util-linux
+bench_install wrk:wrk h2load:nghttp2-client nginx:nginx-light haproxy:haproxy taskset:util-linux
 
 echo "building weft (release)..." >&2
 cargo build --release -q -p weft-proxy
@@ -38,6 +38,9 @@ WEFT_PORT=$((BASE_PORT + 3))
 ADMIN=$((BASE_PORT + 4))
 BEFORE_PORT=$((BASE_PORT + 5))
 BEFORE_ADMIN=$((BASE_PORT + 6))
+HAPROXY_H2=$((BASE_PORT + 7))
+RATE_CLIENTS=${RATE_CLIENTS:-50}
+RATE_PER_CLIENT=${RATE_PER_CLIENT:-100}   # 50 x 100 = 5,000 req/s
 BEFORE=${BEFORE:-}
 
 cat >"$work/proxy.conf" <<EOF
@@ -73,12 +76,31 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 EOF
 
+cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend h2c
+  bind 127.0.0.1:$HAPROXY_H2 proto h2
+  default_backend backend
+backend backend
+  server b1 127.0.0.1:$BACKEND
+EOF
+
 if [ -n "$BEFORE" ]; then
   sed -e "s/$WEFT_PORT/$BEFORE_PORT/" -e "s/$ADMIN/$BEFORE_ADMIN/" "$work/weft.yaml" >"$work/before.yaml"
 fi
 
 start_backend "$BACKEND"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" & pids+=($!)
+taskset -c "$PROXY_CPU" haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & pids+=($!)
+HAPROXY_PID=$!
 taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
 WEFT_PID=$!
 if [ -n "$BEFORE" ]; then
@@ -86,11 +108,20 @@ if [ -n "$BEFORE" ]; then
   BEFORE_PID=$!
   wait_port "$BEFORE_PORT"
 fi
-for p in $BACKEND $NGINX_H1 $NGINX_H2 $WEFT_PORT; do wait_port "$p"; done
+for port in $BACKEND $NGINX_H1 $NGINX_H2 $HAPROXY_H2 $WEFT_PORT; do wait_port "$port"; done
 sleep 0.5
 NGINX_WORKER=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
 BACKEND_WORKER=$(backend_worker)
 IDLE_RSS=$(awk '/VmRSS/ {print $2}' "/proc/$WEFT_PID/status")
+
+# One fixed-rate run: prints the p99 in µs (from h2load's per-request log).
+run_rate() { # url
+  local log="$work/rate.log"
+  rm -f "$log"
+  taskset -c "$LOAD_CPU" h2load --h1 -c "$RATE_CLIENTS" --rps "$RATE_PER_CLIENT" -D "$DURATION" -t 1 \
+    --log-file="$log" "$1" >/dev/null
+  awk '{ print $3 }' "$log" | sort -n | awk '{ v[NR] = $1 } END { printf "%.0f\n", v[int(NR*0.99)] }'
+}
 
 declare -A R
 for round in $(seq "$ROUNDS"); do
@@ -100,6 +131,10 @@ for round in $(seq "$ROUNDS"); do
   R[h1_weft]+="$(run_wrk "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID" "$CONNS")"$'\n'
   R[h2_nginx]+="$(run_h2 "http://127.0.0.1:$NGINX_H2/" "$NGINX_WORKER")"$'\n'
   R[h2_weft]+="$(run_h2 "http://127.0.0.1:$WEFT_PORT/" "$WEFT_PID")"$'\n'
+  R[h2_haproxy]+="$(run_h2 "http://127.0.0.1:$HAPROXY_H2/" "$HAPROXY_PID")"$'\n'
+  R[rate_direct]+="$(run_rate "http://127.0.0.1:$BACKEND/")"$'\n'
+  R[rate_nginx]+="$(run_rate "http://127.0.0.1:$NGINX_H1/")"$'\n'
+  R[rate_weft]+="$(run_rate "http://127.0.0.1:$WEFT_PORT/")"$'\n'
   if [ -n "$BEFORE" ]; then
     R[h1_before]+="$(run_wrk "http://127.0.0.1:$BEFORE_PORT/" "$BEFORE_PID" "$CONNS")"$'\n'
     R[h2_before]+="$(run_h2 "http://127.0.0.1:$BEFORE_PORT/" "$BEFORE_PID")"$'\n'
@@ -110,7 +145,7 @@ LOADED_RSS=$(awk '/VmRSS/ {print $2}' "/proc/$WEFT_PID/status")
 printf '\nCore proxy benchmark: %s rounds, medians. Proxies: 1 worker on CPU %s; wrk/h2load + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss; h2load: %s requests, %s clients x %s streams.\n\n' "$CONNS" "$DURATION" "$H2_REQUESTS" "$H2_CLIENTS" "$H2_STREAMS"
 printf '%-16s %10s %9s %9s %14s\n' "target" "req/s" "p50 µs" "p99 µs" "proxy CPU µs/req"
-targets=(h1_direct h1_nginx h1_weft h2_nginx h2_weft)
+targets=(h1_direct h1_nginx h1_weft h2_nginx h2_haproxy h2_weft)
 [ -n "$BEFORE" ] && targets+=(h1_before h2_before)
 for k in "${targets[@]}"; do
   cpu=$(col "$k" 4)
@@ -121,8 +156,12 @@ echo
 echo "HTTP/1.1 throughput weft/nginx:  $(ratio "$(col h1_weft 1)" "$(col h1_nginx 1)")   (target >= 1.15)"
 echo "HTTP/1.1 throughput weft/direct: $(ratio "$(col h1_weft 1)" "$(col h1_direct 1)")"
 echo "HTTP/1.1 CPU/request weft/nginx: $(ratio "$(col h1_weft 4)" "$(col h1_nginx 4)")   (target <= 0.80)"
-echo "h2c throughput weft/nginx:       $(ratio "$(col h2_weft 1)" "$(col h2_nginx 1)")   (target >= 1.00)"
+echo "h2c throughput weft/nginx:       $(ratio "$(col h2_weft 1)" "$(col h2_nginx 1)")"
 echo "h2c CPU/request weft/nginx:      $(ratio "$(col h2_weft 4)" "$(col h2_nginx 4)")"
+echo "h2c throughput weft/haproxy:     $(ratio "$(col h2_weft 1)" "$(col h2_haproxy 1)")   (target >= 1.00)"
+echo "h2c CPU/request weft/haproxy:    $(ratio "$(col h2_weft 4)" "$(col h2_haproxy 4)")"
+rd=$(col rate_direct 1)
+echo "p99 at $((RATE_CLIENTS * RATE_PER_CLIENT)) req/s (HTTP/1.1): direct ${rd} µs; added by nginx $(delta "$(col rate_nginx 1)" "$rd") µs, by weft $(delta "$(col rate_weft 1)" "$rd") µs   (target: weft <= nginx)"
 echo "weft RSS: idle $((IDLE_RSS / 1024)) MiB ($IDLE_RSS KiB), after load $((LOADED_RSS / 1024)) MiB   (idle target <= 15 MiB)"
 if [ -n "$BEFORE" ]; then
   echo "after/before ($BEFORE): HTTP/1.1 throughput $(ratio "$(col h1_weft 1)" "$(col h1_before 1)"), CPU/request $(ratio "$(col h1_weft 4)" "$(col h1_before 4)"); h2c throughput $(ratio "$(col h2_weft 1)" "$(col h2_before 1)"), CPU/request $(ratio "$(col h2_weft 4)" "$(col h2_before 4)")"
