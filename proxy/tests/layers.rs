@@ -94,6 +94,8 @@ fn modules(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) {
         } else if path.extension().is_some_and(|e| e == "rs") {
             let module = match (prefix.is_empty(), name.as_str()) {
                 (true, "lib" | "main") => continue,
+                // A module's unit tests, in a file of their own: tests may use anything.
+                (_, "tests") => continue,
                 (true, _) => name,
                 (false, "mod") => prefix.to_owned(),
                 (false, _) => format!("{prefix}::{name}"),

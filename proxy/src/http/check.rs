@@ -184,8 +184,9 @@ pub fn authority(parts: &Parts) -> Result<Cow<'_, str>, ProxyError> {
 }
 
 /// Splits `host[:port]` (with `[v6]` literals), lower-casing the host and dropping one
-/// trailing dot (`Example.COM.` is `example.com`): hosts are matched as hosts.
-pub fn split_host_port(authority: &str) -> (String, Option<u16>) {
+/// trailing dot (`Example.COM.` is `example.com`): hosts are matched as hosts. Borrowed when
+/// the host is written so already (the common case).
+pub fn split_host_port(authority: &str) -> (Cow<'_, str>, Option<u16>) {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         match rest.split_once(']') {
             Some((h, p)) => (&authority[..h.len() + 2], p.strip_prefix(':')),
@@ -198,7 +199,12 @@ pub fn split_host_port(authority: &str) -> (String, Option<u16>) {
         }
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    (host.to_ascii_lowercase(), port.and_then(|p| p.parse().ok()))
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    (host, port.and_then(|p| p.parse().ok()))
 }
 
 #[cfg(test)]

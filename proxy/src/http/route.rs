@@ -35,24 +35,19 @@ pub async fn route(
     // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.
     let uri = parts.uri.clone();
     let connect = parts.method == Method::CONNECT;
-    // The check stage made the client's path canonical; a path a filter set is made so again
-    // here (or refused: only a client's own request is redirected). A CONNECT has none: only
-    // routes without a path condition take it.
-    let canonical = if connect {
-        Canonical::Path(Cow::Borrowed(""))
-    } else {
-        path::canonicalize(uri.path(), &listener.http.path)
-            .map_err(|e| fail(ProxyError::InvalidPath(e.reason())))?
-    };
+    // Canonical already: the check stage made the client's path so, and the filter stage let
+    // through only a canonical path a filter set. Not done again here (debug builds check it).
+    // A CONNECT has none: only routes without a path condition take it.
+    let path: Cow<'_, str> = Cow::Borrowed(if connect { "" } else { uri.path() });
+    debug_assert!(
+        connect
+            || matches!(
+                path::canonicalize(&path, &listener.http.path),
+                Ok(Canonical::Path(Cow::Borrowed(_)))
+            ),
+        "route got a path that is not canonical: {path:?}"
+    );
     let query = uri.query();
-    let path: Cow<'_, str> = match canonical {
-        Canonical::Path(p) => p,
-        Canonical::Redirect(_) => {
-            return Err(fail(ProxyError::InvalidPath(
-                path::PathError::EscapedSlash.reason(),
-            )));
-        }
-    };
 
     let view = RequestView {
         host: &host,

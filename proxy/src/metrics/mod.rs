@@ -5,6 +5,10 @@
 //! ([`RouteStats`], [`ListenerStats`], [`ClusterStats`]), so counting a request is a few atomic
 //! adds. Names are documented in the README's metrics reference.
 
+mod tls;
+
+pub use tls::{CertLabels, FailureLabels, HandshakeLabels, ReloadLabels, TlsMetrics};
+
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -537,91 +541,6 @@ impl ClusterStats {
 
 /// Shared handle to the proxy's metrics.
 pub type SharedMetrics = Arc<Metrics>;
-
-// TLS handshakes and certificate material.
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    /// `listener` or `cluster`.
-    pub side: &'static str,
-    pub name: String,
-    pub version: &'static str,
-    pub alpn: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailureLabels {
-    pub side: &'static str,
-    pub name: String,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertLabels {
-    pub side: &'static str,
-    pub name: String,
-    pub file: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
-    pub result: &'static str,
-}
-
-/// TLS metric families (registered with the proxy's others).
-#[derive(Debug, Clone, Default)]
-pub struct TlsMetrics {
-    pub handshakes: Family<HandshakeLabels, Counter>,
-    pub failures: Family<FailureLabels, Counter>,
-    pub expiry: Family<CertLabels, Gauge>,
-    pub reloads: Family<ReloadLabels, Counter>,
-}
-
-impl TlsMetrics {
-    pub fn register(&self, reg: &mut Registry) {
-        reg.register(
-            "tls_handshakes",
-            "TLS handshakes completed, by side (listener, cluster), name, version and ALPN protocol",
-            self.handshakes.clone(),
-        );
-        reg.register(
-            "tls_handshake_failures",
-            "TLS handshakes that failed, by side, name and reason",
-            self.failures.clone(),
-        );
-        reg.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When each loaded certificate expires (Unix time), by side, name and file",
-            self.expiry.clone(),
-        );
-        reg.register(
-            "tls_reloads",
-            "Certificate material re-read after its files changed, by result (applied, rejected)",
-            self.reloads.clone(),
-        );
-    }
-
-    pub fn handshake(&self, side: &'static str, name: &str, version: &'static str, alpn: &str) {
-        self.handshakes
-            .get_or_create(&HandshakeLabels {
-                side,
-                name: name.to_owned(),
-                version,
-                alpn: alpn.to_owned(),
-            })
-            .inc();
-    }
-
-    pub fn failure(&self, side: &'static str, name: &str, reason: &'static str) {
-        self.failures
-            .get_or_create(&FailureLabels {
-                side,
-                name: name.to_owned(),
-                reason,
-            })
-            .inc();
-    }
-}
 
 #[cfg(test)]
 mod tests {
