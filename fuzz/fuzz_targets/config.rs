@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use weft_proxy::config::Config;
 use weft_proxy::metrics::Metrics;
 use weft_proxy::snapshot::{BuildEnv, Snapshot};
-use weft_proxy::wasm::SharedHost;
+use weft_proxy::wasm::WasmShared;
 
 fn neutralize(v: &mut serde_json::Value) {
     match v {
@@ -54,10 +54,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    static ENV: OnceLock<(Metrics, Arc<SharedHost>, tempfile::TempDir)> = OnceLock::new();
+    static ENV: OnceLock<(Metrics, Arc<WasmShared>, tempfile::TempDir)> = OnceLock::new();
     let (metrics, wasm, dir) = ENV.get_or_init(|| {
         let metrics = Metrics::new();
-        let wasm = SharedHost::new(Arc::new(Metrics::new()));
+        let wasm = WasmShared::new(Arc::new(Metrics::new()));
         (metrics, wasm, tempfile::tempdir().expect("dir"))
     });
     let env = BuildEnv {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use weft_proxy::metrics::Metrics;
-use weft_proxy::wasm::SharedHost;
+use weft_proxy::wasm::WasmShared;
 use weft_proxy::wasm::module::{self, LoadedModule};
 use weft_proxy::wasm::runtime::HostLimits;
 use weft_proxy::wasm::state::PluginInfo;
@@ -154,7 +154,7 @@ fn interpreter() -> String {
 
 struct Fixture {
     module: Arc<LoadedModule>,
-    host: Arc<SharedHost>,
+    host: Arc<WasmShared>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -163,7 +163,7 @@ fn fixture() -> &'static Fixture {
         let wasm = wat::parse_str(interpreter()).expect("the interpreter assembles");
         Fixture {
             module: module::load("host-calls", &wasm).expect("the interpreter links"),
-            host: SharedHost::new(Arc::new(Metrics::new())),
+            host: WasmShared::new(Arc::new(Metrics::new())),
         }
     })
 }
