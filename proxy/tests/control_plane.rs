@@ -309,7 +309,16 @@ fn a_hostile_module_push_is_validated_with_bounded_memory() {
     let cp = Cp::start(&dir.path().join("store.json"), "127.0.0.1:0");
     let module = wasm_guests::write(dir.path(), "flood", &wasm_guests::stdout_flood());
     let out = cp.ctl(&["filter", "push", "flood", "--module", &module]);
-    assert!(out.status.success(), "{}", stdout(&out));
+    // Accepted, or — on a loaded machine, where its start-up outlasts the 100 ms a call gets
+    // (wall time) — refused for that deadline, clearly. Nothing else.
+    let said = stdout(&out);
+    assert!(
+        out.status.success() || said.contains("deadline"),
+        "neither accepted nor refused for its deadline: {said}"
+    );
+    // Either way weft-cp is up, serving, and never held the module's output.
+    let listed = cp.ctl(&["status"]);
+    assert!(listed.status.success(), "{}", stdout(&listed));
     let status = std::fs::read_to_string(format!("/proc/{}/status", cp.child.id()))
         .expect("weft-cp is running");
     let peak_kib: u64 = status

@@ -381,13 +381,27 @@ async fn a_replica_that_stops_answering_is_left_by_keepalive_on_both_sides() {
     );
 }
 
-/// The pin weft-cp logged at start (the root its certificate chains to).
+/// The pin weft-cp logged at start (the root its certificate chains to). The line may come
+/// after the one the test waited for: it is waited for too (a busy machine delays it).
 fn pin(cp: &Cp) -> String {
-    let log = cp.log.lock().expect("log");
-    log.iter()
-        .find_map(|l| l.split("pin=").nth(1))
-        .map(|p| p.split_whitespace().next().unwrap_or_default().to_owned())
-        .expect("weft-cp logs its pin")
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = cp
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find_map(|l| l.split("pin=").nth(1))
+            .map(|p| p.split_whitespace().next().unwrap_or_default().to_owned());
+        if let Some(pin) = found {
+            return pin;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "weft-cp logs its pin within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

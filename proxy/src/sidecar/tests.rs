@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::config::ConfigErrors;
 use crate::snapshot::Snapshot;

@@ -147,7 +147,7 @@ impl Cp {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[weft-cp] {line}");
-                sink.lock().expect("log").push(line);
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn dog(a: &Arc<ConnActivity>) -> Pin<Box<Watchdog>> {

@@ -1,4 +1,3 @@
-
 use super::*;
 
 const ANY: DataLimits = DataLimits {
