@@ -486,6 +486,15 @@ mod tests {
         );
     }
 
+    /// The access log line the filter logged (without its `access ` prefix).
+    fn access_line(t: &FilterTest) -> String {
+        t.host()
+            .logs()
+            .into_iter()
+            .find_map(|(_, l)| l.strip_prefix("access ").map(str::to_owned))
+            .expect("an access log line")
+    }
+
     #[test]
     fn metrics_and_an_access_log_line_per_request() {
         let t = start(r#"{"destination_workload":"orders"}"#);
@@ -508,12 +517,7 @@ mod tests {
         assert_eq!(t.host().metric(series), Some(1));
         let hist = r#"request_duration_milliseconds{source_workload="web",destination_workload="orders",response_code="503"}"#;
         assert_eq!(t.host().metric(hist), Some(1));
-        let line = t
-            .host()
-            .logs()
-            .into_iter()
-            .find_map(|(_, l)| l.strip_prefix("access ").map(str::to_owned))
-            .expect("an access log line");
+        let line = access_line(&t);
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
         assert_eq!(v["method"], "POST");
         assert_eq!(v["path"], "/o?x=\"1\"");
@@ -538,12 +542,7 @@ mod tests {
         ]);
         s.request_headers(true);
         s.finish();
-        let line = t
-            .host()
-            .logs()
-            .into_iter()
-            .find_map(|(_, l)| l.strip_prefix("access ").map(str::to_owned))
-            .expect("an access log line");
+        let line = access_line(&t);
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
         assert_eq!(v["method"], "GET");
         assert_eq!(v["path"], path);
