@@ -288,3 +288,29 @@ async fn filters_routes_and_upstream_see_one_path_for_every_spelling() {
     );
     assert!(backend.requests() >= forwarded as u64);
 }
+
+/// `route_name` asked before the request is routed follows the head as the filters change it:
+/// the match found for one head is not served for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_name_follows_a_path_a_filter_changes_after_reading_it() {
+    let (weft, _backend) = start().await;
+    let addr = weft.addr("main");
+    let h1 = client::http1();
+    for (sent, set, first, then) in [
+        ("/api/x", "/api/admin/y", "api", "admin"),
+        ("/api/admin/y", "/other", "admin", "rest"),
+        ("/z", "/z", "rest", "rest"),
+    ] {
+        let url = format!("http://{addr}{sent}");
+        let r = get_with(&h1, &url, &[("x-record-path", set)])
+            .await
+            .unwrap_or_else(|e| panic!("{sent}: {e}"));
+        assert_eq!(r.status.as_u16(), 200, "{sent}");
+        let j: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        let h = |n: &str| j["headers"][n].as_str().unwrap_or("<missing>").to_owned();
+        assert_eq!(h("x-filter-route-first"), first, "{sent} before the change");
+        assert_eq!(h("x-filter-route"), then, "{sent} after :path became {set}");
+        assert_eq!(h("x-route"), then, "{sent}: the route that took it");
+        assert_eq!(j["path"], set, "{sent}: the path upstream");
+    }
+}

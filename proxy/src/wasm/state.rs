@@ -305,6 +305,12 @@ pub struct StreamData {
     pub filter_state_bytes: usize,
     /// A local response was asked for; later ones are ignored (and logged).
     pub local_response_sent: bool,
+    /// Writes filters made to the request headers so far.
+    pub request_head_edits: u64,
+    /// Before the request is routed: the route its head matched (`route_name`), and after how
+    /// many edits — asked again only once a filter changed the head since, as Envoy's route
+    /// cache is cleared.
+    pub route_seen: std::cell::RefCell<Option<(u64, Option<String>)>>,
 }
 
 impl StreamData {

@@ -85,6 +85,7 @@ fn edit(
     }
     let path_before = path_of(h);
     f(h)?;
+    s.request_head_edits += 1;
     // `path_before` holds the old bytes alive, so new ones cannot have their address.
     let at = |b: &Option<Bytes>| b.as_ref().map(|b| (b.as_ptr(), b.len()));
     if at(&path_of(&s.request_headers)) != at(&path_before) {

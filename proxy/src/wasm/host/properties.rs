@@ -163,12 +163,17 @@ fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
 
 fn route_name(s: &StreamData) -> Option<Vec<u8>> {
     let Some(route) = s.info.route.as_ref() else {
-        return s
-            .info
-            .routes
-            .as_ref()?
-            .route_name(&s.request_headers)
-            .map(String::into_bytes);
+        // Not routed yet: the match for the head as it is now, found once per version of it.
+        let mut seen = s.route_seen.borrow_mut();
+        let name = match &*seen {
+            Some((edits, name)) if *edits == s.request_head_edits => name.clone(),
+            _ => {
+                let name = s.info.routes.as_ref()?.route_name(&s.request_headers);
+                *seen = Some((s.request_head_edits, name.clone()));
+                name
+            }
+        };
+        return name.map(String::into_bytes);
     };
     let r = route.route();
     (!r.is_empty()).then(|| r.as_bytes().to_vec())
