@@ -2,6 +2,9 @@
 # Built-in filter cost, all in one run on loopback: one weft (ONE worker pinned to CPU 0) with
 # a listener per filter — none, telemetry, policy, quota, fault — and one with all four
 # chained, plus the backend alone (nginx `return 200`); wrk and the backend share CPU 1.
+# Access logs: `log-only` is a listener with weft's native access log and no filter;
+# `telemetry` and `all-4` log natively (the filter adds the trace to the line); `tele-json` is
+# the telemetry filter writing its own JSON line instead (the way before native logs).
 # HTTP/1.1 keep-alive. Rounds alternate the targets; medians are reported, with each
 # listener's throughput and CPU per request against weft without filters in the same run.
 #
@@ -31,7 +34,7 @@ FILTERS=$PWD/target/wasm-filters/wasm32-wasip1/release
 
 BACKEND=$((BASE_PORT + 0))
 ADMIN=$((BASE_PORT + 1))
-NAMES=(none telemetry policy quota fault all-4)
+NAMES=(none log-only telemetry tele-json policy quota fault all-4)
 declare -A PORT
 for i in "${!NAMES[@]}"; do PORT[${NAMES[$i]}]=$((BASE_PORT + 2 + i)); done
 
@@ -39,11 +42,13 @@ cat >"$work/weft.yaml" <<EOC
 admin: { address: "127.0.0.1:$ADMIN" }
 listeners:
   - { name: none, address: "127.0.0.1:${PORT[none]}", routes: main }
-  - { name: telemetry, address: "127.0.0.1:${PORT[telemetry]}", routes: main, filters: [telemetry] }
+  - { name: log-only, address: "127.0.0.1:${PORT[log-only]}", routes: main, access_log: { path: "$work/access.log" } }
+  - { name: telemetry, address: "127.0.0.1:${PORT[telemetry]}", routes: main, filters: [telemetry], access_log: { path: "$work/access.log" } }
+  - { name: tele-json, address: "127.0.0.1:${PORT[tele-json]}", routes: main, filters: [tele-json] }
   - { name: policy, address: "127.0.0.1:${PORT[policy]}", routes: main, filters: [policy] }
   - { name: quota, address: "127.0.0.1:${PORT[quota]}", routes: main, filters: [quota] }
   - { name: fault, address: "127.0.0.1:${PORT[fault]}", routes: main, filters: [fault] }
-  - { name: all-4, address: "127.0.0.1:${PORT[all-4]}", routes: main, filters: [telemetry, policy, quota, fault] }
+  - { name: all-4, address: "127.0.0.1:${PORT[all-4]}", routes: main, filters: [telemetry, policy, quota, fault], access_log: { path: "$work/access.log" } }
 routes:
   main:
     - to: [{ cluster: backend }]
@@ -52,6 +57,9 @@ clusters:
 filters:
   - name: telemetry
     module: "$FILTERS/telemetry.wasm"
+  - name: tele-json
+    module: "$FILTERS/telemetry.wasm"
+    config: { access_log: json }
   - name: policy
     module: "$FILTERS/policy.wasm"
     config:
@@ -103,4 +111,4 @@ for k in direct "${NAMES[@]}"; do
   fi
 done
 echo
-echo "(direct: the backend alone; its CPU column is the backend's. The telemetry filter writes an access log line per request.)"
+echo "(direct: the backend alone; its CPU column is the backend's. log-only, telemetry and all-4 write weft's native access-log line per request; tele-json has the filter write its own line.)"

@@ -12,6 +12,7 @@
 //! [`http::record`] (the end of the request). [`published`] holds what the workers share and
 //! each worker's handles on it; [`process`] runs the whole (listeners, reloads, drain).
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod control;

@@ -349,7 +349,12 @@ async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
     let filter = format!(
         "  - name: f\n    module: \"{module}\"\n    config: {{ log_headers: [x-tenant] }}\n"
     );
-    let weft = Weft::start(WEFT, &with_filter(&app, &filter));
+    // The filter adds the trace and its `log_headers` to the listener's native line.
+    let yaml = with_filter(&app, &filter).replace(
+        "filters: [f] }",
+        "filters: [f], access_log: { path: access.log } }",
+    );
+    let weft = Weft::start(WEFT, &yaml);
     let c = client::http1();
     for _ in 0..3 {
         let r = client::get_with(
@@ -388,19 +393,20 @@ async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
         "{metrics}"
     );
 
-    weft_testkit::eventually(Duration::from_secs(5), "access log lines", || {
-        weft.log_lines()
-            .iter()
-            .filter(|l| l.contains("access {"))
-            .count()
-            >= 4
+    let path = weft.config_path().with_file_name("access.log");
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    weft_testkit::eventually(Duration::from_secs(20), "access log lines", || {
+        read().lines().count() >= 4
     });
-    let line = weft
-        .log_lines()
-        .into_iter()
-        .find(|l| l.contains("access {") && l.contains("/orders"))
+    let text = read();
+    let json = text
+        .lines()
+        .find(|l| l.contains("/orders"))
         .expect("an access log line for /orders");
-    let json = &line[line.find('{').unwrap_or(0)..=line.rfind('}').unwrap_or(0)];
+    assert!(
+        !weft.log_lines().iter().any(|l| l.contains("access {")),
+        "no line of the filter's own"
+    );
     let v: serde_json::Value = serde_json::from_str(json).expect("well-formed JSON");
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/orders?id=7");
@@ -408,6 +414,7 @@ async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
     assert_eq!(v["cluster"], "app");
     assert_eq!(v["x-tenant"], "acme");
     assert_eq!(v["trace_id"].as_str().map(str::len), Some(32));
+    assert_eq!(v["span_id"].as_str().map(str::len), Some(16));
     assert!(v["duration_ms"].as_f64().is_some_and(|d| d >= 0.0));
     assert!(v["bytes_sent"].as_i64().is_some_and(|b| b > 0));
 }

@@ -12,7 +12,14 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // Leaves: no stage, no service (`http` only names its submodules).
     &[
-        "http", "errors", "local", "peek", "splice", "logging", "config",
+        "http",
+        "errors",
+        "local",
+        "peek",
+        "splice",
+        "logging",
+        "config",
+        "access_log",
     ],
     &["metrics", "http::path"],
     // TLS primitives (material, IO, ClientHello), module signatures, workload identity, then

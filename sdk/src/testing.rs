@@ -217,6 +217,11 @@ impl TestHost {
             .insert(path.join("."), value.to_vec());
     }
 
+    /// A property as the filter (or the test) set it last.
+    pub fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.inner.borrow().properties.get(&path.join(".")).cloned()
+    }
+
     /// Shared data as the filter left it.
     pub fn shared(&self, key: &str) -> Option<Vec<u8>> {
         self.inner.borrow().shared.get(key).map(|(v, _)| v.clone())

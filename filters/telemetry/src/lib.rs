@@ -3,8 +3,10 @@
 //! For every request: Istio's golden metrics (`requests_total`, `request_duration_milliseconds`,
 //! `request_bytes`, `response_bytes`) labelled with the source workload (from the client's mTLS
 //! identity), the destination (the cluster), the response code and gRPC status — label sets
-//! capped per worker so a flood of distinct values cannot blow up memory; one access log line
-//! (JSON); and W3C `traceparent` / B3 propagation, starting a trace when the request has none.
+//! capped per worker so a flood of distinct values cannot blow up memory; access-log fields
+//! (the trace, and chosen request headers) added to the listener's native access-log line, or
+//! a JSON line of its own; and W3C `traceparent` / B3 propagation, starting a trace when the
+//! request has none.
 //! See `README.md` for the configuration reference.
 
 use std::cell::{Cell, RefCell};
@@ -34,7 +36,12 @@ pub enum Propagation {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
+    /// Fields added to the listener's access-log line (`trace_id`, `span_id`, `log_headers`),
+    /// which weft writes natively (`access_log` on the listener).
     #[default]
+    Native,
+    /// A JSON line of the filter's own in weft's log (slower: each field is read through the
+    /// host, the line formatted in the guest).
     Json,
     /// No access log.
     Off,
@@ -298,23 +305,46 @@ impl TelemetryFilter {
 impl HttpFilter for TelemetryFilter {
     async fn on_request_headers(&self, headers: &mut Headers, _eos: bool) -> Action {
         self.start_ns.set(time::now_nanos());
-        let mut seen = Seen {
-            method: headers.get(":method").unwrap_or_default(),
-            path: headers.path().unwrap_or_default(),
-            authority: headers.authority().unwrap_or_default(),
-            protocol_grpc: headers
-                .get("content-type")
-                .is_some_and(|c| c.starts_with("application/grpc")),
-            request_id: headers.get("x-request-id").unwrap_or_default(),
-            user_agent: headers.get("user-agent").unwrap_or_default(),
-            ..Seen::default()
+        let format = self.plugin.config.access_log;
+        // A line of the filter's own needs the request's fields; the native line has them.
+        let mut seen = if format == LogFormat::Json {
+            Seen {
+                method: headers.get(":method").unwrap_or_default(),
+                path: headers.path().unwrap_or_default(),
+                authority: headers.authority().unwrap_or_default(),
+                protocol_grpc: headers
+                    .get("content-type")
+                    .is_some_and(|c| c.starts_with("application/grpc")),
+                request_id: headers.get("x-request-id").unwrap_or_default(),
+                user_agent: headers.get("user-agent").unwrap_or_default(),
+                ..Seen::default()
+            }
+        } else {
+            Seen::default()
         };
-        for h in &self.plugin.config.log_headers {
+        for h in self
+            .plugin
+            .config
+            .log_headers
+            .iter()
+            .filter(|_| format != LogFormat::Off)
+        {
             if let Some(v) = headers.get(h) {
                 seen.extra.push((h.clone(), v));
             }
         }
         self.propagate(headers, &mut seen);
+        if format == LogFormat::Native {
+            // The listener's line has the request; the filter adds what only it knows.
+            if !seen.trace_id.is_empty() {
+                properties::set(&["access_log", "trace_id"], seen.trace_id.as_bytes()).ok();
+                properties::set(&["access_log", "span_id"], seen.span_id.as_bytes()).ok();
+            }
+            for (k, v) in &seen.extra {
+                properties::set(&["access_log", k], v.as_bytes()).ok();
+            }
+            return Action::Continue;
+        }
         *self.request.borrow_mut() = seen;
         Action::Continue
     }
@@ -495,9 +525,42 @@ mod tests {
             .expect("an access log line")
     }
 
+    /// By default the filter writes no line: it adds the trace and its `log_headers` to the
+    /// listener's native line, as `access_log.*` properties.
+    #[test]
+    fn native_access_logs_get_the_trace_and_the_headers_as_fields() {
+        let t = start(r#"{"log_headers":["x-note","x-absent"]}"#);
+        let s = t.request(&[
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "a"),
+            ("x-note", "n\"1\""),
+        ]);
+        s.request_headers(true);
+        let tp = s.request_header("traceparent").expect("a traceparent");
+        s.finish();
+        let prop = |k: &str| {
+            t.host()
+                .property(&["access_log", k])
+                .map(|v| String::from_utf8(v).expect("UTF-8"))
+        };
+        let trace = prop("trace_id").expect("trace_id");
+        let span = prop("span_id").expect("span_id");
+        assert_eq!(tp, format!("00-{trace}-{span}-01"));
+        assert_eq!(prop("x-note").as_deref(), Some("n\"1\""));
+        assert_eq!(prop("x-absent"), None);
+        assert!(
+            t.host()
+                .logs()
+                .iter()
+                .all(|(_, l)| !l.starts_with("access ")),
+            "no line of the filter's own"
+        );
+    }
+
     #[test]
     fn metrics_and_an_access_log_line_per_request() {
-        let t = start(r#"{"destination_workload":"orders"}"#);
+        let t = start(r#"{"destination_workload":"orders","access_log":"json"}"#);
         t.host().set_property(
             &["connection", "uri_san_peer_certificate"],
             b"spiffe://mesh/ns/shop/sa/web",
@@ -530,7 +593,7 @@ mod tests {
     /// forged field, non-ASCII) stay inside their JSON strings, unchanged once parsed.
     #[test]
     fn the_access_log_line_is_json_whatever_the_request_says() {
-        let t = start(r#"{"log_headers":["x-note"]}"#);
+        let t = start(r#"{"log_headers":["x-note"],"access_log":"json"}"#);
         let path = "/a\"b\\c\u{1}\n\",\"method\":\"FORGED";
         let agent = "é\t\"ua\\";
         let s = t.request(&[

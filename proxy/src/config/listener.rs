@@ -42,6 +42,21 @@ pub struct Listener {
     /// new connections from that IP are accepted and closed at once. 0 means no limit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_connections_per_source_ip: u32,
+    /// One JSON line per request to a file (HTTP listeners); none: no access log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// A listener's access log: `access_log: { path: /dev/stdout, headers: [x-tenant] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file lines are appended to (created if missing; relative to the configuration's
+    /// directory). `/dev/stdout` and `/dev/stderr` work as for Envoy.
+    pub path: String,
+    /// Request headers logged as fields of their own, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
 }
 
 fn is_zero(v: &u32) -> bool {

@@ -52,6 +52,9 @@ pub struct Sidecar {
     /// call out while it shuts down) while inbound drains at once.
     #[serde(default = "defaults::outbound_drain")]
     pub outbound_drain: Dur,
+    /// One JSON line per HTTP request, inbound and outbound (as a listener's `access_log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<super::AccessLogConfig>,
 }
 
 impl Default for Sidecar {
@@ -69,6 +72,7 @@ impl Default for Sidecar {
             inbound_filters: Vec::new(),
             outbound_filters: Vec::new(),
             outbound_drain: defaults::outbound_drain(),
+            access_log: None,
         }
     }
 }

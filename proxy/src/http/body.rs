@@ -115,10 +115,17 @@ impl Body for ResponseBody {
                 }
             },
         };
-        if let (Poll::Ready(Some(Ok(frame))), Some(x)) = (&polled, &this.record)
-            && let Some(d) = frame.data_ref()
-        {
-            x.downstream_tx.inc_by(d.len() as u64);
+        if let (Poll::Ready(Some(Ok(frame))), Some(x)) = (&polled, &mut this.record) {
+            if let Some(d) = frame.data_ref() {
+                x.downstream_tx.inc_by(d.len() as u64);
+                if let Some(l) = &mut x.logged {
+                    l.entry.sent += d.len() as u64;
+                }
+            } else if let (Some(t), Some(l)) = (frame.trailers_ref(), &mut x.logged)
+                && let Some(g) = t.get("grpc-status")
+            {
+                l.entry.grpc_status = Some(g.clone());
+            }
         }
         polled
     }

@@ -20,6 +20,7 @@ use crate::http::check;
 use crate::http::conn::ConnCtx;
 use crate::http::headers;
 use crate::http::path::{PathError, canonical_target};
+use crate::http::record::{self, Logged};
 use crate::http::respond::{self, Answer, StageError};
 use crate::http::route;
 use crate::metrics::RouteStats;
@@ -272,13 +273,14 @@ pub async fn run(
     start: Instant,
     http1: bool,
     grpc: bool,
+    logged: Option<Box<Logged>>,
 ) -> Result<Response<ResponseBody>, StreamReset> {
     // Filters see `:authority`: a request without a valid one is refused before them.
     let authority = match check::authority(&parts) {
         Ok(a) => a.into_owned(),
         Err(e) => {
             let answer = respond::error_answer(conn, listener, StageError::new(e), http1, grpc);
-            return Ok(respond::finish(conn, listener, answer, start, None));
+            return Ok(respond::finish(conn, listener, answer, start, None, logged));
         }
     };
     let info = StreamInfo {
@@ -309,40 +311,64 @@ pub async fn run(
             stop = filtered.prime(committed, wait).await.err();
             request_body = Some(DownstreamBody::Filtered(Box::pin(filtered)));
         } else {
-            request_body = Some(DownstreamBody::Plain(body));
+            let received = logged.as_ref().map(|l| l.entry.received.clone());
+            request_body = Some(DownstreamBody::received(body, received));
         }
     }
 
-    let (answer, upto) = match (stop, request_body) {
-        (stop @ Some(_), _) | (stop @ None, None) => {
-            stopped(&chain, listener, stop.unwrap_or(Stop::Reset), None, grpc)?
-        }
-        (None, Some(body)) => {
-            let mut head = chain.request_head();
-            chain.fix_length(Direction::Request, &mut head.map);
-            let forwarded = match apply_request_head(&mut parts, head, &listener.http.path) {
-                Ok(()) => route::route(conn, listener, parts, body, start).await,
-                Err(e) => Err(StageError::new(e)),
-            };
-            // A filter may have stopped the request body meanwhile: that decides the answer.
-            match chain.stopped(Direction::Request) {
-                Some(stop) => {
-                    let stats = forwarded.as_ref().ok().map(|a| a.stats.clone());
-                    stopped(&chain, listener, stop, stats, grpc)?
-                }
-                None => (
-                    forwarded
-                        .unwrap_or_else(|f| respond::error_answer(conn, listener, f, http1, grpc)),
-                    n,
-                ),
+    let mut logged = logged;
+    let answered = async {
+        let (answer, upto) = match (stop, request_body) {
+            (stop @ Some(_), _) | (stop @ None, None) => {
+                stopped(&chain, listener, stop.unwrap_or(Stop::Reset), None, grpc)?
             }
-        }
-    };
-    filter_response(conn, listener, &chain, answer, upto, start, grpc).await
+            (None, Some(body)) => {
+                let mut head = chain.request_head();
+                chain.fix_length(Direction::Request, &mut head.map);
+                let forwarded = match apply_request_head(&mut parts, head, &listener.http.path) {
+                    Ok(()) => route::route(conn, listener, parts, body, start).await,
+                    Err(e) => Err(StageError::new(e)),
+                };
+                // A filter may have stopped the request body meanwhile: that decides the answer.
+                match chain.stopped(Direction::Request) {
+                    Some(stop) => {
+                        let stats = forwarded.as_ref().ok().map(|a| a.stats.clone());
+                        stopped(&chain, listener, stop, stats, grpc)?
+                    }
+                    None => (
+                        forwarded.unwrap_or_else(|f| {
+                            respond::error_answer(conn, listener, f, http1, grpc)
+                        }),
+                        n,
+                    ),
+                }
+            }
+        };
+        filter_response(
+            conn,
+            listener,
+            &chain,
+            answer,
+            upto,
+            start,
+            grpc,
+            &mut logged,
+        )
+        .await
+    }
+    .await;
+    // A stream the filters reset still leaves its line, with no response code (as Envoy's).
+    if answered.is_err()
+        && let Some(l) = logged
+    {
+        record::write_line(*l, 0, start.elapsed(), &listener.no_route, Some(&chain));
+    }
+    answered
 }
 
 /// Sends an answer back through filters `upto - 1 ..= 0`; a filter that stops it replaces it
 /// (a local response, or an error) and the replacement goes through the filters before it.
+#[allow(clippy::too_many_arguments)]
 async fn filter_response(
     conn: &ConnCtx,
     listener: &ListenerRuntime,
@@ -351,6 +377,7 @@ async fn filter_response(
     mut upto: usize,
     start: Instant,
     grpc: bool,
+    logged: &mut Option<Box<Logged>>,
 ) -> Result<Response<ResponseBody>, StreamReset> {
     let wait = listener.http.stream_idle_timeout.non_zero();
     let route = answer.stats.clone();
@@ -424,6 +451,7 @@ async fn filter_response(
                     answer,
                     start,
                     Some(chain.clone()),
+                    logged.take(),
                 ));
             }
             Err(stop) => {

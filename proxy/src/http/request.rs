@@ -15,6 +15,7 @@ use crate::errors::{self, StreamReset};
 use crate::http::body::ResponseBody;
 use crate::http::check::{self, Checked};
 use crate::http::conn::ConnCtx;
+use crate::http::record::Logged;
 use crate::http::respond::StageError;
 use crate::http::{filter, respond, route};
 use crate::snapshot::ListenerRuntime;
@@ -35,12 +36,18 @@ pub async fn handle(
     let http1 = req.version() < Version::HTTP_2;
     let grpc = errors::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
-    let answer = match check::check(&conn, listener, &mut parts) {
+    let mut logged = Logged::begin(&conn, listener.access_log.as_ref(), &mut parts);
+    let received = logged.as_ref().map(|l| l.entry.received.clone());
+    let checked = check::check(&conn, listener, &mut parts);
+    if let (Some(l), Ok(Checked::Proceed)) = (&mut logged, &checked) {
+        l.entry.canonical_path(parts.uri.path_and_query());
+    }
+    let answer = match checked {
         Ok(Checked::Proceed) if !listener.filters.is_empty() => {
             // On the heap: the filter stage's state is large, and would otherwise make every
             // request's future (moved around by hyper) larger.
             let answered = Box::pin(filter::run(
-                &conn, listener, parts, body, start, http1, grpc,
+                &conn, listener, parts, body, start, http1, grpc, logged,
             ))
             .await;
             if answered.is_err() {
@@ -49,11 +56,14 @@ pub async fn handle(
             return answered;
         }
         Ok(Checked::Proceed) => {
-            route::route(&conn, listener, parts, DownstreamBody::Plain(body), start).await
+            let body = DownstreamBody::received(body, received);
+            route::route(&conn, listener, parts, body, start).await
         }
         Ok(Checked::Redirect(location)) => Ok(respond::canonical_redirect(listener, &location)),
         Err(e) => Err(StageError::new(e)),
     };
     let answer = answer.unwrap_or_else(|f| respond::error_answer(&conn, listener, f, http1, grpc));
-    Ok(respond::finish(&conn, listener, answer, start, None))
+    Ok(respond::finish(
+        &conn, listener, answer, start, None, logged,
+    ))
 }

@@ -11,7 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::errors::{ERROR_HEADER, ProxyError, percent_encode};
 use crate::http::body::ResponseBody;
 use crate::http::conn::ConnCtx;
-use crate::http::record::Record;
+use crate::http::record::{Logged, Record};
 use crate::metrics::RouteStats;
 use crate::snapshot::ListenerRuntime;
 use crate::upstream::{EndpointGuard, PooledH1};
@@ -71,6 +71,7 @@ pub fn finish(
     answer: Answer,
     start: Instant,
     filters: Option<Rc<Chain>>,
+    mut logged: Option<Box<Logged>>,
 ) -> Response<ResponseBody> {
     let Answer {
         mut resp,
@@ -79,6 +80,11 @@ pub fn finish(
         pooled,
     } = answer;
     let status = resp.status().as_u16();
+    if let Some(l) = &mut logged {
+        l.entry.upstream = endpoint.as_ref().map(|e| e.address());
+        // A gRPC answer in headers only (trailers-only); trailers replace it later.
+        l.entry.grpc_status = resp.headers().get("grpc-status").cloned();
+    }
     resp.body_mut().attach(Record {
         start,
         status,
@@ -88,6 +94,7 @@ pub fn finish(
         endpoint,
         pooled,
         filters,
+        logged,
     });
     resp
 }

@@ -181,6 +181,9 @@ impl Server {
         if let Some(d) = &opts.log_dropped {
             metrics.with_registry(|r| r.register_collector(Box::new(d.clone())));
         }
+        metrics.with_registry(|r| {
+            r.register_collector(Box::new(crate::access_log::DroppedAccessLines))
+        });
         let wasm = WasmShared::new(metrics.clone());
         let bootstrap = Config::from_file(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let workers = worker_count(opts.workers);
@@ -422,6 +425,7 @@ impl Server {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         let mut tls_poll = tokio::time::interval(TLS_POLL);
         tls_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (updates_tx, mut updates) = tokio::sync::mpsc::channel(1);
@@ -467,6 +471,11 @@ impl Server {
                     }
                     // SIGHUP also means "read the certificates again", changed or not.
                     self.shared.snapshot().refresh_tls(true);
+                }
+                _ = usr1.recv() => {
+                    // Log rotation: the access-log files are opened again by their paths.
+                    crate::access_log::reopen_all();
+                    tracing::info!("access logs reopened");
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -516,6 +525,8 @@ impl Server {
         if joined.is_err() {
             tracing::warn!("a worker did not stop cleanly");
         }
+        // Every request has ended: its access-log line is written before the process exits.
+        crate::access_log::flush_all();
         tracing::info!("drained; exiting");
     }
 }

@@ -140,6 +140,9 @@ pub fn build(
     };
     let before = errors.len();
     check_sidecar(s, config, errors);
+    let access_log = s.access_log.as_ref().and_then(|a| {
+        crate::snapshot::listener::build_access_log("sidecar.access_log", a, env.base_dir, errors)
+    });
     let chain = |at: &str, names: &[String], errors: &mut Vec<ConfigError>| {
         let mut out = Vec::new();
         for (j, name) in names.iter().enumerate() {
@@ -213,6 +216,7 @@ pub fn build(
             // The application is the origin of what it sends out: only the inbound side adds
             // the client's address (the application there sees loopback).
             let (http, tcp) = runtimes(&name, &cluster, outbound_filters.clone(), false, env);
+            let http = with_log(http, &access_log);
             let dest = Arc::new(Destination {
                 service: Arc::from(svc.name.as_str()),
                 protocol: p.protocol,
@@ -290,6 +294,7 @@ pub fn build(
             };
             // TLS is terminated (or not) before these runtimes serve a connection.
             let (http, tcp) = runtimes(&name, &cluster, inbound_filters.clone(), true, env);
+            let http = with_log(http, &access_log);
             inbound.insert(
                 p.port,
                 Arc::new(InboundPort {
@@ -344,6 +349,17 @@ pub fn build(
         stats,
     }));
     built
+}
+
+/// `http` writing the sidecar's access log (a runtime just built: not shared yet).
+fn with_log(
+    mut http: Arc<ListenerRuntime>,
+    log: &Option<Arc<crate::access_log::AccessLog>>,
+) -> Arc<ListenerRuntime> {
+    if let Some(r) = Arc::get_mut(&mut http) {
+        r.access_log = log.clone();
+    }
+    http
 }
 
 /// The HTTP and the TCP way to serve a connection to `cluster`.

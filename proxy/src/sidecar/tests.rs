@@ -222,3 +222,37 @@ fn every_bad_setting_is_located() {
         )
         .expect("a service without endpoints");
 }
+
+#[test]
+fn the_sidecar_access_log_is_written_by_every_http_runtime_inbound_and_outbound() {
+    let dir = std::env::temp_dir().join(format!("weft-sc-al-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("access.log");
+    let yaml = GOOD.replace(
+        "  mode: strict\n",
+        &format!(
+            "  mode: strict\n  access_log: {{ path: \"{}\" }}\n",
+            path.display()
+        ),
+    );
+    let snap = build(&yaml, true).expect("valid");
+    let sc = snap.sidecar.as_ref().expect("sidecar");
+    assert!(sc.outbound.values().all(|d| d.http.access_log.is_some()));
+    assert!(sc.outbound.values().all(|d| d.tcp.access_log.is_none()));
+    assert!(sc.inbound.values().all(|p| p.http.access_log.is_some()));
+    // Without it, none.
+    let snap = build(GOOD, true).expect("valid");
+    let sc = snap.sidecar.as_ref().expect("sidecar");
+    assert!(sc.outbound.values().all(|d| d.http.access_log.is_none()));
+    // A file that cannot be opened is a located error.
+    let bad = GOOD.replace(
+        "  mode: strict\n",
+        "  mode: strict\n  access_log: { path: /no/such/dir/a.log }\n",
+    );
+    let text = build(&bad, true).expect_err("refused").to_string();
+    assert!(
+        text.contains("sidecar.access_log.path: cannot open /no/such/dir/a.log"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

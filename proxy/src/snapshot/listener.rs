@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::HttpOptions;
+use crate::config::{ConfigError, HttpOptions};
 use crate::metrics::{ListenerStats, Metrics, RouteStats};
 use crate::router::{Action, RouteTable};
 use crate::tcp::routes::TcpRuntime;
@@ -59,6 +59,8 @@ pub struct ListenerRuntime {
     /// Whether requests get `x-forwarded-for` / `x-forwarded-proto` (not on a sidecar's
     /// outbound side: the application is the origin, as with Istio's sidecars).
     pub forwarded_for: bool,
+    /// One line per request (`access_log`).
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// Metric handles of one route on one listener.
@@ -108,6 +110,53 @@ impl ListenerRuntime {
             tcp: None,
             capture: None,
             forwarded_for: true,
+            access_log: None,
+        }
+    }
+}
+
+/// A listener's access log, its file open (or the one already open at that path).
+pub(crate) fn build_access_log(
+    at: &str,
+    a: &crate::config::AccessLogConfig,
+    base_dir: &std::path::Path,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<crate::access_log::AccessLog>> {
+    use crate::access_log::{AccessFile, AccessLog};
+    let before = errors.len();
+    let mut headers = Vec::with_capacity(a.headers.len());
+    for (i, h) in a.headers.iter().enumerate() {
+        match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(n) if n.as_str() == h => headers.push(n),
+            _ => errors.push(ConfigError::new(
+                format!("{at}.headers[{i}]"),
+                format!("{h:?} is not a header name in lower case"),
+            )),
+        }
+    }
+    if a.headers.len() > 64 {
+        errors.push(ConfigError::new(
+            format!("{at}.headers"),
+            format!("{} headers; at most 64", a.headers.len()),
+        ));
+    }
+    if a.path.is_empty() || a.path.contains('\0') {
+        errors.push(ConfigError::new(
+            format!("{at}.path"),
+            "a file path is required",
+        ));
+    }
+    if errors.len() > before {
+        return None;
+    }
+    match AccessFile::open(&base_dir.join(&a.path)) {
+        Ok(file) => Some(Arc::new(AccessLog { file, headers })),
+        Err(e) => {
+            errors.push(ConfigError::new(
+                format!("{at}.path"),
+                format!("cannot open {e}"),
+            ));
+            None
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod listener;
 pub use listener::{BuildEnv, Capture, ListenerRuntime, RouteStatsSet};
 
 use crate::config::{Config, ConfigError, ConfigErrors, HttpOptions, ListenerProtocol};
+use crate::snapshot::listener::build_access_log;
 use crate::tcp::routes::TcpRuntime;
 
 use crate::router::RouteTable;
@@ -382,10 +383,21 @@ impl Snapshot {
                     )),
                 }
             }
+            let access_log = l.access_log.as_ref().and_then(|a| {
+                if l.protocol != ListenerProtocol::Http {
+                    errors.push(ConfigError::new(
+                        format!("{at}.access_log"),
+                        "access logs are written by HTTP listeners only",
+                    ));
+                    return None;
+                }
+                build_access_log(&format!("{at}.access_log"), a, env.base_dir, &mut errors)
+            });
             if let (Some(address), Some(table)) = (address, table) {
                 let mut runtime = ListenerRuntime::new(l, address, table, chain, metrics);
                 runtime.tls = tls;
                 runtime.tcp = tcp;
+                runtime.access_log = access_log;
                 listeners.insert(l.name.clone(), Arc::new(runtime));
             }
         }

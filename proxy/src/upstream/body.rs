@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,14 +27,27 @@ pub type DynBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>;
 /// The request body as the client sends it: as received, or through the listener's filters.
 pub enum DownstreamBody {
     Plain(Incoming),
+    /// As received, its data bytes counted (for the access log).
+    Counted(Incoming, Arc<AtomicU64>),
     /// Through the listener's filters.
     Filtered(DynBody),
+}
+
+impl DownstreamBody {
+    /// The client's body as received, counted into `received` when there is a counter.
+    pub fn received(body: Incoming, received: Option<Arc<AtomicU64>>) -> Self {
+        match received {
+            Some(n) => DownstreamBody::Counted(body, n),
+            None => DownstreamBody::Plain(body),
+        }
+    }
 }
 
 impl std::fmt::Debug for DownstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DownstreamBody::Plain(_) => f.write_str("DownstreamBody::Plain"),
+            DownstreamBody::Counted(..) => f.write_str("DownstreamBody::Counted"),
             DownstreamBody::Filtered(_) => f.write_str("DownstreamBody::Filtered"),
         }
     }
@@ -49,20 +63,29 @@ impl Body for DownstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             DownstreamBody::Plain(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            DownstreamBody::Counted(b, n) => {
+                let polled = Pin::new(b).poll_frame(cx).map_err(Into::into);
+                if let Poll::Ready(Some(Ok(f))) = &polled
+                    && let Some(d) = f.data_ref()
+                {
+                    n.fetch_add(d.len() as u64, Relaxed);
+                }
+                polled
+            }
             DownstreamBody::Filtered(b) => b.as_mut().poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            DownstreamBody::Plain(b) => b.is_end_stream(),
+            DownstreamBody::Plain(b) | DownstreamBody::Counted(b, _) => b.is_end_stream(),
             DownstreamBody::Filtered(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            DownstreamBody::Plain(b) => b.size_hint(),
+            DownstreamBody::Plain(b) | DownstreamBody::Counted(b, _) => b.size_hint(),
             DownstreamBody::Filtered(b) => b.size_hint(),
         }
     }

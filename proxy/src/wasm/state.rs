@@ -443,7 +443,9 @@ pub struct HostState {
     pub callout: Option<CalloutData>,
     /// `proxy_get_status`: the code and message of the last callout failure.
     pub status: (u32, Bytes),
-    pub alloc: Option<TypedFunc<i32, i32>>,
+    /// The guest's allocator; shared (`Rc`) so a host call takes it for the call without
+    /// cloning the function's type (which costs several atomic operations).
+    pub alloc: Option<Rc<TypedFunc<i32, i32>>>,
     pub memory: Option<Memory>,
     pub shared: Arc<WasmShared>,
     /// The worker this VM lives on; `None` for a VM that only validates a configuration.

@@ -468,6 +468,14 @@ impl Chain {
         s.info.duration = Some(duration);
     }
 
+    /// Ends the stream now (`on_log`, `on_done`, `on_delete` for every filter) instead of when
+    /// the chain is dropped; nothing happens if it ended already, or if the chain is busy.
+    pub fn end(&self) {
+        if let Ok(mut state) = self.state.try_borrow_mut() {
+            state.finish();
+        }
+    }
+
     pub fn set_info(&self, f: impl FnOnce(&mut StreamInfo)) {
         f(&mut self.stream.borrow_mut().info);
     }

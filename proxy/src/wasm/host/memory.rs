@@ -100,15 +100,26 @@ pub fn give(
         .clone()
         .ok_or(Status::InvalidMemoryAccess)?;
     let len = i32::try_from(bytes.len()).map_err(|_| Status::InvalidMemoryAccess)?;
-    // Calling the guest's allocator may grow (move) its memory: every access after it
-    // re-borrows the memory.
     let ptr = alloc
         .call(&mut *caller, len)
         .map_err(|_| Status::InvalidMemoryAccess)?;
     if ptr == 0 {
         return Err(Status::InvalidMemoryAccess);
     }
-    write(caller, ptr, bytes)?;
-    write_u32(caller, ret_ptr, ptr as u32)?;
-    write_u32(caller, ret_len, len as u32)
+    // The allocator may have grown (moved) the memory: it is borrowed again, once, and every
+    // range is checked against it.
+    let m = memory(caller)?;
+    let data = m.data_mut(&mut *caller);
+    let mut put = |at: i32, b: &[u8]| -> HostResult {
+        let start = at as u32 as usize;
+        let dst = start
+            .checked_add(b.len())
+            .and_then(|end| data.get_mut(start..end))
+            .ok_or(Status::InvalidMemoryAccess)?;
+        dst.copy_from_slice(b);
+        Ok(())
+    };
+    put(ptr, bytes)?;
+    put(ret_ptr, &(ptr as u32).to_le_bytes())?;
+    put(ret_len, &(len as u32).to_le_bytes())
 }

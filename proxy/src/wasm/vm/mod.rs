@@ -283,7 +283,7 @@ impl Vm {
         let alloc = typed::<i32, i32>(&mut store, &instance, cb::ON_MEMORY_ALLOCATE)
             .or_else(|| typed::<i32, i32>(&mut store, &instance, cb::MALLOC));
         let memory = instance.get_memory(&mut store, cb::MEMORY);
-        store.data_mut().alloc = alloc;
+        store.data_mut().alloc = alloc.map(Rc::new);
         store.data_mut().memory = memory;
         let x = Exports::find(&mut store, &instance, module.abi);
 
