@@ -92,20 +92,20 @@ struct Handles {
 
 impl Handles {
     /// `labels`: source workload, source namespace, destination, code, gRPC status.
-    fn new(labels: &[String]) -> Handles {
+    fn new(labels: &[&str; 5]) -> Handles {
         let hist = |name: &str| {
             Histogram::new(name)
-                .with("source_workload", &labels[0])
-                .with("destination_workload", &labels[2])
-                .with("response_code", &labels[3])
+                .with("source_workload", labels[0])
+                .with("destination_workload", labels[2])
+                .with("response_code", labels[3])
         };
         Handles {
             requests: Counter::new("requests_total")
-                .with("source_workload", &labels[0])
-                .with("source_namespace", &labels[1])
-                .with("destination_workload", &labels[2])
-                .with("response_code", &labels[3])
-                .with("grpc_response_status", &labels[4]),
+                .with("source_workload", labels[0])
+                .with("source_namespace", labels[1])
+                .with("destination_workload", labels[2])
+                .with("response_code", labels[3])
+                .with("grpc_response_status", labels[4]),
             duration: hist("request_duration_milliseconds"),
             request_bytes: hist("request_bytes"),
             response_bytes: hist("response_bytes"),
@@ -115,8 +115,10 @@ impl Handles {
 
 pub struct Telemetry {
     config: Config,
-    /// The label sets seen on this worker, with their metrics.
-    handles: RefCell<HashMap<Vec<String>, Rc<Handles>>>,
+    /// The label sets seen on this worker, with their metrics, by [`label_key`].
+    handles: RefCell<HashMap<String, Rc<Handles>>>,
+    /// The key of the label set being looked up (one buffer, reused).
+    key: RefCell<String>,
     /// For label sets past the cap.
     other: Rc<Handles>,
 }
@@ -137,7 +139,8 @@ impl Plugin for Telemetry {
         Ok(Telemetry {
             config,
             handles: RefCell::default(),
-            other: Rc::new(Handles::new(&vec!["_other".to_owned(); 5])),
+            key: RefCell::default(),
+            other: Rc::new(Handles::new(&["_other"; 5])),
         })
     }
 
@@ -170,10 +173,19 @@ pub struct TelemetryFilter {
     request: RefCell<Seen>,
 }
 
+/// A label set as one map key: each value with its length first, so no two sets share a key
+/// whatever their values hold.
+fn label_key(out: &mut String, labels: &[&str; 5]) {
+    out.clear();
+    for l in labels {
+        let _ = write!(out, "{}:{l}", l.len());
+    }
+}
+
 fn hex_id(bytes: usize) -> String {
-    let mut s = String::with_capacity(bytes * 2);
+    let mut s = String::with_capacity(bytes * 2 + 16);
     while s.len() < bytes * 2 {
-        s.push_str(&format!("{:016x}", random::u64()));
+        let _ = write!(s, "{:016x}", random::u64());
     }
     s.truncate(bytes * 2);
     if s.bytes().all(|b| b == b'0') {
@@ -288,16 +300,18 @@ impl TelemetryFilter {
     }
 
     /// The metrics of a label set, or the `_other` ones once the worker has seen too many.
-    fn handles(&self, values: Vec<String>) -> Rc<Handles> {
+    fn handles(&self, values: &[&str; 5]) -> Rc<Handles> {
+        let mut key = self.plugin.key.borrow_mut();
+        label_key(&mut key, values);
         let mut all = self.plugin.handles.borrow_mut();
-        if let Some(h) = all.get(&values) {
+        if let Some(h) = all.get(key.as_str()) {
             return h.clone();
         }
         if all.len() >= self.plugin.config.max_label_sets {
             return self.plugin.other.clone();
         }
-        let h = Rc::new(Handles::new(&values));
-        all.insert(values, h.clone());
+        let h = Rc::new(Handles::new(values));
+        all.insert(key.clone(), h.clone());
         h
     }
 }
@@ -360,18 +374,11 @@ impl HttpFilter for TelemetryFilter {
         let identity = properties::peer_identity();
         let (src_workload, src_ns) = workload_of(identity.as_deref());
         let cluster = properties::cluster_name().unwrap_or_default();
-        let destination = self
-            .plugin
-            .config
-            .destination_workload
-            .clone()
-            .unwrap_or_else(|| {
-                if cluster.is_empty() {
-                    "unknown".into()
-                } else {
-                    cluster.clone()
-                }
-            });
+        let destination = match &self.plugin.config.destination_workload {
+            Some(d) => d.as_str(),
+            None if cluster.is_empty() => "unknown",
+            None => cluster.as_str(),
+        };
         let duration_ms = properties::request_duration()
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or_else(|| time::now_nanos().saturating_sub(self.start_ns.get()) as f64 / 1e6);
@@ -381,12 +388,13 @@ impl HttpFilter for TelemetryFilter {
         let resp_bytes = properties::get_int(&["response", "total_size"])
             .unwrap_or(0)
             .max(0);
-        let m = self.handles(vec![
-            src_workload,
-            src_ns,
+        let code_text = code.to_string();
+        let m = self.handles(&[
+            &src_workload,
+            &src_ns,
             destination,
-            code.to_string(),
-            grpc_status.clone(),
+            &code_text,
+            &grpc_status,
         ]);
         m.requests.inc().ok();
         m.duration.record(duration_ms.round() as u64).ok();
@@ -634,5 +642,26 @@ mod tests {
             .collect();
         assert_eq!(series.len(), 4, "3 label sets and _other: {series:?}");
         assert!(series.iter().any(|s| s.contains("_other")));
+    }
+
+    /// Label values are arbitrary (an identity, a cluster name): no two sets may share a key,
+    /// whatever separators or digits their values hold.
+    #[test]
+    fn label_keys_are_unambiguous() {
+        let key = |l: [&str; 5]| {
+            let mut k = String::new();
+            label_key(&mut k, &l);
+            k
+        };
+        let sets = [
+            ["a", "bc", "d", "200", ""],
+            ["ab", "c", "d", "200", ""],
+            ["a", "b", "cd", "200", ""],
+            ["1:a", "", "d", "200", ""],
+            ["", "1:a", "d", "200", ""],
+            ["a:", "", "d", "200", ""],
+        ];
+        let keys: std::collections::HashSet<String> = sets.iter().map(|s| key(*s)).collect();
+        assert_eq!(keys.len(), sets.len(), "{keys:?}");
     }
 }
