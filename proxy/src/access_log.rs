@@ -67,11 +67,26 @@ struct Pending {
     closed: bool,
 }
 
+/// Opens `path` for appending, creating a missing file. Opened without blocking, so a FIFO
+/// nobody reads is an error (ENXIO) instead of a proxy stuck in `open`; writes then block again
+/// (only the writer thread writes, and it may wait: lines pile up in memory meanwhile, up to
+/// [`MAX_PENDING`]).
 fn open_append(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
-        .open(path)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns (through `file`), with plain flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 impl AccessFile {
@@ -111,9 +126,12 @@ impl AccessFile {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let before = p.bytes.len();
         p.bytes.extend_from_slice(line);
         p.bytes.push(b'\n');
-        if p.bytes.len() >= FLUSH_BYTES {
+        // Woken once, when the batch fills (not on every line after: the writer may share the
+        // CPU with this worker and not have run yet).
+        if before < FLUSH_BYTES && p.bytes.len() >= FLUSH_BYTES {
             self.shared.wake.notify_one();
         }
     }
@@ -160,8 +178,19 @@ impl FileShared {
     /// Writes the pending bytes, after reopening the file if that was asked for.
     fn write_pending(&self) {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let batch =
-            std::mem::take(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()).bytes);
+        // The workers go on appending to a buffer with room for a batch (allocated here, on
+        // the writer's side, not while a request ends).
+        let batch = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.bytes.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::replace(
+                    &mut p.bytes,
+                    Vec::with_capacity(FLUSH_BYTES + FLUSH_BYTES / 4),
+                )
+            }
+        };
         if !batch.is_empty()
             && let Err(e) = file.write_all(&batch)
         {
@@ -414,6 +443,8 @@ impl std::fmt::Display for Json<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::OpenOptionsExt as _;
+
     use super::*;
 
     #[test]
@@ -503,5 +534,76 @@ mod tests {
         let err = AccessFile::open(&dir.join("no/such/dir/x.log")).expect_err("an error");
         assert!(err.contains("no/such/dir/x.log"), "{err}");
         std::fs::remove_dir_all(&dir).expect("test");
+    }
+
+    fn fifo(dir: &Path) -> PathBuf {
+        let path = dir.join("pipe");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        path
+    }
+
+    /// A FIFO nobody reads is refused at once (not a proxy stuck opening it).
+    #[test]
+    fn a_fifo_without_a_reader_is_an_error_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("weft-al3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let err = AccessFile::open(&fifo(&dir)).expect_err("no reader");
+        assert!(err.contains("pipe"), "{err}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// A reader that stopped reading: the writer blocks, lines pile up to MAX_PENDING and the
+    /// rest are dropped and counted; memory stays bounded, and the lines flow again once the
+    /// reader reads.
+    #[test]
+    fn a_stalled_reader_bounds_memory_and_drops_are_counted() {
+        use std::io::Read as _;
+        let dir = std::env::temp_dir().join(format!("weft-al4-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = fifo(&dir);
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .expect("reader");
+        let file = AccessFile::open(&path).expect("open");
+        let dropped = DROPPED.load(Ordering::Relaxed);
+        let line = vec![b'x'; 1023];
+        let lines = (MAX_PENDING + 4 * 1024 * 1024) / 1024;
+        for _ in 0..lines {
+            file.append(&line);
+        }
+        let pending = file.shared.pending.lock().expect("lock").bytes.len();
+        assert!(pending <= MAX_PENDING, "{pending}");
+        assert!(
+            DROPPED.load(Ordering::Relaxed) - dropped >= 1024,
+            "lines past the cap are counted"
+        );
+        // The reader reads again: what was kept arrives, in whole lines.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got.len() < MAX_PENDING / 2 && std::time::Instant::now() < deadline {
+            match reader.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert!(
+            got.len() >= MAX_PENDING / 2,
+            "the kept lines flow again: {}",
+            got.len()
+        );
+        let mut segments: Vec<&[u8]> = got.split(|b| *b == b'\n').collect();
+        segments.pop(); // the line still arriving
+        assert!(segments.iter().all(|l| l.len() == 1023), "whole lines only");
+        drop(file);
+        drop(reader);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
