@@ -235,6 +235,11 @@ async fn a_good_revision_reaches_every_proxy_step_by_step_across_a_weft_cp_resta
         "2s",
         "--min-requests",
         "5",
+        // The revision is good by construction; the time in the filter is wall time, and on a
+        // loaded machine the p99 of a few dozen requests moves by milliseconds. The latency
+        // guard is not what this test is about.
+        "--max-p99-increase",
+        "10s",
     ]);
     assert!(out.status.success(), "{}", stdout(&out));
     eventually(Duration::from_secs(60), "step 2", || {
