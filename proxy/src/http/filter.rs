@@ -273,7 +273,7 @@ pub async fn run(
     start: Instant,
     http1: bool,
     grpc: bool,
-    logged: Option<Box<Logged>>,
+    mut logged: Option<Box<Logged>>,
 ) -> Result<Response<ResponseBody>, StreamReset> {
     // Filters see `:authority`: a request without a valid one is refused before them.
     let authority = match check::authority(&parts) {
@@ -316,7 +316,6 @@ pub async fn run(
         }
     }
 
-    let mut logged = logged;
     let answered = async {
         let (answer, upto) = match (stop, request_body) {
             (stop @ Some(_), _) | (stop @ None, None) => {

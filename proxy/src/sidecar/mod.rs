@@ -215,8 +215,14 @@ pub fn build(
             };
             // The application is the origin of what it sends out: only the inbound side adds
             // the client's address (the application there sees loopback).
-            let (http, tcp) = runtimes(&name, &cluster, outbound_filters.clone(), false, env);
-            let http = with_log(http, &access_log);
+            let (http, tcp) = runtimes(
+                &name,
+                &cluster,
+                outbound_filters.clone(),
+                false,
+                &access_log,
+                env,
+            );
             let dest = Arc::new(Destination {
                 service: Arc::from(svc.name.as_str()),
                 protocol: p.protocol,
@@ -293,8 +299,14 @@ pub fn build(
                 continue;
             };
             // TLS is terminated (or not) before these runtimes serve a connection.
-            let (http, tcp) = runtimes(&name, &cluster, inbound_filters.clone(), true, env);
-            let http = with_log(http, &access_log);
+            let (http, tcp) = runtimes(
+                &name,
+                &cluster,
+                inbound_filters.clone(),
+                true,
+                &access_log,
+                env,
+            );
             inbound.insert(
                 p.port,
                 Arc::new(InboundPort {
@@ -351,23 +363,13 @@ pub fn build(
     built
 }
 
-/// `http` writing the sidecar's access log (a runtime just built: not shared yet).
-fn with_log(
-    mut http: Arc<ListenerRuntime>,
-    log: &Option<Arc<crate::access_log::AccessLog>>,
-) -> Arc<ListenerRuntime> {
-    if let Some(r) = Arc::get_mut(&mut http) {
-        r.access_log = log.clone();
-    }
-    http
-}
-
 /// The HTTP and the TCP way to serve a connection to `cluster`.
 fn runtimes(
     name: &str,
     cluster: &Arc<Cluster>,
     filters: Vec<Arc<FilterSpec>>,
     forwarded_for: bool,
+    access_log: &Option<Arc<crate::access_log::AccessLog>>,
     env: BuildEnv<'_>,
 ) -> (Arc<ListenerRuntime>, Arc<ListenerRuntime>) {
     let mut map = ClusterMap::new();
@@ -384,6 +386,7 @@ fn runtimes(
     let address: SocketAddr = ([0, 0, 0, 0], 0).into();
     let mut http = ListenerRuntime::new(&l, address, table.clone(), filters, env.metrics);
     http.forwarded_for = forwarded_for;
+    http.access_log = access_log.clone();
     let mut tcp = ListenerRuntime::new(&l, address, table, Vec::new(), env.metrics);
     tcp.tcp = Some(TcpRuntime {
         routes: vec![TcpTarget {
