@@ -125,8 +125,12 @@ pub fn spawn(id: usize, shared: Arc<Published>) -> std::io::Result<WorkerHandle>
     let thread = std::thread::Builder::new()
         .name(format!("weft-worker-{id}"))
         .spawn(move || {
+            // The Wasm epoch ticker runs while a worker is awake and may park while all sleep.
+            let _awake = crate::wasm::runtime::guests::worker_started();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(crate::wasm::runtime::guests::worker_parks)
+                .on_thread_unpark(crate::wasm::runtime::guests::worker_unparked)
                 .build()
             {
                 Ok(rt) => rt,

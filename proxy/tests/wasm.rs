@@ -650,6 +650,71 @@ async fn an_endless_loop_is_stopped_and_the_proxy_keeps_serving() {
     );
 }
 
+/// Wake-ups of weft's Wasm epoch ticker thread so far (its voluntary context switches).
+fn ticker_wakeups(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for t in tasks {
+        let dir = t.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "weft-wasm-epoch" {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).expect("status");
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches");
+    }
+    panic!("no weft-wasm-epoch thread in {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_parks_the_epoch_ticker_and_a_runaway_call_still_stops() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let module = wasm_guests::write(dir.path(), "loop", &wasm_guests::endless_loop());
+    // A 20 ms limit ticks every 2 ms: 1,000 wake-ups in two seconds if the ticker never rested.
+    let weft = Weft::start(
+        WEFT,
+        &two_listeners(
+            &app.endpoint(),
+            "spin",
+            &format!(
+                "  - {{ name: spin, module: \"{module}\", limits: {{ cpu_per_call: 20ms }} }}\n"
+            ),
+        ),
+    );
+    let c = client::http1();
+    let plain = client::get(&c, &weft.url("plain", "/"))
+        .await
+        .expect("response");
+    assert_eq!(plain.status, 200);
+    // Idle: the workers wake for their once-a-second chores, and the ticker ticks a few times
+    // after each. A busy machine only makes it tick less.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ticker_wakeups(weft.pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = ticker_wakeups(weft.pid()) - before;
+    assert!(
+        idle < 200,
+        "the epoch ticker woke {idle} times in 2 s of idleness"
+    );
+    // From rest, a call that never returns is still stopped at its deadline.
+    for _ in 0..2 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client::get(&c, &weft.url("main", "/")),
+        )
+        .await
+        .expect("answered, not hung")
+        .expect("response");
+        assert_eq!(r.status, 500);
+        assert_eq!(r.header("x-weft-error"), Some("filter_failed"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_is_contained() {
     let app = Backend::start("app").await;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, Module, OptLevel, PoolingAllocationConfig,
 };
 
-/// One epoch tick. Deadlines are whole ticks, so a runaway guest is stopped within a tick of
-/// its deadline.
+/// The finest epoch tick. Deadlines are whole ticks, so a runaway guest is stopped within a
+/// tick of its deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The largest memory any VM may have (per-filter limits are at most this).
@@ -338,8 +338,10 @@ fn cache_dir() -> Option<PathBuf> {
     Some(dir)
 }
 
-/// Increments the engine's epoch every [`EPOCH_TICK`], on its own thread, for the life of the
-/// process. A store's deadline is counted in these ticks.
+/// Increments the engine's epoch every [`tick`], on its own thread. A store's deadline is
+/// counted in these ticks. The ticker parks when no thread may be running a guest for
+/// [`QUIET_TICKS`] ticks in a row (an idle proxy does not wake a thousand times a second), and
+/// the next thread that may run one wakes it.
 fn start_ticker(engine: Engine) {
     static STARTED: AtomicBool = AtomicBool::new(false);
     if STARTED.swap(true, Ordering::SeqCst) {
@@ -348,19 +350,169 @@ fn start_ticker(engine: Engine) {
     let spawned = std::thread::Builder::new()
         .name("weft-wasm-epoch".into())
         .spawn(move || {
+            let mut quiet = 0;
             loop {
-                std::thread::sleep(EPOCH_TICK);
+                std::thread::sleep(tick());
                 engine.increment_epoch();
+                if guests::busy() {
+                    quiet = 0;
+                    continue;
+                }
+                quiet += 1;
+                if quiet >= QUIET_TICKS {
+                    guests::park_ticker();
+                    quiet = 0;
+                }
             }
         });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the Wasm epoch ticker: guest calls would not be bounded");
+    match spawned {
+        Ok(handle) => {
+            let _ = guests::TICKER.set(handle.thread().clone());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the Wasm epoch ticker: guest calls would not be bounded");
+        }
     }
 }
 
-/// Deadline in epoch ticks for a call allowed `limit`.
+/// Ticks without a guest that may be running before the ticker parks.
+const QUIET_TICKS: u32 = 5;
+
+/// The ticker's period in µs: a tenth of the shortest `cpu_per_call` of any VM made so far,
+/// between [`EPOCH_TICK`] and [`MAX_TICK`] (the default 100 ms limit ticks every 10 ms, so a
+/// runaway call is stopped within 10 % of its limit, at a hundred wake-ups a second).
+static TICK_MICROS: AtomicU64 = AtomicU64::new(MAX_TICK.as_micros() as u64);
+
+/// The coarsest tick.
+pub const MAX_TICK: Duration = Duration::from_millis(10);
+
+/// The ticker's period now.
+pub fn tick() -> Duration {
+    Duration::from_micros(TICK_MICROS.load(Ordering::Relaxed))
+}
+
+/// Makes the tick fine enough for a VM whose calls are allowed `limit` (it never coarsens
+/// again: VMs made earlier keep their precision).
+pub fn fit_tick(limit: Duration) {
+    let wanted = tick_for(limit).as_micros() as u64;
+    TICK_MICROS.fetch_min(wanted, Ordering::Relaxed);
+}
+
+/// Deadline in epoch ticks, at the current tick, for a call allowed `limit`: stopped between
+/// `limit` and `limit` plus one tick after it starts.
 pub fn ticks(limit: Duration) -> u64 {
-    (limit.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+    ticks_of(limit, tick())
+}
+
+fn ticks_of(limit: Duration, tick: Duration) -> u64 {
+    (limit.as_micros() / tick.as_micros().max(1)).max(1) as u64 + 1
+}
+
+fn tick_for(limit: Duration) -> Duration {
+    (limit / 10).clamp(EPOCH_TICK, MAX_TICK)
+}
+
+/// Which threads may be running a guest, for the ticker to know when it may park.
+///
+/// A worker marks its slot busy whenever its runtime is awake (tokio's park and unpark hooks:
+/// no cost per call); any other thread marks it around each call with [`enter`]. Marking busy
+/// and the ticker deciding to park are ordered (sequentially consistent store, then load, on
+/// both sides), so either the thread sees the ticker parked and wakes it, or the ticker sees
+/// the thread busy and keeps ticking.
+pub mod guests {
+    use std::cell::Cell;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
+    use std::thread::Thread;
+
+    /// One cache line per slot; threads beyond the slots share them (a counter, so sharing is
+    /// only slower, never wrong).
+    #[repr(align(64))]
+    struct Slot(AtomicU32);
+
+    const SLOTS: usize = 32;
+    static BUSY: [Slot; SLOTS] = [const { Slot(AtomicU32::new(0)) }; SLOTS];
+    static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+    static PARKED: AtomicBool = AtomicBool::new(false);
+    pub(super) static TICKER: OnceLock<Thread> = OnceLock::new();
+
+    thread_local! {
+        static SLOT: usize = NEXT_SLOT.fetch_add(1, SeqCst) % SLOTS;
+        /// This thread is a worker whose awake time is marked by its runtime's hooks.
+        static HOOKED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn slot() -> &'static AtomicU32 {
+        &BUSY[SLOT.with(|s| *s)].0
+    }
+
+    fn mark_busy() {
+        slot().fetch_add(1, SeqCst);
+        if PARKED.load(SeqCst)
+            && PARKED.swap(false, SeqCst)
+            && let Some(t) = TICKER.get()
+        {
+            t.unpark();
+        }
+    }
+
+    fn mark_idle() {
+        slot().fetch_sub(1, SeqCst);
+    }
+
+    /// A worker thread starts: it is busy until its runtime parks, and from then on whenever
+    /// its runtime is awake, until the returned mark is dropped (the thread ends).
+    pub fn worker_started() -> Entered {
+        HOOKED.with(|h| h.set(true));
+        mark_busy();
+        Entered(())
+    }
+
+    /// Tokio's `on_thread_park` hook of a worker.
+    pub fn worker_parks() {
+        mark_idle();
+    }
+
+    /// Tokio's `on_thread_unpark` hook of a worker.
+    pub fn worker_unparked() {
+        mark_busy();
+    }
+
+    /// A call into a guest is about to run on this thread.
+    pub fn enter() -> Option<Entered> {
+        if HOOKED.with(Cell::get) {
+            return None;
+        }
+        mark_busy();
+        Some(Entered(()))
+    }
+
+    /// Marks a thread busy until dropped: a thread that is not a worker while it runs a guest,
+    /// or a worker thread for its life.
+    #[derive(Debug)]
+    pub struct Entered(());
+
+    impl Drop for Entered {
+        fn drop(&mut self) {
+            mark_idle();
+        }
+    }
+
+    pub(super) fn busy() -> bool {
+        BUSY.iter().any(|s| s.0.load(SeqCst) != 0)
+    }
+
+    /// Parks the ticker until a thread is busy again (returns at once if one is).
+    pub(super) fn park_ticker() {
+        PARKED.store(true, SeqCst);
+        if busy() {
+            PARKED.store(false, SeqCst);
+            return;
+        }
+        while PARKED.load(SeqCst) {
+            std::thread::park();
+        }
+    }
 }
 
 /// Shared handle on the runtime.
@@ -368,6 +520,27 @@ pub type SharedRuntime = Arc<Runtime>;
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_follow_the_shortest_limit() {
+        let ms = Duration::from_millis;
+        assert_eq!(tick_for(ms(100)), ms(10), "the default limit");
+        assert_eq!(tick_for(ms(1)), ms(1), "never finer than 1 ms");
+        assert_eq!(
+            tick_for(Duration::from_secs(60)),
+            ms(10),
+            "never coarser than 10 ms"
+        );
+        assert_eq!(tick_for(ms(25)), Duration::from_micros(2500));
+        // Stopped between the limit and one tick past it.
+        assert_eq!(ticks_of(ms(100), ms(10)), 11);
+        assert_eq!(ticks_of(ms(1), ms(1)), 2);
+        assert_eq!(ticks_of(ms(25), Duration::from_micros(2500)), 11);
+        // A VM made before a finer tick keeps its limit in time, not in ticks.
+        assert_eq!(ticks_of(ms(100), ms(1)), 101);
+    }
+
     #[test]
     fn the_disk_cache_keeps_the_newest_modules() {
         let dir = tempfile::tempdir().expect("dir");

@@ -181,7 +181,6 @@ pub struct Vm {
     failed: Cell<bool>,
     started: std::time::Instant,
     next_id: Cell<u32>,
-    deadline: u64,
     shared: Arc<WasmShared>,
     on_worker: bool,
     ticks: RefCell<IdMap<tokio::task::AbortHandle>>,
@@ -273,9 +272,10 @@ impl Vm {
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
-        let deadline = ticks(spec.cpu_per_call);
+        super::runtime::fit_tick(spec.cpu_per_call);
+        let _entered = super::runtime::guests::enter();
         // Start-up may do more than a callback (static initializers): give it ten times as long.
-        store.set_epoch_deadline(deadline.saturating_mul(10));
+        store.set_epoch_deadline(ticks(spec.cpu_per_call).saturating_mul(10));
         let instance = module
             .pre
             .instantiate(&mut store)
@@ -319,7 +319,6 @@ impl Vm {
             failed: Cell::new(false),
             started: std::time::Instant::now(),
             next_id: Cell::new(1),
-            deadline,
             shared,
             on_worker,
             ticks: RefCell::new(IdMap::default()),
@@ -373,8 +372,10 @@ impl Vm {
             phase,
             end_of_stream: eos,
         };
-        store.set_epoch_deadline(self.deadline);
+        let entered = super::runtime::guests::enter();
+        store.set_epoch_deadline(ticks(self.spec.cpu_per_call));
         let result = f(&mut store);
+        drop(entered);
         let state = store.data_mut();
         state.call = Call::default();
         state.callout = None;
