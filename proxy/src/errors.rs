@@ -52,9 +52,9 @@ pub enum ProxyError {
         source: hyper::Error,
     },
     #[error("the upstream connection failed before a response: {0}")]
-    UpstreamReset(#[source] hyper::Error),
+    UpstreamReset(#[source] BoxError),
     #[error("the request body could not be read from the client: {0}")]
-    DownstreamBody(#[source] hyper::Error),
+    DownstreamBody(#[source] BoxError),
     #[error("the upstream sent no response headers within {0:?}")]
     UpstreamTimeout(Duration),
     #[error("the upgrade cannot be proxied: {0}")]
@@ -220,9 +220,9 @@ impl ProxyError {
     /// is the client's fault, anything else the upstream's.
     pub fn upstream(e: hyper::Error) -> ProxyError {
         if e.is_user() {
-            ProxyError::DownstreamBody(e)
+            ProxyError::DownstreamBody(Box::new(e))
         } else {
-            ProxyError::UpstreamReset(e)
+            ProxyError::UpstreamReset(Box::new(e))
         }
     }
 }

@@ -7,19 +7,18 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::errors::BoxError;
 use crate::http::record::Record;
-use crate::upstream::body::{DynBody, IdleTimer, idle_error};
+use crate::upstream::body::{DynBody, IdleTimer, UpstreamResponseBody, idle_error};
 
 enum Kind {
     Full(Option<Bytes>),
     /// Through the listener's filters.
     Filtered(DynBody),
     Upstream {
-        inner: Incoming,
+        inner: UpstreamResponseBody,
         /// `weft_upstream_received_bytes_total` of the cluster.
         upstream_rx: Counter,
         idle: Option<IdleTimer>,
@@ -45,7 +44,11 @@ impl ResponseBody {
         Self::full(Bytes::new())
     }
 
-    pub fn upstream(inner: Incoming, upstream_rx: Counter, idle: Option<IdleTimer>) -> Self {
+    pub fn upstream(
+        inner: UpstreamResponseBody,
+        upstream_rx: Counter,
+        idle: Option<IdleTimer>,
+    ) -> Self {
         ResponseBody {
             kind: Kind::Upstream {
                 inner,
@@ -104,7 +107,7 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
                     if idle.as_mut().is_some_and(|t| t.expired(cx)) {

@@ -216,7 +216,6 @@ fn stopped(
         resp,
         stats: stats.clone().unwrap_or_else(|| listener.no_route.clone()),
         endpoint: None,
-        pooled: None,
     };
     let error = |e: ProxyError| {
         listener.stats.error(e.cause());

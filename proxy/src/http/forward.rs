@@ -13,7 +13,6 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::UpstreamProtocol;
@@ -23,11 +22,12 @@ use crate::http::conn::ConnCtx;
 use crate::http::headers;
 use crate::router::{Route, TryFailure};
 use crate::snapshot::ListenerRuntime;
-use crate::upstream::body::{DownstreamBody, IdleTimer, Replay, UpstreamBody};
+use crate::upstream::body::{
+    DownstreamBody, IdleTimer, Replay, UpstreamBody, UpstreamResponseBody,
+};
 use crate::upstream::pool::{self, Head, Wire};
 use crate::upstream::{
-    Breaker, Cluster, EndpointGuard, HashSource, Outcome, Permit, PickArgs, PooledH1, hash64,
-    nanos_at,
+    Breaker, Cluster, EndpointGuard, HashSource, Outcome, Permit, PickArgs, hash64, nanos_at,
 };
 
 /// What a forwarded request needs to know.
@@ -44,8 +44,8 @@ pub struct Forward<'a> {
     pub start: Instant,
 }
 
-/// The response, with the endpoint that produced it and its connection (HTTP/1.1) to return.
-pub type Forwarded = (Response<ResponseBody>, EndpointGuard, Option<PooledH1>);
+/// The response, with the endpoint that produced it.
+pub type Forwarded = (Response<ResponseBody>, EndpointGuard);
 
 /// Where each try's request body comes from.
 enum Source {
@@ -101,10 +101,16 @@ fn classify(e: &ProxyError) -> (TryFailure, Option<Outcome>) {
             (TryFailure::ConnectFailure, Some(Outcome::ConnectFailure))
         }
         ProxyError::UpstreamReset(err) => {
-            let refused = std::error::Error::source(err)
-                .and_then(|s| s.downcast_ref::<h2::Error>())
-                .and_then(h2::Error::reason)
-                == Some(h2::Reason::REFUSED_STREAM);
+            // An HTTP/2 stream the upstream refused unprocessed, somewhere in the causes.
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+            let mut refused = false;
+            while let Some(c) = cause {
+                if let Some(h2) = c.downcast_ref::<h2::Error>() {
+                    refused = h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                    break;
+                }
+                cause = c.source();
+            }
             if refused {
                 (TryFailure::RefusedStream, None)
             } else {
@@ -332,7 +338,7 @@ impl Forward<'_> {
 
             // Learn from the try, and decide: answer, or try again.
             let retry_wanted = match &result {
-                Ok((resp, _)) => {
+                Ok(resp) => {
                     let status = resp.status().as_u16();
                     let outcome = Outcome::Response {
                         status,
@@ -417,14 +423,9 @@ impl Forward<'_> {
             }
 
             return match result {
-                Ok((resp, pooled)) => Ok(self.respond(
-                    resp,
-                    pooled,
-                    guard,
-                    upgrade,
-                    downstream_upgrade,
-                    idle_timer(),
-                )),
+                Ok(resp) => {
+                    Ok(self.respond(resp, guard, upgrade, downstream_upgrade, idle_timer()))
+                }
                 Err(f) => match f.error {
                     ProxyError::UpstreamTimeout(_) if deadline_passed => {
                         Err(ProxyError::UpstreamTimeout(overall.unwrap_or_default()))
@@ -439,15 +440,18 @@ impl Forward<'_> {
     /// accepted upgrade spliced through.
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
-        pooled: Option<PooledH1>,
+        mut resp: Response<UpstreamResponseBody>,
         guard: EndpointGuard,
         upgrade: bool,
         downstream_upgrade: Option<OnUpgrade>,
         idle: Option<IdleTimer>,
     ) -> Forwarded {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching && let Some(down) = downstream_upgrade {
+        // Only hyper's client carries upgrades (a 101 elsewhere is refused as malformed).
+        if switching
+            && let Some(down) = downstream_upgrade
+            && matches!(resp.body(), UpstreamResponseBody::Hyper(_))
+        {
             let up = hyper::upgrade::on(&mut resp);
             crate::http::upgrade::spawn_tunnel(
                 self.conn,
@@ -470,9 +474,7 @@ impl Forward<'_> {
         } else {
             ResponseBody::upstream(rbody, self.cluster.stats.rx_bytes.clone(), idle)
         };
-        // An upgraded connection belongs to the tunnel now; it never returns to the pool.
-        let pooled = if switching { None } else { pooled };
-        (Response::from_parts(rparts, body), guard, pooled)
+        (Response::from_parts(rparts, body), guard)
     }
 }
 

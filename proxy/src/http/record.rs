@@ -15,12 +15,12 @@ use crate::access_log::{AccessLog, Entry, FILTER_FIELD_PREFIX, Outcome};
 use crate::http::conn::{ConnActivity, ConnCtx};
 use crate::http::headers;
 use crate::metrics::RouteStats;
-use crate::upstream::{EndpointGuard, PooledH1};
+use crate::upstream::EndpointGuard;
 use crate::wasm::chain::Chain;
 
 /// The end of one request, closed when its response body is done: records the request's
-/// metrics, ends the endpoint's in-flight count, marks the downstream connection idle, and gives
-/// a cleanly finished HTTP/1 upstream connection back to its pool.
+/// metrics, ends the endpoint's in-flight count and marks the downstream connection idle (an
+/// HTTP/1.1 upstream connection went back to its pool when its response body ended).
 pub struct Record {
     pub start: Instant,
     pub status: u16,
@@ -28,7 +28,6 @@ pub struct Record {
     pub downstream_tx: Counter,
     pub activity: Arc<ConnActivity>,
     pub endpoint: Option<EndpointGuard>,
-    pub pooled: Option<PooledH1>,
     /// The request's run through the listener's filters: ends (`on_log`, …) after this.
     pub filters: Option<Rc<Chain>>,
     /// The request's access-log line, written last.
@@ -109,11 +108,6 @@ impl Record {
         self.filters = None;
         if let Some(ep) = self.endpoint.take() {
             ep.finish(self.status, finished);
-        }
-        if let Some(conn) = self.pooled.take()
-            && finished
-        {
-            conn.release();
         }
         self.activity.end_request();
     }

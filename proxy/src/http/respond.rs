@@ -14,7 +14,7 @@ use crate::http::conn::ConnCtx;
 use crate::http::record::{Logged, Record};
 use crate::metrics::RouteStats;
 use crate::snapshot::ListenerRuntime;
-use crate::upstream::{EndpointGuard, PooledH1};
+use crate::upstream::EndpointGuard;
 use crate::wasm::chain::Chain;
 
 /// The answer to one request, with what its end must record.
@@ -22,7 +22,6 @@ pub struct Answer {
     pub resp: Response<ResponseBody>,
     pub stats: Arc<RouteStats>,
     pub endpoint: Option<EndpointGuard>,
-    pub pooled: Option<PooledH1>,
 }
 
 impl Answer {
@@ -32,7 +31,6 @@ impl Answer {
             resp,
             stats: stats.clone(),
             endpoint: None,
-            pooled: None,
         }
     }
 }
@@ -77,7 +75,6 @@ pub fn finish(
         mut resp,
         stats,
         endpoint,
-        pooled,
     } = answer;
     let status = resp.status().as_u16();
     if let Some(l) = &mut logged {
@@ -92,7 +89,6 @@ pub fn finish(
         downstream_tx: listener.stats.tx_bytes.clone(),
         activity: conn.activity.clone(),
         endpoint,
-        pooled,
         filters,
         logged,
     });
@@ -119,7 +115,6 @@ pub fn error_answer(
         resp,
         stats: stats.unwrap_or_else(|| listener.no_route.clone()),
         endpoint: None,
-        pooled: None,
     }
 }
 

@@ -108,7 +108,6 @@ pub async fn route(
                         resp,
                         stats,
                         endpoint: Some(endpoint),
-                        pooled: None,
                     }),
                     Err(e) => Err(StageError {
                         error: e,
@@ -137,11 +136,10 @@ pub async fn route(
                 .run(parts, body)
                 .await
                 .map_err(|e| StageError::on(e, &stats))
-                .map(|(resp, endpoint, pooled)| Answer {
+                .map(|(resp, endpoint)| Answer {
                     resp,
                     stats,
                     endpoint: Some(endpoint),
-                    pooled,
                 })
         }
     }

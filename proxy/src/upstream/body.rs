@@ -91,6 +91,51 @@ impl Body for DownstreamBody {
     }
 }
 
+/// A response body as it comes from an upstream: from the proxy's HTTP/1.1 client, or from
+/// hyper's (HTTP/2, and a tunnel's HTTP/1.1 answer).
+pub enum UpstreamResponseBody {
+    H1(super::h1::Body),
+    Hyper(Incoming),
+}
+
+impl std::fmt::Debug for UpstreamResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamResponseBody::H1(b) => b.fmt(f),
+            UpstreamResponseBody::Hyper(_) => f.write_str("UpstreamResponseBody::Hyper"),
+        }
+    }
+}
+
+impl Body for UpstreamResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamResponseBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamResponseBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamResponseBody::H1(b) => b.is_end_stream(),
+            UpstreamResponseBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamResponseBody::H1(b) => b.size_hint(),
+            UpstreamResponseBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// One body's stream idle timer: armed while the body waits, re-armed by any movement. The
 /// request and response bodies of an exchange share their activity count (the stream is idle
 /// only while neither moves); a response with no request body keeps its own.

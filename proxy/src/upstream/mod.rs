@@ -11,6 +11,7 @@ pub mod body;
 mod breaker;
 pub mod discovery;
 mod endpoint;
+pub mod h1;
 pub mod health;
 mod lb;
 pub mod pool;
@@ -21,7 +22,7 @@ pub use endpoint::{
     Endpoint, EndpointGuard, EndpointSpec, EndpointStats, PeakEwma, nanos_at, now_nanos,
 };
 pub use lb::{EndpointSet, PickArgs};
-pub use pool::{PooledH1, Pools};
+pub use pool::Pools;
 pub use ring::hash64;
 
 use std::collections::HashMap;

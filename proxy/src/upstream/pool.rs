@@ -1,10 +1,11 @@
 //! Per-worker upstream connections: HTTP/1.1 keep-alive pools and shared HTTP/2 connections,
 //! and sending a request over them.
 //!
-//! Each worker owns its [`Pools`] (no locks, no cross-core traffic). An HTTP/1.1 connection goes
-//! back to its pool when the response body it carried ended cleanly; one that was cut short is
-//! dropped (hyper closes it). A pooled connection that turns out to be closed before the request
-//! was written is skipped and the request is sent on another.
+//! Each worker owns its [`Pools`] (no locks, no cross-core traffic). HTTP/1.1 requests go
+//! through the proxy's own client ([`super::h1`]): a connection goes back to its pool when the
+//! response body it carried ended cleanly; one that was cut short is closed. A pooled
+//! connection found closed is skipped and the request is sent on another. Upgrades and
+//! `CONNECT` take a new connection of hyper's client, which the tunnel then owns.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,12 +16,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::body::UpstreamBody;
+use super::body::{UpstreamBody, UpstreamResponseBody};
+use super::h1;
 use super::{Cluster, Endpoint};
 use crate::errors::ProxyError;
 use crate::local::LocalExec;
@@ -39,7 +40,7 @@ pub enum Wire {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct PoolKey {
+pub struct PoolKey {
     cluster: Arc<str>,
     addr: SocketAddr,
     /// A digest of the cluster's TLS settings (0 for plain text): connections made with other
@@ -52,7 +53,7 @@ struct PoolKey {
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 struct Idle {
-    tx: http1::SendRequest<UpstreamBody>,
+    conn: Box<h1::Conn>,
     /// Sweep tick when it went idle.
     since: u64,
 }
@@ -87,21 +88,27 @@ impl std::fmt::Debug for Pools {
 impl Pools {
     /// The most recently used idle connection (the least likely to have been closed by the
     /// upstream's own idle timer).
-    fn take_idle(&mut self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn take_idle(&mut self, key: &PoolKey) -> Option<Box<h1::Conn>> {
         let pool = self.map.get_mut(key)?;
-        while let Some(c) = pool.idle.pop() {
-            if !c.tx.is_closed() {
-                return Some(c.tx);
+        while let Some(mut c) = pool.idle.pop() {
+            if c.conn.usable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn put_idle(&mut self, key: PoolKey, tx: http1::SendRequest<UpstreamBody>, max_idle: usize) {
-        let pool = self.map.entry(key).or_default();
-        if pool.idle.len() < max_idle {
+    /// Keeps an idle connection (beyond `max_idle` for its endpoint, it is closed).
+    pub fn put_idle(&mut self, conn: Box<h1::Conn>) {
+        if !self.map.contains_key(conn.key()) {
+            self.map.insert(conn.key().clone(), EndpointPool::default());
+        }
+        let Some(pool) = self.map.get_mut(conn.key()) else {
+            return;
+        };
+        if pool.idle.len() < conn.max_idle() {
             pool.idle.push(Idle {
-                tx,
+                conn,
                 since: self.tick,
             });
         }
@@ -139,7 +146,7 @@ impl Pools {
             let timeout = idle_timeout_of(&key.cluster).unwrap_or(Duration::ZERO);
             let max_age = timeout.as_millis().div_ceil(SWEEP_EVERY.as_millis()) as u64;
             pool.idle
-                .retain(|c| !c.tx.is_closed() && now - c.since < max_age);
+                .retain_mut(|c| now - c.since < max_age && c.conn.usable());
             pool.h2
                 .retain(|c| !c.tx.is_closed() && now - c.last_used < max_age);
             !pool.idle.is_empty() || !pool.h2.is_empty()
@@ -156,27 +163,7 @@ impl Pools {
     }
 }
 
-/// An HTTP/1.1 connection lent to one exchange; given back with [`PooledH1::release`].
-pub struct PooledH1 {
-    tx: http1::SendRequest<UpstreamBody>,
-    key: PoolKey,
-    pools: Rc<RefCell<Pools>>,
-    max_idle: usize,
-}
-
-impl PooledH1 {
-    /// Returns the connection to its pool (the exchange on it finished cleanly).
-    pub fn release(self) {
-        if self.tx.is_closed() {
-            return;
-        }
-        if let Ok(mut pools) = self.pools.try_borrow_mut() {
-            pools.put_idle(self.key, self.tx, self.max_idle);
-        }
-    }
-}
-
-/// Counts an open upstream connection until its driver task ends.
+/// Counts an open upstream connection until it closes.
 pub struct ConnGuard {
     cluster_active: prometheus_client::metrics::gauge::Gauge,
     endpoint: Arc<Endpoint>,
@@ -262,6 +249,16 @@ async fn connect_tcp(
 async fn connect_h1(
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
+    home: h1::Home,
+) -> Result<Box<h1::Conn>, ProxyError> {
+    let (stream, guard) = connect(cluster, endpoint, Alpn::Http1).await?;
+    Ok(h1::Conn::new(stream, guard, home))
+}
+
+/// A connection of hyper's client, for an upgrade or `CONNECT` (the tunnel keeps it).
+async fn connect_tunnel(
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
 ) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
     let (stream, guard) = connect(cluster, endpoint, Alpn::Http1).await?;
     handshake_h1(stream, guard, endpoint).await
@@ -322,8 +319,6 @@ async fn handshake_h2(
     Ok(tx)
 }
 
-/// Sends `req` to `endpoint` over `wire`: the response head, and for HTTP/1.1 the connection to
-/// give back once the response body is done.
 /// A failed send; `request` is the request back when none of it was sent (a connection that
 /// could not be made, a breaker), so a retry needs no copy of it.
 pub struct SendFailure {
@@ -340,13 +335,15 @@ impl From<ProxyError> for SendFailure {
     }
 }
 
+/// Sends `req` to `endpoint` over `wire`: the response head (an HTTP/1.1 connection goes back
+/// to its pool when the response body is done).
 pub async fn send(
     pools: &Rc<RefCell<Pools>>,
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
     wire: Wire,
     mut req: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Option<PooledH1>), SendFailure> {
+) -> Result<Response<UpstreamResponseBody>, SendFailure> {
     let unsent = |error, request| SendFailure {
         error,
         request: Some(request),
@@ -378,46 +375,54 @@ pub async fn send(
     };
     let mut stale_retried = false;
     match wire {
+        Wire::Http1 if is_tunnel(&req) => {
+            // A new connection is the rare case: its (large) future lives on the heap, so
+            // that every request's future stays small.
+            let mut tx = match Box::pin(connect_tunnel(cluster, endpoint)).await {
+                Ok(tx) => tx,
+                Err(e) => return Err(unsent(e, req)),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => Ok(resp.map(UpstreamResponseBody::Hyper)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => Err(unsent(ProxyError::upstream(e.into_error()), r)),
+                    None => Err(ProxyError::upstream(e.into_error()).into()),
+                },
+            }
+        }
         Wire::Http1 => loop {
             let idle = if stale_retried {
                 None
             } else {
                 pools.borrow_mut().take_idle(&key)
             };
-            // A new connection is the rare case: its (large) future lives on the heap, so that
-            // every request's future stays small.
-            let (mut tx, reused) = match idle {
-                Some(tx) => (tx, true),
-                None => match Box::pin(connect_h1(cluster, endpoint)).await {
-                    Ok(tx) => (tx, false),
-                    Err(e) => return Err(unsent(e, req)),
-                },
-            };
-            if reused && !tx.is_ready() && tx.ready().await.is_err() {
-                continue;
-            }
-            // The keep-alive race: the server may close an idle connection just as a request is
-            // written on it. A bodyless idempotent request that gets no response head is sent
-            // once more on a new connection (RFC 9112 §9.3.1), so that a backend restarting or
-            // timing out its idle connections costs no request.
-            let resend = (reused && !stale_retried && resendable(&req)).then(|| Head::of(&req));
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok((
-                        resp,
-                        Some(PooledH1 {
-                            tx,
-                            key,
-                            pools: pools.clone(),
-                            max_idle: cluster.max_idle_per_endpoint,
-                        }),
-                    ));
+            let (conn, reused) = match idle {
+                Some(c) => (c, true),
+                None => {
+                    let home = home_of(pools, &key, cluster.max_idle_per_endpoint);
+                    match Box::pin(connect_h1(cluster, endpoint, home)).await {
+                        Ok(c) => (c, false),
+                        Err(e) => return Err(unsent(e, req)),
+                    }
                 }
-                Err(mut e) => match (e.take_message(), resend) {
-                    // Closed before anything was written: try the next connection.
-                    (Some(r), _) if reused => req = r,
-                    (Some(r), _) => return Err(unsent(ProxyError::upstream(e.into_error()), r)),
-                    (None, Some(head)) if closed_before_response(e.error()) => {
+            };
+            match h1::send(conn, req).await {
+                Ok(resp) => return Ok(resp.map(UpstreamResponseBody::H1)),
+                Err(f) => match f.request {
+                    // Nothing written: the next connection.
+                    Some(r) if !f.written && reused => req = r,
+                    Some(r) if !f.written => return Err(unsent(h1_error(f.error), r)),
+                    // The keep-alive race: the server may close an idle connection just as a
+                    // request is written on it. A bodyless idempotent request that gets no
+                    // response head is sent once more on a new connection (RFC 9112 §9.3.1),
+                    // so that a backend restarting or timing out its idle connections costs
+                    // no request.
+                    Some(r)
+                        if reused
+                            && !stale_retried
+                            && resendable(&r)
+                            && f.error.closed_before_response() =>
+                    {
                         tracing::debug!(
                             cluster = %cluster.name,
                             endpoint = %endpoint.address,
@@ -425,9 +430,9 @@ pub async fn send(
                         );
                         cluster.stats.stale_resends.inc();
                         stale_retried = true;
-                        req = head.request(UpstreamBody::Empty);
+                        req = r;
                     }
-                    (None, _) => return Err(ProxyError::upstream(e.into_error()).into()),
+                    _ => return Err(h1_error(f.error).into()),
                 },
             }
         },
@@ -455,7 +460,7 @@ pub async fn send(
                     },
                 };
                 match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, None)),
+                    Ok(resp) => return Ok(resp.map(UpstreamResponseBody::Hyper)),
                     Err(mut e) => {
                         pools.borrow_mut().drop_h2(&key);
                         match e.take_message() {
@@ -502,10 +507,10 @@ async fn negotiate(
         pools.borrow_mut().add_h2(key.clone(), tx);
         Ok(Wire::Http2)
     } else {
-        let tx = Box::pin(handshake_h1(stream, guard, endpoint)).await?;
+        let home = home_of(pools, key, cluster.max_idle_per_endpoint.max(1));
         pools
             .borrow_mut()
-            .put_idle(key.clone(), tx, cluster.max_idle_per_endpoint.max(1));
+            .put_idle(h1::Conn::new(stream, guard, home));
         Ok(Wire::Http1)
     }
 }
@@ -575,23 +580,24 @@ impl Head {
     }
 }
 
-/// Whether a failed exchange ended with the connection closing or resetting before any of the
-/// response arrived (and not, say, with a malformed response).
-fn closed_before_response(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() {
-        return true;
+/// The proxy error for a failed exchange of the HTTP/1.1 client: the client's body failing is
+/// the client's fault, anything else the upstream's.
+fn h1_error(e: h1::Error) -> ProxyError {
+    match e {
+        h1::Error::RequestBody(e) => ProxyError::DownstreamBody(e),
+        e => ProxyError::UpstreamReset(Box::new(e)),
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-            );
-        }
-        source = s.source();
+}
+
+fn home_of(pools: &Rc<RefCell<Pools>>, key: &PoolKey, max_idle: usize) -> h1::Home {
+    h1::Home {
+        pools: Rc::downgrade(pools),
+        key: key.clone(),
+        max_idle,
     }
-    false
+}
+
+/// An upgrade or `CONNECT`: the connection becomes a tunnel.
+fn is_tunnel(req: &Request<UpstreamBody>) -> bool {
+    req.method() == Method::CONNECT || req.headers().contains_key(http::header::UPGRADE)
 }

@@ -177,7 +177,7 @@ async fn exchange(
         .ok_or_else(|| ProxyError::NoHealthyUpstream(cluster.name.clone()))?;
     let started = Instant::now();
     let result = pool::send(pools, cluster, &endpoint, wire, req).await;
-    let (resp, pooled) = match result {
+    let resp = match result {
         Ok(r) => r,
         Err(f) => {
             if matches!(
@@ -213,9 +213,6 @@ async fn exchange(
         } else if let Ok(t) = frame.into_trailers() {
             trailers = t;
         }
-    }
-    if let Some(conn) = pooled {
-        conn.release();
     }
     Ok((status, parts.headers, data.freeze(), trailers))
 }
@@ -465,17 +462,16 @@ pub fn grpc_stream(
                 Bytes::from_static(b"no healthy upstream"),
             );
         };
-        let (resp, _pooled) =
-            match pool::send(&pools, &target.cluster, &endpoint, Wire::Http2, req).await {
-                Ok(r) => r,
-                Err(f) => {
-                    return close(
-                        &vm,
-                        grpc_status::UNAVAILABLE,
-                        Bytes::from(f.error.to_string()),
-                    );
-                }
-            };
+        let resp = match pool::send(&pools, &target.cluster, &endpoint, Wire::Http2, req).await {
+            Ok(r) => r,
+            Err(f) => {
+                return close(
+                    &vm,
+                    grpc_status::UNAVAILABLE,
+                    Bytes::from(f.error.to_string()),
+                );
+            }
+        };
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
         match vm.upgrade() {

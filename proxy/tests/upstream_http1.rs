@@ -1,0 +1,293 @@
+//! weft's HTTP/1.1 client against upstreams that misbehave, checked with a scripted backend on
+//! a real socket: conflicting lengths, responses that try to smuggle a second response onto a
+//! pooled connection, early answers before the request body is read, interim responses,
+//! bodies delimited by the close, and trailers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_testkit::Weft;
+use weft_testkit::client::{self, Reply};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+
+/// What the scripted backend does with each request head it reads: the bytes to answer, and
+/// whether to close the connection afterwards (without reading anything more).
+type Script = fn(request: &str) -> (Vec<u8>, bool);
+
+struct Upstream {
+    addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream(script: Script) -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let (answer, close) = script(&head);
+                    if s.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                    // A request body, if any, is the script's to ignore: keep-alive scripts
+                    // here only see bodiless requests.
+                    buf.clear();
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        accepted,
+        task,
+    }
+}
+
+fn start(up: &Upstream) -> Weft {
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", routes: main }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+      retries: {{ attempts: 0 }}
+clusters:
+  - name: app
+    endpoints: ["{}"]
+    protocol: http1
+    outlier_detection: {{ consecutive_5xx: 0, consecutive_gateway_errors: 0, consecutive_connect_failures: 0 }}
+"#,
+        up.addr
+    );
+    Weft::start_with(WEFT, &yaml, &["--workers", "1"])
+}
+
+async fn get(weft: &Weft, path: &str) -> Reply {
+    let c = client::http1();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        client::get(&c, &weft.url("main", path)),
+    )
+    .await
+    .expect("answered in time")
+    .expect("response")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_lengths_and_bad_heads_are_a_502_never_a_guess() {
+    let up = upstream(|req| {
+        let answer: &[u8] = if req.starts_with("GET /two-lengths") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 5\r\n\r\nhello"
+        } else if req.starts_with("GET /bad-length") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello"
+        } else if req.starts_with("GET /folded") {
+            b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\ncontent-length: 0\r\n\r\n"
+        } else if req.starts_with("GET /bare-lf-chunk") {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"
+        } else if req.starts_with("GET /switch") {
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        };
+        (answer.to_vec(), true)
+    })
+    .await;
+    let weft = start(&up);
+    for path in ["/two-lengths", "/bad-length", "/folded", "/switch"] {
+        let r = get(&weft, path).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.header("x-weft-error"), Some("upstream_reset"), "{path}");
+    }
+    // The head was fine and already sent on; the body is cut off rather than passed on wrong.
+    let c = client::http1();
+    let r = client::get(&c, &weft.url("main", "/bare-lf-chunk")).await;
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|r| r.body.is_empty()),
+        "{r:?}"
+    );
+    assert_eq!(get(&weft, "/fine").await.text(), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_a_response_never_answer_the_next_request() {
+    // Each response is followed by a second, unasked-for one: an upstream trying to desync the
+    // pooled connection. The next request must not read it.
+    let up = upstream(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+              HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil"
+                .to_vec(),
+            false,
+        )
+    })
+    .await;
+    let weft = start(&up);
+    for _ in 0..4 {
+        let r = get(&weft, "/").await;
+        assert_eq!(r.text(), "ok");
+    }
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        4,
+        "a connection with stray bytes is closed, not reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_keep_alive_connections_are_reused_and_close_delimited_ones_are_not() {
+    let up = upstream(|req| {
+        if req.starts_with("GET /until-close") {
+            (b"HTTP/1.1 200 OK\r\n\r\nall of it".to_vec(), true)
+        } else if req.starts_with("GET /both") {
+            // Transfer-Encoding wins over Content-Length; the connection is not trusted after.
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n\
+                  4\r\nwhol\r\n1\r\ne\r\n0\r\n\r\n"
+                    .to_vec(),
+                false,
+            )
+        } else if req.starts_with("GET /hints") {
+            (
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+                  HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
+                    .to_vec(),
+                false,
+            )
+        } else if req.starts_with("GET /trailers") {
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n0\r\nx-checksum: 42\r\n\r\n"
+                    .to_vec(),
+                false,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        }
+    })
+    .await;
+    let weft = start(&up);
+    for _ in 0..5 {
+        assert_eq!(get(&weft, "/").await.text(), "ok");
+    }
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "one pooled connection"
+    );
+    assert_eq!(get(&weft, "/hints").await.text(), "final");
+    assert_eq!(get(&weft, "/trailers").await.text(), "abc");
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "still the same connection"
+    );
+
+    let r = get(&weft, "/until-close").await;
+    assert_eq!(r.text(), "all of it");
+    let r = get(&weft, "/both").await;
+    assert_eq!(r.text(), "whole");
+    assert_eq!(
+        r.header("content-length"),
+        None,
+        "the overridden length is not passed on"
+    );
+    let before = up.accepted.load(Ordering::SeqCst);
+    assert_eq!(get(&weft, "/").await.text(), "ok");
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        before + 1,
+        "after a message with both lengths, a new connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_a_body_before_reading_it_is_heard() {
+    // Answers 413 as soon as it has the head, and closes with the body unread (the kernel
+    // resets the connection under the proxy's writes).
+    let up = upstream(|_| {
+        (
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large"
+                .to_vec(),
+            true,
+        )
+    })
+    .await;
+    let weft = start(&up);
+    let body = Bytes::from(vec![b'x'; 8 * 1024 * 1024]);
+    for _ in 0..3 {
+        let c = client::http1();
+        let req = http::Request::post(weft.url("main", "/upload"))
+            .body(Full::new(body.clone()))
+            .expect("request");
+        let r = tokio::time::timeout(Duration::from_secs(30), client::send(&c, req))
+            .await
+            .expect("answered in time");
+        // The client may see its own upload cut short once the answer is in; when it reads
+        // the answer, it is the upstream's.
+        if let Ok(r) = r {
+            assert_eq!(r.status, 413, "{:?}", r.header("x-weft-error"));
+            assert_eq!(r.text(), "too large");
+        }
+    }
+    // With curl, which reads the answer while it sends.
+    let file = tempfile::NamedTempFile::new().expect("file");
+    std::fs::write(file.path(), &body[..]).expect("write");
+    let data = format!("@{}", file.path().display());
+    let url = weft.url("main", "/upload");
+    let (_, out, err) = tokio::task::spawn_blocking(move || {
+        client::curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "30",
+            "--data-binary",
+            &data,
+            &url,
+        ])
+    })
+    .await
+    .expect("curl");
+    assert_eq!(out, "413", "{err}");
+}
