@@ -291,3 +291,76 @@ async fn an_upstream_that_refuses_a_body_before_reading_it_is_heard() {
     .expect("curl");
     assert_eq!(out, "413", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_bytes_inside_a_tls_record_are_caught_too() {
+    use weft_testkit::tls::{Pki, server_config};
+    // Over TLS the stray bytes arrive in the same record as the response: decrypted, they are
+    // in the proxy's buffer or still in the TLS session, not in the socket, and must keep the
+    // connection out of the pool either way.
+    let pki = Pki::new("stray");
+    let cert = pki.issue("backend", &["backend.test"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&cert, None));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+                                   HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil";
+                    if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let ca = pki.ca.display().to_string();
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", routes: main }}
+routes:
+  main:
+    - to: [{{ cluster: app }}]
+      retries: {{ attempts: 0 }}
+clusters:
+  - name: app
+    endpoints: ["{addr}"]
+    protocol: http1
+    tls: {{ sni: backend.test, ca: "{ca}" }}
+"#
+    );
+    let weft = Weft::start_with(WEFT, &yaml, &["--workers", "1"]);
+    for _ in 0..4 {
+        assert_eq!(get(&weft, "/").await.text(), "ok");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "never reused after stray bytes"
+    );
+    task.abort();
+}

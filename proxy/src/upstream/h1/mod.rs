@@ -124,9 +124,17 @@ impl Conn {
             return false;
         }
         let mut cx = noop_context();
-        let tcp = match &self.io {
-            MaybeTls::Plain(s) => s,
-            MaybeTls::Tls(s) => s.get_ref().0,
+        let tcp = match &mut self.io {
+            MaybeTls::Plain(s) => &*s,
+            MaybeTls::Tls(s) => {
+                // Bytes already decrypted and never read are stray bytes too (they never
+                // reach the socket's readiness).
+                match s.get_mut().1.process_new_packets() {
+                    Ok(state) if state.plaintext_bytes_to_read() == 0 => {}
+                    _ => return false,
+                }
+                s.get_ref().0
+            }
         };
         if tcp.poll_read_ready(&mut cx).is_pending() {
             return true;
