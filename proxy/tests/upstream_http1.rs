@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_testkit::Weft;
 use weft_testkit::client::{self, Reply};
 
@@ -34,6 +34,11 @@ impl Drop for Upstream {
 }
 
 async fn upstream(script: Script) -> Upstream {
+    upstream_with(script, None).await
+}
+
+/// The scripted backend, over TLS when given an acceptor.
+async fn upstream_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -42,32 +47,19 @@ async fn upstream(script: Script) -> Upstream {
     let count = accepted.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 return;
             };
             count.fetch_add(1, Ordering::SeqCst);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(s) = acceptor.accept(s).await {
+                            serve(s, script).await;
                         }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end);
-                    let (answer, close) = script(&head);
-                    if s.write_all(&answer).await.is_err() || close {
-                        return;
                     }
-                    // A request body, if any, is the script's to ignore: keep-alive scripts
-                    // here only see bodiless requests.
-                    buf.clear();
+                    None => serve(s, script).await,
                 }
             });
         }
@@ -76,6 +68,32 @@ async fn upstream(script: Script) -> Upstream {
         addr,
         accepted,
         task,
+    }
+}
+
+/// Answers each request head on `s` as `script` says.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, script: Script) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let (answer, close) = script(&head);
+        if s.write_all(&answer).await.is_err() || s.flush().await.is_err() || close {
+            return;
+        }
+        // A request body, if any, is the script's to ignore: keep-alive scripts here only see
+        // bodiless requests.
+        buf.clear();
     }
 }
 
@@ -301,42 +319,19 @@ async fn stray_bytes_inside_a_tls_record_are_caught_too() {
     let pki = Pki::new("stray");
     let cert = pki.issue("backend", &["backend.test"]);
     let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&cert, None));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut s) = acceptor.accept(s).await else {
-                    return;
-                };
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.clear();
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
-                                   HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil";
-                    if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let up = upstream_with(
+        |_| {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+                  HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil"
+                    .to_vec(),
+                false,
+            )
+        },
+        Some(acceptor),
+    )
+    .await;
+    let addr = up.addr;
     let ca = pki.ca.display().to_string();
     let yaml = format!(
         r#"
@@ -358,9 +353,8 @@ clusters:
         assert_eq!(get(&weft, "/").await.text(), "ok");
     }
     assert_eq!(
-        accepted.load(Ordering::SeqCst),
+        up.accepted.load(Ordering::SeqCst),
         4,
         "never reused after stray bytes"
     );
-    task.abort();
 }

@@ -610,8 +610,8 @@ filters:
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endless_loop_is_stopped_and_the_proxy_keeps_serving() {
+/// weft with a filter that never returns (20 ms per call) on `main`, none on `plain`.
+async fn spinning() -> (Backend, tempfile::TempDir, Weft) {
     let app = Backend::start("app").await;
     let dir = tempfile::tempdir().expect("dir");
     let module = wasm_guests::write(dir.path(), "loop", &wasm_guests::endless_loop());
@@ -625,17 +625,28 @@ async fn an_endless_loop_is_stopped_and_the_proxy_keeps_serving() {
             ),
         ),
     );
+    (app, dir, weft)
+}
+
+/// A request through the spinning filter is answered 500 `filter_failed`, not left hanging.
+async fn stopped_in_time(c: &client::Client, weft: &Weft) {
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        client::get(c, &weft.url("main", "/")),
+    )
+    .await
+    .expect("answered, not hung")
+    .expect("response");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header("x-weft-error"), Some("filter_failed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_loop_is_stopped_and_the_proxy_keeps_serving() {
+    let (_app, _dir, weft) = spinning().await;
     let c = client::http1();
     for _ in 0..3 {
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            client::get(&c, &weft.url("main", "/")),
-        )
-        .await
-        .expect("answered, not hung")
-        .expect("response");
-        assert_eq!(r.status, 500);
-        assert_eq!(r.header("x-weft-error"), Some("filter_failed"));
+        stopped_in_time(&c, &weft).await;
         let r = client::get(&c, &weft.url("plain", "/"))
             .await
             .expect("response");
@@ -671,20 +682,8 @@ fn ticker_wakeups(pid: i32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_proxy_parks_the_epoch_ticker_and_a_runaway_call_still_stops() {
-    let app = Backend::start("app").await;
-    let dir = tempfile::tempdir().expect("dir");
-    let module = wasm_guests::write(dir.path(), "loop", &wasm_guests::endless_loop());
     // A 20 ms limit ticks every 2 ms: 1,000 wake-ups in two seconds if the ticker never rested.
-    let weft = Weft::start(
-        WEFT,
-        &two_listeners(
-            &app.endpoint(),
-            "spin",
-            &format!(
-                "  - {{ name: spin, module: \"{module}\", limits: {{ cpu_per_call: 20ms }} }}\n"
-            ),
-        ),
-    );
+    let (_app, _dir, weft) = spinning().await;
     let c = client::http1();
     let plain = client::get(&c, &weft.url("plain", "/"))
         .await
@@ -702,15 +701,7 @@ async fn an_idle_proxy_parks_the_epoch_ticker_and_a_runaway_call_still_stops() {
     );
     // From rest, a call that never returns is still stopped at its deadline.
     for _ in 0..2 {
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            client::get(&c, &weft.url("main", "/")),
-        )
-        .await
-        .expect("answered, not hung")
-        .expect("response");
-        assert_eq!(r.status, 500);
-        assert_eq!(r.header("x-weft-error"), Some("filter_failed"));
+        stopped_in_time(&c, &weft).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

@@ -346,7 +346,6 @@ pub async fn send(conn: Box<Conn>, req: Request<UpstreamBody>) -> Result<Respons
     let mut exchange = Exchange {
         conn: Some(conn),
         writer: Some(writer),
-        write_failed: false,
         write_error: None,
         method: parts.method.clone(),
     };
@@ -359,7 +358,7 @@ pub async fn send(conn: Box<Conn>, req: Request<UpstreamBody>) -> Result<Respons
                 .take()
                 .filter(|w| !w.finished())
                 .map(Box::new);
-            let keep_alive = head.keep_alive && !exchange.write_failed;
+            let keep_alive = head.keep_alive && exchange.write_error.is_none();
             let mut resp = Response::new(Body {
                 conn,
                 reading: head.reading,
@@ -392,9 +391,8 @@ pub async fn send(conn: Box<Conn>, req: Request<UpstreamBody>) -> Result<Respons
 struct Exchange {
     conn: Option<Box<Conn>>,
     writer: Option<Writer>,
-    /// Writing failed after the upstream may have answered: keep reading, never reuse.
-    write_failed: bool,
-    /// Why writing failed, reported if no response comes.
+    /// Writing failed (the upstream may have answered and closed): keep reading, never reuse;
+    /// reported if no response comes.
     write_error: Option<std::io::Error>,
     method: Method,
 }
@@ -406,7 +404,7 @@ impl Exchange {
         };
         loop {
             if let Some(w) = self.writer.as_mut()
-                && !self.write_failed
+                && self.write_error.is_none()
                 && !w.finished()
             {
                 match w.poll_write(&mut conn.io, cx) {
@@ -415,7 +413,6 @@ impl Exchange {
                         // The upstream may have answered and closed: read what it said (the
                         // reactor may not have seen the answer arrive yet; the read below
                         // waits for it, or for the close).
-                        self.write_failed = true;
                         self.write_error = Some(e);
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
