@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use weft_testkit::client::{self, curl, get_with};
-use weft_testkit::{Backend, Weft};
+use weft_testkit::{Backend, RefusingPort, Weft};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -191,12 +191,8 @@ async fn slow_upstream_times_out_with_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_endpoint_is_503_with_its_cause() {
-    // A port nothing listens on: bind, note it, close.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let weft = Weft::start(WEFT, &one_cluster(&closed.to_string(), "http1", ""));
+    let closed = RefusingPort::new().expect("a refusing port");
+    let weft = Weft::start(WEFT, &one_cluster(&closed.addr().to_string(), "http1", ""));
     for c in [client::http1(), client::h2c()] {
         let r = client::get(&c, &weft.url("main", "/"))
             .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use weft_testkit::client::{self, get_with};
-use weft_testkit::{Backend, Weft, eventually};
+use weft_testkit::{Backend, RefusingPort, Weft, eventually};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -31,12 +31,6 @@ clusters:
 "#,
         eps.join(", ")
     )
-}
-
-/// A port nothing listens on.
-fn dead_endpoint() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
 }
 
 /// Sends `n` requests from `concurrency` tasks; returns the `x-backend` of each (or the error).
@@ -227,7 +221,8 @@ async fn a_killed_endpoint_is_ejected_then_readmitted_when_it_recovers() {
 async fn one_dead_endpoint_of_three_costs_no_request_with_retries() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let dead = dead_endpoint();
+    let refusing = RefusingPort::new().expect("a refusing port");
+    let dead = refusing.addr().to_string();
     // Defaults: peak-EWMA counts each failure as a 1 s response, so the dead endpoint is all but
     // avoided after its first failures (and ejected if it kept getting tries); retries cover
     // those first failures.

@@ -10,8 +10,10 @@ pub mod grpc;
 pub mod jwt;
 pub mod netns;
 pub mod process;
+pub mod refusing;
 pub mod tls;
 
 pub use backend::Backend;
 pub use client::Reply;
 pub use process::{Weft, eventually, http_get, validate};
+pub use refusing::RefusingPort;
