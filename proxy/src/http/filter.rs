@@ -101,9 +101,11 @@ fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Hea
 /// be: the router and the upstream see the path the filters saw.
 fn apply_request_head(
     parts: &mut Parts,
-    head: Headers,
+    chain: &Chain,
     opts: &crate::config::PathOptions,
 ) -> Result<(), ProxyError> {
+    let stream = chain.stream.borrow();
+    let head = &stream.request_headers;
     let method = head.get(b":method").unwrap_or(b"GET");
     parts.method =
         Method::from_bytes(method).map_err(|_| ProxyError::FilterOutput("invalid :method"))?;
@@ -132,7 +134,10 @@ fn apply_request_head(
         .then(|| HeaderValue::from_bytes(authority))
         .transpose()
         .map_err(|_| ProxyError::FilterOutput("invalid :authority"))?;
-    parts.headers = head.map;
+    drop(stream);
+    let mut fields = chain.request_fields();
+    chain.fix_length(Direction::Request, &mut fields);
+    parts.headers = fields;
     if let Some(h) = host {
         parts.headers.insert(header::HOST, h);
     }
@@ -321,9 +326,7 @@ pub async fn run(
                 stopped(&chain, listener, stop.unwrap_or(Stop::Reset), None, grpc)?
             }
             (None, Some(body)) => {
-                let mut head = chain.request_head();
-                chain.fix_length(Direction::Request, &mut head.map);
-                let forwarded = match apply_request_head(&mut parts, head, &listener.http.path) {
+                let forwarded = match apply_request_head(&mut parts, &chain, &listener.http.path) {
                     Ok(()) => route::route(conn, listener, parts, body, start).await,
                     Err(e) => Err(StageError::new(e)),
                 };
@@ -419,21 +422,16 @@ async fn filter_response(
         }
         match outcome {
             Ok(filtered) => {
-                let mut head = chain.response_head();
-                chain.fix_length(Direction::Response, &mut head.map);
-                if let Some(status) = head.get(b":status") {
-                    match std::str::from_utf8(status)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .and_then(|s| StatusCode::from_u16(s).ok())
-                    {
-                        Some(s) => parts.status = s,
-                        None => {
-                            tracing::warn!("a filter set an invalid :status; the original is kept")
-                        }
+                let (mut fields, status) = chain.response_head();
+                chain.fix_length(Direction::Response, &mut fields);
+                match status {
+                    Some(Some(s)) => parts.status = s,
+                    Some(None) => {
+                        tracing::warn!("a filter set an invalid :status; the original is kept")
                     }
+                    None => {}
                 }
-                parts.headers = head.map;
+                parts.headers = fields;
                 let body = match filtered {
                     // All of it is already through: sent as it is, no more filter work.
                     Some(mut f) => match f.take_complete() {

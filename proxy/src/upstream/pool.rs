@@ -73,7 +73,9 @@ struct EndpointPool {
 /// The upstream connections of one worker.
 #[derive(Default)]
 pub struct Pools {
-    map: HashMap<PoolKey, EndpointPool>,
+    /// Looked up twice per request (take, then release): a fast hash, as its keys come from
+    /// the configuration and discovery, never from a client.
+    map: HashMap<PoolKey, EndpointPool, foldhash::fast::RandomState>,
     tick: u64,
 }
 

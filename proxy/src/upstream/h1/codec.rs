@@ -166,7 +166,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
     } else {
         Version::HTTP_10
     };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // The values are kept as offsets into the head, and become slices of it once it is split
+    // off: one allocation for all of them, and cloning one (a filter's copy of the head) only
+    // counts a reference.
+    let base = buf.as_ptr() as usize;
+    let mut fields: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(resp.headers.len());
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut has_te = false;
@@ -174,8 +178,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
     for f in resp.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| Error::Protocol("invalid header name"))?;
-        let value = HeaderValue::from_bytes(f.value)
-            .map_err(|_| Error::Protocol("invalid header value"))?;
+        let start = f.value.as_ptr() as usize - base;
         if name == header::CONTENT_LENGTH {
             let n = parse_length(f.value).ok_or(Error::Protocol("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
@@ -200,9 +203,15 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
                 }
             }
         }
+        fields.push((name, start, start + f.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, start, end) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| Error::Protocol("invalid header value"))?;
         headers.append(name, value);
     }
-    buf.advance(len);
     let bodiless = *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT

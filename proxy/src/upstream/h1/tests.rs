@@ -288,3 +288,29 @@ fn the_last_chunk_is_seen_early_only_when_it_is_next() {
     let mut buf = BytesMut::from(&b"0\r\n\r\n"[..]);
     assert!(ends_here(&mut buf, Chunk::Size));
 }
+
+#[test]
+fn field_values_are_the_heads_own_bytes_and_what_follows_stays_buffered() {
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 200 OK\r\nx-a: one\r\nx-empty:\r\nx-a: two \t\r\nx-obs: caf\xc3\xa9\r\ncontent-length: 4\r\n\r\nbodyHTTP/1.1"[..],
+    );
+    let h = parse_head(&mut buf, &get())
+        .expect("valid")
+        .expect("complete");
+    let all: Vec<&[u8]> = h
+        .headers
+        .get_all("x-a")
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    // Surrounding whitespace is not part of a value; repeated fields keep their order.
+    assert_eq!(all, [&b"one"[..], b"two"]);
+    assert_eq!(h.headers["x-empty"], "");
+    assert_eq!(h.headers["x-obs"].as_bytes(), "café".as_bytes());
+    // A copy of the head (what a filter chain keeps) outlives the connection's buffer.
+    let copy = h.headers.clone();
+    assert_eq!(&buf[..], b"bodyHTTP/1.1", "only the head was taken");
+    buf.clear();
+    buf.extend_from_slice(b"overwritten");
+    assert_eq!(copy["x-a"], "one");
+}

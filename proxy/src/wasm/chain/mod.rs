@@ -426,19 +426,29 @@ impl Chain {
         self.state.borrow().flows[side(d)].stop
     }
 
-    /// The request headers as the filters left them (kept for later callbacks and `on_log`).
-    pub fn request_head(&self) -> Headers {
-        self.stream.borrow().request_headers.clone()
+    /// The request's fields as the filters left them: a copy, the chain keeps its own for later
+    /// callbacks and `on_log`. The pseudo-headers are read where they are
+    /// (`stream.borrow().request_headers`).
+    pub fn request_fields(&self) -> http::HeaderMap {
+        self.stream.borrow().request_headers.map.clone()
     }
 
-    /// The response headers as the filters left them; from now on the response is committed.
-    pub fn response_head(&self) -> Headers {
+    /// The response's fields and `:status` as the filters left them (a copy, as for the
+    /// request); from now on the response is committed. The status is `None` when there is
+    /// none, `Some(None)` when a filter set one that is not a valid status code.
+    pub fn response_head(&self) -> (http::HeaderMap, Option<Option<http::StatusCode>>) {
         self.state.borrow_mut().response_sent = true;
-        self.stream
-            .borrow()
-            .response_headers
-            .clone()
-            .unwrap_or_default()
+        let s = self.stream.borrow();
+        let Some(h) = &s.response_headers else {
+            return (http::HeaderMap::new(), None);
+        };
+        let status = h.get(b":status").map(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .and_then(|s| http::StatusCode::from_u16(s).ok())
+        });
+        (h.map.clone(), status)
     }
 
     /// Fixes `Content-Length` for a body the filters rewrote before its headers went out: the
