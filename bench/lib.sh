@@ -44,7 +44,15 @@ EOC
   taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" &
   pids+=($!)
 }
-backend_worker() { pgrep -P "$(cat "$work/backend.pid")" | head -1; }
+# The backend's worker process; fails clearly when the backend did not start (its port taken by
+# something else would otherwise be measured in its place).
+backend_worker() {
+  local pid
+  for _ in $(seq 100); do [ -s "$work/backend.pid" ] && break; sleep 0.05; done
+  pid=$(cat "$work/backend.pid" 2>/dev/null) && pgrep -P "$pid" | head -1 && return 0
+  echo "the backend (nginx) did not start: is its port already taken? see $work/backend-error.log" >&2
+  exit 1
+}
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
 
