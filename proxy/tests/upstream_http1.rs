@@ -98,6 +98,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, script: Script) {
 }
 
 fn start(up: &Upstream) -> Weft {
+    start_with_cluster(up, "")
+}
+
+/// weft in front of `up` alone (no retries, no ejection), with `extra` lines for the cluster.
+fn start_with_cluster(up: &Upstream, extra: &str) -> Weft {
     let yaml = format!(
         r#"
 listeners:
@@ -111,6 +116,7 @@ clusters:
     endpoints: ["{}"]
     protocol: http1
     outlier_detection: {{ consecutive_5xx: 0, consecutive_gateway_errors: 0, consecutive_connect_failures: 0 }}
+{extra}
 "#,
         up.addr
     );
@@ -331,24 +337,11 @@ async fn stray_bytes_inside_a_tls_record_are_caught_too() {
         Some(acceptor),
     )
     .await;
-    let addr = up.addr;
     let ca = pki.ca.display().to_string();
-    let yaml = format!(
-        r#"
-listeners:
-  - {{ name: main, address: "127.0.0.1:0", routes: main }}
-routes:
-  main:
-    - to: [{{ cluster: app }}]
-      retries: {{ attempts: 0 }}
-clusters:
-  - name: app
-    endpoints: ["{addr}"]
-    protocol: http1
-    tls: {{ sni: backend.test, ca: "{ca}" }}
-"#
+    let weft = start_with_cluster(
+        &up,
+        &format!(r#"    tls: {{ sni: backend.test, ca: "{ca}" }}"#),
     );
-    let weft = Weft::start_with(WEFT, &yaml, &["--workers", "1"]);
     for _ in 0..4 {
         assert_eq!(get(&weft, "/").await.text(), "ok");
     }
