@@ -22,7 +22,7 @@ use crate::http::headers;
 use crate::http::path::{PathError, canonical_target};
 use crate::http::record::{self, Logged};
 use crate::http::respond::{self, Answer, StageError};
-use crate::http::route;
+use crate::http::route::{self, Routed};
 use crate::metrics::RouteStats;
 use crate::snapshot::ListenerRuntime;
 use crate::upstream::body::DownstreamBody;
@@ -327,7 +327,13 @@ pub async fn run(
             }
             (None, Some(body)) => {
                 let forwarded = match apply_request_head(&mut parts, &chain, &listener.http.path) {
-                    Ok(()) => route::route(conn, listener, parts, body, start).await,
+                    Ok(()) => {
+                        let mut routed = route::route(conn, listener, parts, body, start);
+                        match routed {
+                            Routed::Answered(answer) => answer,
+                            Routed::Pending(ref mut pending) => pending.answer().await,
+                        }
+                    }
                     Err(e) => Err(StageError::new(e)),
                 };
                 // A filter may have stopped the request body meanwhile: that decides the answer.

@@ -30,17 +30,18 @@ use crate::upstream::{
     Breaker, Cluster, EndpointGuard, HashSource, Outcome, Permit, PickArgs, hash64, nanos_at,
 };
 
-/// What a forwarded request needs to know.
-pub struct Forward<'a> {
+/// What a forwarded request needs to know: the request's own strings (`'s`) only to prepare
+/// its head, the rest (`'a`) from try to try.
+pub struct Forward<'a, 's> {
     pub conn: &'a ConnCtx,
     pub listener: &'a ListenerRuntime,
     pub route: &'a Route,
     pub cluster: &'a Arc<Cluster>,
-    pub authority: &'a str,
-    pub path: &'a str,
+    pub authority: &'s str,
+    pub path: &'s str,
     /// `path` is the request's own: an origin-form request URI can be forwarded as it is.
     pub path_unchanged: bool,
-    pub query: Option<&'a str>,
+    pub query: Option<&'s str>,
     pub start: Instant,
 }
 
@@ -143,7 +144,7 @@ fn hash_of(key: &HashSource, headers: &HeaderMap, peer: SocketAddr) -> Option<u6
     }
 }
 
-impl Forward<'_> {
+impl<'a> Forward<'a, '_> {
     /// Prepares the upstream request head: hop-by-hop fields out, forwarding fields in, the
     /// route's edits, the target and `Host` for the wire chosen.
     fn prepare(&self, parts: &mut Parts, wire: Wire, upgrade: bool) -> Result<(), ProxyError> {
@@ -200,11 +201,13 @@ impl Forward<'_> {
         Ok(())
     }
 
-    pub async fn run(
+    /// Prepares the request for its cluster: the wire it goes over, its upstream head, where
+    /// its body comes from on each try, and its deadline. Nothing is sent yet.
+    pub fn start(
         self,
         mut parts: Parts,
         body: DownstreamBody,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<Forwarding<'a>, ProxyError> {
         let cluster = self.cluster;
         let policy = &self.route.retries;
         let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
@@ -243,19 +246,12 @@ impl Forward<'_> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let deadline = overall.map(|d| self.start + d);
         self.prepare(&mut parts, wire, upgrade)?;
 
-        let upstream_tx = cluster.stats.tx_bytes.clone();
-        let downstream_rx = self.listener.stats.rx_bytes.clone();
+        let downstream_rx = &self.listener.stats.rx_bytes;
         let has_body = !body.is_end_stream();
         let idle_timeout = self.listener.http.stream_idle_timeout.non_zero();
-        // Both bodies of the exchange count as activity; only needed when there are two.
-        let shared_activity = (has_body && idle_timeout.is_some())
-            .then(|| std::rc::Rc::new(std::cell::Cell::new(0u64)));
-        let idle_timer =
-            || idle_timeout.map(|t| IdleTimer::new(t, cluster, shared_activity.as_ref()));
-        let mut source = if !has_body {
+        let source = if !has_body {
             Source::Empty
         } else if policy.attempts > 0 && !upgrade {
             // A body announced as longer than the buffer is streamed, and replayable only until
@@ -272,14 +268,76 @@ impl Forward<'_> {
         } else {
             Source::Once(Some(body))
         };
-        let first = Request::from_parts(parts, UpstreamBody::Empty);
+        let request = Request::from_parts(parts, UpstreamBody::Empty);
         // A copy of the head, for retries after a request was (maybe) sent. A request that was
         // not sent at all comes back from the pool, so retrying connect failures needs none.
         let head = (policy.attempts > 0 && policy.retries_after_sending(wire == Wire::Http2))
-            .then(|| Head::of(&first));
+            .then(|| Box::new(Head::of(&request)));
+        Ok(Forwarding {
+            conn: self.conn,
+            listener: self.listener,
+            route: self.route,
+            cluster,
+            start: self.start,
+            wire,
+            upgrade,
+            downstream_upgrade,
+            hash,
+            overall,
+            deadline: overall.map(|d| self.start + d),
+            idle_timeout,
+            // Both bodies of the exchange count as activity; only needed when there are two.
+            shared_activity: (has_body && idle_timeout.is_some())
+                .then(|| std::rc::Rc::new(std::cell::Cell::new(0u64))),
+            has_body,
+            source,
+            request: Some(request),
+            head,
+        })
+    }
+}
 
+/// A request on its way to a cluster, prepared by [`Forward::start`]: its state from try to
+/// try. It is awaited in place ([`Forwarding::run`] borrows it), so the request's future holds
+/// it once instead of moving it into each stage's future.
+pub struct Forwarding<'a> {
+    conn: &'a ConnCtx,
+    listener: &'a ListenerRuntime,
+    route: &'a Route,
+    cluster: &'a Arc<Cluster>,
+    start: Instant,
+    wire: Wire,
+    upgrade: bool,
+    /// The client's side of an upgrade, joined to the upstream's when it accepts.
+    downstream_upgrade: Option<OnUpgrade>,
+    hash: Option<u64>,
+    /// The overall timeout, and the deadline it makes.
+    overall: Option<Duration>,
+    deadline: Option<Instant>,
+    idle_timeout: Option<Duration>,
+    shared_activity: Option<std::rc::Rc<std::cell::Cell<u64>>>,
+    has_body: bool,
+    source: Source,
+    /// The first try's request (or one a try gave back unsent).
+    request: Option<Request<UpstreamBody>>,
+    /// A copy of the head, when a request may be tried again after it was sent.
+    head: Option<Box<Head>>,
+}
+
+impl Forwarding<'_> {
+    /// The body idle timer of one try's request or response.
+    fn idle_timer(&self) -> Option<IdleTimer> {
+        self.idle_timeout
+            .map(|t| IdleTimer::new(t, self.cluster, self.shared_activity.as_ref()))
+    }
+
+    /// Tries the request until an answer, a final failure, or the end of the retry policy.
+    pub async fn run(&mut self) -> Result<Forwarded, ProxyError> {
+        let (cluster, route, listener) = (self.cluster, self.route, self.listener);
+        let policy = &route.retries;
+        let upstream_tx = &cluster.stats.tx_bytes;
+        let downstream_rx = &listener.stats.rx_bytes;
         cluster.budget.deposit(nanos_at(self.start) / 1_000_000_000);
-        let mut request = Some(first);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retry_permit: Option<Permit> = None;
         let mut attempt: u32 = 0;
@@ -288,26 +346,27 @@ impl Forward<'_> {
             let requests = cluster.enter(Breaker::Requests)?;
             let endpoint = cluster
                 .pick(&PickArgs {
-                    hash,
+                    hash: self.hash,
                     exclude: &tried,
                 })
                 .ok_or_else(|| ProxyError::NoHealthyUpstream(cluster.name.clone()))?;
-            let body = match &mut source {
+            let idle = self.idle_timer();
+            let body = match &mut self.source {
                 Source::Empty => UpstreamBody::Empty,
                 Source::Once(b) => match b.take() {
                     Some(inner) => UpstreamBody::Stream {
                         inner,
                         downstream_rx: downstream_rx.clone(),
                         upstream_tx: upstream_tx.clone(),
-                        idle: idle_timer(),
+                        idle,
                     },
                     None => UpstreamBody::Empty,
                 },
                 Source::Replay(state) => {
-                    UpstreamBody::Replay(Replay::attempt(state, upstream_tx.clone(), idle_timer()))
+                    UpstreamBody::Replay(Replay::attempt(state, upstream_tx.clone(), idle))
                 }
             };
-            let req = match (request.take(), &head) {
+            let req = match (self.request.take(), &self.head) {
                 (Some(r), _) => r.map(|_| body),
                 (None, Some(h)) => h.request(body),
                 // Unreachable: a retry is only decided when one of the two is there.
@@ -315,26 +374,37 @@ impl Forward<'_> {
             };
 
             let guard = EndpointGuard::new(endpoint.clone()).holding(requests);
-            let remaining = deadline.map(|d| d.saturating_duration_since(try_start));
+            let remaining = self
+                .deadline
+                .map(|d| d.saturating_duration_since(try_start));
             let try_timeout = match (policy.per_try_timeout, remaining) {
                 (Some(p), Some(r)) => Some(p.min(r)),
                 (p, r) => p.or(r),
             };
             // With no timeout at all, a request whose body is done waits for response headers
             // at most the stream idle timeout.
-            let try_timeout = try_timeout.or(if has_body { None } else { idle_timeout });
-            let sent = pool::send(&self.conn.worker.pools, cluster, &endpoint, wire, req);
+            let try_timeout = try_timeout.or(if self.has_body {
+                None
+            } else {
+                self.idle_timeout
+            });
+            // The send is made in each arm, not before the match: a future bound to a local
+            // keeps its storage to the end of the local's scope.
+            let (pools, wire) = (&self.conn.worker.pools, self.wire);
             let result = match try_timeout {
-                Some(t) => match tokio::time::timeout(t, sent).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ProxyError::UpstreamTimeout(t).into()),
-                },
-                None => sent.await,
+                Some(t) => {
+                    let sent = pool::send(pools, cluster, &endpoint, wire, req);
+                    match tokio::time::timeout(t, sent).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ProxyError::UpstreamTimeout(t).into()),
+                    }
+                }
+                None => pool::send(pools, cluster, &endpoint, wire, req).await,
             };
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(try_start);
             drop(retry_permit.take());
-            let deadline_passed = deadline.is_some_and(|d| now >= d);
+            let deadline_passed = self.deadline.is_some_and(|d| now >= d);
 
             // Learn from the try, and decide: answer, or try again.
             let retry_wanted = match &result {
@@ -374,7 +444,7 @@ impl Forward<'_> {
                     policy.retries_failure(f)
                 }
             };
-            let replayable = match &source {
+            let replayable = match &self.source {
                 Source::Replay(s) => s.borrow().replayable(),
                 Source::Once(b) => b.is_some(),
                 Source::Empty => true,
@@ -386,12 +456,12 @@ impl Forward<'_> {
             let can_retry = retry_wanted
                 && attempt < policy.attempts
                 && replayable
-                && (unsent || head.is_some())
+                && (unsent || self.head.is_some())
                 && !deadline_passed
-                && !upgrade;
+                && !self.upgrade;
             if can_retry {
                 let backoff = policy.backoff(attempt + 1);
-                let fits = deadline.is_none_or(|d| now + backoff < d);
+                let fits = self.deadline.is_none_or(|d| now + backoff < d);
                 let budget = fits && cluster.budget.withdraw(nanos_at(now) / 1_000_000_000);
                 let permit = if budget {
                     cluster.breakers.enter(Breaker::Retries).ok()
@@ -410,7 +480,7 @@ impl Forward<'_> {
                     tried.push(endpoint.address);
                     cluster.stats.retries.inc();
                     if let Err(f) = result {
-                        request = f.request;
+                        self.request = f.request;
                     }
                     drop(guard);
                     tokio::time::sleep(backoff).await;
@@ -423,13 +493,11 @@ impl Forward<'_> {
             }
 
             return match result {
-                Ok(resp) => {
-                    Ok(self.respond(resp, guard, upgrade, downstream_upgrade, idle_timer()))
-                }
+                Ok(resp) => Ok(self.respond(resp, guard)),
                 Err(f) => match f.error {
-                    ProxyError::UpstreamTimeout(_) if deadline_passed => {
-                        Err(ProxyError::UpstreamTimeout(overall.unwrap_or_default()))
-                    }
+                    ProxyError::UpstreamTimeout(_) if deadline_passed => Err(
+                        ProxyError::UpstreamTimeout(self.overall.unwrap_or_default()),
+                    ),
                     e => Err(e),
                 },
             };
@@ -439,17 +507,16 @@ impl Forward<'_> {
     /// The downstream response for an upstream one: hop-by-hop out, route edits in, and an
     /// accepted upgrade spliced through.
     fn respond(
-        &self,
+        &mut self,
         mut resp: Response<UpstreamResponseBody>,
         guard: EndpointGuard,
-        upgrade: bool,
-        downstream_upgrade: Option<OnUpgrade>,
-        idle: Option<IdleTimer>,
     ) -> Forwarded {
+        let upgrade = self.upgrade;
+        let idle = self.idle_timer();
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         // Only hyper's client carries upgrades (a 101 elsewhere is refused as malformed).
         if switching
-            && let Some(down) = downstream_upgrade
+            && let Some(down) = self.downstream_upgrade.take()
             && matches!(resp.body(), UpstreamResponseBody::Hyper(_))
         {
             let up = hyper::upgrade::on(&mut resp);

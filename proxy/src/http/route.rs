@@ -3,6 +3,9 @@
 //! to the forward stage for the cluster it picks.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -13,24 +16,71 @@ use crate::errors::ProxyError;
 use crate::http::body::ResponseBody;
 use crate::http::check::{authority, split_host_port};
 use crate::http::conn::ConnCtx;
-use crate::http::forward::Forward;
+use crate::http::forward::{Forward, Forwarding};
 use crate::http::path::{self, Canonical};
 use crate::http::respond::{Answer, StageError};
+use crate::metrics::RouteStats;
 use crate::router::{Action, RedirectFrom, RequestView};
 use crate::snapshot::ListenerRuntime;
 use crate::upstream::body::DownstreamBody;
 use crate::wasm::state::{Headers, Routing};
 
-/// Routes a checked request and answers it: locally, or from the cluster it is forwarded to.
-pub async fn route(
-    conn: &ConnCtx,
-    listener: &ListenerRuntime,
+/// Where routing left a request: answered, or on its way to a cluster.
+pub enum Routed<'a> {
+    /// The route answered (a direct response, a redirect), or the request was refused.
+    Answered(Result<Answer, StageError>),
+    /// Forwarded to a cluster (or tunneled to it): [`Pending::answer`] waits for the answer.
+    Pending(Pending<'a>),
+}
+
+/// A request routed to a cluster, not answered yet.
+// The forwarding state is the common case and is held in place: boxing it would cost every
+// request an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Pending<'a> {
+    Forward {
+        forwarding: Forwarding<'a>,
+        stats: Arc<RouteStats>,
+    },
+    /// A `CONNECT` tunnel: rare, so its (large) future is on the heap.
+    Connect(Pin<Box<dyn Future<Output = Result<Answer, StageError>> + 'a>>),
+}
+
+impl Pending<'_> {
+    /// The answer of the cluster the request went to. Borrows the request's state where it
+    /// is, so that the request's future holds it once.
+    pub async fn answer(&mut self) -> Result<Answer, StageError> {
+        match self {
+            Pending::Forward { forwarding, stats } => forwarding
+                .run()
+                .await
+                .map_err(|e| StageError::on(e, stats))
+                .map(|(resp, endpoint)| Answer {
+                    resp,
+                    stats: stats.clone(),
+                    endpoint: Some(endpoint),
+                }),
+            Pending::Connect(tunnel) => tunnel.await,
+        }
+    }
+}
+
+/// Routes a checked request: answered locally, or prepared for the cluster it goes to (all
+/// without waiting; the caller awaits [`Pending::answer`]).
+pub fn route<'a>(
+    conn: &'a ConnCtx,
+    listener: &'a ListenerRuntime,
     parts: Parts,
     body: DownstreamBody,
     start: Instant,
-) -> Result<Answer, StageError> {
-    let fail = StageError::new;
-    let authority = authority(&parts).map_err(fail)?.into_owned();
+) -> Routed<'a> {
+    // Each return builds the whole value where it is returned: `Routed` holds the forwarding
+    // state (hundreds of bytes), and a `Result` around it would be copied out again.
+    let refuse = |error| Routed::Answered(Err(StageError::new(error)));
+    let authority = match authority(&parts) {
+        Ok(a) => a.into_owned(),
+        Err(e) => return refuse(e),
+    };
     let (host, port) = split_host_port(&authority);
     // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.
     let uri = parts.uri.clone();
@@ -57,7 +107,7 @@ pub async fn route(
         headers: &parts.headers,
     };
     let Some((index, route)) = listener.table.find(&view) else {
-        return Err(fail(ProxyError::NoRoute));
+        return refuse(ProxyError::NoRoute);
     };
     let route_stats = &listener.route_stats[index];
 
@@ -72,7 +122,7 @@ pub async fn route(
                 );
             }
             route.response_headers.apply(resp.headers_mut());
-            Ok(Answer::local(resp, &route_stats.local))
+            Routed::Answered(Ok(Answer::local(resp, &route_stats.local)))
         }
         Action::Redirect(r) => {
             let location = r.location(&RedirectFrom {
@@ -89,31 +139,34 @@ pub async fn route(
                     resp.headers_mut().insert(header::LOCATION, v);
                 }
                 Err(_) => {
-                    return Err(StageError::on(
+                    return Routed::Answered(Err(StageError::on(
                         ProxyError::BadRequest("the redirect location is not a valid header"),
                         &route_stats.local,
-                    ));
+                    )));
                 }
             }
             route.response_headers.apply(resp.headers_mut());
-            Ok(Answer::local(resp, &route_stats.local))
+            Routed::Answered(Ok(Answer::local(resp, &route_stats.local)))
         }
         Action::Forward(split) => {
             let t = split.pick();
             let cluster = &split.targets[t].cluster;
             let stats = route_stats.targets[t].clone();
             if connect {
-                return match crate::http::upgrade::connect(conn, listener, cluster, parts).await {
-                    Ok((resp, endpoint)) => Ok(Answer {
-                        resp,
-                        stats,
-                        endpoint: Some(endpoint),
-                    }),
-                    Err(e) => Err(StageError {
-                        error: e,
-                        stats: Some(stats),
-                    }),
+                let tunnel = async move {
+                    match crate::http::upgrade::connect(conn, listener, cluster, parts).await {
+                        Ok((resp, endpoint)) => Ok(Answer {
+                            resp,
+                            stats,
+                            endpoint: Some(endpoint),
+                        }),
+                        Err(e) => Err(StageError {
+                            error: e,
+                            stats: Some(stats),
+                        }),
+                    }
                 };
+                return Routed::Pending(Pending::Connect(Box::pin(tunnel)));
             }
             let upstream_path = match &route.path_rewrite {
                 Some(rw) => Cow::Owned(rw.apply(&path)),
@@ -132,15 +185,10 @@ pub async fn route(
                 query,
                 start,
             };
-            forward
-                .run(parts, body)
-                .await
-                .map_err(|e| StageError::on(e, &stats))
-                .map(|(resp, endpoint)| Answer {
-                    resp,
-                    stats,
-                    endpoint: Some(endpoint),
-                })
+            match forward.start(parts, body) {
+                Ok(forwarding) => Routed::Pending(Pending::Forward { forwarding, stats }),
+                Err(e) => Routed::Answered(Err(StageError::on(e, &stats))),
+            }
         }
     }
 }

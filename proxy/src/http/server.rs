@@ -401,7 +401,6 @@ pub async fn serve_accepted(a: Accepted, mut stop: watch::Receiver<bool>) {
         hold,
         stop: stop.clone(),
     });
-    let service = service_fn(move |req| request::handle(ctx.clone(), req));
     let watchdog = Watchdog::new(activity, opts.idle_timeout.non_zero(), head_timeout);
 
     match proto {
@@ -411,7 +410,7 @@ pub async fn serve_accepted(a: Accepted, mut stop: watch::Receiver<bool>) {
                 .header_read_timeout(None)
                 .max_headers(opts.max_headers as usize)
                 .max_header_size(opts.max_request_headers_kb as usize * 1024)
-                .serve_connection(io, service)
+                .serve_connection(io, service_fn(move |req| request::handle(ctx.clone(), req)))
                 .with_upgrades();
             drive(conn, |c| c.graceful_shutdown(), watchdog, &mut stop, peer).await;
         }
@@ -424,7 +423,12 @@ pub async fn serve_accepted(a: Accepted, mut stop: watch::Receiver<bool>) {
                 .initial_connection_window_size(opts.initial_connection_window.0 as u32)
                 .max_pending_accept_reset_streams(Some(20))
                 .max_local_error_reset_streams(Some(1024))
-                .serve_connection(io, service);
+                // Each stream's future is a task of its own, moved several times on its way
+                // into the task: on the heap, it moves as a pointer.
+                .serve_connection(
+                    io,
+                    service_fn(move |req| Box::pin(request::handle(ctx.clone(), req))),
+                );
             drive(conn, |c| c.graceful_shutdown(), watchdog, &mut stop, peer).await;
         }
     }

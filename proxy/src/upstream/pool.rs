@@ -339,139 +339,147 @@ impl From<ProxyError> for SendFailure {
 
 /// Sends `req` to `endpoint` over `wire`: the response head (an HTTP/1.1 connection goes back
 /// to its pool when the response body is done).
-pub async fn send(
-    pools: &Rc<RefCell<Pools>>,
-    cluster: &Cluster,
-    endpoint: &Arc<Endpoint>,
+///
+/// An `async` block, not an `async fn`: the block uses the request where it was captured,
+/// where an `async fn` would keep a second copy of it in every request's future.
+#[allow(clippy::manual_async_fn)]
+pub fn send<'a>(
+    pools: &'a Rc<RefCell<Pools>>,
+    cluster: &'a Cluster,
+    endpoint: &'a Arc<Endpoint>,
     wire: Wire,
     mut req: Request<UpstreamBody>,
-) -> Result<Response<UpstreamResponseBody>, SendFailure> {
-    let unsent = |error, request| SendFailure {
-        error,
-        request: Some(request),
-    };
-    let key = PoolKey {
-        cluster: cluster.name.clone(),
-        addr: endpoint.address,
-        tls: cluster.tls.as_ref().map_or(0, |t| t.key),
-    };
-    cluster.stats.requests.inc();
-    let wire = match wire {
-        Wire::Negotiated => match negotiate(pools, cluster, endpoint, &key).await {
-            Ok(Wire::Http2) => {
-                if let Err(e) = into_h2_form(&mut req) {
-                    return Err(unsent(e, req));
+) -> impl Future<Output = Result<Response<UpstreamResponseBody>, SendFailure>> + 'a {
+    async move {
+        let unsent = |error, request| SendFailure {
+            error,
+            request: Some(request),
+        };
+        let key = PoolKey {
+            cluster: cluster.name.clone(),
+            addr: endpoint.address,
+            tls: cluster.tls.as_ref().map_or(0, |t| t.key),
+        };
+        cluster.stats.requests.inc();
+        let wire = match wire {
+            Wire::Negotiated => match negotiate(pools, cluster, endpoint, &key).await {
+                Ok(Wire::Http2) => {
+                    if let Err(e) = into_h2_form(&mut req) {
+                        return Err(unsent(e, req));
+                    }
+                    Wire::Http2
                 }
-                Wire::Http2
-            }
-            Ok(_) if crate::errors::is_grpc(req.headers()) => {
-                return Err(unsent(
-                    ProxyError::GrpcNeedsHttp2(cluster.name.clone()),
-                    req,
-                ));
-            }
-            Ok(w) => w,
-            Err(e) => return Err(unsent(e, req)),
-        },
-        w => w,
-    };
-    let mut stale_retried = false;
-    match wire {
-        Wire::Http1 if is_tunnel(&req) => {
-            // A new connection is the rare case: its (large) future lives on the heap, so
-            // that every request's future stays small.
-            let mut tx = match Box::pin(connect_tunnel(cluster, endpoint)).await {
-                Ok(tx) => tx,
+                Ok(_) if crate::errors::is_grpc(req.headers()) => {
+                    return Err(unsent(
+                        ProxyError::GrpcNeedsHttp2(cluster.name.clone()),
+                        req,
+                    ));
+                }
+                Ok(w) => w,
                 Err(e) => return Err(unsent(e, req)),
-            };
-            match tx.try_send_request(req).await {
-                Ok(resp) => Ok(resp.map(UpstreamResponseBody::Hyper)),
-                Err(mut e) => match e.take_message() {
-                    Some(r) => Err(unsent(ProxyError::upstream(e.into_error()), r)),
-                    None => Err(ProxyError::upstream(e.into_error()).into()),
-                },
-            }
-        }
-        Wire::Http1 => loop {
-            let idle = if stale_retried {
-                None
-            } else {
-                pools.borrow_mut().take_idle(&key)
-            };
-            let (conn, reused) = match idle {
-                Some(c) => (c, true),
-                None => {
-                    let home = home_of(pools, &key, cluster.max_idle_per_endpoint);
-                    match Box::pin(connect_h1(cluster, endpoint, home)).await {
-                        Ok(c) => (c, false),
-                        Err(e) => return Err(unsent(e, req)),
-                    }
-                }
-            };
-            match h1::send(conn, req).await {
-                Ok(resp) => return Ok(resp.map(UpstreamResponseBody::H1)),
-                Err(f) => match f.request {
-                    // Nothing written: the next connection.
-                    Some(r) if !f.written && reused => req = r,
-                    Some(r) if !f.written => return Err(unsent(h1_error(f.error), r)),
-                    // The keep-alive race: the server may close an idle connection just as a
-                    // request is written on it. A bodyless idempotent request that gets no
-                    // response head is sent once more on a new connection (RFC 9112 §9.3.1),
-                    // so that a backend restarting or timing out its idle connections costs
-                    // no request.
-                    Some(r)
-                        if reused
-                            && !stale_retried
-                            && resendable(&r)
-                            && f.error.closed_before_response() =>
-                    {
-                        tracing::debug!(
-                            cluster = %cluster.name,
-                            endpoint = %endpoint.address,
-                            "pooled connection closed under the request; sending it again"
-                        );
-                        cluster.stats.stale_resends.inc();
-                        stale_retried = true;
-                        req = r;
-                    }
-                    _ => return Err(h1_error(f.error).into()),
-                },
-            }
-        },
-        // Settled above.
-        Wire::Negotiated => Err(ProxyError::BadRequest("no protocol negotiated").into()),
-        Wire::Http2 => {
-            // A shared connection that refuses the request unsent (going away) gets one more
-            // try on a fresh connection.
-            let mut reuse = true;
-            loop {
-                let existing = if reuse {
-                    pools.borrow_mut().h2_sender(&key)
-                } else {
-                    None
-                };
-                let fresh = existing.is_none();
-                let mut tx = match existing {
-                    Some(tx) => tx,
-                    None => match Box::pin(connect_h2(cluster, endpoint)).await {
-                        Ok(tx) => {
-                            pools.borrow_mut().add_h2(key.clone(), tx.clone());
-                            tx
-                        }
-                        Err(e) => return Err(unsent(e, req)),
-                    },
+            },
+            w => w,
+        };
+        let mut stale_retried = false;
+        match wire {
+            Wire::Http1 if is_tunnel(&req) => {
+                // A new connection is the rare case: its (large) future lives on the heap, so
+                // that every request's future stays small.
+                let mut tx = match Box::pin(connect_tunnel(cluster, endpoint)).await {
+                    Ok(tx) => tx,
+                    Err(e) => return Err(unsent(e, req)),
                 };
                 match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp.map(UpstreamResponseBody::Hyper)),
-                    Err(mut e) => {
-                        pools.borrow_mut().drop_h2(&key);
-                        match e.take_message() {
-                            Some(r) if !fresh => {
-                                req = r;
-                                reuse = false;
+                    Ok(resp) => Ok(resp.map(UpstreamResponseBody::Hyper)),
+                    Err(mut e) => match e.take_message() {
+                        Some(r) => Err(unsent(ProxyError::upstream(e.into_error()), r)),
+                        None => Err(ProxyError::upstream(e.into_error()).into()),
+                    },
+                }
+            }
+            Wire::Http1 => loop {
+                let idle = if stale_retried {
+                    None
+                } else {
+                    pools.borrow_mut().take_idle(&key)
+                };
+                let (conn, reused) = match idle {
+                    Some(c) => (c, true),
+                    None => {
+                        let home = home_of(pools, &key, cluster.max_idle_per_endpoint);
+                        match Box::pin(connect_h1(cluster, endpoint, home)).await {
+                            Ok(c) => (c, false),
+                            Err(e) => return Err(unsent(e, req)),
+                        }
+                    }
+                };
+                match h1::send(conn, req).await {
+                    Ok(resp) => return Ok(resp.map(UpstreamResponseBody::H1)),
+                    Err(f) => match f.request {
+                        // Nothing written: the next connection.
+                        Some(r) if !f.written && reused => req = r,
+                        Some(r) if !f.written => return Err(unsent(h1_error(f.error), r)),
+                        // The keep-alive race: the server may close an idle connection just as a
+                        // request is written on it. A bodyless idempotent request that gets no
+                        // response head is sent once more on a new connection (RFC 9112 §9.3.1),
+                        // so that a backend restarting or timing out its idle connections costs
+                        // no request.
+                        Some(r)
+                            if reused
+                                && !stale_retried
+                                && resendable(&r)
+                                && f.error.closed_before_response() =>
+                        {
+                            tracing::debug!(
+                                cluster = %cluster.name,
+                                endpoint = %endpoint.address,
+                                "pooled connection closed under the request; sending it again"
+                            );
+                            cluster.stats.stale_resends.inc();
+                            stale_retried = true;
+                            req = r;
+                        }
+                        _ => return Err(h1_error(f.error).into()),
+                    },
+                }
+            },
+            // Settled above.
+            Wire::Negotiated => Err(ProxyError::BadRequest("no protocol negotiated").into()),
+            Wire::Http2 => {
+                // A shared connection that refuses the request unsent (going away) gets one more
+                // try on a fresh connection.
+                let mut reuse = true;
+                loop {
+                    let existing = if reuse {
+                        pools.borrow_mut().h2_sender(&key)
+                    } else {
+                        None
+                    };
+                    let fresh = existing.is_none();
+                    let mut tx = match existing {
+                        Some(tx) => tx,
+                        None => match Box::pin(connect_h2(cluster, endpoint)).await {
+                            Ok(tx) => {
+                                pools.borrow_mut().add_h2(key.clone(), tx.clone());
+                                tx
                             }
-                            Some(r) => return Err(unsent(ProxyError::upstream(e.into_error()), r)),
-                            None => return Err(ProxyError::upstream(e.into_error()).into()),
+                            Err(e) => return Err(unsent(e, req)),
+                        },
+                    };
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp.map(UpstreamResponseBody::Hyper)),
+                        Err(mut e) => {
+                            pools.borrow_mut().drop_h2(&key);
+                            match e.take_message() {
+                                Some(r) if !fresh => {
+                                    req = r;
+                                    reuse = false;
+                                }
+                                Some(r) => {
+                                    return Err(unsent(ProxyError::upstream(e.into_error()), r));
+                                }
+                                None => return Err(ProxyError::upstream(e.into_error()).into()),
+                            }
                         }
                     }
                 }

@@ -306,17 +306,24 @@ pub struct Failed {
 }
 
 /// Sends `req` on `conn` and reads the response head.
-pub async fn send(conn: Box<Conn>, req: Request<UpstreamBody>) -> Result<Response<Body>, Failed> {
+///
+/// A named future rather than an `async fn`: it holds the exchange and the request's parts
+/// once, where an `async fn` would also keep the request it was given and every value built
+/// from it, and every request's future holds this one.
+pub fn send(conn: Box<Conn>, req: Request<UpstreamBody>) -> Sending {
+    // Built where it is returned (each arm makes the whole value), not wrapped from another
+    // function's result: the future is a few hundred bytes, and each wrapping copies it.
     let (parts, body) = req.into_parts();
+    let unsent = |error| {
+        Sending(SendState::Failed(Failed {
+            error,
+            request: None,
+            written: false,
+        }))
+    };
     let framing = match framing(&parts.headers, &body) {
         Ok(f) => f,
-        Err(error) => {
-            return Err(Failed {
-                error,
-                request: None,
-                written: false,
-            });
-        }
+        Err(e) => return unsent(e),
     };
     let add_length = match framing {
         Framing::Chunked => false,
@@ -336,54 +343,109 @@ pub async fn send(conn: Box<Conn>, req: Request<UpstreamBody>) -> Result<Respons
         flushed: false,
         wrote: false,
     };
-    if body_done && let Err(error) = writer.queue_end(None) {
-        return Err(Failed {
-            error,
-            request: None,
-            written: false,
-        });
+    if body_done && let Err(e) = writer.queue_end(None) {
+        return unsent(e);
     }
-    let mut exchange = Exchange {
-        conn: Some(conn),
-        writer: Some(writer),
-        write_error: None,
-        method: parts.method.clone(),
-    };
-    match std::future::poll_fn(|cx| exchange.poll_head(cx)).await {
-        Ok(head) => {
-            let conn = exchange.conn.take();
-            // Still sending (the upstream answered early): the rare case, kept on the heap.
-            let writer = exchange
-                .writer
-                .take()
-                .filter(|w| !w.finished())
-                .map(Box::new);
-            let keep_alive = head.keep_alive && exchange.write_error.is_none();
-            let mut resp = Response::new(Body {
-                conn,
-                reading: head.reading,
-                writer,
-                keep_alive,
-            });
-            *resp.status_mut() = head.status;
-            *resp.version_mut() = head.version;
-            *resp.headers_mut() = head.headers;
-            // A bodiless response ends here: the connection goes home at once.
-            resp.body_mut().maybe_release();
-            Ok(resp)
-        }
-        Err(error) => {
-            let writer = exchange.writer.take();
-            let written = writer.as_ref().is_none_or(|w| w.wrote);
-            // The body is whole when none of the request was written, or when it had none.
-            let request = writer
-                .filter(|_| !written || body_done)
-                .map(|w| Request::from_parts(parts, w.body));
-            Err(Failed {
-                error,
-                request,
-                written,
-            })
+    let method = parts.method.clone();
+    Sending(SendState::Started(Started {
+        exchange: Exchange {
+            conn: Some(conn),
+            writer: Some(writer),
+            write_error: None,
+            method,
+        },
+        parts,
+        body_done,
+    }))
+}
+
+/// The future of [`send`].
+pub struct Sending(SendState);
+
+enum SendState {
+    Started(Started),
+    /// Refused before anything was queued (the request's framing).
+    Failed(Failed),
+    Done,
+}
+
+/// A request whose head is queued on its connection.
+struct Started {
+    exchange: Exchange,
+    /// The request's head, given back with its body if it must be sent again.
+    parts: http::request::Parts,
+    body_done: bool,
+}
+
+impl Future for Sending {
+    type Output = Result<Response<Body>, Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let state = &mut self.get_mut().0;
+        let got = match state {
+            SendState::Started(started) => Some(ready!(started.exchange.poll_head(cx))),
+            _ => None,
+        };
+        Poll::Ready(match (std::mem::replace(state, SendState::Done), got) {
+            (SendState::Started(started), Some(got)) => started.finish(got),
+            (SendState::Failed(failed), _) => Err(failed),
+            // Polled again after it finished.
+            _ => Err(Failed {
+                error: Error::Closed,
+                request: None,
+                written: false,
+            }),
+        })
+    }
+}
+
+impl Started {
+    /// The response for the head read, or the failure (with the request back when its body is
+    /// whole).
+    // The failure carries the request back (for another connection or a retry).
+    #[allow(clippy::result_large_err)]
+    fn finish(self, got: Result<Head, Error>) -> Result<Response<Body>, Failed> {
+        let Started {
+            mut exchange,
+            parts,
+            body_done,
+        } = self;
+        match got {
+            Ok(head) => {
+                let conn = exchange.conn.take();
+                // Still sending (the upstream answered early): the rare case, kept on the heap.
+                let writer = exchange
+                    .writer
+                    .take()
+                    .filter(|w| !w.finished())
+                    .map(Box::new);
+                let keep_alive = head.keep_alive && exchange.write_error.is_none();
+                let mut resp = Response::new(Body {
+                    conn,
+                    reading: head.reading,
+                    writer,
+                    keep_alive,
+                });
+                *resp.status_mut() = head.status;
+                *resp.version_mut() = head.version;
+                *resp.headers_mut() = head.headers;
+                // A bodiless response ends here: the connection goes home at once.
+                resp.body_mut().maybe_release();
+                Ok(resp)
+            }
+            Err(error) => {
+                let writer = exchange.writer.take();
+                let written = writer.as_ref().is_none_or(|w| w.wrote);
+                // The body is whole when none of the request was written, or when it had none.
+                let request = writer
+                    .filter(|_| !written || body_done)
+                    .map(|w| Request::from_parts(parts, w.body));
+                Err(Failed {
+                    error,
+                    request,
+                    written,
+                })
+            }
         }
     }
 }
