@@ -38,14 +38,31 @@ fn is_protected(name: &HeaderName) -> bool {
         || *name == X_REQUEST_ID
 }
 
-/// Whether `name` is a connection-specific field we always drop (RFC 9110 §7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::TE
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
+/// The connection-specific fields (RFC 9110 §7.6.1), one bit each, so that one pass over a
+/// message's names says which are there.
+const HOP_CONNECTION: u8 = 1;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 1;
+const HOP_UPGRADE: u8 = 1 << 2;
+const HOP_TE: u8 = 1 << 3;
+const HOP_KEEP_ALIVE: u8 = 1 << 4;
+const HOP_PROXY_CONNECTION: u8 = 1 << 5;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if *name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if *name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if *name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if *name == header::TE {
+        HOP_TE
+    } else if *name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if *name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 /// Removes the connection-specific fields of one hop (RFC 9110 §7.6.1): `Connection` and every
@@ -53,13 +70,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// unless it is exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, an
 /// upgrade handshake keeps `Upgrade` and gets `Connection: upgrade` back.
 ///
-/// One pass over the names first: most messages carry none of these, and then nothing else is
-/// done.
+/// One pass over the names first, noting which of these are there: most requests carry none,
+/// and most upstream responses only `Connection: keep-alive`; only those present are looked up
+/// again.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let present = headers
+        .keys()
+        .fold(0, |bits, name| bits | hop_by_hop_bit(name));
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    if present & HOP_CONNECTION != 0 {
         // Names listed in Connection are hop-by-hop too.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -83,17 +104,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    if let Some(te) = headers.get(header::TE)
+    if present & HOP_KEEP_ALIVE != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HOP_TE != 0
+        && let Some(te) = headers.get(header::TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         headers.remove(header::TE);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
@@ -256,6 +284,41 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["host", "x-keep"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_is_removed_alone_and_in_any_spelling() {
+        // Alone, so that each is found by the first pass on its own; in capitals and repeated,
+        // as a client or an upstream may send them.
+        for name in [
+            "Connection",
+            "Keep-Alive",
+            "Proxy-Connection",
+            "Transfer-Encoding",
+            "TE",
+            "Upgrade",
+        ] {
+            let mut h = map(&[(name, "x"), (name, "y"), ("x-keep", "1")]);
+            strip_hop_by_hop(&mut h, false);
+            let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-keep"], "{name} was kept");
+        }
+        // The usual upstream response: only `Connection: keep-alive`.
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "5")]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+        // Fields named only by a second `Connection` field, with odd spacing and case.
+        let mut h = map(&[
+            ("connection", "close"),
+            ("connection", " X-Drop ,,Proxy-Connection "),
+            ("x-drop", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("x-keep", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
     }
 
     #[test]
