@@ -43,55 +43,11 @@ RATE_CLIENTS=${RATE_CLIENTS:-50}
 RATE_PER_CLIENT=${RATE_PER_CLIENT:-100}   # 50 x 100 = 5,000 req/s
 BEFORE=${BEFORE:-}
 
-cat >"$work/proxy.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $work/proxy-error.log;
-pid $work/proxy.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  http2_max_requests 10000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; keepalive_requests 10000000; }
-  server {
-    listen 127.0.0.1:$NGINX_H1;
-    listen 127.0.0.1:$NGINX_H2 http2;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-EOF
-cat >"$work/weft.yaml" <<EOF
-admin: { address: "127.0.0.1:$ADMIN" }
-listeners:
-  - { name: main, address: "127.0.0.1:$WEFT_PORT", routes: main }
-routes:
-  main:
-    - to: [{ cluster: backend }]
-clusters:
-  - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
-EOF
+nginx_proxy_conf "$work/proxy.conf" "$BACKEND" "    listen 127.0.0.1:$NGINX_H1;
+    listen 127.0.0.1:$NGINX_H2 http2;" "  http2_max_requests 10000000;"
+weft_proxy_yaml "$work/weft.yaml" "$WEFT_PORT" "$ADMIN" "$BACKEND"
 
-cat >"$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend h2c
-  bind 127.0.0.1:$HAPROXY_H2 proto h2
-  default_backend backend
-backend backend
-  server b1 127.0.0.1:$BACKEND
-EOF
+haproxy_h2c_cfg "$work/haproxy.cfg" "$HAPROXY_H2" "$BACKEND"
 
 if [ -n "$BEFORE" ]; then
   sed -e "s/$WEFT_PORT/$BEFORE_PORT/" -e "s/$ADMIN/$BEFORE_ADMIN/" "$work/weft.yaml" >"$work/before.yaml"

@@ -54,6 +54,69 @@ backend_worker() {
   exit 1
 }
 
+# nginx_proxy_conf FILE BACKEND_PORT SERVER_LINES [HTTP_LINES]: nginx (one worker, no access log)
+# as a reverse proxy with upstream keep-alive to the backend; SERVER_LINES (its listen lines and
+# any TLS settings) go in its server block, HTTP_LINES in its http block.
+nginx_proxy_conf() {
+  cat >"$1" <<EOC
+worker_processes 1;
+daemon off;
+error_log $work/proxy-error.log;
+pid $work/proxy.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+${4:-}
+  upstream backend { server 127.0.0.1:$2; keepalive 256; keepalive_requests 10000000; }
+  server {
+$3
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOC
+}
+
+# weft_proxy_yaml FILE PORT ADMIN_PORT BACKEND_PORT: weft with one plain listener routing
+# everything to the backend (HTTP/1.1).
+weft_proxy_yaml() {
+  cat >"$1" <<EOC
+admin: { address: "127.0.0.1:$3" }
+listeners:
+  - { name: main, address: "127.0.0.1:$2", routes: main }
+routes:
+  main:
+    - to: [{ cluster: backend }]
+clusters:
+  - { name: backend, endpoints: ["127.0.0.1:$4"], protocol: http1 }
+EOC
+}
+
+# haproxy_h2c_cfg FILE PORT BACKEND_PORT: haproxy (one thread) taking prior-knowledge h2c on
+# PORT, reusing its HTTP/1.1 connections to the backend.
+haproxy_h2c_cfg() {
+  cat >"$1" <<EOC
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend h2c
+  bind 127.0.0.1:$2 proto h2
+  default_backend backend
+backend backend
+  server b1 127.0.0.1:$3
+EOC
+}
+
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
 
 TICK=$(getconf CLK_TCK)

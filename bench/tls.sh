@@ -46,31 +46,12 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
-cat >"$work/proxy.conf" <<EOC
-worker_processes 1;
-daemon off;
-error_log $work/proxy-error.log;
-pid $work/proxy.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; keepalive_requests 10000000; }
-  server {
-    listen 127.0.0.1:$NGINX ssl http2;
+nginx_proxy_conf "$work/proxy.conf" "$BACKEND" "    listen 127.0.0.1:$NGINX ssl http2;
     ssl_certificate $work/cert.pem;
     ssl_certificate_key $work/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache off;
-    ssl_session_tickets off;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-EOC
+    ssl_session_tickets off;"
 cat >"$work/weft.yaml" <<EOC
 admin: { address: "127.0.0.1:$ADMIN" }
 listeners:
