@@ -260,6 +260,56 @@ async fn connect_is_refused_unless_configured_then_tunnels_to_the_cluster() {
     .await;
 }
 
+/// A backend that speaks first and closes its side at once ("hello", FIN), then reads what
+/// the client still sends until the client closes too, and hands that over.
+fn half_closing_server() -> (SocketAddr, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        if s.write_all(b"hello").is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
+            return;
+        }
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.send(got);
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_carries_the_client_bytes_after_the_backend_half_closed() {
+    // The backend's FIN becomes weft's FIN to the client (a half-close): what the client sends
+    // afterwards still reaches the backend, none of it read and dropped as a closing HTTP/1.1
+    // connection's is.
+    let backend = Backend::start("b").await;
+    let (half, got) = half_closing_server();
+    let weft = Weft::start(
+        WEFT,
+        &config(
+            &backend.endpoint(),
+            "http: { upgrades: [CONNECT] }",
+            Some(half),
+        ),
+    );
+    let addr = weft.addr("main");
+    let got = blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(b"CONNECT echo.internal:443 HTTP/1.1\r\nHost: echo.internal:443\r\n\r\n")
+            .expect("write");
+        let head = raw_until(&mut s, "hello");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(closes(&mut s), "the backend's FIN reaches the client");
+        s.write_all(b"after the backend's FIN").expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        got.recv_timeout(Duration::from_secs(30))
+            .expect("the backend saw the client close")
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&got), "after the backend's FIN");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_holds_its_connection_slot_and_ends_when_idle() {
     let backend = Backend::start("u").await;

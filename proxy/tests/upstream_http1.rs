@@ -317,6 +317,47 @@ async fn an_upstream_that_refuses_a_body_before_reading_it_is_heard() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_after_an_early_answer_is_not_reset() {
+    // The upstream answers 413 on the head alone, while the client still has most of its body
+    // to send. weft sends the answer and its FIN, then lingers: it reads and drops what the
+    // client still sends. A close with those bytes unread would reset the connection, and
+    // curl, for one, gives up on a failed send without reading the answer it was sent.
+    let up = upstream(|_| {
+        (
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large"
+                .to_vec(),
+            true,
+        )
+    })
+    .await;
+    let weft = start(&up);
+    let mut s = tokio::net::TcpStream::connect(weft.addr("main"))
+        .await
+        .expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 104857600\r\n\r\n")
+        .await
+        .expect("head");
+    let chunk = vec![b'x'; 16 * 1024];
+    s.write_all(&chunk).await.expect("the first of the body");
+    // The whole answer, then weft's FIN.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
+        .await
+        .expect("the answer and weft's FIN in time");
+    let text = String::from_utf8_lossy(&got);
+    assert!(read.is_ok(), "{read:?} (after {text:?})");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.ends_with("too large"), "{text}");
+    // The rest of the body, as a client that was still sending sends it: taken, not refused.
+    for i in 0..64 {
+        if let Err(e) = s.write_all(&chunk).await {
+            panic!("write {i} after the answer: {e}");
+        }
+    }
+    s.shutdown().await.expect("the client's FIN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_bytes_inside_a_tls_record_are_caught_too() {
     use weft_testkit::tls::{Pki, server_config};
     // Over TLS the stray bytes arrive in the same record as the response: decrypted, they are

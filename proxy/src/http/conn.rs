@@ -49,6 +49,9 @@ pub struct ConnActivity {
     pub(crate) started: AtomicU64,
     /// HTTP/1.1: bytes of a request head arrived while nothing was in flight.
     head_pending: AtomicBool,
+    /// HTTP/1.1: the connection became a tunnel (an upgrade or `CONNECT`), whose shutdowns
+    /// are half-closes with the other direction still open.
+    tunnel: AtomicBool,
 }
 
 impl ConnActivity {
@@ -58,7 +61,17 @@ impl ConnActivity {
             active: AtomicU32::new(0),
             started: AtomicU64::new(0),
             head_pending: AtomicBool::new(false),
+            tunnel: AtomicBool::new(false),
         }
+    }
+
+    /// The connection is handed to a tunnel once its response is sent.
+    pub(crate) fn set_tunnel(&self) {
+        self.tunnel.store(true, Relaxed);
+    }
+
+    pub(crate) fn tunnel(&self) -> bool {
+        self.tunnel.load(Relaxed)
     }
 
     /// A request (HTTP/1.1) or stream (HTTP/2) was dispatched.

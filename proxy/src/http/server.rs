@@ -14,7 +14,7 @@ use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -208,12 +208,64 @@ impl Future for Watchdog {
     }
 }
 
+/// How long an HTTP/1.1 connection weft closes goes on reading (and discarding) what the
+/// client still sends, after the last response and its FIN: see [`ConnIo::poll_shutdown`].
+const LINGER: Duration = Duration::from_secs(3);
+
+/// Reads per poll while lingering, so that a client sending fast cannot hold the worker.
+const LINGER_READS: usize = 16;
+
 /// The connection's socket, telling [`ConnActivity`] when bytes of a new request head arrive
 /// (HTTP/1.1), or how far the preface and header blocks are (HTTP/2).
 struct ConnIo {
     inner: ServerIo,
     activity: Arc<ConnActivity>,
     h2: Option<H2Frames>,
+    /// The client closed its side (a read saw the end, or failed).
+    read_closed: bool,
+    /// While an HTTP/1.1 connection lingers: when it stops.
+    linger: Option<Pin<Box<Sleep>>>,
+}
+
+impl ConnIo {
+    fn new(inner: ServerIo, activity: Arc<ConnActivity>, h2: Option<H2Frames>) -> Self {
+        ConnIo {
+            inner,
+            activity,
+            h2,
+            read_closed: false,
+            linger: None,
+        }
+    }
+
+    /// Reads and drops what the client sends until it closes, until [`LINGER`] is over, or
+    /// for [`LINGER_READS`] reads (then asks to be polled again).
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 8192];
+        for _ in 0..LINGER_READS {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                // The client closed (or reset) its side: nothing it sent is lost any more.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return match self.linger.as_mut().map(|t| t.as_mut().poll(cx)) {
+                        Some(Poll::Pending) => Poll::Pending,
+                        _ => Poll::Ready(Ok(())),
+                    };
+                }
+            }
+        }
+        if self
+            .linger
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+        {
+            return Poll::Ready(Ok(()));
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 impl AsyncRead for ConnIo {
@@ -224,6 +276,7 @@ impl AsyncRead for ConnIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             match &mut this.h2 {
@@ -233,6 +286,8 @@ impl AsyncRead for ConnIo {
                     this.activity.set_h2_head_pending(frames.head_pending());
                 }
             }
+        } else if room && matches!(r, Poll::Ready(_)) {
+            this.read_closed = true;
         }
         r
     }
@@ -259,8 +314,23 @@ impl AsyncWrite for ConnIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
+    /// HTTP/1.1 closes with a lingering close, as nginx's and Envoy's do: when weft ends a
+    /// connection the client has not closed — an answer given before the request body was
+    /// read, `Connection: close`, a drain — the client may still be sending. Closing the socket
+    /// with its bytes unread would reset the connection, and a reset throws away what the
+    /// client has received but not yet read: the answer itself. So weft sends its FIN after the
+    /// answer, then reads and drops what still comes, until the client closes or [`LINGER`]
+    /// has passed.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.h2.is_some() || this.read_closed || this.activity.tunnel() {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        this.poll_linger(cx)
     }
 }
 
@@ -379,11 +449,7 @@ pub async fn serve_accepted(a: Accepted, mut stop: watch::Receiver<bool>) {
         // The preface is due first.
         activity.set_h2_head_pending(true);
     }
-    let io = TokioIo::new(ConnIo {
-        inner: io,
-        activity: activity.clone(),
-        h2,
-    });
+    let io = TokioIo::new(ConnIo::new(io, activity.clone(), h2));
     let ctx = Rc::new(ConnCtx {
         worker,
         listener: listener.clone(),

@@ -39,6 +39,7 @@ pub(crate) fn spawn_tunnel<U>(
     U: std::future::Future + 'static,
     U::Output: TunnelIo,
 {
+    conn.activity.set_tunnel();
     let hold = conn.hold.clone();
     let stop = conn.stop.clone();
     let peer = conn.peer;
