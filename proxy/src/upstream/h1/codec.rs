@@ -1,6 +1,8 @@
 //! The wire format of the HTTP/1.1 client: request heads and framing out, response heads and
 //! bodies in. Pure functions over buffers (no I/O), so each can be tested, and fuzzed, alone.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Version};
@@ -141,9 +143,16 @@ pub struct Head {
 
 /// Parses a response head from the front of `buf` (consuming it) when it is complete.
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
+    // Left uninitialised: the parser writes the fields it finds (initialising all 128 was
+    // 4 KiB of stores per response).
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() > MAX_HEAD {
