@@ -264,18 +264,24 @@ async fn clean_keep_alive_connections_are_reused_and_close_delimited_ones_are_no
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_that_refuses_a_body_before_reading_it_is_heard() {
-    // Answers 413 as soon as it has the head, and closes with the body unread (the kernel
-    // resets the connection under the proxy's writes).
-    let up = upstream(|_| {
+/// A backend that answers 413 as soon as it has a request head, and closes with the body
+/// unread.
+async fn refusing_bodies() -> Upstream {
+    upstream(|_| {
         (
             b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large"
                 .to_vec(),
             true,
         )
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_a_body_before_reading_it_is_heard() {
+    // Answers 413 as soon as it has the head, and closes with the body unread (the kernel
+    // resets the connection under the proxy's writes).
+    let up = refusing_bodies().await;
     let weft = start(&up);
     let body = Bytes::from(vec![b'x'; 8 * 1024 * 1024]);
     for _ in 0..3 {
@@ -322,14 +328,7 @@ async fn a_client_still_sending_after_an_early_answer_is_not_reset() {
     // to send. weft sends the answer and its FIN, then lingers: it reads and drops what the
     // client still sends. A close with those bytes unread would reset the connection, and
     // curl, for one, gives up on a failed send without reading the answer it was sent.
-    let up = upstream(|_| {
-        (
-            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large"
-                .to_vec(),
-            true,
-        )
-    })
-    .await;
+    let up = refusing_bodies().await;
     let weft = start(&up);
     let mut s = tokio::net::TcpStream::connect(weft.addr("main"))
         .await
@@ -355,6 +354,36 @@ async fn a_client_still_sending_after_an_early_answer_is_not_reset() {
         }
     }
     s.shutdown().await.expect("the client's FIN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_stops_sending_is_closed_and_starves_no_one() {
+    // After an early answer, a client streams as fast as it can and never closes: weft's
+    // lingering ends by its deadline (3 s), and meanwhile other clients are served.
+    let up = refusing_bodies().await;
+    let weft = start(&up);
+    let mut s = tokio::net::TcpStream::connect(weft.addr("main"))
+        .await
+        .expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 999999999999\r\n\r\n")
+        .await
+        .expect("head");
+    let chunk = vec![b'x'; 64 * 1024];
+    let sender = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < until {
+            if s.write_all(&chunk).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let r = get(&weft, "/other").await;
+    assert_eq!(r.status, 413, "another client is served meanwhile");
+    assert!(
+        sender.await.expect("sender"),
+        "the lingering connection was closed within 30 s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

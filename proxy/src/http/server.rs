@@ -237,35 +237,36 @@ impl ConnIo {
             linger: None,
         }
     }
+}
 
-    /// Reads and drops what the client sends until it closes, until [`LINGER`] is over, or
-    /// for [`LINGER_READS`] reads (then asks to be polled again).
-    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut scratch = [0u8; 8192];
-        for _ in 0..LINGER_READS {
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
-                // The client closed (or reset) its side: nothing it sent is lost any more.
-                Poll::Ready(_) => return Poll::Ready(Ok(())),
-                Poll::Pending => {
-                    return match self.linger.as_mut().map(|t| t.as_mut().poll(cx)) {
-                        Some(Poll::Pending) => Poll::Pending,
-                        _ => Poll::Ready(Ok(())),
-                    };
-                }
+/// Reads and drops what the client sends until it closes, until `until` fires, or for
+/// [`LINGER_READS`] reads (then asks to be polled again).
+fn poll_linger(
+    io: &mut ServerIo,
+    until: &mut Pin<Box<Sleep>>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let mut scratch = [0u8; 8192];
+    let mut waiting = false;
+    for _ in 0..LINGER_READS {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+            // The client closed (or reset) its side: nothing it sent is lost any more.
+            Poll::Ready(_) => return Poll::Ready(Ok(())),
+            Poll::Pending => {
+                waiting = true;
+                break;
             }
         }
-        if self
-            .linger
-            .as_mut()
-            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
-        {
-            return Poll::Ready(Ok(()));
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
+    if until.as_mut().poll(cx).is_ready() {
+        return Poll::Ready(Ok(()));
+    }
+    if !waiting {
+        cx.waker().wake_by_ref();
+    }
+    Poll::Pending
 }
 
 impl AsyncRead for ConnIo {
@@ -326,11 +327,14 @@ impl AsyncWrite for ConnIo {
         if this.h2.is_some() || this.read_closed || this.activity.tunnel() {
             return Pin::new(&mut this.inner).poll_shutdown(cx);
         }
-        if this.linger.is_none() {
-            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
-            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
-        }
-        this.poll_linger(cx)
+        let until = match &mut this.linger {
+            Some(until) => until,
+            None => {
+                ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+                this.linger.insert(Box::pin(tokio::time::sleep(LINGER)))
+            }
+        };
+        poll_linger(&mut this.inner, until, cx)
     }
 }
 
