@@ -64,6 +64,8 @@ routes:
   main:
     - match: {{ path: /rewritten }}
       direct_response: {{ status: 200, body: "rewritten route" }}
+    - match: {{ host: other.example }}
+      direct_response: {{ status: 200, body: "routed by the filter's authority" }}
     - to: [{{ cluster: app }}]
 clusters:
   - {{ name: app, endpoints: ["{}"] }}
@@ -114,6 +116,44 @@ filters:
             .expect("response");
         let uri = r.json()["uri"].as_str().unwrap_or_default().to_owned();
         assert!(uri.ends_with("/b?c=d"), "{uri}");
+
+        // Likewise an `:authority` the filter sets: the request is routed by it, and forwarded
+        // with it as `Host`; untouched, the client's own goes on.
+        let r = get_with(
+            &c,
+            &weft.url("main", "/a"),
+            &[("x-rewrite-authority", "other.example")],
+        )
+        .await
+        .expect("response");
+        assert_eq!(r.text(), "routed by the filter's authority");
+        let r = get_with(
+            &c,
+            &weft.url("main", "/a"),
+            &[("x-rewrite-authority", "app.example:8080")],
+        )
+        .await
+        .expect("response");
+        assert_eq!(r.json()["headers"]["host"], "app.example:8080");
+        let r = get_with(&c, &weft.url("main", "/a"), &[])
+            .await
+            .expect("response");
+        let own = weft.addr("main").to_string();
+        assert_eq!(r.json()["headers"]["host"].as_str(), Some(own.as_str()));
+        // Hostile: an authority with a path, userinfo or a space smuggled in is refused, as
+        // a client's would be, whichever way it is spelled.
+        for bad in ["other.example/x", "user@other.example", "other example"] {
+            let r = get_with(&c, &weft.url("main", "/a"), &[("x-rewrite-authority", bad)])
+                .await
+                .expect("response");
+            assert!(
+                r.status == 400 || r.status == 500,
+                "{bad}: {} {}",
+                r.status,
+                r.text()
+            );
+            assert_ne!(r.text(), "routed by the filter's authority", "{bad}");
+        }
     }
 }
 

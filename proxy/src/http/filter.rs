@@ -77,15 +77,20 @@ fn status_bytes(status: StatusCode) -> Bytes {
 }
 
 /// The request head as filters see it: `:authority`, `:path`, `:method`, `:scheme` (Envoy's
-/// order), then the fields, without `Host` and without connection-specific ones.
-fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Headers {
+/// order), then the fields, without `Host` and without connection-specific ones. Also the
+/// request's own `Host` field, which goes back as it was when no filter changes `:authority`.
+fn request_head(
+    parts: &mut Parts,
+    authority: &str,
+    scheme: &'static str,
+) -> (Headers, Option<HeaderValue>) {
     let mut map = std::mem::take(&mut parts.headers);
-    map.remove(header::HOST);
+    let host = map.remove(header::HOST);
     let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&map);
     headers::strip_hop_by_hop(&mut map, upgrade);
     headers::ensure_request_id(&mut map);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    Headers {
+    let head = Headers {
         pseudo: vec![
             pseudo(b":authority", Bytes::copy_from_slice(authority.as_bytes())),
             pseudo(b":path", Bytes::copy_from_slice(path.as_bytes())),
@@ -93,17 +98,22 @@ fn request_head(parts: &mut Parts, authority: &str, scheme: &'static str) -> Hea
             pseudo(b":scheme", scheme),
         ],
         map,
-    }
+    };
+    (head, host)
 }
 
 /// Puts what the filters left back into the request. A `:path` a filter set is canonical
 /// already (the host made it so when it was written) or is refused here, as a client's would
-/// be: the router and the upstream see the path the filters saw.
+/// be: the router and the upstream see the path the filters saw. `authority` is the one the
+/// filters were shown and `host` the request's `Host` field; true when `:authority` is still
+/// `authority` (the router need not find and check it again).
 fn apply_request_head(
     parts: &mut Parts,
     chain: &Chain,
     opts: &crate::config::PathOptions,
-) -> Result<(), ProxyError> {
+    authority: &str,
+    host: Option<HeaderValue>,
+) -> Result<bool, ProxyError> {
     let stream = chain.stream.borrow();
     let head = &stream.request_headers;
     let method = head.get(b":method").unwrap_or(b"GET");
@@ -129,11 +139,28 @@ fn apply_request_head(
         }
         parts.uri = Uri::try_from(path).map_err(|_| ProxyError::FilterOutput("invalid :path"))?;
     }
-    let authority = head.get(b":authority").unwrap_or_default();
-    let host = (!authority.is_empty())
-        .then(|| HeaderValue::from_bytes(authority))
-        .transpose()
-        .map_err(|_| ProxyError::FilterOutput("invalid :authority"))?;
+    let now = head.get(b":authority").unwrap_or_default();
+    let unchanged = now == authority.as_bytes();
+    let host = match host {
+        Some(h) if unchanged && h.as_bytes() == now => Some(h),
+        _ => (!now.is_empty())
+            .then(|| HeaderValue::from_bytes(now))
+            .transpose()
+            .map_err(|_| ProxyError::FilterOutput("invalid :authority"))?,
+    };
+    // An HTTP/2 request (or an absolute-form target) carries its authority in the URI too,
+    // where it wins over `Host`: it becomes the filter's, or the two would disagree.
+    if !unchanged && !now.is_empty() && parts.uri.authority().is_some() {
+        let invalid = || ProxyError::BadRequest("invalid authority");
+        let new: http::uri::Authority = std::str::from_utf8(now)
+            .ok()
+            .filter(|a| !a.contains('@'))
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(invalid)?;
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.authority = Some(new);
+        parts.uri = Uri::from_parts(uri).map_err(|_| invalid())?;
+    }
     drop(stream);
     let mut fields = chain.request_fields();
     chain.fix_length(Direction::Request, &mut fields);
@@ -141,7 +168,7 @@ fn apply_request_head(
     if let Some(h) = host {
         parts.headers.insert(header::HOST, h);
     }
-    Ok(())
+    Ok(unchanged)
 }
 
 /// Whether a message's body may be an open-ended conversation (gRPC, server-sent events, an
@@ -299,7 +326,7 @@ pub async fn run(
         routes: Some(listener.clone()),
         ..StreamInfo::default()
     };
-    let head = request_head(&mut parts, &authority, conn.scheme);
+    let (head, host) = request_head(&mut parts, &authority, conn.scheme);
     let chain = Chain::new(conn.worker.wasm.clone(), &listener.filters, info, head);
     let wait = listener.http.stream_idle_timeout.non_zero();
     let n = chain.len();
@@ -326,9 +353,12 @@ pub async fn run(
                 stopped(&chain, listener, stop.unwrap_or(Stop::Reset), None, grpc)?
             }
             (None, Some(body)) => {
-                let forwarded = match apply_request_head(&mut parts, &chain, &listener.http.path) {
-                    Ok(()) => {
-                        let mut routed = route::route(conn, listener, parts, body, start);
+                let opts = &listener.http.path;
+                let forwarded = match apply_request_head(&mut parts, &chain, opts, &authority, host)
+                {
+                    Ok(unchanged) => {
+                        let checked = unchanged.then_some(authority);
+                        let mut routed = route::route(conn, listener, parts, body, start, checked);
                         match routed {
                             Routed::Answered(answer) => answer,
                             Routed::Pending(ref mut pending) => pending.answer().await,

@@ -66,7 +66,7 @@ pub fn handle(
             Ok(Checked::Proceed) => {
                 let body = DownstreamBody::received(body, received);
                 // Awaited where it is: the forwarding state is held once, by this future.
-                let mut routed = route::route(&conn, listener, parts, body, start);
+                let mut routed = route::route(&conn, listener, parts, body, start, None);
                 match routed {
                     Routed::Answered(answer) => answer,
                     Routed::Pending(ref mut pending) => pending.answer().await,

@@ -66,20 +66,31 @@ impl Pending<'_> {
 }
 
 /// Routes a checked request: answered locally, or prepared for the cluster it goes to (all
-/// without waiting; the caller awaits [`Pending::answer`]).
+/// without waiting; the caller awaits [`Pending::answer`]). `checked_authority` is the
+/// request's authority when the caller already found and checked it (`check::authority`) on
+/// the head as it is now.
 pub fn route<'a>(
     conn: &'a ConnCtx,
     listener: &'a ListenerRuntime,
     parts: Parts,
     body: DownstreamBody,
     start: Instant,
+    checked_authority: Option<String>,
 ) -> Routed<'a> {
     // Each return builds the whole value where it is returned: `Routed` holds the forwarding
     // state (hundreds of bytes), and a `Result` around it would be copied out again.
     let refuse = |error| Routed::Answered(Err(StageError::new(error)));
-    let authority = match authority(&parts) {
-        Ok(a) => a.into_owned(),
-        Err(e) => return refuse(e),
+    debug_assert!(
+        checked_authority.is_none()
+            || authority(&parts).ok().as_deref() == checked_authority.as_deref(),
+        "route was given an authority that is not the request's"
+    );
+    let authority = match checked_authority {
+        Some(a) => a,
+        None => match authority(&parts) {
+            Ok(a) => a.into_owned(),
+            Err(e) => return refuse(e),
+        },
     };
     let (host, port) = split_host_port(&authority);
     // A cheap clone (shared bytes) so the path and query can be borrowed while `parts` moves on.

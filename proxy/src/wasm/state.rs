@@ -81,10 +81,17 @@ impl Headers {
     /// The first value of `name` (names compare lower-case).
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
         if name.first() == Some(&b':') {
+            // Pseudo-header names are kept lower-case, as the host asks for them: an exact
+            // match first, a caseless one for a guest's other spelling.
             return self
                 .pseudo
                 .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .find(|(k, _)| k[..] == *name)
+                .or_else(|| {
+                    self.pseudo
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                })
                 .map(|(_, v)| &v[..]);
         }
         let name = HeaderName::from_bytes(name).ok()?;

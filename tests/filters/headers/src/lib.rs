@@ -1,5 +1,6 @@
 //! Reads and writes headers both ways: the request gets `x-wasm-request`, `x-replace-me` is
-//! replaced and `x-remove-me` removed, `:path` is set from `x-rewrite-path`; the response gets
+//! replaced and `x-remove-me` removed, `:path` is set from `x-rewrite-path` and `:authority`
+//! from `x-rewrite-authority`; the response gets
 //! `x-wasm-response`, `x-echo-back` (the request's `x-echo`), `x-upstream-status`, and loses
 //! `x-backend`.
 
@@ -26,6 +27,9 @@ impl HttpContext for Headers {
         self.set_http_request_header("x-remove-me", None);
         if let Some(path) = self.get_http_request_header("x-rewrite-path") {
             self.set_http_request_header(":path", Some(&path));
+        }
+        if let Some(authority) = self.get_http_request_header("x-rewrite-authority") {
+            self.set_http_request_header(":authority", Some(&authority));
         }
         self.echo = self.get_http_request_header("x-echo");
         Action::Continue
