@@ -444,7 +444,9 @@ mod tests {
     /// growing and shrinking it, with its bytes kept; over-aligned layouts included.
     #[test]
     fn blocks_are_aligned_as_asked_and_keep_their_bytes() {
-        let sizes = [1, 7, 8, 15, 16, 24, 40, 100, 1000, 1025, 1500, 3000, 5000, 70_000];
+        let sizes = [
+            1, 7, 8, 15, 16, 24, 40, 100, 1000, 1025, 1500, 3000, 5000, 70_000,
+        ];
         let aligns = [1, 2, 4, 8, 16, 32, 64, 128, 4096];
         for size in sizes {
             for align in aligns {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 
@@ -58,9 +58,12 @@ enum Source {
     Replay(std::rc::Rc<std::cell::RefCell<Replay>>),
 }
 
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// Parses `grpc-timeout` (`1..8 digits` + `H M S m u n`).
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let v = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {
         return None;
     }
@@ -89,7 +92,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Classifies a failed try for the retry policy and for the cluster's outcome tracking.
@@ -220,8 +223,9 @@ impl<'a> Forward<'a, '_> {
             UpstreamProtocol::Auto if cluster.tls.is_none() || upgrade => Wire::Http1,
             UpstreamProtocol::Auto => Wire::Negotiated,
         };
+        let grpc = crate::errors::is_grpc(&parts.headers);
         // Said at once, not found out as a hang or a reset: gRPC cannot go over HTTP/1.1.
-        if wire == Wire::Http1 && crate::errors::is_grpc(&parts.headers) {
+        if wire == Wire::Http1 && grpc {
             return Err(ProxyError::GrpcNeedsHttp2(cluster.name.clone()));
         }
         if upgrade && wire == Wire::Http2 {
@@ -239,9 +243,7 @@ impl<'a> Forward<'a, '_> {
             .as_ref()
             .and_then(|k| hash_of(k, &parts.headers, self.conn.peer));
         // The overall deadline: the route's timeout, tightened by a gRPC client's own.
-        let grpc_deadline = crate::errors::is_grpc(&parts.headers)
-            .then(|| grpc_timeout(&parts.headers))
-            .flatten();
+        let grpc_deadline = grpc.then(|| grpc_timeout(&parts.headers)).flatten();
         let overall = match (self.route.timeout, grpc_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -412,10 +414,13 @@ impl Forwarding<'_> {
                     let status = resp.status().as_u16();
                     let outcome = Outcome::Response {
                         status,
-                        retry_after: retry_after(resp.headers()),
+                        // Only a 429's `Retry-After` is heeded (as how long to shun the endpoint).
+                        retry_after: (status == 429)
+                            .then(|| retry_after(resp.headers()))
+                            .flatten(),
                     };
                     cluster.report_at(&endpoint, outcome, elapsed, nanos_at(now));
-                    policy.retries_response(status, grpc_status(resp.headers()))
+                    policy.retries_response(status, || grpc_status(resp.headers()))
                 }
                 Err(failure) => {
                     let (f, outcome) = match &failure.error {

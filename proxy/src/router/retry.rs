@@ -84,7 +84,7 @@ impl RetryPolicy {
     }
 
     /// Whether a response with `status` (and `grpc-status` in its headers) is retried.
-    pub fn retries_response(&self, status: u16, grpc_status: Option<u32>) -> bool {
+    pub fn retries_response(&self, status: u16, grpc_status: impl FnOnce() -> Option<u32>) -> bool {
         if status >= 500 && self.has(RetryOn::FiveXx) {
             return true;
         }
@@ -94,7 +94,20 @@ impl RetryPolicy {
         if self.has(RetryOn::RetriableStatusCodes) && self.status_codes.contains(&status) {
             return true;
         }
-        match grpc_status {
+        // Read from the response only when the policy retries on a gRPC status.
+        if !self.on.iter().any(|c| {
+            matches!(
+                c,
+                RetryOn::Cancelled
+                    | RetryOn::DeadlineExceeded
+                    | RetryOn::ResourceExhausted
+                    | RetryOn::Internal
+                    | RetryOn::Unavailable
+            )
+        }) {
+            return false;
+        }
+        match grpc_status() {
             Some(1) => self.has(RetryOn::Cancelled),
             Some(4) => self.has(RetryOn::DeadlineExceeded),
             Some(8) => self.has(RetryOn::ResourceExhausted),
@@ -165,21 +178,25 @@ mod tests {
         assert!(default.retries_failure(TryFailure::ConnectFailure));
         assert!(default.retries_failure(TryFailure::RefusedStream));
         assert!(!default.retries_failure(TryFailure::Reset));
-        assert!(!default.retries_response(503, None));
+        assert!(!default.retries_response(503, || None));
 
         let gw = policy(vec![RetryOn::GatewayError], vec![409]);
-        assert!(gw.retries_response(503, None));
-        assert!(!gw.retries_response(500, None));
+        assert!(gw.retries_response(503, || None));
+        assert!(!gw.retries_response(500, || None));
         assert!(
-            gw.retries_response(409, None),
+            gw.retries_response(409, || None),
             "listed codes imply retriable-status-codes"
+        );
+        assert!(
+            !gw.retries_response(200, || unreachable!("no gRPC condition: not read")),
+            "a policy without a gRPC condition does not look for grpc-status"
         );
         assert!(gw.retries_failure(TryFailure::PerTryTimeout));
         assert!(!gw.retries_failure(TryFailure::Final));
 
         let grpc = policy(vec![RetryOn::Unavailable], vec![]);
-        assert!(grpc.retries_response(200, Some(14)));
-        assert!(!grpc.retries_response(200, Some(13)));
+        assert!(grpc.retries_response(200, || Some(14)));
+        assert!(!grpc.retries_response(200, || Some(13)));
     }
 
     #[test]
