@@ -1,12 +1,15 @@
 #![no_main]
 //! The HTTP/1.1 client's response decoder, on arbitrary upstream bytes fed in arbitrary
-//! pieces: it never panics, never consumes more than it was given, and a chunked body it
-//! accepts decodes to the same bytes and trailers when encoded again and split otherwise.
+//! pieces: it never panics, never consumes more than it was given, parses a head the same with
+//! the names a connection remembered from it as without, and a chunked body it accepts decodes
+//! to the same bytes and trailers when encoded again and split otherwise.
 
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
-use weft_proxy::upstream::h1::codec::{Chunk, Decoded, Reading, decode_chunk, parse_head};
+use weft_proxy::upstream::h1::codec::{
+    Chunk, Decoded, Names, Reading, decode_chunk, parse_head,
+};
 
 /// Decodes a chunked body fed `step` bytes at a time: the body and trailers, or `None` when
 /// refused or incomplete.
@@ -44,8 +47,14 @@ fuzz_target!(|data: &[u8]| {
     let method = if flags & 1 == 0 { Method::GET } else { Method::HEAD };
     let step = usize::from(flags >> 1).max(1);
     let mut buf = BytesMut::from(rest);
-    if let Ok(Some(head)) = parse_head(&mut buf, &method) {
+    let mut names = Names::default();
+    if let Ok(Some(head)) = parse_head(&mut buf, &method, &mut names) {
         assert!(buf.len() <= rest.len());
+        let mut again = BytesMut::from(rest);
+        let head2 = parse_head(&mut again, &method, &mut names)
+            .expect("parsed once")
+            .expect("complete once");
+        assert_eq!(head.headers, head2.headers, "the remembered names changed the head");
         if head.status.is_informational() || method == Method::HEAD {
             assert_eq!(head.reading, Reading::Done);
         }

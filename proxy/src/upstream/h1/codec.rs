@@ -132,6 +132,40 @@ pub enum Chunk {
     Trailers,
 }
 
+/// The field names of the responses a connection read, by position: an upstream sends the
+/// same names, spelled the same, in the same order response after response, and a name found
+/// here byte for byte is not parsed again.
+#[derive(Debug, Default)]
+pub struct Names(Vec<(Vec<u8>, HeaderName)>);
+
+impl Names {
+    /// Most positions remembered, and the longest name remembered (a hostile upstream's
+    /// names cost a connection at most about 2 KiB).
+    const POSITIONS: usize = 32;
+    const LONGEST: usize = 64;
+
+    /// The name spelled `raw` at position `i` of a head.
+    fn at(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, Error> {
+        if let Some((seen, name)) = self.0.get(i)
+            && seen[..] == *raw
+        {
+            return Ok(name.clone());
+        }
+        let name =
+            HeaderName::from_bytes(raw).map_err(|_| Error::Protocol("invalid header name"))?;
+        if i < Self::POSITIONS && raw.len() <= Self::LONGEST {
+            if let Some((seen, kept)) = self.0.get_mut(i) {
+                seen.clear();
+                seen.extend_from_slice(raw);
+                *kept = name.clone();
+            } else if i == self.0.len() {
+                self.0.push((raw.to_vec(), name.clone()));
+            }
+        }
+        Ok(name)
+    }
+}
+
 /// A parsed response head.
 pub struct Head {
     pub status: StatusCode,
@@ -141,8 +175,13 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
-/// Parses a response head from the front of `buf` (consuming it) when it is complete.
-pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+/// Parses a response head from the front of `buf` (consuming it) when it is complete; `names`
+/// are the connection's.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    names: &mut Names,
+) -> Result<Option<Head>, Error> {
     // Left uninitialised: the parser writes the fields it finds (initialising all 128 was
     // 4 KiB of stores per response).
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -184,9 +223,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
     let mut chunked = false;
     let mut has_te = false;
     let mut close = version == Version::HTTP_10;
-    for f in resp.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| Error::Protocol("invalid header name"))?;
+    for (i, f) in resp.headers.iter().enumerate() {
+        let name = names.at(i, f.name.as_bytes())?;
         let start = f.value.as_ptr() as usize - base;
         if name == header::CONTENT_LENGTH {
             let n = parse_length(f.value).ok_or(Error::Protocol("invalid content-length"))?;

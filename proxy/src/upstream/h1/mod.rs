@@ -78,6 +78,8 @@ pub struct Conn {
     io: ClientIo,
     /// Bytes read and not yet parsed.
     buf: BytesMut,
+    /// The field names of the responses read so far.
+    names: codec::Names,
     home: Home,
     _guard: ConnGuard,
 }
@@ -101,6 +103,7 @@ impl Conn {
         Box::new(Conn {
             io,
             buf: BytesMut::new(),
+            names: codec::Names::default(),
             home,
             _guard: guard,
         })
@@ -482,7 +485,7 @@ impl Exchange {
             }
             // Interim (1xx) responses are skipped.
             loop {
-                match parse_head(&mut conn.buf, &self.method)? {
+                match parse_head(&mut conn.buf, &self.method, &mut conn.names)? {
                     Some(h) if h.status.is_informational() => {
                         if h.status == StatusCode::SWITCHING_PROTOCOLS {
                             return Poll::Ready(Err(Error::Protocol(

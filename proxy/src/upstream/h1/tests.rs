@@ -10,7 +10,7 @@ fn get() -> Method {
 
 fn head_of(raw: &[u8]) -> Result<Option<Head>, Error> {
     let mut buf = BytesMut::from(raw);
-    parse_head(&mut buf, &get())
+    parse_head(&mut buf, &get(), &mut Names::default())
 }
 
 fn must_parse(raw: &[u8]) -> Head {
@@ -48,7 +48,7 @@ fn response_heads_are_framed_as_rfc_9112_says() {
         assert_eq!(must_parse(raw).reading, Reading::Done);
     }
     let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]);
-    let h = parse_head(&mut buf, &Method::HEAD)
+    let h = parse_head(&mut buf, &Method::HEAD, &mut Names::default())
         .expect("valid")
         .expect("complete");
     assert_eq!(h.reading, Reading::Done, "a response to HEAD has no body");
@@ -294,7 +294,7 @@ fn field_values_are_the_heads_own_bytes_and_what_follows_stays_buffered() {
     let mut buf = BytesMut::from(
         &b"HTTP/1.1 200 OK\r\nx-a: one\r\nx-empty:\r\nx-a: two \t\r\nx-obs: caf\xc3\xa9\r\ncontent-length: 4\r\n\r\nbodyHTTP/1.1"[..],
     );
-    let h = parse_head(&mut buf, &get())
+    let h = parse_head(&mut buf, &get(), &mut Names::default())
         .expect("valid")
         .expect("complete");
     let all: Vec<&[u8]> = h
@@ -313,4 +313,62 @@ fn field_values_are_the_heads_own_bytes_and_what_follows_stays_buffered() {
     buf.clear();
     buf.extend_from_slice(b"overwritten");
     assert_eq!(copy["x-a"], "one");
+}
+
+/// Names remembered from earlier heads on the connection are reused only for the very same
+/// spelling at the same position: another name there, another case, a longer or shorter name
+/// sharing a prefix, an invalid name, or a name past what is remembered is parsed as it is.
+#[test]
+fn remembered_field_names_never_stand_in_for_another_spelling() {
+    let mut names = Names::default();
+    let mut parse = |raw: &[u8]| {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, &get(), &mut names)
+    };
+    let listed = |h: &Head| -> Vec<String> { h.headers.keys().map(|k| k.to_string()).collect() };
+    let first = parse(b"HTTP/1.1 200 OK\r\nServer: a\r\nX-Aaaa: 1\r\ncontent-length: 0\r\n\r\n")
+        .expect("valid")
+        .expect("complete");
+    assert_eq!(listed(&first), ["server", "x-aaaa", "content-length"]);
+    for (raw, want) in [
+        (
+            &b"HTTP/1.1 200 OK\r\nServer: a\r\nX-Aaab: 1\r\ncontent-length: 0\r\n\r\n"[..],
+            ["server", "x-aaab", "content-length"],
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nSERVER: a\r\nx-aaab: 1\r\ncontent-length: 0\r\n\r\n",
+            ["server", "x-aaab", "content-length"],
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nServe: a\r\nx-aaabc: 1\r\ncontent-length: 0\r\n\r\n",
+            ["serve", "x-aaabc", "content-length"],
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nServer: a\r\nx-aaab: 1\r\n\r\n",
+            ["content-length", "server", "x-aaab"],
+        ),
+    ] {
+        let h = parse(raw).expect("valid").expect("complete");
+        assert_eq!(listed(&h), want, "{}", String::from_utf8_lossy(raw));
+        assert_eq!(
+            h.reading,
+            Reading::Done,
+            "content-length: 0 recognised at its position"
+        );
+    }
+    // A name that is not a token is refused even right after a valid one at its position.
+    assert!(parse(b"HTTP/1.1 200 OK\r\ncontent length: 0\r\n\r\n").is_err());
+    // Past the positions and lengths remembered: still parsed, every time.
+    let long = "x-".to_owned() + &"l".repeat(200);
+    let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+    for i in 0..40 {
+        raw.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+    }
+    raw.extend_from_slice(format!("{long}: v\r\ncontent-length: 0\r\n\r\n").as_bytes());
+    for _ in 0..2 {
+        let h = parse(&raw).expect("valid").expect("complete");
+        assert_eq!(h.headers.len(), 42);
+        assert!(h.headers.contains_key("x-39"));
+        assert!(h.headers.contains_key(long.as_str()));
+    }
 }
