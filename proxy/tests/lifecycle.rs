@@ -226,3 +226,72 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     // It exited once the request was done, not at the end of the 60 s grace period.
     assert!(sent.elapsed() < Duration::from_secs(30));
 }
+
+/// Connections that sit idle between requests when the drain starts are told at once, with
+/// nothing else happening on them: an HTTP/1.1 one is closed, an HTTP/2 one gets its GOAWAY
+/// and is closed, and weft exits without waiting for its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_as_soon_as_the_drain_starts() {
+    use std::io::{Read, Write};
+
+    let a = Backend::start("a").await;
+    let mut weft = Weft::start(WEFT, &config(MAIN, "one", &a.endpoint()));
+    let addr = weft.addr("main");
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .expect("request");
+        // The answer (the test backend's JSON echo, a few hundred bytes) in full: its
+        // Content-Length says when it is done.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let done = loop {
+            let n = s.read(&mut buf).expect("read");
+            assert!(n > 0, "closed before the answer");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().expect("length"))
+                    })
+                    .expect("content-length");
+                if body.len() >= len {
+                    break head.to_owned();
+                }
+            }
+        };
+        assert!(done.starts_with("HTTP/1.1 200"), "{done}");
+        idle.push(s);
+    }
+    let c = client::h2c();
+    let r = client::get(&c, &weft.url("main", "/")).await.expect("h2c");
+    assert_eq!(r.status, 200);
+
+    let sent = Instant::now();
+    weft.signal(libc::SIGTERM);
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        // EOF (or a reset): the connection was closed, long before the read times out.
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Ok(n) => panic!("bytes on an idle connection: {:?}", &buf[..n]),
+            Err(e) => panic!("the idle connection stayed open: {e}"),
+        }
+    }
+    let status = weft.wait_exit(Duration::from_secs(50));
+    assert!(status.success(), "{status}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(40),
+        "weft waited for the grace period: {:?}",
+        sent.elapsed()
+    );
+    drop(c);
+}

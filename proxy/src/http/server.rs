@@ -7,7 +7,7 @@
 //!   dispatched (HTTP/1.1), so a slowloris client cannot hold a connection;
 //! - `idle_timeout` runs while no request is in flight.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -522,6 +522,21 @@ async fn drive<C, G>(
     if shutting_down {
         graceful(conn.as_mut());
     }
+    // The drain signal is waited for by one `changed()` for the connection's life. Its first
+    // poll registers the connection's task with the channel, and that lasts: later wake-ups
+    // (the connection's own, several per request) only compare the channel's version, instead
+    // of taking the channel's lock to look at the registration again. Out of tokio's budget:
+    // a first poll turned away by it would register nothing.
+    let probe = stop.clone();
+    let mut changed = pin!(tokio::task::unconstrained(stop.changed()));
+    let mut registered = false;
+    let mut drained = poll_fn(|cx| {
+        if registered && matches!(probe.has_changed(), Ok(false)) {
+            return Poll::Pending;
+        }
+        registered = true;
+        changed.as_mut().poll(cx)
+    });
     loop {
         tokio::select! {
             biased;
@@ -541,7 +556,7 @@ async fn drive<C, G>(
                     graceful(conn.as_mut());
                 }
             },
-            changed = stop.changed(), if !shutting_down => {
+            changed = &mut drained, if !shutting_down => {
                 // A dropped sender (the worker went away) means stop too.
                 let _ = changed;
                 shutting_down = true;
