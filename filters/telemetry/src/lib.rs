@@ -178,8 +178,26 @@ pub struct TelemetryFilter {
 fn label_key(out: &mut String, labels: &[&str; 5]) {
     out.clear();
     for l in labels {
-        let _ = write!(out, "{}:{l}", l.len());
+        push_decimal(out, l.len() as u64);
+        out.push(':');
+        out.push_str(l);
     }
+}
+
+/// `n` in decimal, without `core::fmt` (which costs a guest several times as much, and this
+/// runs for every request).
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 /// A random id of `bytes` bytes in lower-case hex, never all zeros (which W3C and B3 reserve).
@@ -396,7 +414,8 @@ impl HttpFilter for TelemetryFilter {
         let resp_bytes = properties::get_int(&["response", "total_size"])
             .unwrap_or(0)
             .max(0);
-        let code_text = code.to_string();
+        let mut code_text = String::with_capacity(3);
+        push_decimal(&mut code_text, u64::from(code));
         let m = self.handles(&[
             &src_workload,
             &src_ns,
@@ -464,6 +483,22 @@ mod tests {
 
     fn start(config: &str) -> FilterTest {
         FilterTest::new::<Telemetry>(config).expect("config")
+    }
+
+    /// Decimal as `core::fmt` writes it, at the edges; label keys keep sets apart.
+    #[test]
+    fn decimals_and_label_keys() {
+        for n in [0, 1, 9, 10, 99, 100, 503, 65_535, u64::MAX] {
+            let mut s = String::new();
+            push_decimal(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
+        let mut a = String::new();
+        let mut b = String::new();
+        label_key(&mut a, &["a:1", "b", "", "200", ""]);
+        label_key(&mut b, &["a", "1:b", "", "200", ""]);
+        assert_ne!(a, b);
+        assert_eq!(a, "3:a:11:b0:3:2000:");
     }
 
     /// Ids are lower-case hex of the asked length (across the 16-digit blocks they are made
