@@ -23,6 +23,8 @@ pub enum TryFailure {
 pub struct RetryPolicy {
     pub attempts: u32,
     on: Vec<RetryOn>,
+    /// `on` holds a gRPC status condition (the response's `grpc-status` is read only then).
+    on_grpc_status: bool,
     status_codes: Vec<u16>,
     pub per_try_timeout: Option<Duration>,
     backoff_base: Duration,
@@ -68,9 +70,20 @@ impl RetryPolicy {
         if !r.status_codes.is_empty() && !on.contains(&RetryOn::RetriableStatusCodes) {
             on.push(RetryOn::RetriableStatusCodes);
         }
+        let on_grpc_status = on.iter().any(|c| {
+            matches!(
+                c,
+                RetryOn::Cancelled
+                    | RetryOn::DeadlineExceeded
+                    | RetryOn::ResourceExhausted
+                    | RetryOn::Internal
+                    | RetryOn::Unavailable
+            )
+        });
         RetryPolicy {
             attempts: r.attempts,
             on,
+            on_grpc_status,
             status_codes: r.status_codes.clone(),
             per_try_timeout: r.per_try_timeout.non_zero(),
             backoff_base: r.backoff.base.0,
@@ -94,17 +107,7 @@ impl RetryPolicy {
         if self.has(RetryOn::RetriableStatusCodes) && self.status_codes.contains(&status) {
             return true;
         }
-        // Read from the response only when the policy retries on a gRPC status.
-        if !self.on.iter().any(|c| {
-            matches!(
-                c,
-                RetryOn::Cancelled
-                    | RetryOn::DeadlineExceeded
-                    | RetryOn::ResourceExhausted
-                    | RetryOn::Internal
-                    | RetryOn::Unavailable
-            )
-        }) {
+        if !self.on_grpc_status {
             return false;
         }
         match grpc_status() {
