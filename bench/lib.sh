@@ -26,21 +26,33 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start_backend PORT: the backend every bench proxies to — nginx answering "hello world" on
-# PORT, one worker on LOAD_CPU. backend_worker prints its worker's PID (once it listens).
-start_backend() {
-  cat >"$work/backend.conf" <<EOC
+# nginx_top NAME: the start of every bench nginx's configuration — one worker in the
+# foreground, its error log and pid in $work as NAME-error.log and NAME.pid, and an open http
+# block without an access log or a limit on keep-alive requests (the caller closes it).
+nginx_top() {
+  cat <<EOC
 worker_processes 1;
 daemon off;
-error_log $work/backend-error.log;
-pid $work/backend.pid;
+error_log $work/$1-error.log;
+pid $work/$1.pid;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 10000000;
-  server { listen 127.0.0.1:$1; location / { return 200 "hello world\n"; } }
-}
 EOC
+}
+
+# nginx_hello NAME LISTEN_LINES: a whole nginx configuration answering "hello world" on the
+# addresses of LISTEN_LINES (`listen …;` directives).
+nginx_hello() {
+  nginx_top "$1"
+  printf '  server { %s location / { return 200 "hello world\\n"; } }\n}\n' "$2"
+}
+
+# start_backend PORT: the backend every bench proxies to — nginx answering "hello world" on
+# PORT, one worker on LOAD_CPU. backend_worker prints its worker's PID (once it listens).
+start_backend() {
+  nginx_hello backend "listen 127.0.0.1:$1;" >"$work/backend.conf"
   taskset -c "$LOAD_CPU" nginx -c "$work/backend.conf" &
   pids+=($!)
 }
@@ -58,15 +70,9 @@ backend_worker() {
 # as a reverse proxy with upstream keep-alive to the backend; SERVER_LINES (its listen lines and
 # any TLS settings) go in its server block, HTTP_LINES in its http block.
 nginx_proxy_conf() {
-  cat >"$1" <<EOC
-worker_processes 1;
-daemon off;
-error_log $work/proxy-error.log;
-pid $work/proxy.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
+  {
+    nginx_top proxy
+    cat <<EOC
 ${4:-}
   upstream backend { server 127.0.0.1:$2; keepalive 256; keepalive_requests 10000000; }
   server {
@@ -79,6 +85,7 @@ $3
   }
 }
 EOC
+  } >"$1"
 }
 
 # weft_proxy_yaml FILE PORT ADMIN_PORT BACKEND_PORT: weft with one plain listener routing

@@ -95,18 +95,7 @@ ctl node add web --identity default/web --label app=web >"$work/server.token"
 
 # The application: nginx in the server pod, on 127.0.0.1:8080 (through the sidecar) and
 # 0.0.0.0:8081 (direct).
-cat >"$work/app.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $work/app-error.log;
-pid $work/app.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:8080; listen 0.0.0.0:8081; location / { return 200 "hello world\n"; } }
-}
-EOF
+nginx_hello app "listen 127.0.0.1:8080; listen 0.0.0.0:8081;" >"$work/app.conf"
 ip netns exec "$nsp-server" taskset -c "$LOAD_CPU" nginx -c "$work/app.conf" &
 pids+=($!)
 
