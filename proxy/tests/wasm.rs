@@ -119,14 +119,22 @@ filters:
 
         // Likewise an `:authority` the filter sets: the request is routed by it, and forwarded
         // with it as `Host`; untouched, the client's own goes on.
-        let r = get_with(
-            &c,
-            &weft.url("main", "/a"),
-            &[("x-rewrite-authority", "other.example")],
-        )
-        .await
-        .expect("response");
-        assert_eq!(r.text(), "routed by the filter's authority");
+        // Another spelling of the same host routes the same.
+        for spelling in [
+            "other.example",
+            "OTHER.Example",
+            "other.example.",
+            "other.example:80",
+        ] {
+            let r = get_with(
+                &c,
+                &weft.url("main", "/a"),
+                &[("x-rewrite-authority", spelling)],
+            )
+            .await
+            .expect("response");
+            assert_eq!(r.text(), "routed by the filter's authority", "{spelling}");
+        }
         let r = get_with(
             &c,
             &weft.url("main", "/a"),
