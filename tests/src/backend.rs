@@ -216,8 +216,17 @@ impl Backend {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let shared = state.clone();
         let task = tokio::spawn(async move {
+            let mut closing = stopped.clone();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                // Stopping wins over a connection that arrives at the same time: once `Drop`
+                // has run, nothing more is accepted (the abort alone lands at the task's next
+                // poll, which may be on another thread).
+                let accepted = tokio::select! {
+                    biased;
+                    _ = closing.wait_for(|s| *s) => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -245,9 +254,12 @@ impl Backend {
                             }
                         }
                     };
+                    // Stopped first: a request that reaches a dropped backend on a connection
+                    // it had kept alive is never answered.
                     tokio::select! {
-                        _ = serve => {}
+                        biased;
                         _ = stopped.wait_for(|s| *s) => {}
+                        _ = serve => {}
                     }
                 });
             }
