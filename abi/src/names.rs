@@ -89,3 +89,38 @@ pub mod callback {
 
 /// The WASI preview1 module names a host provides functions under.
 pub const WASI_MODULES: [&str; 2] = ["wasi_snapshot_preview1", "wasi_unstable"];
+
+/// Foreign functions weft registers (`proxy_call_foreign_function`); any other proxy answers
+/// `NOT_FOUND`, which a module must accept.
+pub mod foreign {
+    use super::callback;
+
+    /// Arguments: export names from [`SKIPPABLE`], separated by commas. The module says its
+    /// implementation of each does nothing and lets everything through (the callback returns
+    /// `Continue`, `proxy_on_log` does nothing, `proxy_on_done` returns true), so the host may
+    /// leave it uncalled from now on (while the filter holds nothing of the stream). Declared
+    /// per VM. An unknown name is `BAD_ARGUMENT`, and nothing of the call is applied.
+    pub const SKIP_CALLBACKS: &str = "weft.skip_callbacks";
+
+    /// Arguments: `<max label sets, 1 to 800, decimal>\n<destination workload>` (empty: the
+    /// cluster the request went to). The host records Istio's golden metrics for the calling
+    /// plugin at the end of every request, as the telemetry filter would: `requests_total`
+    /// (labels `source_workload`, `source_namespace`, `destination_workload`, `response_code`,
+    /// `grpc_response_status`) and the `request_duration_milliseconds`, `request_bytes` and
+    /// `response_bytes` histograms (`source_workload`, `destination_workload`,
+    /// `response_code`), with at most that many label sets per worker (beyond, `_other`).
+    /// Bad arguments are `BAD_ARGUMENT`, and nothing changes.
+    pub const GOLDEN_METRICS: &str = "weft.golden_metrics";
+
+    /// The callbacks [`SKIP_CALLBACKS`] may name.
+    pub const SKIPPABLE: [&str; 8] = [
+        callback::ON_REQUEST_HEADERS,
+        callback::ON_REQUEST_BODY,
+        callback::ON_REQUEST_TRAILERS,
+        callback::ON_RESPONSE_HEADERS,
+        callback::ON_RESPONSE_BODY,
+        callback::ON_RESPONSE_TRAILERS,
+        callback::ON_LOG,
+        callback::ON_DONE,
+    ];
+}

@@ -384,14 +384,31 @@ async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
         "{tp}"
     );
 
-    let (_, metrics) = weft.admin_get("/metrics");
+    // Recorded when each request ends, which may be just after its answer arrived.
     let series = r#"weft_wasm_requests_total{filter="f",source_workload="unknown",source_namespace="unknown",destination_workload="app",response_code="200",grpc_response_status=""} 4"#;
-    assert!(metrics.lines().any(|l| l == series), "{metrics}");
+    let mut metrics = String::new();
+    weft_testkit::eventually(Duration::from_secs(20), "four requests counted", || {
+        metrics = weft.admin_get("/metrics").1;
+        metrics.lines().any(|l| l == series)
+    });
     assert!(
         metrics.lines().any(|l| l
             == r#"weft_wasm_request_duration_milliseconds_count{filter="f",source_workload="unknown",destination_workload="app",response_code="200"} 4"#),
         "{metrics}"
     );
+    // Sizes are the head's bytes and the body's: more than nothing, and the same for each of
+    // the three identical requests plus the fourth.
+    for name in ["request_bytes", "response_bytes"] {
+        let sum = format!(
+            "weft_wasm_{name}_sum{{filter=\"f\",source_workload=\"unknown\",destination_workload=\"app\",response_code=\"200\"}} "
+        );
+        let total: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(sum.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{sum}: {metrics}"));
+        assert!(total >= 4.0 * 20.0, "{name}: {total}");
+    }
 
     let path = weft.config_path().with_file_name("access.log");
     let read = || std::fs::read_to_string(&path).unwrap_or_default();
@@ -417,6 +434,41 @@ async fn telemetry_exports_golden_metrics_logs_and_propagates_traces() {
     assert_eq!(v["span_id"].as_str().map(str::len), Some(16));
     assert!(v["duration_ms"].as_f64().is_some_and(|d| d >= 0.0));
     assert!(v["bytes_sent"].as_i64().is_some_and(|b| b > 0));
+}
+
+/// Label sets past `max_label_sets` (per worker) are recorded as `_other`, and label values
+/// cannot break out of the exposition's syntax.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_caps_its_label_sets_and_keeps_values_inside_their_labels() {
+    let app = Backend::start("app").await;
+    let module = builtin("telemetry");
+    let filter = format!(
+        "  - name: f\n    module: \"{module}\"\n    config: {{ max_label_sets: 1, destination_workload: 'or\"d{{e}}rs,x' }}\n"
+    );
+    let weft = Weft::start_with(WEFT, &with_filter(&app, &filter), &["--workers", "1"]);
+    let c = client::http1();
+    for (path, status) in [("/status/404", 404), ("/status/503", 503), ("/", 200)] {
+        let r = client::get(&c, &weft.url("main", path))
+            .await
+            .expect("answer");
+        assert_eq!(r.status, status);
+    }
+    let first = r#"weft_wasm_requests_total{filter="f",source_workload="unknown",source_namespace="unknown",destination_workload="ordersx",response_code="404",grpc_response_status=""} 1"#;
+    let other = r#"weft_wasm_requests_total{filter="f",source_workload="_other",source_namespace="_other",destination_workload="_other",response_code="_other",grpc_response_status="_other"} 2"#;
+    let mut metrics = String::new();
+    weft_testkit::eventually(Duration::from_secs(20), "three requests counted", || {
+        metrics = weft.admin_get("/metrics").1;
+        metrics.lines().any(|l| l == other)
+    });
+    assert!(metrics.lines().any(|l| l == first), "{metrics}");
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("weft_wasm_requests_total{"))
+            .count(),
+        2,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

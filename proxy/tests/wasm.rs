@@ -1001,6 +1001,17 @@ async fn a_module_is_swapped_under_load_without_a_failed_request() {
     );
 }
 
+/// The callbacks of a GET, in Envoy's order.
+const GET_ORDER: [&str; 7] = [
+    "context_create",
+    "request_headers+eos",
+    "response_headers",
+    "response_body+eos",
+    "log",
+    "done",
+    "delete",
+];
+
 /// The `order:` lines logged from `from` on, once the stream's `order:delete` is there.
 fn order_lines(weft: &Weft, from: usize) -> Vec<String> {
     let mut lines = Vec::new();
@@ -1054,19 +1065,7 @@ filters:
     client::get(&c, &weft.url("main", "/"))
         .await
         .expect("response");
-    assert_eq!(
-        order_lines(&weft, mark),
-        [
-            "context_create",
-            "request_headers+eos",
-            "response_headers",
-            "response_body+eos",
-            "log",
-            "done",
-            "delete"
-        ],
-        "GET"
-    );
+    assert_eq!(order_lines(&weft, mark), GET_ORDER, "GET");
 
     let mark = weft.log_lines().len();
     post(&c, &weft.url("main", "/"), "a body").await;
@@ -1092,15 +1091,7 @@ filters:
     assert_eq!(r.status, 403);
     assert_eq!(
         order_lines(&weft, mark),
-        [
-            "context_create",
-            "request_headers+eos",
-            "response_headers",
-            "response_body+eos",
-            "log",
-            "done",
-            "delete"
-        ],
+        GET_ORDER,
         "local reply from the next filter"
     );
 
@@ -1109,17 +1100,232 @@ filters:
         .await
         .expect("response");
     assert_eq!(r.status, 503);
+    assert_eq!(order_lines(&weft, mark), GET_ORDER, "upstream error");
+}
+
+/// A listener per filter of `names` (named as the filter), all routing to `app`.
+fn listener_per_filter(app: &Backend, names: &[&str], filters: &str) -> String {
+    let listeners: String = names
+        .iter()
+        .map(|name| {
+            format!(
+                "  - {{ name: {name}, address: \"127.0.0.1:0\", routes: main, filters: [{name}] }}\n"
+            )
+        })
+        .collect();
+    format!(
+        "listeners:\n{listeners}routes:\n  main:\n    - to: [{{ cluster: app }}]\n\
+         clusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\nfilters:\n{filters}",
+        app.endpoint()
+    )
+}
+
+/// The words of the log lines from `from` on that start with `prefix`.
+fn logged_words(weft: &Weft, from: usize, prefix: &str) -> Vec<String> {
+    weft.log_lines()[from..]
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .filter(|w| w.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A module may say which of its callbacks do nothing (`weft.skip_callbacks`); weft then does
+/// not call them, and what they would have let through goes on: a body that no filter looks
+/// at goes around the filters and is still counted in `request.size` and `response.size`.
+/// A list with a name weft does not know, a callback that cannot be skipped, or arguments out
+/// of bounds or too long is refused as a whole, and every callback is called as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_a_module_says_do_nothing_are_not_called() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let skipping = |name: &str, args: &str, at: Option<(i32, i32)>| {
+        let path = wasm_guests::write(
+            dir.path(),
+            name,
+            &wasm_guests::skipping_order_logger(args, at),
+        );
+        format!("  - {{ name: {name}, module: \"{path}\" }}\n")
+    };
+    let refused = ["unknown", "create", "empty", "oversized", "outside"];
+    let mut filters = skipping(
+        "quiet",
+        "proxy_on_response_headers, proxy_on_response_body,proxy_on_response_trailers,proxy_on_log,proxy_on_done",
+        None,
+    );
+    filters += &skipping(
+        "around",
+        "proxy_on_request_body,proxy_on_request_trailers,proxy_on_response_body,proxy_on_response_trailers",
+        None,
+    );
+    filters += &skipping("unknown", "proxy_on_log,proxy_on_bogus", None);
+    filters += &skipping("create", "proxy_on_context_create", None);
+    filters += &skipping("empty", "", None);
+    filters += &skipping("oversized", "proxy_on_log", Some((4160, 5000)));
+    filters += &skipping("outside", "proxy_on_log", Some((0x7fff_0000, 12)));
+    let names: Vec<&str> = ["quiet", "around"]
+        .iter()
+        .chain(&refused)
+        .copied()
+        .collect();
+    let yaml = listener_per_filter(&app, &names, &filters);
+    let weft = Weft::start_with(WEFT, &yaml, &["--workers", "1"]);
+    let c = client::http1();
+    // Every VM up, and its answer to the call logged.
+    for name in ["quiet", "around"].iter().chain(&refused) {
+        let r = client::get(&c, &weft.url(name, "/"))
+            .await
+            .expect("response");
+        assert_eq!(r.status, 200, "{name}");
+    }
+    eventually(Duration::from_secs(10), "the last VM's stream ends", || {
+        logged_words(&weft, 0, "order:delete").len() == 2 + refused.len()
+    });
+    let ok = logged_words(&weft, 0, "skip:ok").len();
+    let no = logged_words(&weft, 0, "skip:refused").len();
+    assert!(ok >= 2 && no >= refused.len(), "ok {ok}, refused {no}");
+
+    let mark = weft.log_lines().len();
+    let r = client::get(&c, &weft.url("quiet", "/q"))
+        .await
+        .expect("GET");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("\"/q\""), "{}", r.text());
+    assert_eq!(
+        order_lines(&weft, mark),
+        ["context_create", "request_headers+eos", "delete"],
+        "GET, the response side skipped"
+    );
+    let mark = weft.log_lines().len();
+    let r = post(&c, &weft.url("quiet", "/q"), "a body").await;
+    assert_eq!(r.status, 200);
     assert_eq!(
         order_lines(&weft, mark),
         [
             "context_create",
-            "request_headers+eos",
+            "request_headers",
+            "request_body+eos",
+            "delete"
+        ],
+        "POST, the response side skipped"
+    );
+
+    let mark = weft.log_lines().len();
+    let r = post(&c, &weft.url("around", "/a"), "a body").await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("\"/a\""), "{}", r.text());
+    assert_eq!(
+        order_lines(&weft, mark),
+        [
+            "context_create",
+            "request_headers",
             "response_headers",
-            "response_body+eos",
             "log",
             "done",
             "delete"
         ],
-        "upstream error"
+        "POST, bodies skipped"
     );
+    assert_eq!(
+        logged_words(&weft, mark, "size:"),
+        [
+            "size:request=6".to_owned(),
+            format!("size:response={}", r.body.len())
+        ],
+        "bodies that went around the filter are counted"
+    );
+
+    for name in refused {
+        let mark = weft.log_lines().len();
+        let r = client::get(&c, &weft.url(name, "/")).await.expect("GET");
+        assert_eq!(r.status, 200, "{name}");
+        assert_eq!(
+            order_lines(&weft, mark),
+            GET_ORDER,
+            "{name}: refused, every callback is called"
+        );
+    }
+}
+
+/// A module may ask weft to record Istio's golden metrics for it (`weft.golden_metrics`):
+/// weft counts and measures every request of the plugin itself, labelled as the telemetry
+/// filter labels them, with at most the asked number of label sets (beyond, `_other`). Bad
+/// arguments are refused and record nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_records_golden_metrics_a_module_asks_for() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let asking = |name: &str, args: &str| {
+        let module = wasm_guests::foreign_order_logger("weft.golden_metrics", args, None);
+        let path = wasm_guests::write(dir.path(), name, &module);
+        format!("  - {{ name: {name}, module: \"{path}\" }}\n")
+    };
+    let cases = [
+        ("cluster", "200\n"),
+        ("capped", "1\nshop"),
+        ("zero", "0\nshop"),
+        ("huge", "801\n"),
+        ("word", "ten\n"),
+        ("one_line", "20"),
+    ];
+    let filters: String = cases
+        .iter()
+        .map(|(name, args)| asking(name, args))
+        .collect();
+    let names: Vec<&str> = cases.iter().map(|(name, _)| *name).collect();
+    let yaml = listener_per_filter(&app, &names, &filters);
+    let weft = Weft::start_with(WEFT, &yaml, &["--workers", "1"]);
+    let c = client::http1();
+    for (name, _) in cases {
+        for path in ["/", "/status/404", "/"] {
+            client::get(&c, &weft.url(name, path))
+                .await
+                .expect("answer");
+        }
+    }
+    let counted = |metrics: &str, filter: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("weft_wasm_requests_total{{filter=\"{filter}\"")))
+            .map(str::to_owned)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let set = |lines: &[&str]| {
+        lines
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let mut metrics = String::new();
+    eventually(Duration::from_secs(20), "every request counted", || {
+        metrics = weft.admin_get("/metrics").1;
+        counted(&metrics, "capped").len() == 2 && counted(&metrics, "cluster").len() == 2
+    });
+    assert_eq!(
+        counted(&metrics, "cluster"),
+        set(&[
+            r#"weft_wasm_requests_total{filter="cluster",source_workload="unknown",source_namespace="unknown",destination_workload="app",response_code="200",grpc_response_status=""} 2"#,
+            r#"weft_wasm_requests_total{filter="cluster",source_workload="unknown",source_namespace="unknown",destination_workload="app",response_code="404",grpc_response_status=""} 1"#,
+        ]),
+        "{metrics}"
+    );
+    assert_eq!(
+        counted(&metrics, "capped"),
+        set(&[
+            r#"weft_wasm_requests_total{filter="capped",source_workload="unknown",source_namespace="unknown",destination_workload="shop",response_code="200",grpc_response_status=""} 2"#,
+            r#"weft_wasm_requests_total{filter="capped",source_workload="_other",source_namespace="_other",destination_workload="_other",response_code="_other",grpc_response_status="_other"} 1"#,
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            r#"weft_wasm_request_duration_milliseconds_count{filter="cluster",source_workload="unknown",destination_workload="app",response_code="200"} 2"#
+        )),
+        "{metrics}"
+    );
+    for (name, _) in &cases[2..] {
+        assert!(counted(&metrics, name).is_empty(), "{name}: {metrics}");
+    }
+    assert_eq!(logged_words(&weft, 0, "skip:ok").len(), 2);
+    assert!(logged_words(&weft, 0, "skip:refused").len() >= 4);
 }

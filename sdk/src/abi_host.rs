@@ -122,6 +122,14 @@ unsafe extern "C" {
     fn proxy_increment_metric(id: u32, delta: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
     fn proxy_get_metric(id: u32, ret_value: *mut u64) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        args: *const u8,
+        args_size: usize,
+        ret_data: *mut *mut u8,
+        ret_size: *mut usize,
+    ) -> u32;
 }
 
 fn check(code: u32) -> Result<(), Status> {
@@ -432,5 +440,21 @@ impl Host for AbiHost {
         // SAFETY: a valid out-pointer.
         check(unsafe { proxy_get_metric(id, &mut v) })?;
         Ok(v)
+    }
+
+    fn call_foreign_function(&self, name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+        // SAFETY: valid slices and out-pointers; the result is ours.
+        check(unsafe {
+            proxy_call_foreign_function(
+                name.as_ptr(),
+                name.len(),
+                args.as_ptr(),
+                args.len(),
+                &mut data,
+                &mut size,
+            )
+        })?;
+        Ok((!data.is_null()).then(|| unsafe { owned(data, size) }))
     }
 }

@@ -21,7 +21,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Duration;
 
-use weft_abi::{BufferType, LogLevel, MapType, StreamType};
+use weft_abi::{BufferType, BuildIdHasher, LogLevel, MapType, StreamType};
 
 use crate::host::host;
 use crate::{Action, Body, Headers, HttpFilter, Plugin};
@@ -57,6 +57,58 @@ pub(crate) enum Phase {
     ResponseHeaders,
     ResponseBody,
     ResponseTrailers,
+}
+
+/// A callback whose default ran: the filter's type does not implement it. The host is told
+/// once (`weft.skip_callbacks`), and weft stops calling it; any other proxy answers
+/// `NOT_FOUND` and goes on calling it, which changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unused {
+    Stream(Phase),
+    Log,
+    /// `proxy_on_done`, which always answers "done" in this SDK.
+    Done,
+}
+
+impl Unused {
+    fn bit(self) -> u8 {
+        match self {
+            Unused::Stream(p) => p as u8,
+            Unused::Log => 6,
+            Unused::Done => 7,
+        }
+    }
+
+    fn export(self) -> &'static str {
+        use weft_abi::names::callback as cb;
+        match self {
+            Unused::Stream(Phase::RequestHeaders) => cb::ON_REQUEST_HEADERS,
+            Unused::Stream(Phase::RequestBody) => cb::ON_REQUEST_BODY,
+            Unused::Stream(Phase::RequestTrailers) => cb::ON_REQUEST_TRAILERS,
+            Unused::Stream(Phase::ResponseHeaders) => cb::ON_RESPONSE_HEADERS,
+            Unused::Stream(Phase::ResponseBody) => cb::ON_RESPONSE_BODY,
+            Unused::Stream(Phase::ResponseTrailers) => cb::ON_RESPONSE_TRAILERS,
+            Unused::Log => cb::ON_LOG,
+            Unused::Done => cb::ON_DONE,
+        }
+    }
+}
+
+thread_local! {
+    /// Bits of the [`Unused`] callbacks the host was told of (one VM per instance).
+    static TOLD: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Tells the host, once per VM, that `callback` does nothing for this module's filter.
+pub(crate) fn unused(callback: Unused) {
+    let bit = 1 << callback.bit();
+    if TOLD.get() & bit != 0 {
+        return;
+    }
+    TOLD.set(TOLD.get() | bit);
+    let name = weft_abi::names::foreign::SKIP_CALLBACKS;
+    // NOT_FOUND (not weft) or any refusal: the host goes on calling it, as before.
+    let _ = host().call_foreign_function(name, callback.export().as_bytes());
 }
 
 impl Phase {
@@ -163,8 +215,8 @@ type Factory = fn(&[u8]) -> Result<Rc<dyn RootAny>, String>;
 #[derive(Default)]
 struct State {
     factory: Option<Factory>,
-    roots: HashMap<u32, Root>,
-    streams: HashMap<u32, Stream>,
+    roots: HashMap<u32, Root, BuildIdHasher>,
+    streams: HashMap<u32, Stream, BuildIdHasher>,
     /// Streams whose futures were woken and must be polled.
     ready: Vec<u32>,
 }
@@ -216,6 +268,7 @@ pub(crate) fn reset() {
     });
     crate::upstream::reset();
     crate::time::reset();
+    TOLD.set(0);
 }
 
 // Waking: a waker is the stream's context id; waking queues it to be polled.
@@ -278,6 +331,7 @@ fn start(context: u32, filter: &Rc<dyn StreamAny>, phase: Phase, size: usize, eo
         0
     };
     let Some(mut fut) = filter.call(phase, from, size, eos) else {
+        unused(Unused::Stream(phase));
         return Step::Skipped;
     };
     match poll(context, &mut fut) {
@@ -485,6 +539,7 @@ pub(crate) fn on_configure(root: u32, size: usize) -> u32 {
             if period.is_some() {
                 update_tick(root);
             }
+            unused(Unused::Done);
             1
         }
         Err(e) => {

@@ -120,6 +120,10 @@ pub trait Host {
     fn get_metric(&self, id: u32) -> Result<u64, Status> {
         Err(Status::Unimplemented)
     }
+    /// `proxy_call_foreign_function`: what the function returned (`None`: nothing).
+    fn call_foreign_function(&self, name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        Err(Status::NotFound)
+    }
 }
 
 thread_local! {

@@ -51,6 +51,7 @@
 #[cfg(target_family = "wasm")]
 mod abi_host;
 pub mod config;
+pub mod decimal;
 mod dispatch;
 #[cfg(target_family = "wasm")]
 #[doc(hidden)]
@@ -125,6 +126,8 @@ pub trait Plugin: Sized + 'static {
 }
 
 /// One request's filter. Every callback is optional; the defaults let the request through.
+/// A callback left at its default costs nothing on weft: the first time a default runs, the
+/// SDK tells weft (`weft.skip_callbacks`), which stops calling it.
 ///
 /// The `async` callbacks may await callouts ([`upstream::http_call`], [`upstream::grpc_call`])
 /// and [`time::sleep`]: the request (or response) is held where it is until the callback
@@ -136,6 +139,7 @@ pub trait HttpFilter: 'static {
     /// upstream (the request goes no further), [`Action::Pause`] to hold it (it stays held).
     async fn on_request_headers(&self, headers: &mut Headers, end_of_stream: bool) -> Action {
         let _ = (headers, end_of_stream);
+        dispatch::unused(dispatch::Unused::Stream(dispatch::Phase::RequestHeaders));
         Action::Continue
     }
 
@@ -144,40 +148,54 @@ pub trait HttpFilter: 'static {
     /// `end_of_stream` the whole body. Only called when the filter's type overrides it.
     async fn on_request_body(&self, body: &mut Body, end_of_stream: bool) -> Action {
         let _ = (body, end_of_stream);
+        dispatch::unused(dispatch::Unused::Stream(dispatch::Phase::RequestBody));
         Action::Continue
     }
 
     /// The request trailers arrived.
     async fn on_request_trailers(&self, trailers: &mut Headers) -> Action {
         let _ = trailers;
+        dispatch::unused(dispatch::Unused::Stream(dispatch::Phase::RequestTrailers));
         Action::Continue
     }
 
     /// The response head arrived (from the upstream, or a local response).
     async fn on_response_headers(&self, headers: &mut Headers, end_of_stream: bool) -> Action {
         let _ = (headers, end_of_stream);
+        dispatch::unused(dispatch::Unused::Stream(dispatch::Phase::ResponseHeaders));
         Action::Continue
     }
 
     /// A chunk of the response body; as [`HttpFilter::on_request_body`].
     async fn on_response_body(&self, body: &mut Body, end_of_stream: bool) -> Action {
         let _ = (body, end_of_stream);
+        dispatch::unused(dispatch::Unused::Stream(dispatch::Phase::ResponseBody));
         Action::Continue
     }
 
     /// The response trailers arrived.
     async fn on_response_trailers(&self, trailers: &mut Headers) -> Action {
         let _ = trailers;
+        dispatch::unused(dispatch::Unused::Stream(dispatch::Phase::ResponseTrailers));
         Action::Continue
     }
 
     /// The request is over (completed, answered locally, or reset): the place for access logs
     /// and metrics. Request and response headers, and properties, can still be read.
-    fn on_log(&self) {}
+    fn on_log(&self) {
+        dispatch::unused(dispatch::Unused::Log);
+    }
 
     /// Whether the filter overrides the body callbacks (so the SDK asks for bodies): set to
     /// `true` when you implement `on_request_body` / `on_response_body`.
     const WANTS_BODIES: bool = false;
+}
+
+/// Tells the proxy that this filter's [`HttpFilter::on_log`] does nothing from now on (for
+/// every request of this VM): weft then stops calling it; another proxy goes on, harmlessly.
+/// For a filter whose `on_log` only works under some configurations.
+pub fn skip_on_log() {
+    dispatch::unused(dispatch::Unused::Log);
 }
 
 /// Registers `$plugin` (a [`Plugin`]) as the module's filter: every root context of the module

@@ -129,6 +129,22 @@ impl Histogram {
     }
 }
 
+/// Asks the proxy to record Istio's golden metrics for this plugin itself, at the end of every
+/// request: `requests_total`, `request_duration_milliseconds`, `request_bytes` and
+/// `response_bytes`, labelled as the telemetry filter labels them (see
+/// [`weft_abi::names::foreign::GOLDEN_METRICS`]), with at most `max_label_sets` label sets per
+/// worker. Call it from [`crate::Plugin::configure`]. `true`: weft records them (natively,
+/// without the eight property reads per request a filter needs); `false`: this proxy cannot,
+/// and the filter records them itself.
+pub fn golden_metrics(destination_workload: Option<&str>, max_label_sets: usize) -> bool {
+    let mut args = max_label_sets.to_string();
+    args.push('\n');
+    args.push_str(destination_workload.unwrap_or(""));
+    host()
+        .call_foreign_function(weft_abi::names::foreign::GOLDEN_METRICS, args.as_bytes())
+        .is_ok()
+}
+
 pub(crate) fn reset() {
     DEFINED.with(|d| d.borrow_mut().clear());
 }

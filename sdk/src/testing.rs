@@ -82,6 +82,8 @@ struct Inner {
     metrics: Vec<(MetricType, String, i64)>,
     histograms: HashMap<u32, Vec<u64>>,
     logs: Vec<(LogLevel, String)>,
+    /// The callbacks the module said it need not be called for (`weft.skip_callbacks`).
+    skipped: Vec<String>,
 }
 
 /// The in-memory proxy.
@@ -180,6 +182,12 @@ impl TestHost {
     }
 
     /// What the filter logged.
+    /// The callbacks the module told the host it need not call (`weft.skip_callbacks`), in
+    /// the order it told them. This host goes on calling them, as a proxy other than weft does.
+    pub fn skipped(&self) -> Vec<String> {
+        self.inner.borrow().skipped.clone()
+    }
+
     pub fn logs(&self) -> Vec<(LogLevel, String)> {
         self.inner.borrow().logs.clone()
     }
@@ -238,6 +246,22 @@ impl TestHost {
 }
 
 impl Host for TestHost {
+    fn call_foreign_function(&self, name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        if name != weft_abi::names::foreign::SKIP_CALLBACKS {
+            return Err(Status::NotFound);
+        }
+        let args = std::str::from_utf8(args).map_err(|_| Status::BadArgument)?;
+        let names: Vec<&str> = args.split(',').map(str::trim).collect();
+        if !names
+            .iter()
+            .all(|n| weft_abi::names::foreign::SKIPPABLE.contains(n))
+        {
+            return Err(Status::BadArgument);
+        }
+        let mut inner = self.inner.borrow_mut();
+        inner.skipped.extend(names.iter().map(|n| (*n).to_owned()));
+        Ok(None)
+    }
     fn log(&self, level: LogLevel, message: &str) {
         self.inner
             .borrow_mut()

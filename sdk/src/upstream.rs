@@ -124,7 +124,7 @@ struct Slot {
 }
 
 thread_local! {
-    static CALLS: RefCell<HashMap<u32, Slot>> = RefCell::new(HashMap::new());
+    static CALLS: RefCell<HashMap<u32, Slot, weft_abi::BuildIdHasher>> = RefCell::new(HashMap::default());
 }
 
 pub(crate) fn reset() {

@@ -280,3 +280,56 @@ fn a_grpc_call_is_awaited_too() {
     let r = s.local_response().expect("answered");
     assert_eq!(r.grpc_status, Some(14));
 }
+
+/// A callback left at its default is named to the host once (`weft.skip_callbacks`), when its
+/// default first runs; one the filter implements never is. `proxy_on_done` always answers
+/// "done" here, so it is named as soon as the plugin is configured.
+#[test]
+fn callbacks_left_at_their_default_are_named_to_the_host_once() {
+    // Demo implements all but the trailers callbacks and the response body one.
+    let t = FilterTest::new::<Demo>("{}").expect("config");
+    assert_eq!(t.host().skipped(), ["proxy_on_done"]);
+    for _ in 0..2 {
+        let s = t.request(&get("/"));
+        assert_eq!(s.request_headers(false), Verdict::Continue);
+        assert_eq!(s.request_body(b"x", true), Verdict::Continue);
+        assert_eq!(s.request_trailers(&[("x-t", "1")]), Verdict::Continue);
+        s.response_headers(&[(":status", "200")], false);
+        s.response_body(b"y", true);
+        assert_eq!(s.response_trailers(&[("x-t", "2")]), Verdict::Continue);
+        s.finish();
+    }
+    assert_eq!(
+        t.host().skipped(),
+        [
+            "proxy_on_done",
+            "proxy_on_request_trailers",
+            "proxy_on_response_body",
+            "proxy_on_response_trailers"
+        ]
+    );
+
+    // Only request headers: everything else is named, bodies because it does not want them.
+    let t = FilterTest::new::<GrpcCheck>("").expect("config");
+    let s = t.request(&get("/"));
+    s.request_headers(false);
+    let call = t.host().calls().pop().expect("a gRPC call");
+    t.answer_grpc(call.token, 0, b"\x08\x01");
+    assert!(s.request_resumed());
+    assert_eq!(s.request_body(b"x", true), Verdict::Continue);
+    s.response_headers(&[(":status", "200")], false);
+    assert_eq!(s.response_body(b"y", true), Verdict::Continue);
+    s.finish();
+    let mut told = t.host().skipped();
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            "proxy_on_done",
+            "proxy_on_log",
+            "proxy_on_request_body",
+            "proxy_on_response_body",
+            "proxy_on_response_headers",
+        ]
+    );
+}

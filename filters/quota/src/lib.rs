@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use weft_sdk::config::RequestMatch;
 use weft_sdk::metrics::Counter;
-use weft_sdk::{Action, Headers, HttpFilter, Plugin, Response, properties, shared, time};
+use weft_sdk::{Action, Headers, HttpFilter, Plugin, Response, decimal, properties, shared, time};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,7 +220,11 @@ fn take(plugin: &Quota, index: usize, limit: &Limit, key: &str) -> Result<u32, D
     let rate = capacity / limit.per.as_secs_f64(); // tokens per second
     let h = hash(key.as_bytes());
     let slot = h % u64::from(plugin.max_keys);
-    let name = format!("quota/{index}/{slot}");
+    let mut name = String::with_capacity(24);
+    name.push_str("quota/");
+    decimal::push(&mut name, index as u64);
+    name.push('/');
+    decimal::push(&mut name, slot);
     for _ in 0..16 {
         let now = time::now_nanos();
         let (stored, cas) = match shared::get(&name) {
@@ -338,13 +342,12 @@ impl HttpFilter for QuotaFilter {
 
     async fn on_response_headers(&self, headers: &mut Headers, _eos: bool) -> Action {
         if let Some(r) = self.report.get() {
-            headers.set("ratelimit-limit", &r.limit.to_string()).ok();
+            let d = decimal::string;
+            headers.set("ratelimit-limit", &d(r.limit.into())).ok();
             headers
-                .set("ratelimit-remaining", &r.remaining.to_string())
+                .set("ratelimit-remaining", &d(r.remaining.into()))
                 .ok();
-            headers
-                .set("ratelimit-reset", &r.reset_secs.to_string())
-                .ok();
+            headers.set("ratelimit-reset", &d(r.reset_secs)).ok();
         }
         Action::Continue
     }

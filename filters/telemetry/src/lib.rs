@@ -17,7 +17,7 @@ use std::time::UNIX_EPOCH;
 
 use serde::Deserialize;
 use weft_sdk::metrics::{Counter, Histogram};
-use weft_sdk::{Action, Headers, HttpFilter, Plugin, properties, random, time};
+use weft_sdk::{Action, Headers, HttpFilter, Plugin, decimal, properties, random, time};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,6 +115,8 @@ impl Handles {
 
 pub struct Telemetry {
     config: Config,
+    /// The proxy records the golden metrics itself (weft does, natively).
+    host_metrics: bool,
     /// The label sets seen on this worker, with their metrics, by [`label_key`].
     handles: RefCell<HashMap<String, Rc<Handles>>>,
     /// The key of the label set being looked up (one buffer, reused).
@@ -136,7 +138,16 @@ impl Plugin for Telemetry {
                 return Err(format!("log_headers[{i}]: not a header name: {h:?}"));
             }
         }
+        let host_metrics = weft_sdk::metrics::golden_metrics(
+            config.destination_workload.as_deref(),
+            config.max_label_sets,
+        );
+        if host_metrics && config.access_log != LogFormat::Json {
+            // Nothing is left for the end of the request.
+            weft_sdk::skip_on_log();
+        }
         Ok(Telemetry {
+            host_metrics,
             config,
             handles: RefCell::default(),
             key: RefCell::default(),
@@ -178,26 +189,10 @@ pub struct TelemetryFilter {
 fn label_key(out: &mut String, labels: &[&str; 5]) {
     out.clear();
     for l in labels {
-        push_decimal(out, l.len() as u64);
+        decimal::push(out, l.len() as u64);
         out.push(':');
         out.push_str(l);
     }
-}
-
-/// `n` in decimal, without `core::fmt` (which costs a guest several times as much, and this
-/// runs for every request).
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 /// A random id of `bytes` bytes in lower-case hex, never all zeros (which W3C and B3 reserve).
@@ -289,23 +284,27 @@ impl TelemetryFilter {
         let span = hex_id(8);
         let w3c = matches!(mode, Propagation::W3c | Propagation::Both);
         let b3 = matches!(mode, Propagation::B3 | Propagation::Both);
-        let from_w3c = headers
-            .get("traceparent")
-            .and_then(|v| parse_traceparent(&v));
-        let from_b3 = headers
-            .get("x-b3-traceid")
-            .filter(|t| is_hex(t, 32) || is_hex(t, 16))
-            .map(|t| {
-                let sampled = match headers.get("x-b3-sampled").as_deref() {
-                    Some("0") => "00",
-                    _ => "01",
-                };
-                (format!("{t:0>32}").to_ascii_lowercase(), sampled.to_owned())
-            });
-        let (trace, flags) = match (from_w3c.filter(|_| w3c), from_b3.filter(|_| b3)) {
-            (Some(t), _) | (None, Some(t)) => t,
-            (None, None) => (hex_id(16), "01".to_owned()),
+        // Each header is read only when its format is on (W3C first): a read is a host call.
+        let from_w3c = || {
+            headers
+                .get("traceparent")
+                .and_then(|v| parse_traceparent(&v))
         };
+        let from_b3 = || {
+            headers
+                .get("x-b3-traceid")
+                .filter(|t| is_hex(t, 32) || is_hex(t, 16))
+                .map(|t| {
+                    let sampled = match headers.get("x-b3-sampled").as_deref() {
+                        Some("0") => "00",
+                        _ => "01",
+                    };
+                    (format!("{t:0>32}").to_ascii_lowercase(), sampled.to_owned())
+                })
+        };
+        let found = w3c.then(from_w3c).flatten();
+        let found = found.or_else(|| b3.then(from_b3).flatten());
+        let (trace, flags) = found.unwrap_or_else(|| (hex_id(16), "01".to_owned()));
         if w3c {
             headers
                 .set("traceparent", &["00", &trace, &span, &flags].join("-"))
@@ -344,8 +343,10 @@ impl TelemetryFilter {
 
 impl HttpFilter for TelemetryFilter {
     async fn on_request_headers(&self, headers: &mut Headers, _eos: bool) -> Action {
-        self.start_ns.set(time::now_nanos());
         let format = self.plugin.config.access_log;
+        if !self.plugin.host_metrics || format == LogFormat::Json {
+            self.start_ns.set(time::now_nanos());
+        }
         // A line of the filter's own needs the request's fields; the native line has them.
         let mut seen = if format == LogFormat::Json {
             Seen {
@@ -390,6 +391,10 @@ impl HttpFilter for TelemetryFilter {
     }
 
     fn on_log(&self) {
+        if self.plugin.host_metrics && self.plugin.config.access_log != LogFormat::Json {
+            // The proxy records the metrics, and writes the access log (or none is wanted).
+            return;
+        }
         // The last look at the request: taken, not copied.
         let seen = std::mem::take(&mut *self.request.borrow_mut());
         let code = properties::response_code().unwrap_or(0);
@@ -414,19 +419,21 @@ impl HttpFilter for TelemetryFilter {
         let resp_bytes = properties::get_int(&["response", "total_size"])
             .unwrap_or(0)
             .max(0);
-        let mut code_text = String::with_capacity(3);
-        push_decimal(&mut code_text, u64::from(code));
-        let m = self.handles(&[
-            &src_workload,
-            &src_ns,
-            destination,
-            &code_text,
-            &grpc_status,
-        ]);
-        m.requests.inc().ok();
-        m.duration.record(duration_ms.round() as u64).ok();
-        m.request_bytes.record(req_bytes as u64).ok();
-        m.response_bytes.record(resp_bytes as u64).ok();
+        if !self.plugin.host_metrics {
+            let mut code_text = String::with_capacity(3);
+            decimal::push(&mut code_text, u64::from(code));
+            let m = self.handles(&[
+                &src_workload,
+                &src_ns,
+                destination,
+                &code_text,
+                &grpc_status,
+            ]);
+            m.requests.inc().ok();
+            m.duration.record(duration_ms.round() as u64).ok();
+            m.request_bytes.record(req_bytes as u64).ok();
+            m.response_bytes.record(resp_bytes as u64).ok();
+        }
 
         if self.plugin.config.access_log == LogFormat::Json {
             let start = self.start_ns.get();
@@ -485,14 +492,9 @@ mod tests {
         FilterTest::new::<Telemetry>(config).expect("config")
     }
 
-    /// Decimal as `core::fmt` writes it, at the edges; label keys keep sets apart.
+    /// Label keys keep sets apart.
     #[test]
-    fn decimals_and_label_keys() {
-        for n in [0, 1, 9, 10, 99, 100, 503, 65_535, u64::MAX] {
-            let mut s = String::new();
-            push_decimal(&mut s, n);
-            assert_eq!(s, n.to_string());
-        }
+    fn label_keys_keep_sets_apart() {
         let mut a = String::new();
         let mut b = String::new();
         label_key(&mut a, &["a:1", "b", "", "200", ""]);
@@ -586,6 +588,34 @@ mod tests {
             s.request_header("traceparent")
                 .is_some_and(|t| t.contains("80f198ee56343ba864fe8b2a57d3eff7"))
         );
+    }
+
+    /// Each mode reads only its own headers; with both, W3C comes first.
+    #[test]
+    fn each_mode_continues_only_the_trace_it_reads() {
+        let w3c = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let b3 = "80f198ee56343ba864fe8b2a57d3eff7";
+        let trace_of = |mode: &str, headers: &[(&str, &str)]| {
+            let t = start(&format!(r#"{{"propagation":"{mode}"}}"#));
+            let mut req = vec![(":method", "GET"), (":path", "/"), (":authority", "a")];
+            req.extend_from_slice(headers);
+            let s = t.request(&req);
+            s.request_headers(true);
+            let written = match mode {
+                "b3" => s.request_header("x-b3-traceid"),
+                _ => s
+                    .request_header("traceparent")
+                    .map(|tp| tp[3..35].to_owned()),
+            };
+            written.expect("a trace written")
+        };
+        let both = [("traceparent", w3c), ("x-b3-traceid", b3)];
+        assert_eq!(trace_of("both", &both), w3c[3..35]);
+        assert_eq!(trace_of("both", &both[1..]), b3);
+        assert_eq!(trace_of("w3c", &both), w3c[3..35]);
+        assert_ne!(trace_of("w3c", &both[1..]), b3, "w3c ignores B3");
+        assert_eq!(trace_of("b3", &both), b3);
+        assert_ne!(trace_of("b3", &both[..1]), w3c[3..35], "b3 ignores W3C");
     }
 
     /// The access log line the filter logged (without its `access ` prefix).

@@ -121,6 +121,7 @@ impl Body for ResponseBody {
         if let (Poll::Ready(Some(Ok(frame))), Some(x)) = (&polled, &mut this.record) {
             if let Some(d) = frame.data_ref() {
                 x.downstream_tx.inc_by(d.len() as u64);
+                x.body_sent += d.len() as u64;
                 if let Some(l) = &mut x.logged {
                     l.entry.sent += d.len() as u64;
                 }

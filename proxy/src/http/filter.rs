@@ -342,7 +342,14 @@ pub async fn run(
             stop = filtered.prime(committed, wait).await.err();
             request_body = Some(DownstreamBody::Filtered(Box::pin(filtered)));
         } else {
-            let received = logged.as_ref().map(|l| l.entry.received.clone());
+            // A body that goes around the filters is still counted for them (`request.size`).
+            let received = (!eos).then(|| match &logged {
+                Some(l) => l.entry.received.clone(),
+                None => Default::default(),
+            });
+            if let Some(n) = &received {
+                chain.set_info(|i| i.request_body_counted = Some(n.clone()));
+            }
             request_body = Some(DownstreamBody::received(body, received));
         }
     }

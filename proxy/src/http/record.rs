@@ -32,6 +32,8 @@ pub struct Record {
     pub filters: Option<Rc<Chain>>,
     /// The request's access-log line, written last.
     pub logged: Option<Box<Logged>>,
+    /// Response body bytes sent downstream.
+    pub body_sent: u64,
 }
 
 /// A request on a listener with an access log: the log, and what its line says.
@@ -94,7 +96,7 @@ impl Record {
         let elapsed = self.start.elapsed();
         self.stats.record(self.status, elapsed.as_secs_f64());
         if let Some(chain) = &self.filters {
-            chain.record_end(self.status, elapsed);
+            chain.record_end(self.status, elapsed, self.body_sent);
         }
         if let Some(logged) = self.logged.take() {
             write_line(

@@ -91,6 +91,7 @@ pub fn finish(
         endpoint,
         filters,
         logged,
+        body_sent: 0,
     });
     resp
 }

@@ -22,6 +22,7 @@
 pub mod callout;
 pub mod chain;
 pub mod figures;
+pub mod golden;
 pub mod host;
 pub mod module;
 pub mod runtime;

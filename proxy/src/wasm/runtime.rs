@@ -133,6 +133,10 @@ fn config(pooling: Option<u32>) -> Config {
         .cranelift_opt_level(OptLevel::Speed)
         .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(32))
         .max_wasm_stack(512 * 1024);
+    // For filter authors profiling their filter: `perf` names the guest's functions.
+    if std::env::var_os("WEFT_WASM_PROFILE").is_some_and(|v| v == "perfmap") {
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if let Some(instances) = pooling {
         let mut p = PoolingAllocationConfig::default();
         p.total_core_instances(instances)

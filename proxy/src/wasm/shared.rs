@@ -80,13 +80,89 @@ fn guest_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 24))
 }
 
+/// A metric a guest defined. A VM keeps the ones it uses ([`MetricCache`]), so recording
+/// takes no lock shared with other workers.
 #[derive(Clone)]
-enum GuestMetric {
+pub enum GuestMetric {
     Counter(Counter),
     Gauge(Gauge),
     Histogram(Histogram),
     /// Past the cardinality cap.
     Dropped,
+}
+
+impl GuestMetric {
+    /// `proxy_record_metric`: counter adds, gauge sets, histogram records.
+    pub fn record(&self, value: u64) {
+        match self {
+            GuestMetric::Counter(c) => {
+                c.inc_by(value);
+            }
+            GuestMetric::Gauge(g) => {
+                g.set(value as i64);
+            }
+            GuestMetric::Histogram(h) => h.observe(value as f64),
+            GuestMetric::Dropped => {}
+        }
+    }
+
+    /// `proxy_increment_metric`: counters only go up; gauges either way.
+    pub fn increment(&self, delta: i64) -> Result<(), Status> {
+        match self {
+            GuestMetric::Counter(c) if delta >= 0 => {
+                c.inc_by(delta as u64);
+            }
+            GuestMetric::Gauge(g) => {
+                g.inc_by(delta);
+            }
+            GuestMetric::Dropped => {}
+            _ => return Err(Status::BadArgument),
+        }
+        Ok(())
+    }
+
+    /// `proxy_get_metric`: counters and gauges (not histograms).
+    pub fn value(&self) -> Result<u64, Status> {
+        match self {
+            GuestMetric::Counter(c) => Ok(c.get()),
+            GuestMetric::Gauge(g) => Ok(g.get() as u64),
+            GuestMetric::Dropped => Ok(0),
+            GuestMetric::Histogram(_) => Err(Status::BadArgument),
+        }
+    }
+}
+
+/// The guest metrics one VM used, by id: looked up in the host-global list (under its lock)
+/// once, then used from here. Ids are never reused, so an entry never goes stale.
+#[derive(Default)]
+pub struct MetricCache(Vec<Option<GuestMetric>>);
+
+impl MetricCache {
+    /// How many ids the cache has room for.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Metric `id`, or `NOT_FOUND`.
+    pub fn get(&mut self, shared: &WasmShared, id: u32) -> Result<&GuestMetric, Status> {
+        if id & !3 == DROPPED_METRIC {
+            return Ok(&GuestMetric::Dropped);
+        }
+        let i = (id >> 2) as usize;
+        if !matches!(self.0.get(i), Some(Some(_))) {
+            // Only ids that exist make the cache grow: at most as long as the global list.
+            let m = shared.metric(id).ok_or(Status::NotFound)?.1;
+            if self.0.len() <= i {
+                self.0.resize(i + 1, None);
+            }
+            self.0[i] = Some(m);
+        }
+        self.0[i].as_ref().ok_or(Status::NotFound)
+    }
 }
 
 #[derive(Default)]
@@ -474,46 +550,6 @@ impl WasmShared {
         }
         let g = self.guest.lock().unwrap_or_else(|e| e.into_inner());
         g.metrics.get(((id >> 2) as usize).checked_sub(1)?).cloned()
-    }
-
-    /// `proxy_record_metric`: counter adds, gauge sets, histogram records.
-    pub fn record(&self, id: u32, value: u64) -> Result<(), Status> {
-        match self.metric(id).ok_or(Status::NotFound)?.1 {
-            GuestMetric::Counter(c) => {
-                c.inc_by(value);
-            }
-            GuestMetric::Gauge(g) => {
-                g.set(value as i64);
-            }
-            GuestMetric::Histogram(h) => h.observe(value as f64),
-            GuestMetric::Dropped => {}
-        }
-        Ok(())
-    }
-
-    /// `proxy_increment_metric`: counters only go up; gauges either way.
-    pub fn increment(&self, id: u32, delta: i64) -> Result<(), Status> {
-        match self.metric(id).ok_or(Status::NotFound)?.1 {
-            GuestMetric::Counter(c) if delta >= 0 => {
-                c.inc_by(delta as u64);
-            }
-            GuestMetric::Gauge(g) => {
-                g.inc_by(delta);
-            }
-            GuestMetric::Dropped => {}
-            _ => return Err(Status::BadArgument),
-        }
-        Ok(())
-    }
-
-    /// `proxy_get_metric`: counters and gauges (not histograms).
-    pub fn value(&self, id: u32) -> Result<u64, Status> {
-        match self.metric(id).ok_or(Status::NotFound)?.1 {
-            GuestMetric::Counter(c) => Ok(c.get()),
-            GuestMetric::Gauge(g) => Ok(g.get() as u64),
-            GuestMetric::Dropped => Ok(0),
-            GuestMetric::Histogram(_) => Err(Status::BadArgument),
-        }
     }
 }
 

@@ -22,37 +22,10 @@ use super::shared::WasmShared;
 use super::vm::Vm;
 use super::worker::WasmWorker;
 
-/// A hasher for ids the host hands out itself (context ids, callout tokens): one multiply, no
-/// need for SipHash's flood resistance.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u32(&mut self, v: u32) {
-        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
-    }
-}
+pub use weft_abi::IdHasher;
 
 /// A map keyed by host-made ids.
-pub type IdMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+pub type IdMap<V> = HashMap<u32, V, weft_abi::BuildIdHasher>;
 
 /// A list of pairs as a guest sent them (local response headers).
 pub type Pairs = Vec<(Bytes, Bytes)>;
@@ -221,6 +194,54 @@ pub enum Callback {
     Delete,
 }
 
+impl Callback {
+    /// The stream callback an export name of [`weft_abi::names::foreign::SKIPPABLE`] is.
+    pub fn skippable(name: &[u8]) -> Option<Callback> {
+        use weft_abi::names::callback as cb;
+        let name = std::str::from_utf8(name).ok()?;
+        Some(match name {
+            cb::ON_REQUEST_HEADERS => Callback::RequestHeaders,
+            cb::ON_REQUEST_BODY => Callback::RequestBody,
+            cb::ON_REQUEST_TRAILERS => Callback::RequestTrailers,
+            cb::ON_RESPONSE_HEADERS => Callback::ResponseHeaders,
+            cb::ON_RESPONSE_BODY => Callback::ResponseBody,
+            cb::ON_RESPONSE_TRAILERS => Callback::ResponseTrailers,
+            cb::ON_LOG => Callback::Log,
+            cb::ON_DONE => Callback::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// The callbacks a module said it implements as nothing that lets everything through
+/// (`weft.skip_callbacks`): the host leaves them uncalled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped(u32);
+
+impl Skipped {
+    pub fn contains(self, cb: Callback) -> bool {
+        self.0 & (1 << cb as u32) != 0
+    }
+
+    pub fn insert(&mut self, cb: Callback) {
+        self.0 |= 1 << cb as u32;
+    }
+
+    /// `names`, comma-separated export names; `None` (and nothing added) if one is not
+    /// skippable.
+    pub fn parse(names: &[u8]) -> Option<Skipped> {
+        let mut set = Skipped::default();
+        for name in names.split(|&b| b == b',') {
+            set.insert(Callback::skippable(name.trim_ascii())?);
+        }
+        Some(set)
+    }
+
+    pub fn union(self, other: Skipped) -> Skipped {
+        Skipped(self.0 | other.0)
+    }
+}
+
 /// Which way a body flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -262,6 +283,8 @@ pub struct StreamInfo {
     pub started: Option<std::time::Instant>,
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
+    /// Where the request stage counts a body that goes around the filters.
+    pub request_body_counted: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub listener: Arc<str>,
     /// The route and cluster that took the request (their names).
     pub route: Option<Arc<crate::metrics::RouteStats>>,
@@ -389,6 +412,8 @@ pub struct PluginInfo {
 #[derive(Debug)]
 pub struct RootContext {
     pub plugin: Arc<PluginInfo>,
+    /// The golden metrics weft records for this plugin (`weft.golden_metrics`).
+    pub golden: Option<super::golden::Golden>,
 }
 
 #[derive(Debug)]
@@ -461,11 +486,15 @@ pub struct HostState {
     pub vm: Weak<Vm>,
     /// Tick periods set during the current call: (root, period); applied after it returns.
     pub tick_changes: Vec<(u32, Duration)>,
+    /// Callbacks the module asked the host not to call (`weft.skip_callbacks`).
+    pub skipped: Skipped,
+    /// The guest metrics this VM used.
+    pub metrics: super::shared::MetricCache,
     /// Contexts whose `proxy_on_done` returned false (they finish with `proxy_done`).
     pub awaiting_done: std::collections::HashSet<u32>,
     /// Contexts that called `proxy_done` during the current call.
     pub done: Vec<u32>,
-    /// Guest metric ids this VM defined, to its host-global metric.
+    /// The token of the next callout.
     pub next_callout_token: u32,
     /// Outstanding callouts: token → the root context that owns it.
     pub callouts: IdMap<u32>,

@@ -78,6 +78,72 @@ pub fn missing_import() -> String {
 /// Logs `order:<callback>` (with `+eos` where the callback says the stream ended) for every
 /// callback of a stream context; root contexts log `order:root_…`.
 pub fn order_logger() -> String {
+    order_logger_with("", "", "")
+}
+
+/// [`order_logger`], which first asks weft not to call some of its callbacks: its
+/// `proxy_on_configure` calls `weft.skip_callbacks` with `args_len` bytes at `args_ptr` (`None`:
+/// `args`, where it is put) and logs `skip:ok` or `skip:refused`. Its `proxy_on_log` also logs
+/// the `request.size` and `response.size` properties, as `size:request=<n>` and
+/// `size:response=<n>`.
+pub fn skipping_order_logger(args: &str, args_at: Option<(i32, i32)>) -> String {
+    foreign_order_logger("weft.skip_callbacks", args, args_at)
+}
+
+/// [`skipping_order_logger`], calling foreign function `name` instead (`args` may hold a line
+/// feed).
+pub fn foreign_order_logger(name: &str, args: &str, args_at: Option<(i32, i32)>) -> String {
+    assert!(
+        !args.contains(['"', '\\']) && args.len() < 1800 && name.len() <= 60,
+        "plain args only"
+    );
+    let (ptr, len) = args_at.unwrap_or((4160, args.len() as i32));
+    let name_len = name.len();
+    let args = args.replace('\n', "\\0a");
+    let data = format!(
+        r#"(data (i32.const 4096) "{name}")
+  (data (i32.const 4160) "{args}")
+  (data (i32.const 6000) "request\00size")
+  (data (i32.const 6016) "response\00size")
+  (data (i32.const 6100) "skip:ok")
+  (data (i32.const 6110) "skip:refused")
+  (data (i32.const 6130) "size:request=")
+  (data (i32.const 6150) "size:response=")"#
+    );
+    let imports = r#"(import "env" "proxy_call_foreign_function" (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))"#;
+    let functions = format!(
+        r#"(func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (if (i32.eqz (call $foreign (i32.const 4096) (i32.const {name_len}) (i32.const {ptr}) (i32.const {len}) (i32.const 512) (i32.const 516)))
+      (then (drop (call $log (i32.const 2) (i32.const 6100) (i32.const 7))))
+      (else (drop (call $log (i32.const 2) (i32.const 6110) (i32.const 12)))))
+    (i32.const 1))
+  ;; Logs the int64 property at `path` after `prefix`, in decimal (written at 8192..).
+  (func $say_size (param $path i32) (param $path_len i32) (param $prefix i32) (param $prefix_len i32)
+    (local $v i64) (local $p i32)
+    (if (call $property (local.get $path) (local.get $path_len) (i32.const 520) (i32.const 524))
+      (then (return)))
+    (local.set $v (i64.load (i32.load (i32.const 520))))
+    (local.set $p (i32.const 8300))
+    (loop $digit
+      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
+      (i64.store8 (local.get $p) (i64.add (i64.const 48) (i64.rem_u (local.get $v) (i64.const 10))))
+      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
+      (br_if $digit (i64.ne (local.get $v) (i64.const 0))))
+    (local.set $p (i32.sub (local.get $p) (local.get $prefix_len)))
+    (memory.copy (local.get $p) (local.get $prefix) (local.get $prefix_len))
+    (drop (call $log (i32.const 2) (local.get $p) (i32.sub (i32.const 8300) (local.get $p)))))"#
+    );
+    order_logger_with(imports, &data, &functions).replacen(
+        r#"(func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))"#,
+        "",
+        1,
+    )
+}
+
+/// The order logger with more imports, data and functions; `$size_log` in its `proxy_on_log`
+/// when `functions` defines `$say_size`.
+fn order_logger_with(imports: &str, more_data: &str, functions: &str) -> String {
     let names = [
         "order:context_create",
         "order:request_headers",
@@ -96,7 +162,7 @@ pub fn order_logger() -> String {
         "order:root_done",
         "order:root_delete",
     ];
-    let mut data = String::new();
+    let mut data = String::from(more_data);
     let mut at = 1024;
     let mut offsets = std::collections::HashMap::new();
     for n in names {
@@ -133,7 +199,8 @@ pub fn order_logger() -> String {
     {sb} (i32.const 0))
   (func (export "proxy_on_response_trailers") (param $ctx i32) (param $n i32) (result i32)
     {st} (i32.const 0))
-  (func (export "proxy_on_log") (param $ctx i32) {log})
+  (func (export "proxy_on_log") (param $ctx i32) {log} {sizes})
+  {functions}
   (func (export "proxy_on_done") (param $ctx i32) (result i32)
     (if (i32.eq (local.get $ctx) (global.get $root)) (then {root_done}) (else {done}))
     (i32.const 1))
@@ -151,13 +218,19 @@ pub fn order_logger() -> String {
         sb = pick("order:response_body", "order:response_body+eos", "$eos"),
         st = say("order:response_trailers"),
         log = say("order:log"),
+        sizes = if functions.contains("$say_size") {
+            "(call $say_size (i32.const 6000) (i32.const 12) (i32.const 6130) (i32.const 13)) \
+             (call $say_size (i32.const 6016) (i32.const 13) (i32.const 6150) (i32.const 14))"
+        } else {
+            ""
+        },
         root_done = say("order:root_done"),
         done = say("order:done"),
         root_delete = say("order:root_delete"),
         delete = say("order:delete"),
     );
     // This module defines its own `proxy_on_context_create`.
-    module("", &data, &body).replacen(
+    module(imports, &data, &body).replacen(
         r#"(func (export "proxy_on_context_create") (param i32 i32))"#,
         "",
         1,

@@ -41,7 +41,7 @@ use weft_abi::Action;
 
 use super::FilterSpec;
 use super::state::{
-    Direction, Headers, LocalResponse, SharedStream, StreamAction, StreamData, StreamInfo,
+    Callback, Direction, Headers, LocalResponse, SharedStream, StreamAction, StreamData, StreamInfo,
 };
 use super::vm::Vm;
 use super::worker::WasmWorker;
@@ -87,6 +87,19 @@ enum StreamCall {
     Headers { eos: bool },
     Body { eos: bool },
     Trailers,
+}
+
+impl StreamCall {
+    fn callback(self, d: Direction) -> Callback {
+        match (d, self) {
+            (Direction::Request, StreamCall::Headers { .. }) => Callback::RequestHeaders,
+            (Direction::Request, StreamCall::Body { .. }) => Callback::RequestBody,
+            (Direction::Request, StreamCall::Trailers) => Callback::RequestTrailers,
+            (Direction::Response, StreamCall::Headers { .. }) => Callback::ResponseHeaders,
+            (Direction::Response, StreamCall::Body { .. }) => Callback::ResponseBody,
+            (Direction::Response, StreamCall::Trailers) => Callback::ResponseTrailers,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,15 +331,35 @@ impl Chain {
     }
 
     /// Whether any filter of the response flow (or, for the request, any filter) may look at
-    /// the body.
+    /// the body: it exports a body or trailers callback, and has not asked for both to be
+    /// skipped (or holds part of the stream).
     pub fn wants_body(&self, d: Direction) -> bool {
         let st = self.state.borrow();
+        let wants = |i: usize| {
+            let slot = &st.slots[i];
+            let (exported, body, trailers) = match d {
+                Direction::Request => (
+                    slot.spec.wants.request_body,
+                    Callback::RequestBody,
+                    Callback::RequestTrailers,
+                ),
+                Direction::Response => (
+                    slot.spec.wants.response_body,
+                    Callback::ResponseBody,
+                    Callback::ResponseTrailers,
+                ),
+            };
+            exported
+                && match &slot.run {
+                    Run::Active { vm, .. } => {
+                        !(vm.skips(body) && vm.skips(trailers)) || st.holds(i)
+                    }
+                    _ => true,
+                }
+        };
         match d {
-            Direction::Request => st.slots.iter().any(|s| s.spec.wants.request_body),
-            Direction::Response => st.flows[1]
-                .order
-                .iter()
-                .any(|i| st.slots[i].spec.wants.response_body),
+            Direction::Request => (0..st.slots.len()).any(wants),
+            Direction::Response => st.flows[1].order.iter().any(wants),
         }
     }
 
@@ -471,11 +504,13 @@ impl Chain {
         }
     }
 
-    /// What `on_log` reads about the end of the exchange.
-    pub fn record_end(&self, status: u16, duration: Duration) {
+    /// What `on_log` reads about the end of the exchange; `body_sent`, the response body bytes
+    /// that went downstream.
+    pub fn record_end(&self, status: u16, duration: Duration, body_sent: u64) {
         let mut s = self.stream.borrow_mut();
         s.info.response_code = Some(status);
         s.info.duration = Some(duration);
+        s.info.response_body_bytes = body_sent;
     }
 
     /// Ends the stream now (`on_log`, `on_done`, `on_delete` for every filter) instead of when

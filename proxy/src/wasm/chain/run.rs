@@ -86,6 +86,12 @@ impl ChainState {
         let Some((vm, ctx)) = self.ensure(i, d)? else {
             return Ok(Action::Continue);
         };
+        if vm.skips(cb.callback(d)) && !self.holds(i) {
+            // The module said this callback does nothing; while the filter holds nothing of
+            // the stream (then its SDK would answer for what it waits on), not calling it is
+            // the same as calling it.
+            return Ok(Action::Continue);
+        }
         let (n_req, n_resp, n_req_t, n_resp_t, body) = {
             let s = self.stream.borrow();
             (
@@ -116,6 +122,14 @@ impl ChainState {
                 Ok(Action::Continue)
             }
         }
+    }
+
+    /// Filter `i` holds part of the stream: paused headers, a buffered body or a held end, in
+    /// either direction.
+    pub(super) fn holds(&self, i: usize) -> bool {
+        self.flows
+            .iter()
+            .any(|f| f.waiting_on() == Some(i) || f.pos_of(i).is_some_and(|p| f.is_buffering(p)))
     }
 
     /// Applies what filters asked for since the last time. A local response or a close stops
@@ -448,9 +462,16 @@ impl ChainState {
         }
         self.finished = true;
         {
+            // What came into the filters, or (when no filter looks at a body, which then goes
+            // around them) what the request and response stages counted.
             let mut s = self.stream.borrow_mut();
-            s.info.request_body_bytes = self.flows[0].bytes_in;
-            s.info.response_body_bytes = self.flows[1].bytes_in;
+            let counted = s
+                .info
+                .request_body_counted
+                .as_ref()
+                .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed));
+            s.info.request_body_bytes = self.flows[0].bytes_in.max(counted);
+            s.info.response_body_bytes = self.flows[1].bytes_in.max(s.info.response_body_bytes);
         }
         // Clock reads are shared: each filter's share is from the previous read to the next.
         let mut last = Instant::now();
@@ -465,6 +486,7 @@ impl ChainState {
                 && !vm.failed()
             {
                 let (vm, ctx) = (vm.clone(), *ctx);
+                vm.record_golden(ctx);
                 if let Err(e) = vm.on_log(ctx) {
                     let _ = self.fail(i, Direction::Response, &e);
                 }

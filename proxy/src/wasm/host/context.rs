@@ -6,8 +6,9 @@ use std::time::Duration;
 use wasmtime::Caller;
 use weft_abi::Status;
 
-use super::memory::status;
-use crate::wasm::state::HostState;
+use super::memory::{give, status, with_bytes};
+use crate::wasm::golden::{Golden, GoldenSpec};
+use crate::wasm::state::{Context, HostState, Skipped};
 
 pub fn set_effective_context(mut caller: Caller<'_, HostState>, id: i32) -> i32 {
     let state = caller.data_mut();
@@ -47,15 +48,80 @@ pub fn set_tick_period_milliseconds(mut caller: Caller<'_, HostState>, period: i
     }
 }
 
-/// weft registers no foreign functions: every name is NOT_FOUND (which the SDKs accept).
+/// Longest arguments a foreign function reads (every skippable name fits many times).
+const MAX_FOREIGN_ARGS: i32 = 1024;
+
+/// weft's foreign functions (see [`weft_abi::names::foreign`]); any other name is NOT_FOUND
+/// (which the SDKs accept).
 pub fn call_foreign_function(
-    _caller: Caller<'_, HostState>,
-    _name_ptr: i32,
-    _name_len: i32,
-    _args_ptr: i32,
-    _args_len: i32,
-    _ret_ptr: i32,
-    _ret_len: i32,
+    mut caller: Caller<'_, HostState>,
+    name_ptr: i32,
+    name_len: i32,
+    args_ptr: i32,
+    args_len: i32,
+    ret_ptr: i32,
+    ret_len: i32,
 ) -> i32 {
-    status(Err(Status::NotFound))
+    use weft_abi::names::foreign;
+    let which = with_bytes(&mut caller, name_ptr, name_len, |name, _| {
+        if name == foreign::SKIP_CALLBACKS.as_bytes() {
+            Some(Foreign::SkipCallbacks)
+        } else if name == foreign::GOLDEN_METRICS.as_bytes() {
+            Some(Foreign::GoldenMetrics)
+        } else {
+            None
+        }
+    });
+    let which = match which {
+        Ok(Some(w)) => w,
+        Ok(None) => return status(Err(Status::NotFound)),
+        Err(e) => return status(Err(e)),
+    };
+    if !(0..=MAX_FOREIGN_ARGS).contains(&args_len) {
+        return status(Err(Status::BadArgument));
+    }
+    let parsed = with_bytes(&mut caller, args_ptr, args_len, |args, _| match which {
+        Foreign::SkipCallbacks => Skipped::parse(args).map(Call::Skip),
+        Foreign::GoldenMetrics => GoldenSpec::parse(args).map(Call::Golden),
+    });
+    let call = match parsed {
+        Ok(Some(c)) => c,
+        Ok(None) => return status(Err(Status::BadArgument)),
+        Err(e) => return status(Err(e)),
+    };
+    let state = caller.data_mut();
+    let root = state.root_of(state.call.effective);
+    if matches!(call, Call::Golden(_)) && root.is_none() {
+        return status(Err(Status::BadArgument));
+    }
+    // Nothing returned: the out-parameters are checked and zeroed before anything changes.
+    if let Err(e) = give(&mut caller, &[], ret_ptr, ret_len) {
+        return status(Err(e));
+    }
+    let state = caller.data_mut();
+    match call {
+        Call::Skip(skipped) => state.skipped = state.skipped.union(skipped),
+        Call::Golden(spec) => {
+            if let Some(Context::Root(r)) = root.and_then(|id| state.contexts.get_mut(&id)) {
+                // The same request again (a reconfiguration) keeps the label sets seen.
+                if r.golden.as_ref().is_none_or(|g| *g.spec() != spec) {
+                    r.golden = Some(Golden::new(spec));
+                }
+            }
+        }
+    }
+    Status::Ok as i32
+}
+
+/// weft's foreign functions.
+#[derive(Debug, Clone, Copy)]
+enum Foreign {
+    SkipCallbacks,
+    GoldenMetrics,
+}
+
+/// A foreign function call, its arguments parsed.
+enum Call {
+    Skip(Skipped),
+    Golden(GoldenSpec),
 }

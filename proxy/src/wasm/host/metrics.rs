@@ -5,6 +5,7 @@ use wasmtime::Caller;
 use weft_abi::{MetricType, Status};
 
 use super::memory::{read, status, write_u32, write_u64};
+use crate::wasm::shared::GuestMetric;
 use crate::wasm::state::HostState;
 
 pub fn define_metric(
@@ -30,17 +31,32 @@ pub fn define_metric(
     })())
 }
 
-pub fn record_metric(caller: Caller<'_, HostState>, id: i32, value: i64) -> i32 {
-    status(caller.data().shared.record(id as u32, value as u64))
+/// Metric `id` through the VM's cache.
+fn with_metric<R>(
+    state: &mut HostState,
+    id: i32,
+    f: impl FnOnce(&GuestMetric) -> Result<R, Status>,
+) -> Result<R, Status> {
+    let HostState {
+        metrics, shared, ..
+    } = state;
+    f(metrics.get(shared, id as u32)?)
 }
 
-pub fn increment_metric(caller: Caller<'_, HostState>, id: i32, delta: i64) -> i32 {
-    status(caller.data().shared.increment(id as u32, delta))
+pub fn record_metric(mut caller: Caller<'_, HostState>, id: i32, value: i64) -> i32 {
+    status(with_metric(caller.data_mut(), id, |m| {
+        m.record(value as u64);
+        Ok(())
+    }))
+}
+
+pub fn increment_metric(mut caller: Caller<'_, HostState>, id: i32, delta: i64) -> i32 {
+    status(with_metric(caller.data_mut(), id, |m| m.increment(delta)))
 }
 
 pub fn get_metric(mut caller: Caller<'_, HostState>, id: i32, ret: i32) -> i32 {
     status((|| {
-        let v = caller.data().shared.value(id as u32)?;
+        let v = with_metric(caller.data_mut(), id, GuestMetric::value)?;
         write_u64(&mut caller, ret, v)
     })())
 }

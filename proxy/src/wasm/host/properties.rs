@@ -119,9 +119,7 @@ fn request(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
         b"duration" => s.info.duration.map(duration),
         b"size" => Some(int(s.info.request_body_bytes as i64)),
         b"headers_bytes" => Some(int(h.byte_size() as i64)),
-        b"total_size" => Some(int(
-            (h.byte_size() as u64 + s.info.request_body_bytes) as i64
-        )),
+        b"total_size" => Some(int(request_total_size(s) as i64)),
         _ => None,
     }
 }
@@ -135,13 +133,7 @@ fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
             .response_details
             .as_ref()
             .map(|d| d.as_bytes().to_vec()),
-        b"grpc_status" => {
-            let from =
-                |h: Option<&Headers>| h.and_then(|h| h.get(b"grpc-status")).map(<[u8]>::to_vec);
-            let v = from(s.response_trailers.as_ref()).or_else(|| from(h))?;
-            let n: i64 = std::str::from_utf8(&v).ok()?.trim().parse().ok()?;
-            Some(int(n))
-        }
+        b"grpc_status" => grpc_status(s).map(int),
         b"headers" => match path.get(1) {
             Some(name) => header(h?, &name.to_ascii_lowercase()),
             None => Some(map(h?)),
@@ -152,9 +144,7 @@ fn response(s: &StreamData, path: &[&[u8]]) -> Option<Vec<u8>> {
         },
         b"size" => Some(int(s.info.response_body_bytes as i64)),
         b"headers_bytes" => Some(int(h.map_or(0, Headers::byte_size) as i64)),
-        b"total_size" => Some(int(
-            (h.map_or(0, Headers::byte_size) as u64 + s.info.response_body_bytes) as i64
-        )),
+        b"total_size" => Some(int(response_total_size(s) as i64)),
         b"flags" => Some(uint(0)),
         b"backend_latency" => s.info.backend_latency.map(duration),
         _ => None,
@@ -179,9 +169,44 @@ fn route_name(s: &StreamData) -> Option<Vec<u8>> {
     (!r.is_empty()).then(|| r.as_bytes().to_vec())
 }
 
-fn cluster_name(s: &StreamData) -> Option<Vec<u8>> {
+/// `request.total_size`: the head's bytes and the body's.
+pub fn request_total_size(s: &StreamData) -> u64 {
+    s.request_headers.byte_size() as u64 + s.info.request_body_bytes
+}
+
+/// `response.total_size`.
+pub fn response_total_size(s: &StreamData) -> u64 {
+    s.response_headers.as_ref().map_or(0, Headers::byte_size) as u64 + s.info.response_body_bytes
+}
+
+/// `response.grpc_status`: from the trailers, else the head (a trailers-only answer).
+pub fn grpc_status(s: &StreamData) -> Option<i64> {
+    fn from(h: Option<&Headers>) -> Option<&[u8]> {
+        h?.get(b"grpc-status")
+    }
+    let v = from(s.response_trailers.as_ref()).or_else(|| from(s.response_headers.as_ref()))?;
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
+}
+
+/// The client's verified identity: its certificate's first URI SAN (when not empty), else its
+/// first DNS SAN.
+pub fn peer_identity(s: &StreamData) -> Option<&str> {
+    let peer = s.info.tls.as_ref()?.peer.as_ref()?;
+    peer.uris
+        .first()
+        .filter(|u| !u.is_empty())
+        .or_else(|| peer.dns.first())
+        .map(String::as_str)
+}
+
+/// `cluster_name`: the cluster that took the request.
+pub fn cluster(s: &StreamData) -> Option<&str> {
     let c = s.info.route.as_ref()?.cluster();
-    (!c.is_empty()).then(|| c.as_bytes().to_vec())
+    (!c.is_empty()).then_some(c)
+}
+
+fn cluster_name(s: &StreamData) -> Option<Vec<u8>> {
+    cluster(s).map(|c| c.as_bytes().to_vec())
 }
 
 fn stream_property(s: &StreamData, segs: &[&[u8]], raw_path: &[u8]) -> Option<Vec<u8>> {
@@ -230,7 +255,9 @@ fn connection(s: &StreamData, key: &[u8]) -> Option<Vec<u8>> {
 fn property(state: &HostState, raw_path: &[u8]) -> Option<Vec<u8>> {
     let segs = split_property_path(raw_path);
     let first = *segs.first()?;
-    if let Some(plugin) = state.plugin() {
+    if first.starts_with(b"plugin_")
+        && let Some(plugin) = state.plugin()
+    {
         match first {
             b"plugin_name" => return Some(plugin.name.as_bytes().to_vec()),
             b"plugin_root_id" => return Some(plugin.root_id.as_bytes().to_vec()),

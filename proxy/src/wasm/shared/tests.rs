@@ -130,19 +130,42 @@ fn guest_metrics_are_exported_with_labels_and_capped() {
         h.define_metric(&f, MetricType::Counter, "requests{code=\"200\"}"),
         c
     );
-    h.record(c, 2).expect("record");
-    h.increment(c, 3).expect("increment");
-    assert_eq!(h.value(c), Ok(5));
-    assert_eq!(h.increment(c, -1), Err(Status::BadArgument));
+    // As a VM records them: through its cache.
+    let mut vm = MetricCache::default();
+    vm.get(&h, c).expect("defined").record(2);
+    vm.get(&h, c)
+        .expect("defined")
+        .increment(3)
+        .expect("increment");
+    assert_eq!(vm.get(&h, c).and_then(GuestMetric::value), Ok(5));
+    assert_eq!(
+        vm.get(&h, c).and_then(|m| m.increment(-1)),
+        Err(Status::BadArgument)
+    );
+    // Another VM's cache records into the same metric.
+    let mut other = MetricCache::default();
+    other.get(&h, c).expect("defined").record(1);
+    assert_eq!(vm.get(&h, c).and_then(GuestMetric::value), Ok(6));
+    // Ids never defined are not found, and do not grow the cache.
+    for id in [0, 100 << 2, 1 << 20, u32::MAX - 4] {
+        assert!(matches!(vm.get(&h, id), Err(Status::NotFound)), "{id}");
+    }
+    assert_eq!(vm.len(), 1 + (c >> 2) as usize);
     // A counter named the Prometheus way (`_total`) is exported once suffixed, not twice.
     let t = h.define_metric(&f, MetricType::Counter, "errors_total");
-    h.increment(t, 1).expect("increment");
+    vm.get(&h, t)
+        .expect("defined")
+        .increment(1)
+        .expect("increment");
     let hist = h.define_metric(&f, MetricType::Histogram, "latency_ms");
-    h.record(hist, 12).expect("observe");
-    assert_eq!(h.value(hist), Err(Status::BadArgument));
+    vm.get(&h, hist).expect("defined").record(12);
+    assert_eq!(
+        vm.get(&h, hist).and_then(GuestMetric::value),
+        Err(Status::BadArgument)
+    );
     let text = m.encode();
     assert!(
-        text.contains("\nweft_wasm_requests_total{filter=\"telemetry\",code=\"200\"} 5"),
+        text.contains("\nweft_wasm_requests_total{filter=\"telemetry\",code=\"200\"} 6"),
         "{text}"
     );
     assert!(
@@ -160,8 +183,9 @@ fn guest_metrics_are_exported_with_labels_and_capped() {
     let kept = h.guest.lock().expect("lock").ids.len();
     for i in 0..10_000 {
         let id = h.define_metric(&f, MetricType::Counter, &format!("more{i}"));
-        assert_eq!(h.record(id, 1), Ok(()));
-        assert_eq!(h.value(id), Ok(0));
+        let m = vm.get(&h, id).expect("the dropped metric");
+        m.record(1);
+        assert_eq!(m.value(), Ok(0));
     }
     assert_eq!(h.guest.lock().expect("lock").ids.len(), kept);
     assert!(

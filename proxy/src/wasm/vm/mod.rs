@@ -261,6 +261,8 @@ impl Vm {
             worker,
             vm: Weak::new(),
             tick_changes: Vec::new(),
+            skipped: Default::default(),
+            metrics: Default::default(),
             awaiting_done: Default::default(),
             done: Vec::new(),
             next_callout_token: 0,
@@ -502,6 +504,7 @@ impl Vm {
             id,
             Context::Root(RootContext {
                 plugin: plugin.clone(),
+                golden: None,
             }),
         );
         let trapped = StartError::Trapped;

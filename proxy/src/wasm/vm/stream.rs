@@ -146,10 +146,41 @@ impl Vm {
         )
     }
 
+    /// Records the golden metrics the stream's plugin asked weft for (`weft.golden_metrics`).
+    pub fn record_golden(&self, ctx: u32) {
+        let Ok(mut store) = self.store.try_borrow_mut() else {
+            return;
+        };
+        let HostState {
+            contexts,
+            metrics,
+            shared,
+            ..
+        } = store.data_mut();
+        let Some(Context::Stream(s)) = contexts.get(&ctx) else {
+            return;
+        };
+        let (root, stream) = (s.root, s.stream.clone());
+        if let Some(Context::Root(r)) = contexts.get_mut(&root)
+            && let Some(golden) = r.golden.as_mut()
+        {
+            golden.record(shared, metrics, &r.plugin.name, &stream.borrow());
+        }
+    }
+
+    /// Whether the module asked not to be called for `cb` (`weft.skip_callbacks`).
+    pub fn skips(&self, cb: Callback) -> bool {
+        self.store
+            .try_borrow()
+            .is_ok_and(|s| s.data().skipped.contains(cb))
+    }
+
     pub fn on_log(&self, ctx: u32) -> Result<(), VmFailure> {
         match &self.x.on_log {
-            Some(f) => self.call(ctx, Callback::Log, false, |s| f.call(s, ctx as i32)),
-            None => Ok(()),
+            Some(f) if !self.skips(Callback::Log) => {
+                self.call(ctx, Callback::Log, false, |s| f.call(s, ctx as i32))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -157,10 +188,10 @@ impl Vm {
     /// guest calls `proxy_done`.
     pub fn finish_context(&self, ctx: u32) {
         let ready = match &self.x.on_done {
-            Some(f) => self
+            Some(f) if !self.skips(Callback::Done) => self
                 .call(ctx, Callback::Done, false, |s| f.call(s, ctx as i32))
                 .map(|r| r != 0),
-            None => Ok(true),
+            _ => Ok(true),
         };
         match ready {
             Ok(false) => {
