@@ -1147,7 +1147,14 @@ async fn callbacks_a_module_says_do_nothing_are_not_called() {
         );
         format!("  - {{ name: {name}, module: \"{path}\" }}\n")
     };
-    let refused = ["unknown", "create", "empty", "oversized", "outside"];
+    let refused = [
+        "unknown",
+        "create",
+        "empty",
+        "oversized",
+        "outside",
+        "badret",
+    ];
     let mut filters = skipping(
         "quiet",
         "proxy_on_response_headers, proxy_on_response_body,proxy_on_response_trailers,proxy_on_log,proxy_on_done",
@@ -1163,6 +1170,11 @@ async fn callbacks_a_module_says_do_nothing_are_not_called() {
     filters += &skipping("empty", "", None);
     filters += &skipping("oversized", "proxy_on_log", Some((4160, 5000)));
     filters += &skipping("outside", "proxy_on_log", Some((0x7fff_0000, 12)));
+    // A valid list, but nowhere to put the (empty) result: refused before anything changes.
+    let bad_ret =
+        wasm_guests::foreign_order_logger("weft.skip_callbacks", "proxy_on_log", None, 0x7fff_0000);
+    let path = wasm_guests::write(dir.path(), "badret", &bad_ret);
+    filters += &format!("  - {{ name: badret, module: \"{path}\" }}\n");
     let names: Vec<&str> = ["quiet", "around"]
         .iter()
         .chain(&refused)
@@ -1256,7 +1268,7 @@ async fn the_host_records_golden_metrics_a_module_asks_for() {
     let app = Backend::start("app").await;
     let dir = tempfile::tempdir().expect("dir");
     let asking = |name: &str, args: &str| {
-        let module = wasm_guests::foreign_order_logger("weft.golden_metrics", args, None);
+        let module = wasm_guests::foreign_order_logger("weft.golden_metrics", args, None, 512);
         let path = wasm_guests::write(dir.path(), name, &module);
         format!("  - {{ name: {name}, module: \"{path}\" }}\n")
     };

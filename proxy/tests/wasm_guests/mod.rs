@@ -87,18 +87,24 @@ pub fn order_logger() -> String {
 /// the `request.size` and `response.size` properties, as `size:request=<n>` and
 /// `size:response=<n>`.
 pub fn skipping_order_logger(args: &str, args_at: Option<(i32, i32)>) -> String {
-    foreign_order_logger("weft.skip_callbacks", args, args_at)
+    foreign_order_logger("weft.skip_callbacks", args, args_at, 512)
 }
 
 /// [`skipping_order_logger`], calling foreign function `name` instead (`args` may hold a line
-/// feed).
-pub fn foreign_order_logger(name: &str, args: &str, args_at: Option<(i32, i32)>) -> String {
+/// feed), with its two out-parameters at `ret_at` and `ret_at + 4`.
+pub fn foreign_order_logger(
+    name: &str,
+    args: &str,
+    args_at: Option<(i32, i32)>,
+    ret_at: i32,
+) -> String {
     assert!(
         !args.contains(['"', '\\']) && args.len() < 1800 && name.len() <= 60,
         "plain args only"
     );
     let (ptr, len) = args_at.unwrap_or((4160, args.len() as i32));
     let name_len = name.len();
+    let ret_len_at = ret_at.wrapping_add(4);
     let args = args.replace('\n', "\\0a");
     let data = format!(
         r#"(data (i32.const 4096) "{name}")
@@ -114,7 +120,7 @@ pub fn foreign_order_logger(name: &str, args: &str, args_at: Option<(i32, i32)>)
   (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))"#;
     let functions = format!(
         r#"(func (export "proxy_on_configure") (param i32 i32) (result i32)
-    (if (i32.eqz (call $foreign (i32.const 4096) (i32.const {name_len}) (i32.const {ptr}) (i32.const {len}) (i32.const 512) (i32.const 516)))
+    (if (i32.eqz (call $foreign (i32.const 4096) (i32.const {name_len}) (i32.const {ptr}) (i32.const {len}) (i32.const {ret_at}) (i32.const {ret_len_at})))
       (then (drop (call $log (i32.const 2) (i32.const 6100) (i32.const 7))))
       (else (drop (call $log (i32.const 2) (i32.const 6110) (i32.const 12)))))
     (i32.const 1))
