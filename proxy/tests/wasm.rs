@@ -1165,6 +1165,13 @@ async fn callbacks_a_module_says_do_nothing_are_not_called() {
         "proxy_on_request_body,proxy_on_request_trailers,proxy_on_response_body,proxy_on_response_trailers",
         None,
     );
+    // Bodies skipped but not trailers: the bodies are still watched (for trailers), and their
+    // data goes through as it came.
+    filters += &skipping(
+        "bodies",
+        "proxy_on_request_body,proxy_on_response_body",
+        None,
+    );
     filters += &skipping("unknown", "proxy_on_log,proxy_on_bogus", None);
     filters += &skipping("create", "proxy_on_context_create", None);
     filters += &skipping("empty", "", None);
@@ -1175,7 +1182,7 @@ async fn callbacks_a_module_says_do_nothing_are_not_called() {
         wasm_guests::foreign_order_logger("weft.skip_callbacks", "proxy_on_log", None, 0x7fff_0000);
     let path = wasm_guests::write(dir.path(), "badret", &bad_ret);
     filters += &format!("  - {{ name: badret, module: \"{path}\" }}\n");
-    let names: Vec<&str> = ["quiet", "around"]
+    let names: Vec<&str> = ["quiet", "around", "bodies"]
         .iter()
         .chain(&refused)
         .copied()
@@ -1184,18 +1191,18 @@ async fn callbacks_a_module_says_do_nothing_are_not_called() {
     let weft = Weft::start_with(WEFT, &yaml, &["--workers", "1"]);
     let c = client::http1();
     // Every VM up, and its answer to the call logged.
-    for name in ["quiet", "around"].iter().chain(&refused) {
+    for name in ["quiet", "around", "bodies"].iter().chain(&refused) {
         let r = client::get(&c, &weft.url(name, "/"))
             .await
             .expect("response");
         assert_eq!(r.status, 200, "{name}");
     }
     eventually(Duration::from_secs(10), "the last VM's stream ends", || {
-        logged_words(&weft, 0, "order:delete").len() == 2 + refused.len()
+        logged_words(&weft, 0, "order:delete").len() == 3 + refused.len()
     });
     let ok = logged_words(&weft, 0, "skip:ok").len();
     let no = logged_words(&weft, 0, "skip:refused").len();
-    assert!(ok >= 2 && no >= refused.len(), "ok {ok}, refused {no}");
+    assert!(ok >= 3 && no >= refused.len(), "ok {ok}, refused {no}");
 
     let mark = weft.log_lines().len();
     let r = client::get(&c, &weft.url("quiet", "/q"))
@@ -1245,6 +1252,29 @@ async fn callbacks_a_module_says_do_nothing_are_not_called() {
             format!("size:response={}", r.body.len())
         ],
         "bodies that went around the filter are counted"
+    );
+
+    // Many frames each way, none shown to the filter, all of them through and counted.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mark = weft.log_lines().len();
+    let r = post(&c, &weft.url("bodies", "/echo"), big.clone()).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body[..] == big[..], "the body came back as sent");
+    assert_eq!(
+        order_lines(&weft, mark),
+        [
+            "context_create",
+            "request_headers",
+            "response_headers",
+            "log",
+            "done",
+            "delete"
+        ],
+        "POST, body callbacks skipped"
+    );
+    assert_eq!(
+        logged_words(&weft, mark, "size:"),
+        ["size:request=300000", "size:response=300000"],
     );
 
     for name in refused {
