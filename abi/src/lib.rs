@@ -346,6 +346,31 @@ impl core::hash::Hasher for IdHasher {
 /// How to build [`IdHasher`]s: `HashMap<u32, V, BuildIdHasher>` is a map keyed by host-made ids.
 pub type BuildIdHasher = core::hash::BuildHasherDefault<IdHasher>;
 
+/// The `source_workload` and `source_namespace` of Istio's golden metrics, from a client's
+/// identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` is (service account,
+/// namespace); another identity is the workload itself, namespace `unknown`; none is
+/// (`unknown`, `unknown`). Host and guests label alike with it.
+pub fn workload_of(identity: Option<&str>) -> (&str, &str) {
+    let Some(id) = identity else {
+        return ("unknown", "unknown");
+    };
+    let after = |key: &str| {
+        let mut parts = id.split('/');
+        let mut previous = parts.next()?;
+        for part in parts {
+            if previous == key {
+                return Some(part);
+            }
+            previous = part;
+        }
+        None
+    };
+    match (after("sa"), after("ns")) {
+        (Some(sa), Some(ns)) => (sa, ns),
+        _ => (id, "unknown"),
+    }
+}
+
 /// Joins segments into a property path.
 pub fn join_property_path<S: AsRef<[u8]>>(segments: &[S]) -> Vec<u8> {
     let len = segments.iter().map(|s| s.as_ref().len() + 1).sum::<usize>();
@@ -362,6 +387,20 @@ pub fn join_property_path<S: AsRef<[u8]>>(segments: &[S]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workloads_come_from_spiffe_identities() {
+        assert_eq!(
+            workload_of(Some("spiffe://mesh/ns/shop/sa/web")),
+            ("web", "shop")
+        );
+        assert_eq!(
+            workload_of(Some("spiffe://mesh/sa/web")),
+            ("spiffe://mesh/sa/web", "unknown")
+        );
+        assert_eq!(workload_of(Some("web.shop")), ("web.shop", "unknown"));
+        assert_eq!(workload_of(None), ("unknown", "unknown"));
+    }
 
     #[test]
     fn markers_round_trip() {

@@ -43,6 +43,8 @@ pub fn source_ip() -> Option<std::net::IpAddr> {
     a.parse().ok()
 }
 
+pub use weft_abi::workload_of;
+
 /// The verified identity of an mTLS client: its first URI SAN (`spiffe://…`), else its first
 /// DNS SAN.
 pub fn peer_identity() -> Option<String> {

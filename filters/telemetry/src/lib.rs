@@ -235,24 +235,6 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
     Some((trace.to_ascii_lowercase(), flags.to_owned()))
 }
 
-/// `spiffe://<trust>/ns/<ns>/sa/<sa>` → (workload, namespace).
-fn workload_of(identity: Option<&str>) -> (String, String) {
-    let Some(id) = identity else {
-        return ("unknown".into(), "unknown".into());
-    };
-    let parts: Vec<&str> = id.split('/').collect();
-    let find = |key: &str| {
-        parts
-            .windows(2)
-            .find(|w| w[0] == key)
-            .map(|w| w[1].to_owned())
-    };
-    match (find("sa"), find("ns")) {
-        (Some(sa), Some(ns)) => (sa, ns),
-        _ => (id.to_owned(), "unknown".into()),
-    }
-}
-
 /// A string as the inside of a JSON string, escaped as it is written (no copy).
 struct Json<'a>(&'a str);
 
@@ -403,7 +385,7 @@ impl HttpFilter for TelemetryFilter {
             .map(|g| g.to_string())
             .unwrap_or_default();
         let identity = properties::peer_identity();
-        let (src_workload, src_ns) = workload_of(identity.as_deref());
+        let (src_workload, src_ns) = properties::workload_of(identity.as_deref());
         let cluster = properties::cluster_name().unwrap_or_default();
         let destination = match &self.plugin.config.destination_workload {
             Some(d) => d.as_str(),
@@ -423,8 +405,8 @@ impl HttpFilter for TelemetryFilter {
             let mut code_text = String::with_capacity(3);
             decimal::push(&mut code_text, u64::from(code));
             let m = self.handles(&[
-                &src_workload,
-                &src_ns,
+                src_workload,
+                src_ns,
                 destination,
                 &code_text,
                 &grpc_status,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use weft_abi::MetricType;
+use weft_abi::{MetricType, workload_of};
 
 use super::host::properties;
 use super::shared::{MetricCache, WasmShared};
@@ -78,20 +78,6 @@ fn clean(v: &str) -> std::borrow::Cow<'_, str> {
             .into()
     } else {
         v.into()
-    }
-}
-
-/// `spiffe://<trust>/ns/<ns>/sa/<sa>` → (workload, namespace); another identity is the
-/// workload itself; none is unknown.
-pub fn workload_of(identity: Option<&str>) -> (&str, &str) {
-    let Some(id) = identity else {
-        return ("unknown", "unknown");
-    };
-    let parts: Vec<&str> = id.split('/').collect();
-    let find = |key: &str| parts.windows(2).find(|w| w[0] == key).map(|w| w[1]);
-    match (find("sa"), find("ns")) {
-        (Some(sa), Some(ns)) => (sa, ns),
-        _ => (id, "unknown"),
     }
 }
 
@@ -238,20 +224,6 @@ mod tests {
         }
         let long = format!("20\n{}", "a".repeat(257));
         assert_eq!(GoldenSpec::parse(long.as_bytes()), None);
-    }
-
-    #[test]
-    fn workloads_come_from_spiffe_identities() {
-        assert_eq!(
-            workload_of(Some("spiffe://mesh/ns/shop/sa/web")),
-            ("web", "shop")
-        );
-        assert_eq!(
-            workload_of(Some("spiffe://mesh/sa/web")),
-            ("spiffe://mesh/sa/web", "unknown")
-        );
-        assert_eq!(workload_of(Some("web.shop")), ("web.shop", "unknown"));
-        assert_eq!(workload_of(None), ("unknown", "unknown"));
     }
 
     /// Sets are told apart whatever their values hold; past the cap they share `_other`, and

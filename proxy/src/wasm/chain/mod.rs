@@ -349,13 +349,7 @@ impl Chain {
                     Callback::ResponseTrailers,
                 ),
             };
-            exported
-                && match &slot.run {
-                    Run::Active { vm, .. } => {
-                        !(vm.skips(body) && vm.skips(trailers)) || st.holds(i)
-                    }
-                    _ => true,
-                }
+            exported && !(st.passes(i, body) && st.passes(i, trailers))
         };
         match d {
             Direction::Request => (0..st.slots.len()).any(wants),

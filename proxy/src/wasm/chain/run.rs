@@ -86,10 +86,8 @@ impl ChainState {
         let Some((vm, ctx)) = self.ensure(i, d)? else {
             return Ok(Action::Continue);
         };
-        if vm.skips(cb.callback(d)) && !self.holds(i) {
-            // The module said this callback does nothing; while the filter holds nothing of
-            // the stream (then its SDK would answer for what it waits on), not calling it is
-            // the same as calling it.
+        if self.passes(i, cb.callback(d)) {
+            // Not calling it is the same as calling it.
             return Ok(Action::Continue);
         }
         let (n_req, n_resp, n_req_t, n_resp_t, body) = {
@@ -121,6 +119,17 @@ impl ChainState {
                 self.fail(i, d, &e)?;
                 Ok(Action::Continue)
             }
+        }
+    }
+
+    /// Filter `i` need not be called for `cb`: its module said the callback does nothing and it
+    /// holds nothing of the stream (else its SDK would answer for what it waits on), or it was
+    /// skipped itself (failing open).
+    pub(super) fn passes(&self, i: usize, cb: Callback) -> bool {
+        match &self.slots[i].run {
+            Run::Active { vm, .. } => vm.skips(cb) && !self.holds(i),
+            Run::Skipped => true,
+            Run::Idle | Run::Failed => false,
         }
     }
 
@@ -425,14 +434,10 @@ impl ChainState {
         flow.tail.is_empty()
             && flow.held.is_none()
             && !flow.any_buffering()
-            && flow.order.iter().all(|i| {
-                let passes = match &self.slots[i].run {
-                    Run::Active { vm, .. } => vm.skips(cb),
-                    Run::Skipped => true,
-                    Run::Idle | Run::Failed => false,
-                };
-                passes && !self.holds(i) && self.body_len(d, i) == 0
-            })
+            && flow
+                .order
+                .iter()
+                .all(|i| self.passes(i, cb) && self.body_len(d, i) == 0)
     }
 
     /// Body input from the source.
