@@ -404,13 +404,7 @@ impl HttpFilter for TelemetryFilter {
         if !self.plugin.host_metrics {
             let mut code_text = String::with_capacity(3);
             decimal::push(&mut code_text, u64::from(code));
-            let m = self.handles(&[
-                src_workload,
-                src_ns,
-                destination,
-                &code_text,
-                &grpc_status,
-            ]);
+            let m = self.handles(&[src_workload, src_ns, destination, &code_text, &grpc_status]);
             m.requests.inc().ok();
             m.duration.record(duration_ms.round() as u64).ok();
             m.request_bytes.record(req_bytes as u64).ok();

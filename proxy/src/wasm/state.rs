@@ -566,3 +566,43 @@ impl HostState {
         self.next_callout_token | (kind & 3)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only exact export names of skippable callbacks, each between commas (spaces around
+    /// them aside), make a list; any other spelling refuses the whole list.
+    #[test]
+    fn skip_lists_are_parsed_strictly() {
+        let log_and_done = Skipped::parse(b" proxy_on_log ,proxy_on_done").expect("a list");
+        assert!(log_and_done.contains(Callback::Log) && log_and_done.contains(Callback::Done));
+        assert!(!log_and_done.contains(Callback::RequestHeaders));
+        assert_eq!(
+            Skipped::parse(b"proxy_on_log,proxy_on_log"),
+            Skipped::parse(b"proxy_on_log"),
+            "a name twice is the name once"
+        );
+        for bad in [
+            &b""[..],
+            b",",
+            b"proxy_on_log,",
+            b",proxy_on_log",
+            b"PROXY_ON_LOG",
+            b"proxy_on_log\0",
+            b"proxy_on_log;proxy_on_done",
+            b"proxy_on_context_create",
+            b"proxy_on_delete",
+            b"proxy_on_tick",
+            b"proxy_on_log,\xff",
+            b"proxy%5Fon%5Flog",
+        ] {
+            assert_eq!(
+                Skipped::parse(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
