@@ -11,7 +11,6 @@
 //! (`proxy_set_property(["access_log", "<field>"], value)`) is logged as `"<field>": value`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -25,6 +24,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
+
+mod line;
+
+use line::Line;
 
 /// Pending bytes that make the writer write at once.
 const FLUSH_BYTES: usize = 64 * 1024;
@@ -314,75 +317,68 @@ impl AccessLog {
         outcome: &Outcome<'_>,
         filter_fields: impl Iterator<Item = (&'f [u8], &'f [u8])>,
     ) {
-        let mut line = String::with_capacity(512);
-        let start = humantime::format_rfc3339_micros(entry.start);
-        let _ = write!(
-            line,
-            "{{\"start_time\":\"{start}\",\"method\":\"{}\",\"path\":\"{}\",\"authority\":\"{}\",\
-             \"protocol\":\"{:?}\",\"response_code\":{},\"grpc_status\":\"{}\",\"duration_ms\":{},\
-             \"bytes_received\":{},\"bytes_sent\":{},\"source_address\":\"{}\",\
-             \"source_identity\":\"{}\",\"route\":\"{}\",\"cluster\":\"{}\",\"upstream_host\":\"{}\",\
-             \"request_id\":\"{}\",\"user_agent\":\"{}\"",
-            Json(entry.method.as_str().as_bytes()),
-            Json(entry.path.as_str().as_bytes()),
-            Json(value(&entry.authority)),
-            entry.version,
-            outcome.status,
-            Json(value(&entry.grpc_status)),
-            Millis(outcome.duration),
-            entry.received.load(Ordering::Relaxed),
-            entry.sent,
-            entry.source,
-            Json(entry.identity.as_deref().unwrap_or_default().as_bytes()),
-            Json(outcome.route.as_bytes()),
-            Json(outcome.cluster.as_bytes()),
-            OptAddr(entry.upstream),
-            Json(value(&entry.request_id)),
-            Json(value(&entry.user_agent)),
-        );
+        let mut line = Line::with_capacity(512);
+        line.raw("{\"start_time\":\"")
+            .timestamp(entry.start)
+            .raw("\",\"method\":\"")
+            .json(entry.method.as_str().as_bytes())
+            .raw("\",\"path\":\"")
+            .json(entry.path.as_str().as_bytes())
+            .raw("\",\"authority\":\"")
+            .json(value(&entry.authority))
+            .raw("\",\"protocol\":\"")
+            .raw(protocol(entry.version))
+            .raw("\",\"response_code\":")
+            .number(u64::from(outcome.status))
+            .raw(",\"grpc_status\":\"")
+            .json(value(&entry.grpc_status))
+            .raw("\",\"duration_ms\":")
+            .millis(outcome.duration)
+            .raw(",\"bytes_received\":")
+            .number(entry.received.load(Ordering::Relaxed))
+            .raw(",\"bytes_sent\":")
+            .number(entry.sent)
+            .raw(",\"source_address\":\"")
+            .addr(entry.source)
+            .raw("\",\"source_identity\":\"")
+            .json(entry.identity.as_deref().unwrap_or_default().as_bytes())
+            .raw("\",\"route\":\"")
+            .json(outcome.route.as_bytes())
+            .raw("\",\"cluster\":\"")
+            .json(outcome.cluster.as_bytes())
+            .raw("\",\"upstream_host\":\"");
+        if let Some(a) = entry.upstream {
+            line.addr(a);
+        }
+        line.raw("\",\"request_id\":\"")
+            .json(value(&entry.request_id))
+            .raw("\",\"user_agent\":\"")
+            .json(value(&entry.user_agent))
+            .raw("\"");
         if let Some(o) = &entry.original_path {
-            let _ = write!(
-                line,
-                ",\"original_path\":\"{}\"",
-                Json(o.as_str().as_bytes())
-            );
+            line.field(b"original_path", o.as_str().as_bytes());
         }
         for (name, v) in self.headers.iter().zip(&entry.headers) {
             if let Some(v) = v {
-                let _ = write!(
-                    line,
-                    ",\"{}\":\"{}\"",
-                    Json(name.as_str().as_bytes()),
-                    Json(v.as_bytes())
-                );
+                line.field(name.as_str().as_bytes(), v.as_bytes());
             }
         }
         for (name, v) in filter_fields {
-            let _ = write!(line, ",\"{}\":\"{}\"", Json(name), Json(v));
+            line.field(name, v);
         }
-        line.push('}');
-        self.file.append(line.as_bytes());
+        line.raw("}");
+        self.file.append(&line.0);
     }
 }
 
-/// A duration in milliseconds with three decimals (integer arithmetic: no float formatting).
-struct Millis(Duration);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let us = self.0.as_micros();
-        write!(f, "{}.{:03}", us / 1000, us % 1000)
-    }
-}
-
-struct OptAddr(Option<SocketAddr>);
-
-impl std::fmt::Display for OptAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => a.fmt(f),
-            None => Ok(()),
-        }
+/// The protocol as the line names it (as `Version`'s `Debug` does).
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
     }
 }
 
@@ -390,76 +386,11 @@ fn value(v: &Option<HeaderValue>) -> &[u8] {
     v.as_ref().map_or(&[], HeaderValue::as_bytes)
 }
 
-/// Bytes as the inside of a JSON string: quotes, backslashes and control characters escaped,
-/// bytes that are not UTF-8 written as U+FFFD. Nothing a client sends can end the string, add
-/// a field or a line.
-struct Json<'a>(&'a [u8]);
-
-impl std::fmt::Display for Json<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Most fields are printable ASCII with nothing to escape: written in one piece.
-        if self
-            .0
-            .iter()
-            .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-            && let Ok(s) = std::str::from_utf8(self.0)
-        {
-            return f.write_str(s);
-        }
-        for chunk in self.0.utf8_chunks() {
-            let s = chunk.valid();
-            let mut from = 0;
-            for (i, c) in s.char_indices() {
-                let esc = match c {
-                    '"' => "\\\"",
-                    '\\' => "\\\\",
-                    '\n' => "\\n",
-                    '\r' => "\\r",
-                    '\t' => "\\t",
-                    c if (c as u32) < 0x20
-                        || c == '\u{7f}'
-                        || ('\u{80}'..='\u{9f}').contains(&c) =>
-                    {
-                        ""
-                    }
-                    '\u{2028}' | '\u{2029}' => "",
-                    _ => continue,
-                };
-                f.write_str(&s[from..i])?;
-                if esc.is_empty() {
-                    write!(f, "\\u{:04x}", c as u32)?;
-                } else {
-                    f.write_str(esc)?;
-                }
-                from = i + c.len_utf8();
-            }
-            f.write_str(&s[from..])?;
-            if !chunk.invalid().is_empty() {
-                f.write_str("\u{fffd}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::OpenOptionsExt as _;
 
     use super::*;
-
-    #[test]
-    fn json_strings_cannot_be_broken_out_of() {
-        let hostile = b"a\"b\\c\nd\re\tf\x00g\x1bh\x7fi\xc2\x85j\xe2\x80\xa8k\xff\xfel";
-        let s = format!("\"{}\"", Json(hostile));
-        let back: String = serde_json::from_str(&s).expect("valid JSON");
-        assert_eq!(
-            back,
-            "a\"b\\c\nd\re\tf\u{0}g\u{1b}h\u{7f}i\u{85}j\u{2028}k\u{fffd}\u{fffd}l"
-        );
-        assert!(!s.contains('\n') && !s.contains('\r'));
-        assert!(s.bytes().all(|b| b >= 0x20 && b != 0x7f));
-    }
 
     fn entry() -> Entry {
         Entry {
