@@ -658,6 +658,48 @@ filters:
     )
 }
 
+/// A guest that adds, replaces and removes request headers with names or values outside its
+/// memory (past the end, wrapping around 4 GiB, a negative length) gets INVALID_MEMORY_ACCESS
+/// for each, and the request's headers are as if it had not tried; its good edit still lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_edits_outside_guest_memory_are_refused_and_change_nothing() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let module = wasm_guests::write(
+        dir.path(),
+        "edits",
+        &wasm_guests::header_edits_out_of_bounds(),
+    );
+    let weft = Weft::start(
+        WEFT,
+        &two_listeners(
+            &app.endpoint(),
+            "edits",
+            &format!("  - {{ name: edits, module: \"{module}\" }}\n"),
+        ),
+    );
+    for c in [client::http1(), client::h2c()] {
+        let r = get_with(&c, &weft.url("main", "/"), &[("x-client", "1")])
+            .await
+            .expect("response");
+        assert_eq!(r.status, 200);
+        let seen = r.json()["headers"].clone();
+        assert_eq!(seen["x-ok"], "yes", "{seen}");
+        assert!(
+            seen.get("x-wrong").is_none(),
+            "an edit was not refused: {seen}"
+        );
+        assert_eq!(seen["x-client"], "1", "{seen}");
+        let names: Vec<&String> = seen.as_object().expect("headers").keys().collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.is_ascii() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic())),
+            "{names:?}"
+        );
+    }
+}
+
 /// weft with a filter that never returns (20 ms per call) on `main`, none on `plain`.
 async fn spinning() -> (Backend, tempfile::TempDir, Weft) {
     let app = Backend::start("app").await;

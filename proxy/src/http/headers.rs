@@ -81,24 +81,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         return;
     }
     if present & HOP_CONNECTION != 0 {
-        // Names listed in Connection are hop-by-hop too.
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("keep-alive")
-                    && !t.eq_ignore_ascii_case("upgrade")
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            // The proxy sets (or vouches for) these itself; naming them in `Connection` must
-            // not strip them.
-            .filter(|h| !is_protected(h))
-            .collect();
+        // Names listed in Connection are hop-by-hop too. Read as bytes, without a list: most
+        // values are `keep-alive` or `close`, which name nothing to remove.
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let t = token.trim_ascii();
+                if t.is_empty()
+                    || t.eq_ignore_ascii_case(b"close")
+                    || t.eq_ignore_ascii_case(b"keep-alive")
+                    || t.eq_ignore_ascii_case(b"upgrade")
+                {
+                    continue;
+                }
+                // The proxy sets (or vouches for) the protected fields itself; naming them in
+                // `Connection` must not strip them.
+                if let Ok(name) = HeaderName::from_bytes(t)
+                    && !is_protected(&name)
+                {
+                    listed.push(name);
+                }
+            }
+        }
         for h in listed {
             headers.remove(h);
         }
@@ -210,23 +214,24 @@ pub fn set_client_cert(headers: &mut HeaderMap, value: Option<&HeaderValue>) {
 /// Most bytes of a client's `x-request-id` kept.
 const MAX_REQUEST_ID: usize = 128;
 
-/// Whether a client's `x-request-id` is one to keep: one value of 1 to 128 characters from
+/// Whether a client's `x-request-id` value is one to keep: 1 to 128 characters from
 /// `A-Z a-z 0-9 - _ . : +` (UUIDs, trace ids, ULIDs…), nothing that could break a log line or
 /// a downstream parser.
-fn well_formed_request_id(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(&X_REQUEST_ID).iter();
-    let (Some(v), None) = (values.next(), values.next()) else {
-        return false;
-    };
+fn well_formed_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     (1..=MAX_REQUEST_ID).contains(&b.len())
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'+'))
 }
 
-/// Sets `x-request-id` to a fresh UUID v4 unless the request carries a well-formed one.
+/// Sets `x-request-id` to a fresh UUID v4 unless the request carries exactly one, well formed.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
-    if well_formed_request_id(headers) {
+    // A lookup, not `entry`: `entry` makes room for one more field even when the field is
+    // there, which on a full map (a copy made to measure) is a wasted grow.
+    let mut values = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), None) = (values.next(), values.next())
+        && well_formed_request_id(v)
+    {
         return;
     }
     headers.insert(&X_REQUEST_ID, new_request_id());
@@ -316,6 +321,19 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("x-keep", "1"),
         ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+        // Tabs as spacing, and a value that is not all ASCII: the names it lists still go (a
+        // byte beyond ASCII must not hide the rest of the list).
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\tx-drop\t,caf\xc3\xa9, X-Also").expect("value"),
+        );
+        h.append("x-drop", HeaderValue::from_static("1"));
+        h.append("x-also", HeaderValue::from_static("1"));
+        h.append("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-keep"]);

@@ -444,3 +444,39 @@ pub fn slow_configure(ms: u64) -> String {
         ns = ms * 1_000_000
     )
 }
+
+/// On request headers, edits the request's headers with names or values outside its memory
+/// (past the end, and wrapping around 4 GiB), then adds `x-ok: yes`. Each edit that is not
+/// refused with `INVALID_MEMORY_ACCESS` (6) adds `x-wrong: <which>`.
+pub fn header_edits_out_of_bounds() -> String {
+    module(
+        r#"(import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 64) "x-ok")
+  (data (i32.const 80) "yes")
+  (data (i32.const 96) "x-wrong")
+  (data (i32.const 112) "0123456789")"#,
+        r#"(func $check (param $status i32) (param $which i32)
+    (if (i32.ne (local.get $status) (i32.const 6))
+      (then (drop (call $add (i32.const 0) (i32.const 96) (i32.const 7)
+        (i32.add (i32.const 112) (local.get $which)) (i32.const 1))))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    ;; A name past the end of memory (two pages: 131072 bytes).
+    (call $check (call $add (i32.const 0) (i32.const 131070) (i32.const 4) (i32.const 80) (i32.const 3)) (i32.const 0))
+    ;; A value past the end.
+    (call $check (call $add (i32.const 0) (i32.const 64) (i32.const 4) (i32.const 131000) (i32.const 100)) (i32.const 1))
+    ;; A name whose end wraps around 4 GiB.
+    (call $check (call $add (i32.const 0) (i32.const -16) (i32.const 32) (i32.const 80) (i32.const 3)) (i32.const 2))
+    ;; The same for replace: name, then value.
+    (call $check (call $replace (i32.const 0) (i32.const 131070) (i32.const 4) (i32.const 80) (i32.const 3)) (i32.const 3))
+    (call $check (call $replace (i32.const 0) (i32.const 64) (i32.const 4) (i32.const -1) (i32.const 2)) (i32.const 4))
+    ;; A length that is negative as an i32.
+    (call $check (call $replace (i32.const 0) (i32.const 64) (i32.const -1) (i32.const 80) (i32.const 3)) (i32.const 5))
+    ;; Remove with a name past the end.
+    (call $check (call $remove (i32.const 0) (i32.const 131071) (i32.const 2)) (i32.const 6))
+    ;; And a good edit, which must still work.
+    (drop (call $add (i32.const 0) (i32.const 64) (i32.const 4) (i32.const 80) (i32.const 3)))
+    (i32.const 0))"#,
+    )
+}

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use wasmtime::Caller;
 use weft_abi::{MapType, Status, deserialize_pairs};
 
-use super::memory::{HostResult, give, read, status, with_bytes, write_u32};
+use super::memory::{HostResult, give, read, status, with_bytes, with_pair, write_u32};
 use crate::wasm::runtime::caps;
 use crate::wasm::state::{Callback, Headers, HostState, StreamData};
 
@@ -71,13 +71,13 @@ fn map_type(t: i32) -> Result<MapType, Status> {
 
 /// Runs `f` on the writable map `map` of the effective stream.
 fn edit(
-    caller: &mut Caller<'_, HostState>,
+    state: &HostState,
     map: i32,
     f: impl FnOnce(&mut Headers) -> Result<(), Status>,
 ) -> HostResult {
     let map = map_type(map)?;
-    let call = caller.data().call;
-    let stream = caller.data().stream().ok_or(Status::BadArgument)?;
+    let call = state.call;
+    let stream = state.stream().ok_or(Status::BadArgument)?;
     let mut s = stream.borrow_mut();
     let h = writable(&mut s, map, call.phase, call.end_of_stream).ok_or(Status::BadArgument)?;
     if map != MapType::HttpRequestHeaders {
@@ -152,7 +152,7 @@ pub fn set_header_map_pairs(
         }
         let bytes = read(&mut caller, ptr, len)?;
         let pairs = deserialize_pairs(&bytes).map_err(|_| Status::BadArgument)?;
-        edit(&mut caller, map, |h| {
+        edit(caller.data(), map, |h| {
             h.set_all(&pairs).map_err(|_| Status::BadArgument)
         })
     })())
@@ -201,12 +201,18 @@ pub fn add_header_map_value(
     value_len: i32,
 ) -> i32 {
     status((|| {
-        let key = read(&mut caller, key_ptr, key_len)?;
-        let value = read(&mut caller, value_ptr, value_len)?;
-        edit(&mut caller, map, |h| {
-            room_for(h, key.len() + value.len(), 1)?;
-            h.add(&key, &value).map_err(|_| Status::BadArgument)
-        })
+        // Name and value are read where they are in guest memory: the map copies them once.
+        with_pair(
+            &mut caller,
+            (key_ptr, key_len),
+            (value_ptr, value_len),
+            |key, value, state| {
+                edit(state, map, |h| {
+                    room_for(h, key.len() + value.len(), 1)?;
+                    h.add(key, value).map_err(|_| Status::BadArgument)
+                })
+            },
+        )?
     })())
 }
 
@@ -230,15 +236,20 @@ pub fn replace_header_map_value(
     value_len: i32,
 ) -> i32 {
     status((|| {
-        let key = read(&mut caller, key_ptr, key_len)?;
-        let value = read(&mut caller, value_ptr, value_len)?;
-        edit(&mut caller, map, |h| {
-            // What it replaces leaves room (`get` is the first value; the others go too).
-            let old = h.get(&key).map(|v| key.len() + v.len());
-            let added = (key.len() + value.len()).saturating_sub(old.unwrap_or(0));
-            room_for(h, added, usize::from(old.is_none()))?;
-            h.replace(&key, &value).map_err(|_| Status::BadArgument)
-        })
+        with_pair(
+            &mut caller,
+            (key_ptr, key_len),
+            (value_ptr, value_len),
+            |key, value, state| {
+                edit(state, map, |h| {
+                    // What it replaces leaves room (`get` is the first value; the others go too).
+                    let old = h.get(key).map(|v| key.len() + v.len());
+                    let added = (key.len() + value.len()).saturating_sub(old.unwrap_or(0));
+                    room_for(h, added, usize::from(old.is_none()))?;
+                    h.replace(key, value).map_err(|_| Status::BadArgument)
+                })
+            },
+        )?
     })())
 }
 
@@ -249,10 +260,11 @@ pub fn remove_header_map_value(
     key_len: i32,
 ) -> i32 {
     status((|| {
-        let key = read(&mut caller, key_ptr, key_len)?;
-        edit(&mut caller, map, |h| {
-            h.remove(&key);
-            Ok(())
-        })
+        with_bytes(&mut caller, key_ptr, key_len, |key, state| {
+            edit(state, map, |h| {
+                h.remove(key);
+                Ok(())
+            })
+        })?
     })())
 }

@@ -58,6 +58,19 @@ pub fn with_bytes<R>(
     Ok(f(&data[start..end], state))
 }
 
+/// Lends two ranges of guest bytes to `f` at once (a name and its value), without copying.
+pub fn with_pair<R>(
+    caller: &mut Caller<'_, HostState>,
+    (ptr_a, len_a): (i32, i32),
+    (ptr_b, len_b): (i32, i32),
+    f: impl FnOnce(&[u8], &[u8], &mut HostState) -> R,
+) -> Result<R, Status> {
+    let (m, start_a, end_a) = range(caller, ptr_a, len_a)?;
+    let (_, start_b, end_b) = range(caller, ptr_b, len_b)?;
+    let (data, state) = m.data_and_store_mut(&mut *caller);
+    Ok(f(&data[start_a..end_a], &data[start_b..end_b], state))
+}
+
 /// Copies guest bytes `[ptr, ptr + len)`.
 pub fn read(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<Vec<u8>, Status> {
     with_bytes(caller, ptr, len, |b, _| b.to_vec())
