@@ -330,7 +330,7 @@ pub struct StreamData {
     pub body_modified: [bool; 2],
     pub info: StreamInfo,
     /// Values from `proxy_set_property`, by path.
-    pub filter_state: HashMap<Vec<u8>, Bytes>,
+    pub filter_state: HashMap<Vec<u8>, Bytes, foldhash::fast::RandomState>,
     /// Bytes of paths and values in `filter_state`.
     pub filter_state_bytes: usize,
     /// A local response was asked for; later ones are ignored (and logged).

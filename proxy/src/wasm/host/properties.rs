@@ -16,6 +16,7 @@
 //! | `route_name`, `cluster_name`, `listener_name` (also under `xds.`) | string |
 //! | any other name | what `proxy_set_property` stored for this request |
 
+use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -303,17 +304,28 @@ pub fn set_property(
         let value = read(&mut caller, value_ptr, value_len)?;
         let stream = caller.data().stream().ok_or(Status::NotFound)?;
         let mut s = stream.borrow_mut();
-        // What the stream's filters have set, with this value instead of the one it replaces.
-        let replaced = s
-            .filter_state
-            .get(&path)
-            .map_or(0, |v| path.len() + v.len());
-        let held = s.filter_state_bytes - replaced + path.len() + value.len();
+        let s = &mut *s;
+        let added = path.len() + value.len();
+        // What the stream's filters have set, with this value instead of the one it replaces
+        // (the path is looked up once; a refused value leaves the map as it was).
+        let entry = s.filter_state.entry(path);
+        let replaced = match &entry {
+            Entry::Occupied(o) => o.key().len() + o.get().len(),
+            Entry::Vacant(_) => 0,
+        };
+        let held = s.filter_state_bytes - replaced + added;
         if held > limit {
             return Err(Status::BadArgument);
         }
         s.filter_state_bytes = held;
-        s.filter_state.insert(path, value.into());
+        match entry {
+            Entry::Occupied(mut o) => {
+                o.insert(value.into());
+            }
+            Entry::Vacant(v) => {
+                v.insert(value.into());
+            }
+        }
         Ok(())
     })())
 }
