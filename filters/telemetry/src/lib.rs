@@ -200,19 +200,20 @@ fn label_key(out: &mut String, labels: &[&str; 5]) {
 /// every request.
 fn hex_id(bytes: usize) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digits = bytes * 2;
-    let mut s = String::with_capacity(digits);
-    while s.len() < digits {
+    // Written as bytes (16 digits per random word), not pushed char by char.
+    let mut digits = vec![0u8; bytes * 2];
+    for chunk in digits.chunks_mut(16) {
         let mut x = random::u64();
-        for _ in 0..16.min(digits - s.len()) {
-            s.push(char::from(HEX[(x >> 60) as usize]));
+        for d in chunk {
+            *d = HEX[(x >> 60) as usize];
             x <<= 4;
         }
     }
-    if s.bytes().all(|b| b == b'0') {
-        s.replace_range(..1, "1");
+    if digits.iter().all(|&d| d == b'0') {
+        digits[0] = b'1';
     }
-    s
+    // Only hex digits: always UTF-8.
+    String::from_utf8(digits).unwrap_or_default()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -288,9 +289,14 @@ impl TelemetryFilter {
         let found = found.or_else(|| b3.then(from_b3).flatten());
         let (trace, flags) = found.unwrap_or_else(|| (hex_id(16), "01".to_owned()));
         if w3c {
-            headers
-                .set("traceparent", &["00", &trace, &span, &flags].join("-"))
-                .ok();
+            let mut parent = String::with_capacity(55);
+            for (i, part) in ["00", &trace, &span, &flags].into_iter().enumerate() {
+                if i > 0 {
+                    parent.push('-');
+                }
+                parent.push_str(part);
+            }
+            headers.set("traceparent", &parent).ok();
         }
         if b3 {
             if let Some(parent) = headers.get("x-b3-spanid") {
