@@ -10,6 +10,9 @@
 #
 #   bench/filters.sh              # defaults: 3 rounds × 10 s, 64 connections
 #   ROUNDS=5 DURATION=20 bench/filters.sh
+#   BEFORE=/path/to/old/weft BEFORE_FILTERS=/dir/of/old/wasm bench/filters.sh
+#                                 # the same listeners on an older build (and older filter
+#                                 # modules, by default the current ones), same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,22 +36,23 @@ WEFT=${CARGO_TARGET_DIR:-target}/release/weft  # the build above (CARGO_TARGET_D
 FILTERS=$PWD/target/wasm-filters/wasm32-wasip1/release
 
 BACKEND=$((BASE_PORT + 0))
-ADMIN=$((BASE_PORT + 1))
 NAMES=(none log-only telemetry tele-json policy quota fault all-4)
-declare -A PORT
-for i in "${!NAMES[@]}"; do PORT[${NAMES[$i]}]=$((BASE_PORT + 2 + i)); done
+BEFORE=${BEFORE:-}
 
-cat >"$work/weft.yaml" <<EOC
-admin: { address: "127.0.0.1:$ADMIN" }
+# The configuration of a weft whose admin listener is on base `$1` + 1 and whose listeners
+# are on base + 2.. (in NAMES order), with the filter modules of directory `$3`, into `$2`.
+write_config() {
+  cat >"$2" <<EOC
+admin: { address: "127.0.0.1:$(($1 + 1))" }
 listeners:
-  - { name: none, address: "127.0.0.1:${PORT[none]}", routes: main }
-  - { name: log-only, address: "127.0.0.1:${PORT[log-only]}", routes: main, access_log: { path: "$work/access.log" } }
-  - { name: telemetry, address: "127.0.0.1:${PORT[telemetry]}", routes: main, filters: [telemetry], access_log: { path: "$work/access.log" } }
-  - { name: tele-json, address: "127.0.0.1:${PORT[tele-json]}", routes: main, filters: [tele-json] }
-  - { name: policy, address: "127.0.0.1:${PORT[policy]}", routes: main, filters: [policy] }
-  - { name: quota, address: "127.0.0.1:${PORT[quota]}", routes: main, filters: [quota] }
-  - { name: fault, address: "127.0.0.1:${PORT[fault]}", routes: main, filters: [fault] }
-  - { name: all-4, address: "127.0.0.1:${PORT[all-4]}", routes: main, filters: [telemetry, policy, quota, fault], access_log: { path: "$work/access.log" } }
+  - { name: none, address: "127.0.0.1:$(($1 + 2))", routes: main }
+  - { name: log-only, address: "127.0.0.1:$(($1 + 3))", routes: main, access_log: { path: "$work/access-$1.log" } }
+  - { name: telemetry, address: "127.0.0.1:$(($1 + 4))", routes: main, filters: [telemetry], access_log: { path: "$work/access-$1.log" } }
+  - { name: tele-json, address: "127.0.0.1:$(($1 + 5))", routes: main, filters: [tele-json] }
+  - { name: policy, address: "127.0.0.1:$(($1 + 6))", routes: main, filters: [policy] }
+  - { name: quota, address: "127.0.0.1:$(($1 + 7))", routes: main, filters: [quota] }
+  - { name: fault, address: "127.0.0.1:$(($1 + 8))", routes: main, filters: [fault] }
+  - { name: all-4, address: "127.0.0.1:$(($1 + 9))", routes: main, filters: [telemetry, policy, quota, fault], access_log: { path: "$work/access-$1.log" } }
 routes:
   main:
     - to: [{ cluster: backend }]
@@ -56,12 +60,12 @@ clusters:
   - { name: backend, endpoints: ["127.0.0.1:$BACKEND"], protocol: http1 }
 filters:
   - name: telemetry
-    module: "$FILTERS/telemetry.wasm"
+    module: "$3/telemetry.wasm"
   - name: tele-json
-    module: "$FILTERS/telemetry.wasm"
+    module: "$3/telemetry.wasm"
     config: { access_log: json }
   - name: policy
-    module: "$FILTERS/policy.wasm"
+    module: "$3/policy.wasm"
     config:
       default: allow
       rules:
@@ -69,32 +73,50 @@ filters:
         - { name: mesh, action: allow, when: { identities: ["spiffe://mesh/ns/prod/*"] } }
         - { name: office, action: deny, when: { source_ips: [10.99.0.0/16] } }
   - name: quota
-    module: "$FILTERS/quota.wasm"
+    module: "$3/quota.wasm"
     config:
       limits:
         - { name: per-key, requests: 100000000, per: 1s, key: [{ header: x-api-key }] }
   - name: fault
-    module: "$FILTERS/fault.wasm"
+    module: "$3/fault.wasm"
     config:
       rules:
         - { name: chaos, match: { path: { prefix: / } }, abort: { http_status: 503, percentage: 0 } }
 EOC
+}
+
+# Starts weft `$1` on the configuration for base `$2` and modules `$3`; sets STARTED_PID.
+start_weft() {
+  write_config "$2" "$work/weft-$2.yaml" "$3"
+  taskset -c "$PROXY_CPU" "$1" run --config "$work/weft-$2.yaml" --workers 1 2>"$work/weft-$2.log" & pids+=($!)
+  STARTED_PID=$!
+  for i in "${!NAMES[@]}"; do wait_port $(($2 + 2 + i)); done
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench' "http://127.0.0.1:$(($2 + 9))/")
+  [ "$code" = 200 ] || { echo "$1: the filter chain answers $code" >&2; cat "$work/weft-$2.log" >&2; exit 1; }
+}
 
 start_backend "$BACKEND"
-taskset -c "$PROXY_CPU" "$WEFT" run --config "$work/weft.yaml" --workers 1 2>"$work/weft.log" & pids+=($!)
-WEFT_PID=$!
-for p in $BACKEND "${PORT[@]}"; do wait_port "$p"; done
+wait_port "$BACKEND"
+start_weft "$WEFT" "$BASE_PORT" "$FILTERS"
+WEFT_PID=$STARTED_PID
+if [ -n "$BEFORE" ]; then
+  start_weft "$BEFORE" $((BASE_PORT + 20)) "${BEFORE_FILTERS:-$FILTERS}"
+  BEFORE_PID=$STARTED_PID
+fi
 sleep 0.5
 BACKEND_WORKER=$(backend_worker)
-code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench' "http://127.0.0.1:${PORT[all-4]}/")
-[ "$code" = 200 ] || { echo "the filter chain answers $code" >&2; cat "$work/weft.log" >&2; exit 1; }
 
 declare -A R
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS..." >&2
   R[direct]+="$(run_wrk "http://127.0.0.1:$BACKEND/" "$BACKEND_WORKER" "$CONNS" -H 'x-api-key: bench')"$'\n'
-  for n in "${NAMES[@]}"; do
-    R[$n]+="$(run_wrk "http://127.0.0.1:${PORT[$n]}/" "$WEFT_PID" "$CONNS" -H 'x-api-key: bench')"$'\n'
+  for i in "${!NAMES[@]}"; do
+    n=${NAMES[$i]}
+    R[$n]+="$(run_wrk "http://127.0.0.1:$((BASE_PORT + 2 + i))/" "$WEFT_PID" "$CONNS" -H 'x-api-key: bench')"$'\n'
+    if [ -n "$BEFORE" ]; then
+      R[before-$n]+="$(run_wrk "http://127.0.0.1:$((BASE_PORT + 22 + i))/" "$BEFORE_PID" "$CONNS" -H 'x-api-key: bench')"$'\n'
+    fi
   done
 done
 
@@ -110,5 +132,18 @@ for k in direct "${NAMES[@]}"; do
     printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
   fi
 done
+if [ -n "$BEFORE" ]; then
+  before_rps=$(col before-none 1); before_cpu=$(col before-none 4)
+  for n in "${NAMES[@]}"; do
+    k=before-$n
+    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$(col "$k" 4)" "$(ratio "$(col "$k" 1)" "$before_rps" 3)" "$(delta "$(col "$k" 4)" "$before_cpu")"
+  done
+  echo
+  echo "after/before ($BEFORE, modules ${BEFORE_FILTERS:-the same}), same run:"
+  for n in "${NAMES[@]}"; do
+    echo "  $n: throughput $(ratio "$(col "$n" 1)" "$(col "before-$n" 1)" 3), CPU µs/request $(delta "$(col "$n" 4)" "$(col "before-$n" 4)")"
+  done
+fi
 echo
+echo "the four built-in filters chained (all-4, with the access log): $(delta "$(col all-4 4)" "$base_cpu") µs of CPU per request over weft without filters (target <= +20)"
 echo "(direct: the backend alone; its CPU column is the backend's. log-only, telemetry and all-4 write weft's native access-log line per request; tele-json has the filter write its own line.)"
