@@ -31,6 +31,7 @@ pub mod sidecar;
 pub mod snapshot;
 pub mod splice;
 pub mod tcp;
+pub mod text;
 pub mod tls;
 pub mod upstream;
 pub mod wasm;

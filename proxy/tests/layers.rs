@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 /// Bottom first. A module belongs to the entry with the longest matching prefix; modules of one
 /// line share a rank and may not use one another.
 const LAYERS: &[&[&str]] = &[
+    // Numbers and addresses as bytes, for the leaves' text (access-log lines).
+    &["text"],
     // Leaves: no stage, no service (`http` only names its submodules).
     &[
         "http",

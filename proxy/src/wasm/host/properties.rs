@@ -77,7 +77,11 @@ fn header(h: &Headers, name: &[u8]) -> Option<Vec<u8>> {
 fn addr(a: Option<SocketAddr>, field: &[u8]) -> Option<Vec<u8>> {
     let a = a?;
     match field {
-        b"address" => Some(a.to_string().into_bytes()),
+        b"address" => {
+            let mut text = Vec::with_capacity(21);
+            crate::text::push_addr(&mut text, a);
+            Some(text)
+        }
         b"port" => Some(int(i64::from(a.port()))),
         _ => None,
     }
