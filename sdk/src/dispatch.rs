@@ -39,7 +39,8 @@ trait RootAny {
 
 impl<P: Plugin> RootAny for Rc<P> {
     fn new_stream(&self) -> Rc<dyn StreamAny> {
-        Rc::new(Rc::new(self.filter()))
+        // One allocation: the filter is the trait object (its calls take the `Rc` itself).
+        Rc::new(self.filter())
     }
     fn tick_period(&self) -> Option<Duration> {
         Plugin::tick_period(&**self)
@@ -138,7 +139,7 @@ impl Phase {
 /// buffer's bytes `start..size`.
 trait StreamAny {
     fn call(
-        &self,
+        self: Rc<Self>,
         phase: Phase,
         start: usize,
         size: usize,
@@ -147,9 +148,15 @@ trait StreamAny {
     fn on_log(&self);
 }
 
-impl<F: HttpFilter> StreamAny for Rc<F> {
-    fn call(&self, phase: Phase, start: usize, size: usize, eos: bool) -> Option<BoxFuture> {
-        let f = self.clone();
+impl<F: HttpFilter> StreamAny for F {
+    fn call(
+        self: Rc<Self>,
+        phase: Phase,
+        start: usize,
+        size: usize,
+        eos: bool,
+    ) -> Option<BoxFuture> {
+        let f = self;
         let view = size.saturating_sub(start);
         Some(match phase {
             Phase::RequestHeaders => Box::pin(async move {
@@ -182,7 +189,7 @@ impl<F: HttpFilter> StreamAny for Rc<F> {
         })
     }
     fn on_log(&self) {
-        HttpFilter::on_log(&**self);
+        HttpFilter::on_log(self);
     }
 }
 
@@ -330,7 +337,7 @@ fn start(context: u32, filter: &Rc<dyn StreamAny>, phase: Phase, size: usize, eo
     } else {
         0
     };
-    let Some(mut fut) = filter.call(phase, from, size, eos) else {
+    let Some(mut fut) = filter.clone().call(phase, from, size, eos) else {
         unused(Unused::Stream(phase));
         return Step::Skipped;
     };
