@@ -29,9 +29,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-// Per-call filter time is read from the CPU's time-stamp counter where it is reliable (quanta
-// checks; else the OS clock): two reads per guest call, so they must be cheap.
-use quanta::Instant;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -125,14 +123,23 @@ enum Run {
 struct Slot {
     spec: Arc<FilterSpec>,
     run: Run,
-    /// Time spent inside the VM for this stream.
-    time: Duration,
+    /// Time spent inside the VM for this stream, in the raw units of [`clock`].
+    ticks: u64,
     /// The filter answered the stream itself with a 5xx.
     local_5xx: bool,
 }
 
 /// Most filters on one listener (a chain's per-filter flags are bits of a `u64`).
 pub const MAX_CHAIN: usize = 64;
+
+/// The clock of filter time: the CPU's time-stamp counter where it is reliable (quanta checks;
+/// else the OS clock). Two raw reads per guest call, summed per filter and turned into a
+/// duration once, when the stream ends. Calibrated on first use (a few ms): the process makes
+/// that happen before it serves.
+pub fn clock() -> &'static quanta::Clock {
+    static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new)
+}
 
 /// The filters a direction visits, in order: `0..len` for requests, `len-1..=0` for
 /// responses. Positions (`p`) index this order; filter indices are the chain's.
@@ -299,7 +306,7 @@ impl Chain {
             .map(|spec| Slot {
                 spec: spec.clone(),
                 run: Run::Idle,
-                time: Duration::ZERO,
+                ticks: 0,
                 local_5xx: false,
             })
             .collect();

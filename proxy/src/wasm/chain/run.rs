@@ -82,7 +82,7 @@ impl ChainState {
     /// Calls filter `i`'s callback; a skipped filter continues.
     pub(super) fn call(&mut self, i: usize, d: Direction, cb: StreamCall) -> Result<Action, Stop> {
         // One clock read each side of the filter's work (its context's creation included).
-        let started = Instant::now();
+        let started = clock().raw();
         let Some((vm, ctx)) = self.ensure(i, d)? else {
             return Ok(Action::Continue);
         };
@@ -112,7 +112,7 @@ impl ChainState {
             (Direction::Response, StreamCall::Body { eos }) => vm.on_response_body(ctx, body, eos),
             (Direction::Response, StreamCall::Trailers) => vm.on_response_trailers(ctx, n_resp_t),
         };
-        self.slots[i].time += started.elapsed();
+        self.slots[i].ticks += clock().raw().saturating_sub(started);
         match result {
             Ok(a) => Ok(a),
             Err(e) => {
@@ -509,7 +509,7 @@ impl ChainState {
             s.info.response_body_bytes = self.flows[1].bytes_in.max(s.info.response_body_bytes);
         }
         // Clock reads are shared: each filter's share is from the previous read to the next.
-        let mut last = Instant::now();
+        let mut last = clock().raw();
         for i in 0..self.slots.len() {
             // As Envoy: a filter the request never reached still logs it.
             if matches!(self.slots[i].run, Run::Idle)
@@ -525,22 +525,23 @@ impl ChainState {
                 if let Err(e) = vm.on_log(ctx) {
                     let _ = self.fail(i, Direction::Response, &e);
                 }
-                let now = Instant::now();
-                self.slots[i].time += now - last;
+                let now = clock().raw();
+                self.slots[i].ticks += now.saturating_sub(last);
                 last = now;
             }
         }
         for slot in &mut self.slots {
             if let Run::Active { vm, ctx } = &slot.run {
                 vm.finish_context(*ctx);
-                let now = Instant::now();
-                slot.time += now - last;
+                let now = clock().raw();
+                slot.ticks += now.saturating_sub(last);
                 last = now;
             }
             if !matches!(slot.run, Run::Idle) {
-                slot.spec.call_time.observe(slot.time.as_secs_f64());
+                let time = Duration::from_nanos(clock().delta_as_nanos(0, slot.ticks));
+                slot.spec.call_time.observe(time.as_secs_f64());
                 slot.spec.figures.record(
-                    slot.time,
+                    time,
                     crate::wasm::figures::Outcome {
                         failed: matches!(slot.run, Run::Failed | Run::Skipped),
                         skipped: matches!(slot.run, Run::Skipped),
