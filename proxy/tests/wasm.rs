@@ -700,6 +700,43 @@ async fn header_edits_outside_guest_memory_are_refused_and_change_nothing() {
     }
 }
 
+/// A filter that removes `x-request-id` is obeyed, as by Envoy's router: the upstream gets
+/// none (weft does not set it again after the filters). Without the filter, the upstream gets
+/// the client's well-formed id, or one weft made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_a_filter_removed_stays_removed() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let module = wasm_guests::write(dir.path(), "rid", &wasm_guests::request_id_remover());
+    let weft = Weft::start(
+        WEFT,
+        &two_listeners(
+            &app.endpoint(),
+            "rid",
+            &format!("  - {{ name: rid, module: \"{module}\" }}\n"),
+        ),
+    );
+    for c in [client::http1(), client::h2c()] {
+        for given in [None, Some("client-id-1")] {
+            let headers: Vec<(&str, &str)> =
+                given.map(|g| ("x-request-id", g)).into_iter().collect();
+            let r = get_with(&c, &weft.url("main", "/"), &headers)
+                .await
+                .expect("response");
+            let seen = r.json()["headers"].clone();
+            assert!(seen.get("x-request-id").is_none(), "{given:?}: {seen}");
+            let r = get_with(&c, &weft.url("plain", "/"), &headers)
+                .await
+                .expect("response");
+            let id = r.json()["headers"]["x-request-id"].clone();
+            match given {
+                Some(g) => assert_eq!(id, g),
+                None => assert_eq!(id.as_str().map(str::len), Some(36), "{id}"),
+            }
+        }
+    }
+}
+
 /// weft with a filter that never returns (20 ms per call) on `main`, none on `plain`.
 async fn spinning() -> (Backend, tempfile::TempDir, Weft) {
     let app = Backend::start("app").await;

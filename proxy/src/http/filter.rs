@@ -364,8 +364,12 @@ pub async fn run(
                 let forwarded = match apply_request_head(&mut parts, &chain, opts, &authority, host)
                 {
                     Ok(unchanged) => {
-                        let checked = unchanged.then_some(authority);
-                        let mut routed = route::route(conn, listener, parts, body, start, checked);
+                        // The request's id was set before the filters (`request_head`).
+                        let prepared = route::Prepared {
+                            authority: unchanged.then_some(authority),
+                            request_id: true,
+                        };
+                        let mut routed = route::route(conn, listener, parts, body, start, prepared);
                         match routed {
                             Routed::Answered(answer) => answer,
                             Routed::Pending(ref mut pending) => pending.answer().await,

@@ -43,6 +43,8 @@ pub struct Forward<'a, 's> {
     pub path_unchanged: bool,
     pub query: Option<&'s str>,
     pub start: Instant,
+    /// `x-request-id` is set already (see [`crate::http::route::Prepared`]).
+    pub request_id_set: bool,
 }
 
 /// The response, with the endpoint that produced it.
@@ -158,7 +160,9 @@ impl<'a> Forward<'a, '_> {
         if self.listener.forwarded_for {
             headers::set_forwarded(h, &self.conn.peer_header, self.conn.scheme);
         }
-        headers::ensure_request_id(h);
+        if !self.request_id_set {
+            headers::ensure_request_id(h);
+        }
         self.route.request_headers.apply(h);
         // The common HTTP/1.1 case (origin-form URI, own Host header, nothing rewritten) is
         // forwarded without rebuilding the URI or the Host header.

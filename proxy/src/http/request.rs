@@ -66,7 +66,12 @@ pub fn handle(
             Ok(Checked::Proceed) => {
                 let body = DownstreamBody::received(body, received);
                 // Awaited where it is: the forwarding state is held once, by this future.
-                let mut routed = route::route(&conn, listener, parts, body, start, None);
+                // An access log set the request's id already (its line shows it).
+                let prepared = route::Prepared {
+                    authority: None,
+                    request_id: logged.is_some(),
+                };
+                let mut routed = route::route(&conn, listener, parts, body, start, prepared);
                 match routed {
                     Routed::Answered(answer) => answer,
                     Routed::Pending(ref mut pending) => pending.answer().await,

@@ -65,18 +65,32 @@ impl Pending<'_> {
     }
 }
 
+/// What the stages before routing already did to the request head.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// The request's authority, found and checked (`check::authority`) on the head as it is
+    /// now.
+    pub authority: Option<String>,
+    /// `x-request-id` was set (or the client's kept) before: it is not looked at again, so the
+    /// access-log line and the upstream see the same one, and a filter that removed it is
+    /// obeyed (as Envoy's router does).
+    pub request_id: bool,
+}
+
 /// Routes a checked request: answered locally, or prepared for the cluster it goes to (all
-/// without waiting; the caller awaits [`Pending::answer`]). `checked_authority` is the
-/// request's authority when the caller already found and checked it (`check::authority`) on
-/// the head as it is now.
+/// without waiting; the caller awaits [`Pending::answer`]).
 pub fn route<'a>(
     conn: &'a ConnCtx,
     listener: &'a ListenerRuntime,
     parts: Parts,
     body: DownstreamBody,
     start: Instant,
-    checked_authority: Option<String>,
+    prepared: Prepared,
 ) -> Routed<'a> {
+    let Prepared {
+        authority: checked_authority,
+        request_id,
+    } = prepared;
     // Each return builds the whole value where it is returned: `Routed` holds the forwarding
     // state (hundreds of bytes), and a `Result` around it would be copied out again.
     let refuse = |error| Routed::Answered(Err(StageError::new(error)));
@@ -191,6 +205,7 @@ pub fn route<'a>(
                 route,
                 cluster,
                 authority: &authority,
+                request_id_set: request_id,
                 path: &upstream_path,
                 path_unchanged,
                 query,

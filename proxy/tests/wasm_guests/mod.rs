@@ -480,3 +480,14 @@ pub fn header_edits_out_of_bounds() -> String {
     (i32.const 0))"#,
     )
 }
+
+/// On request headers, removes `x-request-id` (the id weft set, or the client's).
+pub fn request_id_remover() -> String {
+    module(
+        r#"(import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 64) "x-request-id")"#,
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $remove (i32.const 0) (i32.const 64) (i32.const 12)))
+    (i32.const 0))"#,
+    )
+}
