@@ -4,18 +4,24 @@
 use std::net::SocketAddr;
 
 /// `n` in decimal.
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let mut buf = [0u8; 20];
+    out.extend_from_slice(u64_text(n, &mut buf).as_bytes());
+}
+
+/// `n` in decimal, written at the end of `buf` (no allocation).
+pub fn u64_text(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    // Only digits: always UTF-8.
+    std::str::from_utf8(&buf[at..]).unwrap_or("0")
 }
 
 /// `n` in decimal with at least `width` digits (leading zeros; one digit at least, 20 at most).
@@ -62,6 +68,7 @@ mod tests {
             let mut out = Vec::new();
             push_u64(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
+            assert_eq!(u64_text(n, &mut [0; 20]), n.to_string());
             for width in [0, 1, 3, 6, 20, 25] {
                 let mut out = Vec::new();
                 push_padded(&mut out, n, width);

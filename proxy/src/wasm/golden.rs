@@ -12,6 +12,7 @@ use weft_abi::{MetricType, workload_of};
 use super::host::properties;
 use super::shared::{MetricCache, WasmShared};
 use super::state::StreamData;
+use crate::text;
 
 /// Most label sets a filter may ask for (per metric and worker).
 pub const MAX_LABEL_SETS: usize = 800;
@@ -62,10 +63,10 @@ pub struct Golden {
 #[derive(Debug, Default)]
 struct LabelSets {
     /// By their key (each value after its length, so no two sets share one).
-    ids: HashMap<String, Ids>,
+    ids: HashMap<Vec<u8>, Ids, foldhash::fast::RandomState>,
     other: Option<Ids>,
     /// The key being looked up (one buffer, reused).
-    key: String,
+    key: Vec<u8>,
 }
 
 /// A label value as the SDK writes it into a metric name: the characters of the name's own
@@ -101,8 +102,18 @@ impl Golden {
         filter: &Arc<str>,
         s: &StreamData,
     ) {
-        let code = s.info.response_code.unwrap_or(0).to_string();
-        let grpc = properties::grpc_status(s).map_or_else(String::new, |g| g.to_string());
+        let (mut code_buf, mut grpc_buf) = ([0; 20], [0; 20]);
+        let grpc_negative: String;
+        let code = text::u64_text(u64::from(s.info.response_code.unwrap_or(0)), &mut code_buf);
+        // An int64 as gRPC's is; none when the response is not gRPC.
+        let grpc = match properties::grpc_status(s) {
+            Some(g) if g >= 0 => text::u64_text(g as u64, &mut grpc_buf),
+            Some(g) => {
+                grpc_negative = g.to_string();
+                grpc_negative.as_str()
+            }
+            None => "",
+        };
         let (workload, namespace) = workload_of(properties::peer_identity(s));
         let cluster = properties::cluster(s);
         let destination = match (&self.spec.destination, cluster) {
@@ -115,7 +126,7 @@ impl Golden {
             .duration
             .or_else(|| s.info.started.map(|t| t.elapsed()));
         let duration_ms = duration_ms.map_or(0, |d| (d.as_secs_f64() * 1000.0).round() as u64);
-        let labels = [workload, namespace, destination, &code, &grpc];
+        let labels = [workload, namespace, destination, code, grpc];
         let ids = self
             .sets
             .ids(self.spec.max_label_sets, shared, filter, labels);
@@ -143,12 +154,13 @@ impl LabelSets {
         filter: &Arc<str>,
         labels: [&str; 5],
     ) -> Ids {
-        use std::fmt::Write as _;
         self.key.clear();
         for l in labels {
-            let _ = write!(self.key, "{}:{l}", l.len());
+            crate::text::push_u64(&mut self.key, l.len() as u64);
+            self.key.push(b':');
+            self.key.extend_from_slice(l.as_bytes());
         }
-        if let Some(ids) = self.ids.get(self.key.as_str()) {
+        if let Some(ids) = self.ids.get(self.key.as_slice()) {
             return *ids;
         }
         if self.ids.len() >= max {
