@@ -200,20 +200,24 @@ pub fn add_header_map_value(
     value_ptr: i32,
     value_len: i32,
 ) -> i32 {
-    status((|| {
-        // Name and value are read where they are in guest memory: the map copies them once.
-        with_pair(
-            &mut caller,
-            (key_ptr, key_len),
-            (value_ptr, value_len),
-            |key, value, state| {
-                edit(state, map, |h| {
-                    room_for(h, key.len() + value.len(), 1)?;
-                    h.add(key, value).map_err(|_| Status::BadArgument)
-                })
-            },
-        )?
-    })())
+    let at = ((key_ptr, key_len), (value_ptr, value_len));
+    status(edit_pair(&mut caller, map, at, |h, key, value| {
+        room_for(h, key.len() + value.len(), 1)?;
+        h.add(key, value).map_err(|_| Status::BadArgument)
+    }))
+}
+
+/// Runs `f` on the writable map `map` with a name and a value (pointer and length each) read
+/// where they are in guest memory: the map copies them once, into its own field.
+fn edit_pair(
+    caller: &mut Caller<'_, HostState>,
+    map: i32,
+    (key, value): ((i32, i32), (i32, i32)),
+    f: impl FnOnce(&mut Headers, &[u8], &[u8]) -> HostResult,
+) -> HostResult {
+    with_pair(caller, key, value, |key, value, state| {
+        edit(state, map, |h| f(h, key, value))
+    })?
 }
 
 /// Whether a map may grow by `bytes` and `entries`: a filter cannot grow a header map past
@@ -235,22 +239,14 @@ pub fn replace_header_map_value(
     value_ptr: i32,
     value_len: i32,
 ) -> i32 {
-    status((|| {
-        with_pair(
-            &mut caller,
-            (key_ptr, key_len),
-            (value_ptr, value_len),
-            |key, value, state| {
-                edit(state, map, |h| {
-                    // What it replaces leaves room (`get` is the first value; the others go too).
-                    let old = h.get(key).map(|v| key.len() + v.len());
-                    let added = (key.len() + value.len()).saturating_sub(old.unwrap_or(0));
-                    room_for(h, added, usize::from(old.is_none()))?;
-                    h.replace(key, value).map_err(|_| Status::BadArgument)
-                })
-            },
-        )?
-    })())
+    let at = ((key_ptr, key_len), (value_ptr, value_len));
+    status(edit_pair(&mut caller, map, at, |h, key, value| {
+        // What it replaces leaves room (`get` is the first value; the others go too).
+        let old = h.get(key).map(|v| key.len() + v.len());
+        let added = (key.len() + value.len()).saturating_sub(old.unwrap_or(0));
+        room_for(h, added, usize::from(old.is_none()))?;
+        h.replace(key, value).map_err(|_| Status::BadArgument)
+    }))
 }
 
 pub fn remove_header_map_value(
