@@ -122,28 +122,8 @@ done
 
 printf '\nBuilt-in filter benchmark: %s rounds, medians. weft: 1 worker on CPU %s; wrk + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss, HTTP/1.1 keep-alive.\n\n' "$CONNS" "$DURATION"
-printf '%-12s %10s %8s %8s %10s %12s %14s\n' "target" "req/s" "p50 µs" "p99 µs" "CPU µs/req" "vs none rps" "vs none CPU µs"
-base_rps=$(col none 1); base_cpu=$(col none 4)
-for k in direct "${NAMES[@]}"; do
-  cpu=$(col "$k" 4)
-  if [ "$k" = direct ]; then
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "($cpu)" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "-"
-  else
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
-  fi
-done
-if [ -n "$BEFORE" ]; then
-  before_rps=$(col before-none 1); before_cpu=$(col before-none 4)
-  for n in "${NAMES[@]}"; do
-    k=before-$n
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$(col "$k" 4)" "$(ratio "$(col "$k" 1)" "$before_rps" 3)" "$(delta "$(col "$k" 4)" "$before_cpu")"
-  done
-  echo
-  echo "after/before ($BEFORE, modules ${BEFORE_FILTERS:-the same}), same run:"
-  for n in "${NAMES[@]}"; do
-    echo "  $n: throughput $(ratio "$(col "$n" 1)" "$(col "before-$n" 1)" 3), CPU µs/request $(delta "$(col "$n" 4)" "$(col "before-$n" 4)")"
-  done
-fi
+filter_table ", modules ${BEFORE_FILTERS:-the same}" "${NAMES[@]}"
+base_cpu=$(col none 4)
 echo
 echo "the four built-in filters chained (all-4, with the access log): $(delta "$(col all-4 4)" "$base_cpu") µs of CPU per request over weft without filters (target <= +20)"
 echo "(direct: the backend alone; its CPU column is the backend's. log-only, telemetry and all-4 write weft's native access-log line per request; tele-json has the filter write its own line.)"

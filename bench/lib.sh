@@ -167,3 +167,31 @@ median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 col() { echo -n "${R[$1]}" | awk -v c="$2" '{ print $c }' | median; }
 ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { printf "%.*f", d, a / b }'; }
 delta() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
+
+# The table of a filter benchmark: `direct` (the backend alone), then each target named (the
+# first is weft without filters, which the others are compared with); with BEFORE set, the same
+# targets measured on that build (`before-<name>`) and the after/before lines. `$1` is what
+# the older build ran (shown with BEFORE).
+filter_table() {
+  local what=$1; shift
+  local names=("$@") k cpu base_rps base_cpu
+  _table_row() { printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$@"; }
+  _table_row "target" "req/s" "p50 µs" "p99 µs" "CPU µs/req" "vs none rps" "vs none CPU µs"
+  base_rps=$(col "${names[0]}" 1); base_cpu=$(col "${names[0]}" 4)
+  _table_row direct "$(col direct 1)" "$(col direct 2)" "$(col direct 3)" "($(col direct 4))" "$(ratio "$(col direct 1)" "$base_rps" 3)" "-"
+  for k in "${names[@]}"; do
+    cpu=$(col "$k" 4)
+    _table_row "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
+  done
+  [ -n "${BEFORE:-}" ] || return 0
+  base_rps=$(col "before-${names[0]}" 1); base_cpu=$(col "before-${names[0]}" 4)
+  for k in "${names[@]/#/before-}"; do
+    cpu=$(col "$k" 4)
+    _table_row "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
+  done
+  echo
+  echo "after/before ($BEFORE$what), same run:"
+  for k in "${names[@]}"; do
+    echo "  $k: throughput $(ratio "$(col "$k" 1)" "$(col "before-$k" 1)" 3), CPU µs/request $(delta "$(col "$k" 4)" "$(col "before-$k" 4)")"
+  done
+}

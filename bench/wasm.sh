@@ -93,28 +93,8 @@ done
 
 printf '\nWasm filter benchmark: %s rounds, medians. weft: 1 worker on CPU %s; wrk + backend on CPU %s.\n' "$ROUNDS" "$PROXY_CPU" "$LOAD_CPU"
 printf 'wrk: %s connections, %ss, HTTP/1.1 keep-alive.\n\n' "$CONNS" "$DURATION"
-printf '%-12s %10s %8s %8s %10s %12s %14s\n' "target" "req/s" "p50 µs" "p99 µs" "CPU µs/req" "vs none rps" "vs none CPU µs"
+filter_table "" "${TARGETS[@]}"
 base_rps=$(col none 1); base_cpu=$(col none 4)
-for k in direct none noop add-header chain-4; do
-  cpu=$(col "$k" 4)
-  if [ "$k" = direct ]; then
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "($cpu)" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "-"
-  else
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$cpu" "$(ratio "$(col "$k" 1)" "$base_rps" 3)" "$(delta "$cpu" "$base_cpu")"
-  fi
-done
-if [ -n "$BEFORE" ]; then
-  before_rps=$(col before-none 1); before_cpu=$(col before-none 4)
-  for t in "${TARGETS[@]}"; do
-    k=before-$t
-    printf '%-12s %10s %8s %8s %10s %12s %14s\n' "$k" "$(col "$k" 1)" "$(col "$k" 2)" "$(col "$k" 3)" "$(col "$k" 4)" "$(ratio "$(col "$k" 1)" "$before_rps" 3)" "$(delta "$(col "$k" 4)" "$before_cpu")"
-  done
-  echo
-  echo "after/before ($BEFORE), same run:"
-  for t in "${TARGETS[@]}"; do
-    echo "  $t: throughput $(ratio "$(col "$t" 1)" "$(col "before-$t" 1)" 3), CPU µs/request $(delta "$(col "$t" 4)" "$(col "before-$t" 4)")"
-  done
-fi
 echo
 echo "one headers-only filter (add-header): throughput $(ratio "$(col add-header 1)" "$base_rps" 3) of weft without filters (target >= 0.90), CPU $(delta "$(col add-header 4)" "$base_cpu") µs/request (target <= +3)"
 echo "(direct: the backend alone; its CPU column is the backend's.)"
