@@ -79,16 +79,20 @@ fn status_bytes(status: StatusCode) -> Bytes {
 /// The request head as filters see it: `:authority`, `:path`, `:method`, `:scheme` (Envoy's
 /// order), then the fields, without `Host` and without connection-specific ones. Also the
 /// request's own `Host` field, which goes back as it was when no filter changes `:authority`.
+/// `x-request-id` is set here unless `id_set` (the access log set it already).
 fn request_head(
     parts: &mut Parts,
     authority: &str,
     scheme: &'static str,
+    id_set: bool,
 ) -> (Headers, Option<HeaderValue>) {
     let mut map = std::mem::take(&mut parts.headers);
     let host = map.remove(header::HOST);
     let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&map);
     headers::strip_hop_by_hop(&mut map, upgrade);
-    headers::ensure_request_id(&mut map);
+    if !id_set {
+        headers::ensure_request_id(&mut map);
+    }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let head = Headers {
         pseudo: vec![
@@ -326,7 +330,7 @@ pub async fn run(
         routes: Some(listener.clone()),
         ..StreamInfo::default()
     };
-    let (head, host) = request_head(&mut parts, &authority, conn.scheme);
+    let (head, host) = request_head(&mut parts, &authority, conn.scheme, logged.is_some());
     let chain = Chain::new(conn.worker.wasm.clone(), &listener.filters, info, head);
     let wait = listener.http.stream_idle_timeout.non_zero();
     let n = chain.len();
