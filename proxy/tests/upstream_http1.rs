@@ -194,6 +194,82 @@ async fn bytes_after_a_response_never_answer_the_next_request() {
     );
 }
 
+/// A backend that holds every answer until `burst` requests are waiting, so that each of them
+/// has an upstream connection of its own, then answers them all. Counts the connections.
+async fn burst_upstream(burst: usize) -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let all_in = Arc::new(tokio::sync::Barrier::new(burst));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let all_in = all_in.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    all_in.wait().await;
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        accepted,
+        task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_leaves_its_connections_for_the_next_burst() {
+    // More requests at once than the 128 idle connections weft used to keep per endpoint: the
+    // burst's connections all stay in the pool (until its idle timeout), and the next burst
+    // reuses them instead of closing some and opening new ones.
+    const BURST: usize = 200;
+    let up = burst_upstream(BURST).await;
+    let weft = start(&up);
+    let c = client::http1();
+    let url = weft.url("main", "/");
+    for round in 1..=2 {
+        let requests: Vec<_> = (0..BURST)
+            .map(|_| {
+                let (c, url) = (c.clone(), url.clone());
+                tokio::spawn(async move { client::get(&c, &url).await })
+            })
+            .collect();
+        for r in requests {
+            let r = tokio::time::timeout(Duration::from_secs(60), r)
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the burst was not answered"))
+                .expect("task")
+                .expect("response");
+            assert_eq!(r.text(), "ok", "round {round}");
+        }
+    }
+    // Each connection goes back to the pool as its response ends, which can be a moment after
+    // the client has it: a few of the second burst may find theirs not back yet.
+    let accepted = up.accepted.load(Ordering::SeqCst);
+    assert!(
+        (BURST..BURST + 16).contains(&accepted),
+        "{accepted} upstream connections for two bursts of {BURST}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_keep_alive_connections_are_reused_and_close_delimited_ones_are_not() {
     let up = upstream(|req| {

@@ -358,8 +358,11 @@ mod defaults {
     pub fn dns_refresh() -> Dur {
         Dur(Duration::from_secs(30))
     }
+    /// As many as the circuit breaker lets a cluster open: a burst's connections stay for the
+    /// next burst (until `idle_timeout`) instead of being closed and opened again, as Envoy's
+    /// pool keeps them.
     pub fn max_idle_per_endpoint() -> u32 {
-        128
+        1024
     }
     pub fn pool_idle_timeout() -> Dur {
         Dur(Duration::from_secs(60))
