@@ -177,10 +177,14 @@ impl Host for AbiHost {
     }
 
     fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.now_nanos())
+    }
+
+    fn now_nanos(&self) -> u64 {
         let mut ns = 0u64;
         // SAFETY: `ns` is a valid out-pointer.
         unsafe { proxy_get_current_time_nanoseconds(&mut ns) };
-        UNIX_EPOCH + Duration::from_nanos(ns)
+        ns
     }
 
     fn set_tick_period(&self, period: Duration) -> Result<(), Status> {

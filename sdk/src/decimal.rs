@@ -2,18 +2,36 @@
 //! much as the digits (and filters write numbers on every request: status codes, counts).
 
 /// Appends `n` in decimal.
-pub fn push(out: &mut String, mut n: u64) {
+///
+/// Wasm has no multiply-high, so `/ 10` on a `u64` is a real division (tens of cycles); on a
+/// `u32` the compiler makes it a multiply. Past `u32::MAX` one 64-bit division splits off nine
+/// digits at a time, and the digits themselves come from `u32`s.
+pub fn push(out: &mut String, n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
+    let mut high = n;
+    while high > u64::from(u32::MAX) {
+        let mut low = (high % 1_000_000_000) as u32;
+        high /= 1_000_000_000;
+        for _ in 0..9 {
+            i -= 1;
+            digits[i] = b'0' + (low % 10) as u8;
+            low /= 10;
+        }
+    }
+    // At most u32::MAX now (and at least 4 when a group was split off above).
+    let mut m = high as u32;
     loop {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
+        digits[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
             break;
         }
     }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
+    if let Ok(text) = std::str::from_utf8(&digits[i..]) {
+        out.push_str(text);
+    }
 }
 
 /// `n` in decimal.
@@ -28,7 +46,22 @@ mod tests {
     /// As `core::fmt` writes them, at the edges.
     #[test]
     fn digits_match_core_fmt() {
-        for n in [0, 1, 9, 10, 99, 100, 503, 65_535, 1 << 32, u64::MAX] {
+        let mut edges = vec![0, 1, 9, 10, 99, 100, 503, 65_535, u64::MAX, u64::MAX - 1];
+        // Around the u32 boundary and every power of ten (where digits are split off).
+        for base in [u64::from(u32::MAX), 1 << 32]
+            .into_iter()
+            .chain((0..20).map(|e| 10u64.pow(e)))
+        {
+            edges.extend([base.saturating_sub(1), base, base.saturating_add(1)]);
+        }
+        // Zeros inside a nine-digit group, and a group of all zeros.
+        edges.extend([
+            4_000_000_000,
+            4_000_000_001,
+            10_000_000_000_000_000_000,
+            12_000_000_000_345,
+        ]);
+        for n in edges {
             assert_eq!(super::string(n), n.to_string());
             let mut s = String::from("x=");
             super::push(&mut s, n);

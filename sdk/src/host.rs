@@ -23,6 +23,12 @@ pub trait Host {
     fn now(&self) -> SystemTime {
         SystemTime::now()
     }
+    /// [`Host::now`] in nanoseconds since the Unix epoch (as the ABI gives it).
+    fn now_nanos(&self) -> u64 {
+        self.now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
     fn set_tick_period(&self, period: Duration) -> Result<(), Status> {
         Err(Status::Unimplemented)
     }

@@ -1,5 +1,7 @@
 //! Headers, bodies, local responses and what a callback decides.
 
+use std::borrow::Cow;
+
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use weft_abi::{BufferType, MapType};
 
@@ -99,17 +101,62 @@ pub struct Headers {
     kind: MapType,
 }
 
-fn valid_name(name: &str) -> Result<(), Error> {
-    let bare = name.strip_prefix(':').unwrap_or(name);
-    HeaderName::from_bytes(bare.as_bytes())
-        .map(|_| ())
-        .map_err(|_| Error::new("header name", weft_abi::Status::BadArgument))
+/// Most bytes in a header name (as the `http` crate allows).
+const MAX_NAME: usize = (1 << 16) - 1;
+
+/// A `tchar` of RFC 9110 (upper-case letters included: names are sent lower-cased).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
+/// The names `http::HeaderName` accepts (a pseudo-header's after its `:`), checked in place:
+/// the `http` crate's own check copies the name to the heap, on every header a filter writes.
+fn valid_name(name: &str) -> Result<(), Error> {
+    let bare = name.strip_prefix(':').unwrap_or(name);
+    if !bare.is_empty() && bare.len() <= MAX_NAME && bare.bytes().all(is_tchar) {
+        Ok(())
+    } else {
+        Err(Error::new("header name", weft_abi::Status::BadArgument))
+    }
+}
+
+/// The values `http::HeaderValue::from_str` accepts (no control character but tab, no DEL;
+/// bytes past ASCII are fine), checked in place.
 fn valid_value(value: &str) -> Result<(), Error> {
-    HeaderValue::from_str(value)
-        .map(|_| ())
-        .map_err(|_| Error::new("header value", weft_abi::Status::BadArgument))
+    if value
+        .bytes()
+        .all(|b| (b >= b' ' && b != 0x7f) || b == b'\t')
+    {
+        Ok(())
+    } else {
+        Err(Error::new("header value", weft_abi::Status::BadArgument))
+    }
+}
+
+/// `name` as the host compares names: lower case (a copy only when it is not already).
+fn lower(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 impl Headers {
@@ -120,7 +167,7 @@ impl Headers {
     /// The value of `name` (several values come joined with `,`), if present.
     pub fn get(&self, name: &str) -> Option<String> {
         let v = host()
-            .get_map_value(self.kind, name.to_ascii_lowercase().as_bytes())
+            .get_map_value(self.kind, lower(name).as_bytes())
             .ok()??;
         String::from_utf8(v).ok()
     }
@@ -168,11 +215,7 @@ impl Headers {
         valid_name(name)?;
         valid_value(value)?;
         host()
-            .replace_map_value(
-                self.kind,
-                name.to_ascii_lowercase().as_bytes(),
-                value.as_bytes(),
-            )
+            .replace_map_value(self.kind, lower(name).as_bytes(), value.as_bytes())
             .map_err(|s| Error::new("replace_header_map_value", s))
     }
 
@@ -181,18 +224,14 @@ impl Headers {
         valid_name(name)?;
         valid_value(value)?;
         host()
-            .add_map_value(
-                self.kind,
-                name.to_ascii_lowercase().as_bytes(),
-                value.as_bytes(),
-            )
+            .add_map_value(self.kind, lower(name).as_bytes(), value.as_bytes())
             .map_err(|s| Error::new("add_header_map_value", s))
     }
 
     /// Removes every value of `name`.
     pub fn remove(&mut self, name: &str) -> Result<(), Error> {
         host()
-            .remove_map_value(self.kind, name.to_ascii_lowercase().as_bytes())
+            .remove_map_value(self.kind, lower(name).as_bytes())
             .map_err(|s| Error::new("remove_header_map_value", s))
     }
 
@@ -267,5 +306,67 @@ impl Body {
             .map_err(|s| Error::new("set_buffer_bytes", s))?;
         self.size += data.len();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-place checks accept exactly what the `http` crate's types do: every byte value,
+    /// alone, between others and at either end, and the length limits.
+    #[test]
+    fn name_and_value_checks_match_the_http_crate() {
+        for b in 0..=u8::MAX {
+            for bytes in [vec![b], vec![b'a', b, b'z'], vec![b, b'x'], vec![b'x', b]] {
+                let Ok(text) = String::from_utf8(bytes.clone()) else {
+                    continue;
+                };
+                // A pseudo-header's name is checked after its `:`.
+                let bare = bytes.strip_prefix(b":").unwrap_or(&bytes);
+                assert_eq!(
+                    valid_name(&text).is_ok(),
+                    HeaderName::from_bytes(bare).is_ok(),
+                    "name {bytes:?}"
+                );
+                assert_eq!(
+                    valid_value(&text).is_ok(),
+                    HeaderValue::from_str(&text).is_ok(),
+                    "value {bytes:?}"
+                );
+            }
+        }
+        // Characters beyond ASCII (what a `&str` can hold past 0x7f).
+        for text in ["é", "a\u{80}", "\u{2028}", "x\u{10ffff}", "\u{7f}é"] {
+            assert!(valid_name(text).is_err(), "{text:?}");
+            assert_eq!(
+                valid_value(text).is_ok(),
+                HeaderValue::from_str(text).is_ok(),
+                "{text:?}"
+            );
+        }
+        assert!(valid_value("café").is_ok());
+        for n in [MAX_NAME - 1, MAX_NAME, MAX_NAME + 1] {
+            let name = "a".repeat(n);
+            assert_eq!(
+                valid_name(&name).is_ok(),
+                HeaderName::from_bytes(name.as_bytes()).is_ok(),
+                "{n} bytes"
+            );
+        }
+        assert!(valid_name("").is_err());
+        assert!(valid_name(":").is_err());
+        assert!(valid_name(":path").is_ok());
+        assert!(valid_name("::path").is_err());
+        assert!(valid_value("").is_ok());
+    }
+
+    #[test]
+    fn names_are_lowered_only_when_they_need_it() {
+        assert!(matches!(lower("x-api-key"), Cow::Borrowed("x-api-key")));
+        assert!(matches!(lower(":path"), Cow::Borrowed(":path")));
+        assert_eq!(lower("X-Api-KEY"), "x-api-key");
+        // Only ASCII letters change.
+        assert_eq!(lower("É-X"), "É-x");
     }
 }
