@@ -50,6 +50,13 @@ fn is_pseudo(name: &[u8]) -> bool {
     )
 }
 
+/// A field name to look up, as the map's `&str` key: looked up in place (lower-cased on the
+/// stack), where a `HeaderName` would copy a name it does not know to the heap. `None` for a
+/// name that is not text (never a valid field name).
+pub fn field_name(name: &[u8]) -> Option<&str> {
+    std::str::from_utf8(name).ok()
+}
+
 impl Headers {
     /// The first value of `name` (names compare lower-case).
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
@@ -67,8 +74,7 @@ impl Headers {
                 })
                 .map(|(_, v)| &v[..]);
         }
-        let name = HeaderName::from_bytes(name).ok()?;
-        self.map.get(name).map(HeaderValue::as_bytes)
+        self.map.get(field_name(name)?).map(HeaderValue::as_bytes)
     }
 
     /// Entries, pseudo-headers first.
@@ -142,7 +148,7 @@ impl Headers {
     pub fn remove(&mut self, name: &[u8]) {
         if name.first() == Some(&b':') {
             self.pseudo.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-        } else if let Ok(n) = HeaderName::from_bytes(name) {
+        } else if let Some(n) = field_name(name) {
             self.map.remove(n);
         }
     }
@@ -604,5 +610,54 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// A guest's spelling of a field name finds (and removes) what `HeaderName` would: any
+    /// case, names longer than the stack buffer the lookup lowers into, and nothing for a name
+    /// that is not a valid field name.
+    #[test]
+    fn guest_names_find_the_fields_header_name_would() {
+        let long = "x-".to_owned() + &"a".repeat(98);
+        let mut h = Headers::default();
+        for (k, v) in [
+            ("x-api-key", "k1"),
+            ("content-type", "text/plain"),
+            (&*long, "l"),
+        ] {
+            h.add(k.as_bytes(), v.as_bytes()).expect("valid");
+        }
+        let long_upper = long.to_ascii_uppercase();
+        for name in [
+            &b"x-api-key"[..],
+            b"X-Api-KEY",
+            b"content-type",
+            b"Content-Type",
+            long.as_bytes(),
+            long_upper.as_bytes(),
+            b"x-missing",
+            b"x api key",
+            b"x-api-key\0",
+            b"",
+            b"x-\xffkey",
+            b"caf\xc3\xa9",
+        ] {
+            let by_header_name = HeaderName::from_bytes(name)
+                .ok()
+                .and_then(|n| h.map.get(n))
+                .map(HeaderValue::as_bytes);
+            assert_eq!(
+                h.get(name),
+                by_header_name,
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
+        let mut removed = h.clone();
+        removed.remove(b"X-API-KEY");
+        removed.remove(long_upper.as_bytes());
+        removed.remove(b"bad name");
+        removed.remove(b"\xff");
+        assert_eq!(removed.map.len(), 1);
+        assert!(removed.map.contains_key("content-type"));
     }
 }

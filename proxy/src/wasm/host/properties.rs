@@ -61,7 +61,7 @@ fn header(h: &Headers, name: &[u8]) -> Option<Vec<u8>> {
     if name.first() == Some(&b':') {
         return h.get(name).map(<[u8]>::to_vec);
     }
-    let name = http::HeaderName::from_bytes(name).ok()?;
+    let name = crate::wasm::state::field_name(name)?;
     let mut values = h.map.get_all(name).iter().peekable();
     values.peek()?;
     let mut out = Vec::new();
