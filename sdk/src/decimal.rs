@@ -1,11 +1,16 @@
 //! Integers in decimal without `core::fmt`, whose machinery costs a guest several times as
 //! much as the digits (and filters write numbers on every request: status codes, counts).
 
-/// Appends `n` in decimal.
-///
-/// Wasm has no multiply-high, so `/ 10` on a `u64` is a real division (tens of cycles); on a
-/// `u32` the compiler makes it a multiply. Past `u32::MAX` one 64-bit division splits off nine
-/// digits at a time, and the digits themselves come from `u32`s.
+/// `m / 10` and `m % 10` by a multiply: Wasm has no multiply-high, so the compiler leaves a
+/// division by ten as a real division (tens of cycles each), on `u32`s too. `0xCCCC_CCCD` is
+/// 2^35 / 10 rounded up, exact for every `u32`.
+fn div10(m: u32) -> (u32, u8) {
+    let q = ((u64::from(m) * 0xCCCC_CCCD) >> 35) as u32;
+    (q, (m - q * 10) as u8)
+}
+
+/// Appends `n` in decimal. Past `u32::MAX` one 64-bit division splits off nine digits at a
+/// time; the digits themselves come from `u32`s.
 pub fn push(out: &mut String, n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -14,17 +19,19 @@ pub fn push(out: &mut String, n: u64) {
         let mut low = (high % 1_000_000_000) as u32;
         high /= 1_000_000_000;
         for _ in 0..9 {
+            let (q, r) = div10(low);
             i -= 1;
-            digits[i] = b'0' + (low % 10) as u8;
-            low /= 10;
+            digits[i] = b'0' + r;
+            low = q;
         }
     }
     // At most u32::MAX now (and at least 4 when a group was split off above).
     let mut m = high as u32;
     loop {
+        let (q, r) = div10(m);
         i -= 1;
-        digits[i] = b'0' + (m % 10) as u8;
-        m /= 10;
+        digits[i] = b'0' + r;
+        m = q;
         if m == 0 {
             break;
         }
@@ -43,6 +50,15 @@ pub fn string(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The multiply equals the division: every 997th `u32`, and the first and last million.
+    #[test]
+    fn div10_is_exact() {
+        let check = |m: u32| assert_eq!(super::div10(m), (m / 10, (m % 10) as u8), "{m}");
+        (0..1_000_000).for_each(check);
+        (u32::MAX - 1_000_000..=u32::MAX).for_each(check);
+        (0..=u32::MAX).step_by(997).for_each(check);
+    }
+
     /// As `core::fmt` writes them, at the edges.
     #[test]
     fn digits_match_core_fmt() {

@@ -104,33 +104,41 @@ pub struct Headers {
 /// Most bytes in a header name (as the `http` crate allows).
 const MAX_NAME: usize = (1 << 16) - 1;
 
-/// A `tchar` of RFC 9110 (upper-case letters included: names are sent lower-cased).
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'!' | b'#'
-                | b'$'
-                | b'%'
-                | b'&'
-                | b'\''
-                | b'*'
-                | b'+'
-                | b'-'
-                | b'.'
-                | b'^'
-                | b'_'
-                | b'`'
-                | b'|'
-                | b'~'
-        )
-}
+/// The `tchar`s of RFC 9110 (upper-case letters included: names are sent lower-cased), as a
+/// table: one load per byte instead of a chain of comparisons.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
 
 /// The names `http::HeaderName` accepts (a pseudo-header's after its `:`), checked in place:
 /// the `http` crate's own check copies the name to the heap, on every header a filter writes.
 fn valid_name(name: &str) -> Result<(), Error> {
     let bare = name.strip_prefix(':').unwrap_or(name);
-    if !bare.is_empty() && bare.len() <= MAX_NAME && bare.bytes().all(is_tchar) {
+    if !bare.is_empty() && bare.len() <= MAX_NAME && bare.bytes().all(|b| TCHAR[usize::from(b)]) {
         Ok(())
     } else {
         Err(Error::new("header name", weft_abi::Status::BadArgument))
