@@ -39,6 +39,28 @@ async fn upstream(script: Script) -> Upstream {
 
 /// The scripted backend, over TLS when given an acceptor.
 async fn upstream_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+    counting_backend(move |s| {
+        let tls = tls.clone();
+        async move {
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(s).await {
+                        serve(s, script).await;
+                    }
+                }
+                None => serve(s, script).await,
+            }
+        }
+    })
+    .await
+}
+
+/// A backend on `127.0.0.1:0` that counts the connections it accepts and runs `conn` on each.
+async fn counting_backend<F, Fut>(conn: F) -> Upstream
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -46,22 +68,9 @@ async fn upstream_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
     let task = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
-            };
+        while let Ok((s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                match tls {
-                    Some(acceptor) => {
-                        if let Ok(s) = acceptor.accept(s).await {
-                            serve(s, script).await;
-                        }
-                    }
-                    None => serve(s, script).await,
-                }
-            });
+            tokio::spawn(conn(s));
         }
     });
     Upstream {
@@ -197,42 +206,29 @@ async fn bytes_after_a_response_never_answer_the_next_request() {
 /// A backend that holds every answer until `burst` requests are waiting, so that each of them
 /// has an upstream connection of its own, then answers them all. Counts the connections.
 async fn burst_upstream(burst: usize) -> Upstream {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
     let all_in = Arc::new(tokio::sync::Barrier::new(burst));
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let all_in = all_in.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.clear();
-                    all_in.wait().await;
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if s.write_all(answer).await.is_err() {
-                        return;
+    counting_backend(move |mut s| {
+        let all_in = all_in.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-            });
+                buf.clear();
+                all_in.wait().await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
         }
-    });
-    Upstream {
-        addr,
-        accepted,
-        task,
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
