@@ -203,6 +203,53 @@ async fn bytes_after_a_response_never_answer_the_next_request() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_header_and_the_fields_it_names_stop_at_weft() {
+    // `Connection` is this hop's: whether it only says `keep-alive` or also names a field of
+    // the response, neither it, the fields it names nor `Keep-Alive` reach the client, and the
+    // pooled connection is reused unless it said `close`.
+    let up = upstream(|req| {
+        let answer: &[u8] = if req.starts_with("GET /names") {
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive, X-Secret\r\nx-secret: 1\r\n\
+              keep-alive: timeout=5\r\nx-ok: 1\r\ncontent-length: 2\r\n\r\nok"
+        } else if req.starts_with("GET /close") {
+            b"HTTP/1.1 200 OK\r\nConnection: Close\r\nx-ok: 1\r\ncontent-length: 2\r\n\r\nok"
+        } else {
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\
+              x-ok: 1\r\ncontent-length: 2\r\n\r\nok"
+        };
+        (answer.to_vec(), req.starts_with("GET /close"))
+    })
+    .await;
+    let weft = start(&up);
+    for path in ["/plain", "/names", "/plain", "/names"] {
+        let r = get(&weft, path).await;
+        assert_eq!(r.text(), "ok", "{path}");
+        assert_eq!(r.header("x-ok"), Some("1"), "{path}");
+        for hop in ["x-secret", "keep-alive"] {
+            assert_eq!(r.header(hop), None, "{path}: {hop}");
+        }
+        assert!(
+            r.header("connection")
+                .is_none_or(|c| !c.contains("keep-alive, X-Secret")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "kept alive: one connection"
+    );
+    let r = get(&weft, "/close").await;
+    assert_eq!(r.text(), "ok");
+    assert_eq!(get(&weft, "/plain").await.text(), "ok");
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        2,
+        "a connection that said close is not reused"
+    );
+}
+
 /// A backend that holds every answer until `burst` requests are waiting, so that each of them
 /// has an upstream connection of its own, then answers them all. Counts the connections.
 async fn burst_upstream(burst: usize) -> Upstream {

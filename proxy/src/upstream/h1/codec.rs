@@ -241,13 +241,23 @@ pub fn parse_head(
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
+            // Only a `Connection` that names other fields goes on (the response stage strips
+            // them and it): `close` and `keep-alive` are this connection's alone, read here.
+            let mut names_fields = false;
             for token in f.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if version == Version::HTTP_10 {
+                        close = false;
+                    }
+                } else if !token.is_empty() {
+                    names_fields = true;
                 }
+            }
+            if !names_fields {
+                continue;
             }
         }
         fields.push((name, start, start + f.value.len()));

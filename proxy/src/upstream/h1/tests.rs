@@ -65,6 +65,44 @@ fn response_heads_are_framed_as_rfc_9112_says() {
 }
 
 #[test]
+fn connection_goes_on_only_when_it_names_other_fields() {
+    // `close` and `keep-alive` (any case, spacing, repeats, empty items) are read here and go
+    // no further; a value naming any other field goes on whole, for the response stage to
+    // strip it and the fields it names. Its keep-alive meaning is read either way.
+    for (value, keep_alive) in [
+        ("keep-alive", true),
+        ("Keep-Alive", true),
+        (" keep-alive , ,", true),
+        ("close", false),
+        ("CLOSE, keep-alive", false),
+        ("", true),
+    ] {
+        let raw = format!("HTTP/1.1 200 OK\r\nconnection: {value}\r\ncontent-length: 0\r\n\r\n");
+        let h = must_parse(raw.as_bytes());
+        assert!(h.headers.get(header::CONNECTION).is_none(), "{value:?}");
+        assert_eq!(h.keep_alive, keep_alive, "{value:?}");
+    }
+    for (value, keep_alive) in [
+        ("keep-alive, x-secret", true),
+        ("x-secret", true),
+        ("close,x-secret", false),
+        ("upgrade", true),
+        ("keep-alive\tx", true),
+    ] {
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nconnection: {value}\r\nx-secret: 1\r\ncontent-length: 0\r\n\r\n"
+        );
+        let h = must_parse(raw.as_bytes());
+        assert_eq!(
+            h.headers.get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(value.as_bytes()),
+            "{value:?}"
+        );
+        assert_eq!(h.keep_alive, keep_alive, "{value:?}");
+    }
+}
+
+#[test]
 fn transfer_encoding_overrides_content_length_and_ends_the_connection() {
     let h =
         must_parse(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
