@@ -8,7 +8,7 @@ use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
 use weft_proxy::upstream::h1::codec::{
-    Chunk, Decoded, Names, Reading, decode_chunk, parse_head,
+    Chunk, Decoded, MAX_LINE, Names, Reading, decode_chunk, parse_head,
 };
 
 /// Decodes a chunked body fed `step` bytes at a time: the body and trailers, or `None` when
@@ -44,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
-    let method = if flags & 1 == 0 { Method::GET } else { Method::HEAD };
+    let method = if flags & 1 == 0 {
+        Method::GET
+    } else {
+        Method::HEAD
+    };
     let step = usize::from(flags >> 1).max(1);
     let mut buf = BytesMut::from(rest);
     let mut names = Names::default();
@@ -54,12 +58,18 @@ fuzz_target!(|data: &[u8]| {
         let head2 = parse_head(&mut again, &method, &mut names)
             .expect("parsed once")
             .expect("complete once");
-        assert_eq!(head.headers, head2.headers, "the remembered names changed the head");
+        assert_eq!(
+            head.headers, head2.headers,
+            "the remembered names changed the head"
+        );
         if head.status.is_informational() || method == Method::HEAD {
             assert_eq!(head.reading, Reading::Done);
         }
         if head.reading == Reading::UntilClose {
-            assert!(!head.keep_alive, "a body delimited by the close keeps its connection");
+            assert!(
+                !head.keep_alive,
+                "a body delimited by the close keeps its connection"
+            );
         }
     }
     // The same bytes as a chunked body.
@@ -71,15 +81,21 @@ fuzz_target!(|data: &[u8]| {
             again.put_slice(b"\r\n");
         }
         again.put_slice(b"0\r\n");
+        let mut section = BytesMut::new();
         for (k, v) in trailers.iter().flatten() {
-            again.put_slice(k.as_str().as_bytes());
-            again.put_slice(b": ");
-            again.put_slice(v.as_bytes());
-            again.put_slice(b"\r\n");
+            section.put_slice(k.as_str().as_bytes());
+            section.put_slice(b": ");
+            section.put_slice(v.as_bytes());
+            section.put_slice(b"\r\n");
         }
-        again.put_slice(b"\r\n");
-        let (body2, trailers2) = decode(&again, 7).expect("its own encoding decodes");
-        assert_eq!(body, body2);
-        assert_eq!(trailers, trailers2);
+        section.put_slice(b"\r\n");
+        // Re-encoded, a trailer section the decoder took can be longer (`name: value` for
+        // `name:value`, CRLF for a bare LF): past the limit it is refused, rightly.
+        if section.len() <= MAX_LINE {
+            again.put_slice(&section);
+            let (body2, trailers2) = decode(&again, 7).expect("its own encoding decodes");
+            assert_eq!(body, body2);
+            assert_eq!(trailers, trailers2);
+        }
     }
 });
