@@ -357,13 +357,7 @@ impl WasmShared {
         limits: DataLimits,
     ) -> Result<(), Status> {
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        // The `vm_id`'s map, made on its first write (its name copied once, not per write).
-        if !data.contains_key(vm_id) {
-            data.insert(vm_id.clone(), SharedData::default());
-        }
-        let Some(shared) = data.get_mut(vm_id) else {
-            return Err(Status::InternalFailure);
-        };
+        let shared = data.entry(vm_id.clone()).or_default();
         // The current value's length and CAS.
         let current = shared.map.get(key).map(|(v, c)| (v.len(), *c));
         if cas != 0
