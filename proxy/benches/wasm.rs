@@ -98,8 +98,8 @@ fn stream_cost(name: &str, host: &Arc<WasmShared>) {
     let one = || {
         let stream = Rc::new(RefCell::new(StreamData {
             request_headers: request_headers(),
-            request_body: vec![Vec::new()],
-            response_body: vec![Vec::new()],
+            request_body: smallvec::smallvec![Vec::new()],
+            response_body: smallvec::smallvec![Vec::new()],
             ..StreamData::default()
         }));
         let ctx = vm.create_stream(root, stream.clone(), 0).expect("context");

@@ -94,6 +94,16 @@ filters:
         assert!(seen.get("x-remove-me").is_none(), "{seen}");
         assert_eq!(r.header("x-wasm-response"), Some("seen"));
         assert_eq!(r.header("x-echo-back"), Some("abc"));
+        // The request's fields stay readable once they went upstream (the chain keeps a copy),
+        // a filter's own addition and the request id the upstream saw among them.
+        assert_eq!(r.header("x-request-later"), Some("seen"));
+        assert!(seen["x-request-id"].is_string(), "{seen}");
+        assert_eq!(
+            r.header("x-request-id-later"),
+            seen["x-request-id"].as_str(),
+            "{seen}"
+        );
+        assert!(seen["host"].is_string(), "Host goes upstream: {seen}");
         assert_eq!(r.header("x-upstream-status"), Some("200"));
         assert_eq!(r.header("x-backend"), None, "removed by the filter");
 

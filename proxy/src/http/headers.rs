@@ -254,8 +254,11 @@ pub fn new_request_id() -> HeaderValue {
         out[j + 1] = HEX[(byte & 0xf) as usize];
         j += 2;
     }
-    // Only hex digits and dashes: always a valid header value.
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Only hex digits and dashes: always a valid header value. Held by its own reference
+    // count (`from_owner`), where a copied slice would allocate again the first time the value
+    // is cloned (a filter stage keeps a copy of the request's fields).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 use wasmtime::{Memory, StoreLimits, TypedFunc};
 use weft_abi::{AbiVersion, LogLevel};
 
@@ -30,9 +31,14 @@ pub type IdMap<V> = HashMap<u32, V, weft_abi::BuildIdHasher>;
 /// A list of pairs as a guest sent them (local response headers).
 pub type Pairs = Vec<(Bytes, Bytes)>;
 
+/// The body bytes each filter of a chain holds in one direction, by chain position; in place
+/// for a chain of up to two filters.
+pub type Bodies = SmallVec<[Vec<u8>; 2]>;
+
 /// A header (trailer, metadata) map as the ABI sees it: pseudo-headers (`:method`, `:path`,
 /// `:authority`, `:scheme`, `:status`) first, then the fields. The fields stay in the proxy's
-/// own `HeaderMap`, moved in and out of the stream, never copied.
+/// own `HeaderMap`, moved into the stream; when a message goes on, the stream keeps a copy for
+/// the callbacks after it (and `on_log`).
 #[derive(Debug, Default, Clone)]
 pub struct Headers {
     pub pseudo: Vec<(Bytes, Bytes)>,
@@ -324,9 +330,9 @@ pub struct StreamData {
     pub response_trailers: Option<Headers>,
     /// Per filter (by chain position): the request body bytes it holds (those of the current
     /// body callback, or buffered while it pauses). Grown when a body first flows.
-    pub request_body: Vec<Vec<u8>>,
+    pub request_body: Bodies,
     /// Likewise for the response body.
-    pub response_body: Vec<Vec<u8>>,
+    pub response_body: Bodies,
     /// What filters asked for, with the position of the filter that asked.
     pub actions: VecDeque<(usize, StreamAction)>,
     /// The request side and the response side of the chain wait on these (for an action, or

@@ -265,10 +265,13 @@ async fn bounded<F: std::future::Future>(fut: F, wait: Option<Duration>) -> Opti
     }
 }
 
+/// A chain's filters, in place for up to two (no allocation per request for them).
+type Slots = smallvec::SmallVec<[Slot; 2]>;
+
 struct ChainState {
     worker: Rc<WasmWorker>,
     stream: SharedStream,
-    slots: Vec<Slot>,
+    slots: Slots,
     flows: [Flow; 2],
     /// The response headers went downstream: a local response can no longer replace them.
     response_sent: bool,
@@ -460,20 +463,25 @@ impl Chain {
         self.state.borrow().flows[side(d)].stop
     }
 
-    /// The request's fields as the filters left them: a copy, the chain keeps its own for later
-    /// callbacks and `on_log`. The pseudo-headers are read where they are
+    /// The request's fields as the filters left them, for the upstream; the chain keeps a copy
+    /// for later callbacks and `on_log`. The map itself goes: it still has room for the `Host`
+    /// field the filters did not see, where a copy is made exactly full and would grow when
+    /// `Host` goes back in. The pseudo-headers are read where they are
     /// (`stream.borrow().request_headers`).
     pub fn request_fields(&self) -> http::HeaderMap {
-        self.stream.borrow().request_headers.map.clone()
+        let mut s = self.stream.borrow_mut();
+        let copy = s.request_headers.map.clone();
+        std::mem::replace(&mut s.request_headers.map, copy)
     }
 
-    /// The response's fields and `:status` as the filters left them (a copy, as for the
-    /// request); from now on the response is committed. The status is `None` when there is
-    /// none, `Some(None)` when a filter set one that is not a valid status code.
+    /// The response's fields and `:status` as the filters left them (the map goes, the chain
+    /// keeps a copy, as for the request); from now on the response is committed. The status is
+    /// `None` when there is none, `Some(None)` when a filter set one that is not a valid status
+    /// code.
     pub fn response_head(&self) -> (http::HeaderMap, Option<Option<http::StatusCode>>) {
         self.state.borrow_mut().response_sent = true;
-        let s = self.stream.borrow();
-        let Some(h) = &s.response_headers else {
+        let mut s = self.stream.borrow_mut();
+        let Some(h) = &mut s.response_headers else {
             return (http::HeaderMap::new(), None);
         };
         let status = h.get(b":status").map(|v| {
@@ -482,7 +490,8 @@ impl Chain {
                 .and_then(|s| s.parse().ok())
                 .and_then(|s| http::StatusCode::from_u16(s).ok())
         });
-        (h.map.clone(), status)
+        let copy = h.map.clone();
+        (std::mem::replace(&mut h.map, copy), status)
     }
 
     /// Fixes `Content-Length` for a body the filters rewrote before its headers went out: the

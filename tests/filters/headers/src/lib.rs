@@ -40,6 +40,15 @@ impl HttpContext for Headers {
         if let Some(echo) = &self.echo {
             self.add_http_response_header("x-echo-back", echo);
         }
+        // The request's fields as they went upstream, read after they went.
+        for (name, echo) in [
+            ("x-wasm-request", "x-request-later"),
+            ("x-request-id", "x-request-id-later"),
+        ] {
+            if let Some(v) = self.get_http_request_header(name) {
+                self.add_http_response_header(echo, &v);
+            }
+        }
         let status = self.get_http_response_header(":status").unwrap_or_default();
         self.add_http_response_header("x-upstream-status", &status);
         self.set_http_response_header("x-backend", None);
