@@ -265,6 +265,15 @@ async fn bounded<F: std::future::Future>(fut: F, wait: Option<Duration>) -> Opti
     }
 }
 
+/// A message's fields as they go on, with a copy left in their place for the callbacks after
+/// (and `on_log`). The map itself goes: it keeps its spare room (the request's, for the `Host`
+/// field the filters did not see), where a copy is made exactly full and would grow when a
+/// field goes in.
+fn hand_on(map: &mut http::HeaderMap) -> http::HeaderMap {
+    let copy = map.clone();
+    std::mem::replace(map, copy)
+}
+
 /// A chain's filters, in place for up to two (no allocation per request for them).
 type Slots = smallvec::SmallVec<[Slot; 2]>;
 
@@ -463,19 +472,14 @@ impl Chain {
         self.state.borrow().flows[side(d)].stop
     }
 
-    /// The request's fields as the filters left them, for the upstream; the chain keeps a copy
-    /// for later callbacks and `on_log`. The map itself goes: it still has room for the `Host`
-    /// field the filters did not see, where a copy is made exactly full and would grow when
-    /// `Host` goes back in. The pseudo-headers are read where they are
-    /// (`stream.borrow().request_headers`).
+    /// The request's fields as the filters left them, for the upstream ([`hand_on`]). The
+    /// pseudo-headers are read where they are (`stream.borrow().request_headers`).
     pub fn request_fields(&self) -> http::HeaderMap {
-        let mut s = self.stream.borrow_mut();
-        let copy = s.request_headers.map.clone();
-        std::mem::replace(&mut s.request_headers.map, copy)
+        hand_on(&mut self.stream.borrow_mut().request_headers.map)
     }
 
-    /// The response's fields and `:status` as the filters left them (the map goes, the chain
-    /// keeps a copy, as for the request); from now on the response is committed. The status is
+    /// The response's fields and `:status` as the filters left them ([`hand_on`]); from now on
+    /// the response is committed. The status is
     /// `None` when there is none, `Some(None)` when a filter set one that is not a valid status
     /// code.
     pub fn response_head(&self) -> (http::HeaderMap, Option<Option<http::StatusCode>>) {
@@ -490,8 +494,7 @@ impl Chain {
                 .and_then(|s| s.parse().ok())
                 .and_then(|s| http::StatusCode::from_u16(s).ok())
         });
-        let copy = h.map.clone();
-        (std::mem::replace(&mut h.map, copy), status)
+        (hand_on(&mut h.map), status)
     }
 
     /// Fixes `Content-Length` for a body the filters rewrote before its headers went out: the
